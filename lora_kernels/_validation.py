@@ -1,0 +1,92 @@
+"""The one validation layer shared by every op.
+
+Each check raises before any kernel runs, with a message that names the op, the argument, what
+was expected and what was given. Ops call these helpers instead of writing their own checks, so
+that the same bad input gets the same sentence everywhere (the README's bad-input table lists them).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _fmt_shape(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(str(int(s)) for s in shape) + "]"
+
+
+def fail(op: str, message: str, exc: type = ValueError):
+    raise exc(f"{op}: {message}")
+
+
+def check_tensor(op: str, name: str, value, *, dtypes=FLOAT_DTYPES, ndim: Optional[int] = None,
+                 min_ndim: Optional[int] = None) -> torch.Tensor:
+    """`value` is a tensor of one of `dtypes` with the given rank."""
+    if not isinstance(value, torch.Tensor):
+        fail(op, f"{name} must be a torch.Tensor, got {type(value).__name__}", TypeError)
+    if value.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        fail(op, f"{name} must have a dtype in ({names}), got {str(value.dtype).replace('torch.', '')}",
+             TypeError)
+    if ndim is not None and value.dim() != ndim:
+        fail(op, f"{name} must be {ndim}-D, got {value.dim()}-D with shape {_fmt_shape(value.shape)}")
+    if min_ndim is not None and value.dim() < min_ndim:
+        fail(op, f"{name} must have at least {min_ndim} dimension(s), got shape {_fmt_shape(value.shape)}")
+    return value
+
+
+def check_shape(op: str, name: str, value: torch.Tensor, expected: Sequence[int], meaning: str) -> None:
+    """`value.shape == expected`; `meaning` says where each expected size comes from."""
+    if tuple(value.shape) != tuple(int(e) for e in expected):
+        fail(op, f"{name} must have shape {_fmt_shape(expected)} ({meaning}), got {_fmt_shape(value.shape)}")
+
+
+def check_same_device(op: str, **tensors: Optional[torch.Tensor]) -> torch.device:
+    """All given tensors (None entries skipped) live on one device; returns it."""
+    device, first = None, None
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if device is None:
+            device, first = t.device, name
+        elif t.device != device:
+            fail(op, f"{name} is on {t.device} but {first} is on {device}; all tensors must be on one device")
+    return device
+
+
+def check_scale(op: str, name: str, value) -> float:
+    """A finite Python number (a 0-d tensor is read once, which syncs a CUDA device)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            fail(op, f"{name} must be a number, got a tensor of shape {_fmt_shape(value.shape)}", TypeError)
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        fail(op, f"{name} must be a float, got {type(value).__name__}", TypeError)
+    value = float(value)
+    if not math.isfinite(value):
+        fail(op, f"{name} must be finite, got {value}")
+    return value
+
+
+def check_probability(op: str, name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        fail(op, f"{name} must be a float in [0, 1), got {type(value).__name__}", TypeError)
+    if not 0.0 <= float(value) < 1.0:
+        fail(op, f"{name} must be in [0, 1), got {value}")
+    return float(value)
+
+
+def check_adapter_dtype(op: str, name: str, adapter: torch.Tensor, x_dtype: torch.dtype) -> None:
+    """Adapters are in x's dtype or float32 (PEFT keeps fp32 adapters over a 16-bit base). A 16-bit
+    adapter over an fp32 input is exact too; fp16 adapters over bf16 (or the reverse) would round."""
+    ok = (adapter.dtype == x_dtype or adapter.dtype == torch.float32
+          or (x_dtype in (torch.float32, torch.float64) and adapter.dtype != torch.float64)
+          or x_dtype == torch.float64)
+    if not ok:
+        fail(op, f"{name} must have x's dtype ({str(x_dtype).replace('torch.', '')}) or float32, "
+                 f"got {str(adapter.dtype).replace('torch.', '')}", TypeError)
+

@@ -1,0 +1,115 @@
+"""Backend choice: ``"auto" | "triton" | "cuda" | "torch"``.
+
+The rule is small enough to state here in full:
+
+* ``backend="torch"`` always runs (the plain-torch reference in ``reference.py``).
+* ``backend="triton"`` runs on CUDA tensors, and on CPU tensors only under the Triton interpreter
+  (``TRITON_INTERPRET=1`` set before the first Triton kernel is imported) -- that is how the CPU
+  test lane exercises the kernels.
+* ``backend="cuda"`` runs the C++ extension ``lora_kernels._C`` on CUDA tensors.
+* ``backend="auto"``: CPU tensors -> ``"torch"``; CUDA tensors -> the op's preferred compiled
+  backend for that input (each op passes its own ``prefer`` order), skipping backends that cannot
+  run. ``LORA_KERNELS_BACKEND`` replaces ``"auto"`` (not an explicit choice) when set.
+
+A backend that cannot run raises :class:`BackendUnavailable` with the reason; :func:`explain`
+returns the same reasons without raising.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Callable, Optional, Sequence
+
+import torch
+
+BACKENDS = ("auto", "triton", "cuda", "torch")
+ENV_VAR = "LORA_KERNELS_BACKEND"
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run these inputs; the message says why."""
+
+
+def _interpreter_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_unavailable_reason(device: torch.device) -> Optional[str]:
+    """None when Triton can run on `device`, else a sentence saying why not."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton: the triton package is not installed (pip install triton)"
+    if device.type == "cuda":
+        if _interpreter_requested():
+            return ("triton: TRITON_INTERPRET=1 is set, so kernels run in the interpreter, which "
+                    "needs CPU tensors; unset it to run on the GPU")
+        return None
+    if device.type == "cpu":
+        if not _interpreter_requested():
+            return ("triton: CPU tensors run only under the Triton interpreter; set TRITON_INTERPRET=1 "
+                    "before importing lora_kernels, or use backend='torch'")
+        return None
+    return f"triton: unsupported device type {device.type!r}"
+
+
+def cuda_unavailable_reason(device: torch.device) -> Optional[str]:
+    """None when the C++ extension can run on `device`, else why not."""
+    if device.type != "cuda":
+        return f"cuda: the CUDA C++ kernels need CUDA tensors, got tensors on {device}"
+    from . import cuda as _cuda  # local: loading the extension is not free
+    return _cuda.unavailable_reason()
+
+
+def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        return triton_unavailable_reason(device)
+    if backend == "cuda":
+        return cuda_unavailable_reason(device)
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+InputReason = Callable[[str], Optional[str]]
+
+
+def _reason(backend: str, device: torch.device, input_reason: Optional[InputReason]) -> Optional[str]:
+    reason = unavailable_reason(backend, device)
+    if reason is None and input_reason is not None:
+        reason = input_reason(backend)
+    return reason
+
+
+def resolve(op: str, backend: str, device: torch.device, prefer: Sequence[str] = ("triton",),
+            input_reason: Optional[InputReason] = None) -> str:
+    """The concrete backend (``"triton"``, ``"cuda"`` or ``"torch"``) that runs `op` on `device`.
+
+    `prefer` is the op's order of compiled backends for this input under ``"auto"``;
+    `input_reason(backend)` says why a backend cannot take these particular inputs (a dtype or a
+    rank it does not support), or None."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get(ENV_VAR, "auto") or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"{op}: {ENV_VAR} must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        reason = _reason(backend, device, input_reason)
+        if reason is not None:
+            raise BackendUnavailable(f"{op}: {reason}")
+        return backend
+    if device.type != "cuda":
+        return "torch"
+    for candidate in prefer:
+        if _reason(candidate, device, input_reason) is None:
+            return candidate
+    return "torch"
+
+
+def explain(op: str, device: torch.device, prefer: Sequence[str] = ("triton",),
+            input_reason: Optional[InputReason] = None) -> str:
+    """A human-readable account of what ``backend="auto"`` picks for `op` on `device`, and why."""
+    lines = [f"{op} on {device}: auto -> {resolve(op, 'auto', device, prefer, input_reason)}"]
+    for b in ("triton", "cuda", "torch"):
+        reason = _reason(b, device, input_reason)
+        lines.append(f"  {b}: {'available' if reason is None else reason}")
+    return "\n".join(lines)

@@ -1,0 +1,15 @@
+"""The README's main command: `python -m bench --quick` runs, checks and writes its results."""
+import json
+
+from bench.run import main
+
+
+def test_bench_quick_runs_and_checks(tmp_path):
+    assert main(["--quick", "--out", str(tmp_path), "--rep-ms", "5", "--device", "cpu"]) == 0
+    (path,) = tmp_path.glob("*.json")
+    result = json.loads(path.read_text())
+    assert result["cases"] and all(not c["failed"] for c in result["cases"])
+    names = set(result["cases"][0]["times_us"])
+    assert {"base", "naive", "skilled", "ours_torch"} <= names
+    assert all(c["errors"]["ours_torch"] < 1e-5 for c in result["cases"])
+    assert (tmp_path / path.name.replace(".json", ".md")).exists()

@@ -1,0 +1,116 @@
+"""The Triton fused forward kernel under the interpreter (CPU lane): fp32 and fp16."""
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from cases import make_lora_inputs
+from tolerances import assert_close, poison_
+
+DTYPES = [torch.float32, torch.float16]
+
+SHAPES = [  # (M, N, K, r): M = 1 (decode), odd sizes, rank 1, ranks up to 128, tall and wide
+    (1, 33, 47, 1),
+    (1, 64, 64, 16),
+    (16, 64, 64, 16),
+    (17, 70, 50, 7),
+    (37, 8, 8, 3),
+    (65, 130, 96, 16),
+    (130, 300, 65, 64),
+    (5, 17, 200, 128),
+    (3, 1, 19, 2),
+]
+
+
+def _launch(inp, save_t=False, config=None):
+    from lora_kernels.triton.lora_linear import lora_linear_fwd
+    M, N, r = inp.x.shape[0], inp.weight.shape[0], inp.lora_a.shape[0]
+    out = poison_(torch.empty(M, N, dtype=inp.x.dtype))
+    t_out = poison_(torch.empty(M if save_t else 0, r, dtype=torch.float32))
+    y, t = lora_linear_fwd(*inp.args(), save_t=save_t, config=config, out=out, t_out=t_out)
+    assert y is out and t is t_out
+    return y, t
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,K,r", SHAPES)
+def test_forward_matches_float64(interpreter_device, dtype, M, N, K, r):
+    inp = make_lora_inputs(M, N, K, r, dtype)
+    y, _ = _launch(inp)
+    assert_close(y, inp.reference64(), dtype, torch_out=inp.torch_expression())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_saved_t_is_x_times_a_in_fp32(interpreter_device, dtype):
+    inp = make_lora_inputs(37, 50, 45, 9, dtype)
+    y, t = _launch(inp, save_t=True)
+    t_ref = inp.x.double() @ inp.lora_a.double().t()
+    assert t.dtype == torch.float32
+    assert_close(t, t_ref, torch.float32 if dtype == torch.float32 else dtype, what="t")
+    assert_close(y, inp.reference64(), dtype)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("tiles,group_m", [(1, 1), (2, 2), (3, 3), (5, 1)])
+def test_multi_tile_programs_and_grouping(interpreter_device, tiles, group_m, bias):
+    """Programs that sweep several N tiles reuse t; every tile of every run must be right,
+    including a last run shorter than TILES_PER_PROGRAM."""
+    from lora_kernels.triton.lora_linear import ForwardConfig
+    inp = make_lora_inputs(50, 150, 40, 5, torch.float32, bias=bias)
+    cfg = ForwardConfig(block_m=16, block_n=32, block_k=16, block_r=16, tiles_per_program=tiles,
+                        group_m=group_m, num_warps=4, num_stages=2)
+    y, t = _launch(inp, save_t=True, config=cfg)
+    assert_close(y, inp.reference64(), torch.float32)
+    assert_close(t, inp.x.double() @ inp.lora_a.double().t(), torch.float32, what="t")
+
+
+@pytest.mark.parametrize("x_layout", ["strided", "transposed"])
+@pytest.mark.parametrize("weight_layout", ["contiguous", "transposed"])
+def test_non_contiguous_inputs(interpreter_device, x_layout, weight_layout):
+    inp = make_lora_inputs(21, 40, 36, 6, torch.float16, x_layout=x_layout, weight_layout=weight_layout)
+    assert not inp.x.is_contiguous()
+    inp.lora_a = inp.lora_a.t().contiguous().t()  # column-major adapters too
+    inp.lora_b = inp.lora_b.t().contiguous().t()
+    y, _ = _launch(inp)
+    assert_close(y, inp.reference64(), torch.float16)
+
+
+def test_fp32_adapters_over_fp16_base(interpreter_device):
+    """PEFT's default: adapters stay fp32; the kernel splits A into hi+lo 16-bit halves."""
+    inp = make_lora_inputs(33, 48, 40, 8, torch.float16, adapter_dtype=torch.float32, scale=2.0)
+    y, t = _launch(inp, save_t=True)
+    assert_close(y, inp.reference64(), torch.float16, torch_out=inp.torch_expression())
+    # t keeps ~16 mantissa bits of A: far better than rounding A to fp16 (11 bits).
+    t_ref = inp.x.double() @ inp.lora_a.double().t()
+    assert_close(t, t_ref, torch.float32, what="t (split fp32 adapter)")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(M=st.integers(1, 70), N=st.integers(1, 90), K=st.integers(1, 90), r=st.integers(1, 40),
+       bias=st.booleans(), save_t=st.booleans())
+def test_forward_hypothesis_shapes(interpreter_device, dtype, M, N, K, r, bias, save_t):
+    inp = make_lora_inputs(M, N, K, r, dtype, bias=bias)
+    y, t = _launch(inp, save_t=save_t)
+    assert_close(y, inp.reference64(), dtype)
+    if save_t:
+        assert_close(t, inp.x.double() @ inp.lora_a.double().t(),
+                     torch.float32 if dtype == torch.float32 else dtype, what="t")
+
+
+def test_empty_batch(interpreter_device):
+    inp = make_lora_inputs(0, 20, 16, 4, torch.float32)
+    y, t = _launch(inp, save_t=True)
+    assert y.shape == (0, 20) and t.shape == (0, 4)
+
+
+def test_config_heuristic_covers_regimes():
+    from lora_kernels.triton.lora_linear import forward_config
+    decode = forward_config(1, 4096, 4096, 16, 2, 132)
+    assert decode.block_m == 16 and decode.tiles_per_program == 1
+    prefill = forward_config(4096, 4096, 4096, 16, 2, 132)
+    assert prefill.block_m == 128 and prefill.block_r == 16
+    # at least one program per SM, and the N tiles split evenly across a program's run
+    runs = -(-4096 // prefill.block_n) // prefill.tiles_per_program
+    assert (4096 // prefill.block_m) * runs >= 132
+    assert (-(-4096 // prefill.block_n)) % prefill.tiles_per_program == 0
+    big_rank = forward_config(4096, 4096, 4096, 128, 2, 132)
+    assert big_rank.block_r == 128 and big_rank.block_n == 128

@@ -1,0 +1,59 @@
+"""Per-dtype tolerances and comparison helpers: the one place they live (DESIGN.md section 4)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+# ||out - ref|| / ||ref|| against a float64 reference.
+REL_TOL = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-5,   # tf32 off
+    torch.float16: 2e-3,
+    torch.bfloat16: 1e-2,
+}
+# ...and never worse than this multiple of the plain-torch expression's error in the same dtype.
+TORCH_ERROR_FACTOR = 2.0
+# Where the plain-torch expression happens to be (nearly) exact, compare against this fraction of
+# the dtype tolerance instead, so that rounding-level noise does not fail a test.
+TORCH_FLOOR_FRACTION = 0.05
+
+POISON = float("nan")
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
+    denom = ref64.norm().item()
+    num = (out64 - ref64).norm().item()
+    if denom == 0.0:
+        return num
+    return num / denom
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: Optional[torch.dtype] = None,
+                 torch_out: Optional[torch.Tensor] = None, what: str = "output") -> float:
+    """`out` matches the float64 `ref` within the dtype's tolerance (and, when `torch_out` -- the
+    plain-torch expression in the same dtype -- is given, within TORCH_ERROR_FACTOR of its error).
+    NaN never passes."""
+    dtype = dtype or out.dtype
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{what}: non-finite values (unwritten or overflowed elements)"
+    err = rel_error(out, ref)
+    tol = REL_TOL[dtype]
+    assert err <= tol, f"{what}: relative error {err:.3e} exceeds {tol:.1e} ({dtype})"
+    if torch_out is not None:
+        torch_err = rel_error(torch_out, ref)
+        bound = max(TORCH_ERROR_FACTOR * torch_err, TORCH_FLOOR_FRACTION * tol)
+        assert err <= bound, (f"{what}: relative error {err:.3e} is more than {TORCH_ERROR_FACTOR}x "
+                              f"the plain-torch expression's {torch_err:.3e} ({dtype})")
+    return err
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill an output buffer with NaN so that any element a kernel fails to write is caught."""
+    return t.fill_(POISON)
+
+
+def rand(*shape, dtype=torch.float32, device="cpu", scale: float = 1.0) -> torch.Tensor:
+    """Random normal inputs (never zeros), in float64 first so every dtype sees the same values."""
+    return (torch.randn(*shape, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
