@@ -10,6 +10,7 @@ def test_bench_quick_runs_and_checks(tmp_path):
     result = json.loads(path.read_text())
     assert result["cases"] and all(not c["failed"] for c in result["cases"])
     names = set(result["cases"][0]["times_us"])
-    assert {"base", "naive", "skilled", "ours_torch"} <= names
-    assert all(c["errors"]["ours_torch"] < 1e-5 for c in result["cases"])
+    ours = {n for n in names if n.startswith("ours_")}  # ours_triton here under the interpreter
+    assert {"base", "naive", "skilled"} <= names and ours
+    assert all(c["errors"][n] < 1e-5 for c in result["cases"] for n in ours)
     assert (tmp_path / path.name.replace(".json", ".md")).exists()
