@@ -51,7 +51,7 @@ for path in sorted(glob.glob(sys.argv[1] + "/*-forward*.json")):
     print(f"{path.split('/')[-1]}: {res['meta']['device']}")
     print(f"{'layer':>11} {'M':>6} {'r':>3} {'base us':>9} " + " ".join(f"{m:>10}" for m in ("skilled", "peft", "ours_triton", "ours_cuda")))
     for c in res["cases"]:
-        rt = c["ratio_to_base"]
+        rt = c["ratios"]
         cells = " ".join(f"{rt[m]:>10.2f}" if m in rt else f"{'-':>10}" for m in ("skilled", "peft", "ours_triton", "ours_cuda"))
         print(f"{c['layer']:>11} {c['M']:>6} {c['r']:>3} {c['times_us'].get('base', float('nan')):>9.1f} {cells}"
               + ("  FAILED " + "; ".join(c["failed"]) if c["failed"] else ""))
