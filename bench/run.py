@@ -20,8 +20,10 @@ import torch
 from .common import device_name, markdown, run_metadata, write_result
 
 # suite name -> module with run(args, device, dtype, backends, rep_ms, log), KEY_COLUMNS, NOTE
+# (and optionally table(result) -> markdown, where the generic table does not fit)
 SUITES = {
     "forward": "bench.forward",
+    "tune": "bench.tune",
 }
 
 
@@ -70,7 +72,7 @@ def main(argv=None) -> int:
     result = {"suite": args.suite + ("-quick" if args.quick else ""),
               "meta": run_metadata(device, dtype, "triton.testing do_bench median (do_bench_cudagraph for decode)"),
               **body}
-    table = markdown(result, suite.KEY_COLUMNS, suite.NOTE)
+    table = suite.table(result) if hasattr(suite, "table") else markdown(result, suite.KEY_COLUMNS, suite.NOTE)
     stem = write_result(result, args.out, device, table, args.tag)
     print()
     print(table)

@@ -14,3 +14,16 @@ def test_bench_quick_runs_and_checks(tmp_path):
     assert {"base", "naive", "skilled"} <= names and ours
     assert all(c["errors"][n] < 1e-5 for c in result["cases"] for n in ours)
     assert (tmp_path / path.name.replace(".json", ".md")).exists()
+
+
+def test_tune_case_checks_and_times_candidates(interpreter_device, monkeypatch):
+    """The GPU tuning suite's per-case logic, on a tiny shape under the interpreter."""
+    import torch
+    import bench.tune as tune
+    real = tune.candidates
+    monkeypatch.setattr(tune, "candidates", lambda *a: real(*a)[:2])
+    case = tune.run_case("tiny", 64, 96, 20, 4, torch.float32, torch.device("cpu"), rep_ms=1)
+    assert not case["failed"], case["failed"]
+    assert set(case["times_us"]) == {"heuristic", "c1", "c2"}
+    assert case["best"] in case["times_us"] and 0 < case["ratios"]["best"] <= 1.0
+    assert all(err < 1e-5 for err in case["errors"].values())
