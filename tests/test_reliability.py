@@ -43,19 +43,32 @@ def test_gpu_forward_is_bitwise_deterministic():
 
 
 @pytest.mark.gpu
-def test_gpu_runs_on_the_callers_stream_and_from_two_streams():
+def test_gpu_runs_on_the_callers_stream():
+    """On a side stream, the op is queued behind a long sleep and a write of x: if it ran on any
+    other stream it would read x before that write and match the old x."""
+    inp = make_lora_inputs(512, 768, 1024, 16, torch.bfloat16, device="cuda")
+    x_new = torch.randn_like(inp.x)
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(100_000_000)  # ~50 ms of GPU time before the write below
+        inp.x.copy_(x_new)
+        y = lora_kernels.lora_linear(*inp.args())
+    torch.cuda.synchronize()
+    assert_close(y, inp.reference64(), torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_two_streams_at_once():
     inputs = [make_lora_inputs(512, 768, 1024, 16, torch.bfloat16, device="cuda") for _ in range(2)]
     streams = [torch.cuda.Stream(), torch.cuda.Stream()]
     outs = [None, None]
     torch.cuda.synchronize()
-    for i, (inp, s) in enumerate(zip(inputs, streams)):
-        with torch.cuda.stream(s):
-            for _ in range(10):  # keep both streams busy at once
+    for _ in range(10):  # interleave launches so both streams have work queued at once
+        for i, (inp, s) in enumerate(zip(inputs, streams)):
+            with torch.cuda.stream(s):
                 outs[i] = lora_kernels.lora_linear(*inp.args())
-    # Work was queued on the side streams, not the default one: the default stream sees it only
-    # after waiting on them.
-    for s in streams:
-        torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
     for inp, out in zip(inputs, outs):
         assert_close(out, inp.reference64(), torch.bfloat16)
 
