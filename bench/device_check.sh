@@ -41,6 +41,7 @@ $PY -m bench --suite forward --ranks 16 --rep-ms ${BENCH_REP_MS:-25} --out "$OUT
 bench_rc=$?
 $PY -m bench --suite forward --ranks 64 --tokens 16 4096 --layers "8B q/o" "8B gate/up" "70B up" \
     --rep-ms ${BENCH_REP_MS:-25} --tag r64 --out "$OUT" >>"$LOG" 2>&1 || bench_rc=$?
+$PY -m bench --suite merge --rep-ms ${BENCH_REP_MS:-25} --out "$OUT" >>"$LOG" 2>&1 || bench_rc=$?
 say "benchmarks exit code $bench_rc in $((SECONDS - start)) s"
 
 say "== summary"
@@ -54,6 +55,17 @@ for path in sorted(glob.glob(sys.argv[1] + "/*-forward*.json")):
         rt = c["ratios"]
         cells = " ".join(f"{rt[m]:>10.2f}" if m in rt else f"{'-':>10}" for m in ("skilled", "peft", "ours_triton", "ours_cuda"))
         print(f"{c['layer']:>11} {c['M']:>6} {c['r']:>3} {c['times_us'].get('base', float('nan')):>9.1f} {cells}"
+              + ("  FAILED " + "; ".join(c["failed"]) if c["failed"] else ""))
+    print("summary:", json.dumps(res["summary"]))
+for path in sorted(glob.glob(sys.argv[1] + "/*-merge*.json")):
+    res = json.load(open(path))
+    cols = ("peft", "addmm", "ours_triton", "ours_triton_safe", "ours_triton_cycle", "ours_triton_exact_cycle")
+    print(f"{path.split('/')[-1]}: {res['meta']['device']} (ratios to the copy floor)")
+    print(f"{'layer':>11} {'r':>3} {'floor us':>9} {'GB/s':>6} " + " ".join(f"{m[5:] if m.startswith('ours_') else m:>14}" for m in cols))
+    for c in res["cases"]:
+        rt = c["ratios"]
+        cells = " ".join(f"{rt[m]:>14.2f}" if m in rt else f"{'-':>14}" for m in cols)
+        print(f"{c['layer']:>11} {c['r']:>3} {c['times_us'].get('floor', float('nan')):>9.1f} {c.get('copy_GBps', 0):>6.0f} {cells}"
               + ("  FAILED " + "; ".join(c["failed"]) if c["failed"] else ""))
     print("summary:", json.dumps(res["summary"]))
 PYEOF

@@ -22,6 +22,7 @@ from .common import device_name, markdown, run_metadata, write_result
 # suite name -> module with run(args, device, dtype, backends, rep_ms, log), KEY_COLUMNS, NOTE
 SUITES = {
     "forward": "bench.forward",
+    "merge": "bench.merge",
 }
 
 

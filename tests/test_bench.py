@@ -14,3 +14,15 @@ def test_bench_quick_runs_and_checks(tmp_path):
     assert {"base", "naive", "skilled"} <= names and ours
     assert all(c["errors"][n] < 1e-5 for c in result["cases"] for n in ours)
     assert (tmp_path / path.name.replace(".json", ".md")).exists()
+
+
+def test_bench_merge_suite_quick_runs_and_checks(tmp_path):
+    assert main(["--suite", "merge", "--quick", "--out", str(tmp_path), "--rep-ms", "5", "--device", "cpu"]) == 0
+    (path,) = tmp_path.glob("*merge*.json")
+    result = json.loads(path.read_text())
+    case = result["cases"][0]
+    assert not case["failed"]
+    assert {"floor", "peft", "addmm"} <= set(case["times_us"])
+    ours = {n for n in case["times_us"] if n.startswith("ours_")}
+    assert any(n.endswith("_exact_cycle") for n in ours) and any(n.endswith("_safe") for n in ours)
+    assert case["errors"]["floor"] == 0.0 and all(case["errors"][n] < 1e-5 for n in ours)

@@ -296,6 +296,19 @@ def test_exact_unmerge_of_a_pruned_weight(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_exact_code_fits_whenever_the_merge_grows_a_weight_at_most_64_times(backend, dtype):
+    """The documented bound: |W0 + delta| <= 64 |W0| never needs the escape table."""
+    N, K = 96, 32
+    w = (rand(N, K) * 10.0 ** torch.randint(-3, 2, (N, K))).to(dtype)
+    target = w.double() * (torch.rand(N, K, dtype=torch.float64) * 126 - 63)  # W1 / W0 in [-63, 63]
+    delta = (target - w.double()).float()
+    residual = MergeResidual()
+    lora_kernels.merge_(w, torch.eye(K), delta, 1.0, residual=residual, backend=backend)  # delta = delta @ I
+    assert residual.num_escapes == 0
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_exact_escape_table_grows_when_full(backend):
     inp = make_merge_inputs(24, 40, 4, torch.bfloat16, delta_ratio=300.0)  # most elements escape
     w0 = inp.weight.clone()
