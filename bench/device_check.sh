@@ -54,23 +54,10 @@ say "pytest -m gpu exit code $tests_rc in $((SECONDS - start)) s"
 say "== benchmarks"
 bench forward-r16 --suite forward --ranks 16
 bench forward-r64 --suite forward --ranks 64 --tokens 16 4096 --layers "8B q/o" "8B gate/up" "70B up" --tag r64
+bench merge --suite merge
 bench tune --suite tune --quick
 
 say "== summary"
-$PY - "$RAW" <<'PYEOF' 2>&1 | tee -a "$LOG"
-import glob, json, sys
-for path in sorted(glob.glob(sys.argv[1] + "/*.json")):
-    res = json.load(open(path))
-    print(f"{path.split('/')[-1]}: {res['meta']['device']}")
-    print("  summary:", json.dumps(res["summary"]))
-    if res["suite"].startswith("forward"):
-        cols = ("skilled", "peft", "ours_triton", "ours_cuda")
-        print(f"  {'layer':>11} {'M':>6} {'r':>3} {'base us':>9} " + " ".join(f"{m:>11}" for m in cols))
-        for c in res["cases"]:
-            rt = c["ratios"]
-            cells = " ".join(f"{rt[m]:>11.2f}" if m in rt else f"{'-':>11}" for m in cols)
-            print(f"  {c['layer']:>11} {c['M']:>6} {c['r']:>3} {c['times_us'].get('base', float('nan')):>9.1f} {cells}"
-                  + ("  FAILED " + "; ".join(c["failed"]) if c["failed"] else ""))
-PYEOF
+$PY -m bench.summarize "$RAW" 2>&1 | tee -a "$LOG"
 say "pytest -m gpu exit code $tests_rc; benchmark runs failed: $failures"
 [ "$tests_rc" -eq 0 ] && [ "$failures" -eq 0 ]

@@ -65,3 +65,8 @@ def run(args, device, dtype, backends, rep_ms, log) -> Dict:
                 cases.append(run_case(name, K, N, M, r, dtype, device, backends, rep_ms))
                 log(cases[-1])
     return {"cases": cases, "summary": summarize(cases, backends)}
+
+
+def brief(result: Dict) -> List[str]:
+    from .summarize import ratio_table
+    return ratio_table(result, ("layer", "M", "r"), ("skilled", "peft", "ours_triton", "ours_cuda"))

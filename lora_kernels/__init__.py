@@ -5,8 +5,9 @@ kernels are imported on their first use, the CUDA extension is loaded on its fir
 """
 from .backends import BackendUnavailable, explain
 from .layers import FusedLoRALinear
-from .ops import lora_linear, merge_, unmerge_
+from .ops import MergeResidual, lora_linear, merge_, unmerge_
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendUnavailable", "FusedLoRALinear", "explain", "lora_linear", "merge_", "unmerge_"]
+__all__ = ["BackendUnavailable", "FusedLoRALinear", "MergeResidual", "explain", "lora_linear", "merge_",
+           "unmerge_"]

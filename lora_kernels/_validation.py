@@ -80,13 +80,47 @@ def check_probability(op: str, name: str, value) -> float:
     return float(value)
 
 
-def check_adapter_dtype(op: str, name: str, adapter: torch.Tensor, x_dtype: torch.dtype) -> None:
+def check_adapter_dtype(op: str, name: str, adapter: torch.Tensor, x_dtype: torch.dtype,
+                        base_name: str = "x") -> None:
     """Adapters are in x's dtype or float32 (PEFT keeps fp32 adapters over a 16-bit base). A 16-bit
     adapter over an fp32 input is exact too; fp16 adapters over bf16 (or the reverse) would round."""
     ok = (adapter.dtype == x_dtype or adapter.dtype == torch.float32
           or (x_dtype in (torch.float32, torch.float64) and adapter.dtype != torch.float64)
           or x_dtype == torch.float64)
     if not ok:
-        fail(op, f"{name} must have x's dtype ({str(x_dtype).replace('torch.', '')}) or float32, "
+        fail(op, f"{name} must have {base_name}'s dtype ({str(x_dtype).replace('torch.', '')}) or float32, "
                  f"got {str(adapter.dtype).replace('torch.', '')}", TypeError)
 
+
+
+def check_no_internal_overlap(op: str, name: str, value: torch.Tensor) -> None:
+    """Every element of `value` has its own memory (no stride-0 or interleaved views), so an
+    in-place kernel reads and writes each element exactly once. Sufficient test: with the dims
+    sorted by stride, each stride exceeds the farthest offset the smaller dims reach."""
+    reach = 0
+    for stride, size in sorted((abs(st), sz) for st, sz in zip(value.stride(), value.shape) if sz > 1):
+        if stride <= reach:
+            fail(op, f"{name} must not overlap itself in memory (it is updated in place), got shape "
+                     f"{_fmt_shape(value.shape)} with strides {_fmt_shape(value.stride())}")
+        reach += stride * (size - 1)
+
+
+def _byte_range(t: torch.Tensor):
+    span = sum((sz - 1) * abs(st) for sz, st in zip(t.shape, t.stride())) + 1
+    return t.data_ptr(), t.data_ptr() + span * t.element_size()
+
+
+def check_no_shared_memory(op: str, name: str, value: torch.Tensor, other_name: str,
+                           other: torch.Tensor) -> None:
+    """`value` (read) and `other` (written in place) do not share memory, so no kernel program
+    reads an element that another one is rewriting. Skipped while torch.compile traces (fake
+    tensors have no memory)."""
+    if torch.compiler.is_compiling() or value.device != other.device or value.device.type == "meta":
+        return
+    if value.numel() == 0 or other.numel() == 0:
+        return
+    if value.untyped_storage().data_ptr() != other.untyped_storage().data_ptr():
+        return
+    (lo, hi), (olo, ohi) = _byte_range(value), _byte_range(other)
+    if lo < ohi and olo < hi:
+        fail(op, f"{name} shares memory with {other_name}, which is updated in place; pass a copy")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ._validation import check_probability
 from .ops.lora_linear import lora_linear
-from .ops.merge import merge_, unmerge_
+from .ops.merge import MergeResidual, merge_, unmerge_
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
@@ -60,6 +60,7 @@ class FusedLoRALinear(nn.Module):
         self.scaling = lora_scaling(r, lora_alpha, use_rslora)
         self.backend = backend
         self.merged = False
+        self._merge_residual = None
         dtype = adapter_dtype or self.weight.dtype
         device = self.weight.device
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=dtype))
@@ -97,21 +98,44 @@ class FusedLoRALinear(nn.Module):
                            dropout_p=self.lora_dropout, training=self.training, backend=self.backend)
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """weight += scaling * lora_B @ lora_A, in place."""
+    def merge(self, *, safe_merge: bool = False, exact_unmerge: bool = False) -> None:
+        """weight += scaling * lora_B @ lora_A, in place (one pass, one rounding per element).
+
+        safe_merge: raise ValueError, weight unchanged, if the result would hold inf or NaN.
+        exact_unmerge: keep a ``MergeResidual`` (1 byte per weight element plus a small escape
+        table; not part of the state_dict) so that ``unmerge()`` restores weight bit for bit."""
         if self.merged:
             warnings.warn("FusedLoRALinear.merge: already merged; nothing to do")
             return
-        merge_(self.weight, self.lora_A, self.lora_B, self.scaling, backend=self.backend)
+        residual = MergeResidual() if exact_unmerge else None
+        merge_(self.weight, self.lora_A, self.lora_B, self.scaling, safe_merge=safe_merge,
+               residual=residual, backend=self.backend)
+        self._merge_residual = residual
         self.merged = True
 
     @torch.no_grad()
-    def unmerge(self) -> None:
-        """weight -= scaling * lora_B @ lora_A, in place."""
+    def unmerge(self, *, exact: Optional[bool] = None) -> None:
+        """weight -= scaling * lora_B @ lora_A, in place.
+
+        After ``merge(exact_unmerge=True)`` (and with ``exact`` None or True) the weight is
+        restored bit for bit instead; that needs the adapter and weight unchanged since the merge,
+        else RuntimeError (layer left merged): ``unmerge(exact=False)`` then subtracts the current
+        adapter, as PEFT does."""
         if not self.merged:
             warnings.warn("FusedLoRALinear.unmerge: not merged; nothing to do")
             return
-        unmerge_(self.weight, self.lora_A, self.lora_B, self.scaling, backend=self.backend)
+        residual = getattr(self, "_merge_residual", None)
+        if exact and residual is None:
+            raise RuntimeError("FusedLoRALinear.unmerge: exact=True needs merge(exact_unmerge=True)")
+        if residual is not None and exact is not False:
+            reason = residual.mismatch(self.weight, self.lora_A, self.lora_B, self.scaling)
+            if reason is not None:
+                raise RuntimeError(f"FusedLoRALinear.unmerge: cannot restore the weight exactly: {reason}; "
+                                   f"unmerge(exact=False) subtracts the current adapter instead")
+            unmerge_(self.weight, self.lora_A, self.lora_B, self.scaling, residual=residual)
+        else:
+            unmerge_(self.weight, self.lora_A, self.lora_B, self.scaling, backend=self.backend)
+        self._merge_residual = None
         self.merged = False
 
     def extra_repr(self) -> str:

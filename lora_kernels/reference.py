@@ -64,6 +64,43 @@ def lora_delta(weight: torch.Tensor, lora_a, lora_b, scale, fan_in_fan_out: bool
     return delta
 
 
+def logical_weight(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    """The [N, K] view of a weight stored [N, K], or [K, N] when fan_in_fan_out (PEFT's Conv1D)."""
+    return weight.t() if fan_in_fan_out else weight
+
+
+def merged_weight(weight: torch.Tensor, lora_a, lora_b, scale, *, subtract: bool = False,
+                  fan_in_fan_out: bool = False) -> torch.Tensor:
+    """round(weight ± sum_i scale_i * lora_b_i @ lora_a_i) as a new tensor in weight's dtype and
+    layout: the sum is formed in the accumulation dtype and rounded once."""
+    delta = lora_delta(weight, lora_a, lora_b, scale, fan_in_fan_out)
+    w = weight.to(delta.dtype)
+    return (w - delta if subtract else w + delta).to(weight.dtype)
+
+
+@torch.no_grad()
+def apply_(weight: torch.Tensor, lora_a, lora_b, scale, *, subtract: bool = False,
+           fan_in_fan_out: bool = False, status: Optional[torch.Tensor] = None,
+           gated: bool = False) -> torch.Tensor:
+    """In place: weight = round(weight ± sum_i scale_i * lora_b_i @ lora_a_i).
+
+    gated: do nothing if ``status[1] != 0`` (a safe merge's count pass found non-finite results);
+    the same contract as the compiled backends' kernels (ops/merge.py)."""
+    if gated and int(status[1]) != 0:
+        return weight
+    weight.copy_(merged_weight(weight, lora_a, lora_b, scale, subtract=subtract, fan_in_fan_out=fan_in_fan_out))
+    return weight
+
+
+@torch.no_grad()
+def count_nonfinite_(weight: torch.Tensor, lora_a, lora_b, scale, *, subtract: bool = False,
+                     fan_in_fan_out: bool = False, status: torch.Tensor) -> None:
+    """status[1] += number of elements of round(weight ± delta) that are inf or NaN. weight is
+    only read (the first pass of a safe merge)."""
+    new = merged_weight(weight, lora_a, lora_b, scale, subtract=subtract, fan_in_fan_out=fan_in_fan_out)
+    status[1] += (~torch.isfinite(new)).sum().to(status.dtype)
+
+
 @torch.no_grad()
 def merge_(weight: torch.Tensor, lora_a: Union[torch.Tensor, Sequence[torch.Tensor]],
            lora_b: Union[torch.Tensor, Sequence[torch.Tensor]], scale, *,
@@ -71,14 +108,114 @@ def merge_(weight: torch.Tensor, lora_a: Union[torch.Tensor, Sequence[torch.Tens
     """In place: weight += sum_i scale_i * lora_b_i @ lora_a_i, one rounding per element.
 
     weight [N, K] ([K, N] if fan_in_fan_out), lora_a [r, K], lora_b [N, r]; lists merge several."""
-    delta = lora_delta(weight, lora_a, lora_b, scale, fan_in_fan_out)
-    weight.copy_((weight.to(delta.dtype) + delta).to(weight.dtype))
-    return weight
+    return apply_(weight, lora_a, lora_b, scale, fan_in_fan_out=fan_in_fan_out)
 
 
 @torch.no_grad()
 def unmerge_(weight: torch.Tensor, lora_a, lora_b, scale, *, fan_in_fan_out: bool = False) -> torch.Tensor:
     """In place: weight -= sum_i scale_i * lora_b_i @ lora_a_i (the inverse of merge_, up to rounding)."""
-    delta = lora_delta(weight, lora_a, lora_b, scale, fan_in_fan_out)
-    weight.copy_((weight.to(delta.dtype) - delta).to(weight.dtype))
-    return weight
+    return apply_(weight, lora_a, lora_b, scale, subtract=True, fan_in_fan_out=fan_in_fan_out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact unmerge: one int8 code per weight element, plus an escape table (see ops/merge.py for
+# the design and its proof). Every backend writes and reads the same codes.
+# ---------------------------------------------------------------------------------------------
+
+CODE_ESCAPE = -128    # W0 is in the escape table (flat logical index n * K + k, exact value)
+CODE_PENDING = -127   # the escape table was full: the element was left unmerged (W1 = W0)
+CODE_POS_ZERO = -126  # W0 is +0.0
+CODE_NEG_ZERO = -125  # W0 is -0.0
+CODE_MIN = -124       # codes CODE_MIN..CODE_MAX: W0 = U shifted by `code` representable values
+CODE_MAX = 127
+CODE_MIN_RESTORED = CODE_POS_ZERO  # codes >= this are restored by the unmerge pass itself
+EXACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def ordered_bits(x: torch.Tensor) -> torch.Tensor:
+    """int64 keys in the order of the float values, one key per bit pattern: +0 -> 0, -0 -> -1,
+    consecutive representable values -> consecutive integers (NaNs land beyond +-inf)."""
+    if x.dtype == torch.float32:
+        bits = x.view(torch.int32).to(torch.int64)
+        mag = bits & 0x7FFFFFFF
+    else:
+        bits = x.view(torch.int16).to(torch.int64)
+        mag = bits & 0x7FFF
+    return torch.where(bits < 0, -mag - 1, mag)
+
+
+def from_ordered_bits(key: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of ordered_bits (keys outside the dtype's range wrap; callers mask them out)."""
+    neg = key < 0
+    mag = torch.where(neg, -key - 1, key)
+    if dtype == torch.float32:
+        return torch.where(neg, mag - 2 ** 31, mag).to(torch.int32).view(dtype)
+    return torch.where(neg, mag - 2 ** 15, mag).to(torch.int16).view(dtype)
+
+
+def _exact_delta_and_views(weight, lora_a, lora_b, scale, fan_in_fan_out, codes):
+    w = logical_weight(weight, fan_in_fan_out)
+    c = logical_weight(codes, fan_in_fan_out)
+    return w, c, lora_delta(w, lora_a, lora_b, scale)
+
+
+@torch.no_grad()
+def merge_exact_(weight: torch.Tensor, lora_a, lora_b, scale, *, fan_in_fan_out: bool = False,
+                 codes: torch.Tensor, escape_index: torch.Tensor, escape_value: torch.Tensor,
+                 status: torch.Tensor, gated: bool = False) -> None:
+    """In place: W1 = round(W0 + delta), and for each element the code that lets unmerge_exact_
+    restore W0 from W1 bit for bit (U = round(W1 - delta); code = key(W0) - key(U) when it fits
+    in CODE_MIN..CODE_MAX, a zero code for +-0, else an escape-table entry).
+
+    codes int8 shaped like weight; escape_index int64 [C] / escape_value [C] (weight's dtype):
+    the escape table, filled from slot status[0] on; status int32 [2]: status[0] += number of
+    escapes (also those past the table's end, which are left unmerged with CODE_PENDING).
+    gated: do nothing if status[1] != 0."""
+    if gated and int(status[1]) != 0:
+        return
+    w, c, delta = _exact_delta_and_views(weight, lora_a, lora_b, scale, fan_in_fan_out, codes)
+    w0 = w.clone(memory_format=torch.contiguous_format)  # logical row-major: flat index n*K + k
+    w1 = (w0.to(delta.dtype) + delta).to(w.dtype)
+    u = (w1.to(delta.dtype) - delta).to(w.dtype)
+    key0 = ordered_bits(w0)
+    q = key0 - ordered_bits(u)
+    fits = (q >= CODE_MIN) & (q <= CODE_MAX)
+    code = torch.where(fits, q, torch.where(key0 == 0, CODE_POS_ZERO,
+                                            torch.where(key0 == -1, CODE_NEG_ZERO, CODE_ESCAPE)))
+    flat = (code == CODE_ESCAPE).flatten().nonzero().squeeze(1)  # logical row-major order
+    first, capacity = int(status[0]), escape_index.numel()
+    slots = first + torch.arange(flat.numel(), device=flat.device)
+    kept = slots < capacity
+    escape_index[slots[kept]] = flat[kept]
+    escape_value[slots[kept]] = w0.flatten()[flat[kept]]
+    pending = flat[~kept]
+    code.view(-1)[pending] = CODE_PENDING
+    w1.view(-1)[pending] = w0.view(-1)[pending]
+    status[0] += flat.numel()
+    w.copy_(w1)
+    c.copy_(code.to(torch.int8))
+
+
+def scatter_escapes_(weight: torch.Tensor, escape_index: torch.Tensor, escape_value: torch.Tensor,
+                     num_escapes: int, fan_in_fan_out: bool = False) -> None:
+    """weight[n, k] = value for the first num_escapes (index = n * K + k, value) table entries."""
+    if num_escapes == 0:
+        return
+    w = logical_weight(weight, fan_in_fan_out)
+    index = escape_index[:num_escapes]
+    w[index // w.shape[1], index % w.shape[1]] = escape_value[:num_escapes]
+
+
+@torch.no_grad()
+def unmerge_exact_(weight: torch.Tensor, lora_a, lora_b, scale, *, fan_in_fan_out: bool = False,
+                   codes: torch.Tensor, escape_index: torch.Tensor, escape_value: torch.Tensor,
+                   num_escapes: int) -> None:
+    """In place: restore W0 from W1 and the codes merge_exact_ wrote (elements coded PENDING were
+    never merged and are left alone); then the escape table's first num_escapes entries."""
+    w, c, delta = _exact_delta_and_views(weight, lora_a, lora_b, scale, fan_in_fan_out, codes)
+    u = (w.to(delta.dtype) - delta).to(w.dtype)
+    code = c.to(torch.int64)
+    key = torch.where(code >= CODE_MIN, ordered_bits(u) + code,
+                      torch.where(code == CODE_POS_ZERO, 0, -1))
+    w.copy_(torch.where(code >= CODE_MIN_RESTORED, from_ordered_bits(key, w.dtype), w))
+    scatter_escapes_(weight, escape_index, escape_value, num_escapes, fan_in_fan_out)

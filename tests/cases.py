@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -59,3 +59,61 @@ def make_lora_inputs(M, N, K, r, dtype=torch.float32, device="cpu", *, adapter_d
     lora_b = rand(N, r, dtype=adapter_dtype, device=device, scale=r ** -0.5)
     b = rand(N, dtype=dtype, device=device) if bias else None
     return LoraInputs(x, weight, lora_a, lora_b, scale, b)
+
+
+MERGE_LAYOUTS = ("contiguous", "fan_in_fan_out", "row_slice", "col_slice", "column_major")
+
+
+@dataclass
+class MergeInputs:
+    weight: torch.Tensor          # what merge_ gets: [N, K], or [K, N] when fan_in_fan_out
+    lora_a: torch.Tensor          # [r, K]
+    lora_b: torch.Tensor          # [N, r]
+    scale: float
+    fan_in_fan_out: bool
+    storage: torch.Tensor         # the buffer weight views (a fused qkv weight for the slices)
+    view: Callable                # storage-shaped tensor -> the same view as weight
+
+    def outside(self) -> torch.Tensor:
+        """bool, storage's shape: True where storage is not part of weight."""
+        inside = torch.zeros(self.storage.shape, dtype=torch.bool, device=self.storage.device)
+        self.view(inside).fill_(True)
+        return ~inside
+
+    def logical64(self, w: Optional[torch.Tensor] = None) -> torch.Tensor:
+        w = self.weight if w is None else w
+        return (w.t() if self.fan_in_fan_out else w).double()
+
+    def delta64(self) -> torch.Tensor:
+        """scale * B @ A in float64, [N, K]."""
+        return self.scale * self.lora_b.double() @ self.lora_a.double()
+
+    def delta_bound64(self) -> torch.Tensor:
+        """|scale| * |B| @ |A|: the scale of the fp32 error of forming delta, elementwise."""
+        return abs(self.scale) * self.lora_b.double().abs() @ self.lora_a.double().abs()
+
+    def peft_expression(self) -> torch.Tensor:
+        """PEFT's merge, ``W + (B @ A) * s`` in the tensors' own dtypes, [N, K]."""
+        w = self.weight.t() if self.fan_in_fan_out else self.weight
+        return w + ((self.lora_b @ self.lora_a) * self.scale).to(w.dtype)
+
+
+def make_merge_inputs(N, K, r, dtype=torch.float32, device="cpu", *, layout="contiguous",
+                      adapter_dtype=None, scale=0.5, delta_ratio=0.5) -> MergeInputs:
+    """Random merge inputs with |W| ~ 0.05 and |delta| ~ delta_ratio * |W| elementwise.
+
+    layout: "contiguous" [N, K]; "fan_in_fan_out" (stored [K, N], PEFT's Conv1D); "row_slice"
+    (the middle N rows of a fused [3N, K] qkv weight); "col_slice" (the middle K columns of a
+    [N, 3K] buffer: strides (3K, 1)); "column_major" ([N, K] with strides (1, N))."""
+    adapter_dtype = adapter_dtype or dtype
+    shapes = {"fan_in_fan_out": (K, N), "row_slice": (3 * N, K), "col_slice": (N, 3 * K),
+              "column_major": (K, N), "contiguous": (N, K)}
+    views = {"fan_in_fan_out": lambda t: t, "row_slice": lambda t: t[N:2 * N],
+             "col_slice": lambda t: t[:, K:2 * K], "column_major": lambda t: t.t(),
+             "contiguous": lambda t: t}
+    storage = rand(*shapes[layout], dtype=dtype, device=device, scale=0.05)
+    weight = views[layout](storage)
+    lora_a = rand(r, K, dtype=adapter_dtype, device=device)
+    # B @ A ~ N(0, 1) elementwise; B's scale brings scale * B @ A to delta_ratio * |W|
+    lora_b = rand(N, r, dtype=adapter_dtype, device=device, scale=r ** -0.5 * 0.05 * delta_ratio / scale)
+    return MergeInputs(weight, lora_a, lora_b, scale, layout == "fan_in_fan_out", storage, views[layout])

@@ -78,16 +78,44 @@ MERGE_BAD = [
     ("list lengths", lambda w, a, b: (w, [a, a], [b], [1.0, 1.0]), ValueError, r"non-empty lists of one length"),
     ("list without scales", lambda w, a, b: (w, [a], [b], 1.0), TypeError, r"scale must be a list"),
     ("int weight", lambda w, a, b: (w.int(), a, b, 1.0), TypeError, r"weight must have a dtype"),
+    ("rank 0", lambda w, a, b: (w, a[:0], b[:, :0], 1.0), ValueError, r"rank r >= 1"),
+    ("A/B dtypes differ", lambda w, a, b: (w, a, b.double(), 1.0), TypeError, r"lora_b must have lora_a's dtype"),
+    ("adapter dtype", lambda w, a, b: (w.half(), a.bfloat16(), b.bfloat16(), 1.0), TypeError,
+     r"lora_a must have weight's dtype"),
+    ("list entry shape", lambda w, a, b: (w, [a, a[:, :-1]], [b, b], [1.0, 1.0]), ValueError,
+     r"lora_a\[1\] must have shape \[3, 10\]"),
+    ("nan scale in list", lambda w, a, b: (w, [a, a], [b, b], [1.0, math.nan]), ValueError, r"scale\[1\] must be finite"),
+    ("expanded weight", lambda w, a, b: (w[:1].expand(12, 10), a, b, 1.0), ValueError,
+     r"weight must not overlap itself in memory"),
+    ("adapter aliases weight", lambda w, a, b: (w, w[:3], b, 1.0), ValueError, r"lora_a shares memory with weight"),
+    ("mixed devices", lambda w, a, b: (w, a, b.to("meta"), 1.0), ValueError, r"lora_b is on meta but weight is on cpu"),
+    ("A tensor, B list", lambda w, a, b: (w, a, [b], 1.0), TypeError, r"both be tensors or both be lists"),
 ]
 
 
 @pytest.mark.parametrize("make,exc,match", [c[1:] for c in MERGE_BAD], ids=[c[0] for c in MERGE_BAD])
-def test_merge_rejects_and_leaves_weight_unchanged(make, exc, match):
+@pytest.mark.parametrize("op", ["merge_", "unmerge_"])
+def test_merge_rejects_and_leaves_weight_unchanged(make, exc, match, op):
     inp = _inputs()
     w, a, b, s = make(inp.weight, inp.lora_a, inp.lora_b)
     before = w.clone()
-    with pytest.raises(exc, match=match):
-        lora_kernels.merge_(w, a, b, s)
+    with pytest.raises(exc, match=match) as info:
+        getattr(lora_kernels, op)(w, a, b, s)
+    assert str(info.value).startswith(op + ": ")
+    assert torch.equal(w, before)
+
+
+@pytest.mark.parametrize("backend,weight_dtype,match", [
+    ("cuda", torch.float32, r"cuda: "),
+    ("triton", torch.float64, r"triton: dtype torch.float64 is not supported"),
+])
+def test_merge_backend_unavailable_says_why(backend, weight_dtype, match, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    inp = _inputs()
+    w = inp.weight.to(weight_dtype)
+    before = w.clone()
+    with pytest.raises(lora_kernels.BackendUnavailable, match=match):
+        lora_kernels.merge_(w, inp.lora_a.to(weight_dtype), inp.lora_b.to(weight_dtype), 1.0, backend=backend)
     assert torch.equal(w, before)
 
 

@@ -27,3 +27,15 @@ def test_tune_case_checks_and_times_candidates(interpreter_device, monkeypatch):
     assert set(case["times_us"]) == {"heuristic", "c1", "c2"}
     assert case["best"] in case["times_us"] and 0 < case["ratios"]["best"] <= 1.0
     assert all(err < 1e-5 for err in case["errors"].values())
+
+
+def test_bench_merge_suite_quick_runs_and_checks(tmp_path):
+    assert main(["--suite", "merge", "--quick", "--out", str(tmp_path), "--rep-ms", "5", "--device", "cpu"]) == 0
+    (path,) = tmp_path.glob("*merge*.json")
+    result = json.loads(path.read_text())
+    case = result["cases"][0]
+    assert not case["failed"]
+    assert {"floor", "peft", "addmm"} <= set(case["times_us"])
+    ours = {n for n in case["times_us"] if n.startswith("ours_")}
+    assert any(n.endswith("_exact_cycle") for n in ours) and any(n.endswith("_safe") for n in ours)
+    assert case["errors"]["floor"] == 0.0 and all(case["errors"][n] < 1e-5 for n in ours)

@@ -57,3 +57,32 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
 def rand(*shape, dtype=torch.float32, device="cpu", scale: float = 1.0) -> torch.Tensor:
     """Random normal inputs (never zeros), in float64 first so every dtype sees the same values."""
     return (torch.randn(*shape, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+
+# In-place merge: every element is the float64 result rounded once to the weight's dtype, up to
+# the error of forming delta in fp32 (on GPUs tf32x3 for fp32 adapters): at most
+# DELTA_REL_ERROR_PER_RANK * (r + 2) of |W| + |s| |B| |A|, elementwise.
+MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23}
+MIN_EXPONENT = {torch.float16: -14, torch.bfloat16: -126, torch.float32: -126}
+DELTA_REL_ERROR_PER_RANK = 2.0 ** -21
+
+
+def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of `dtype`'s values around each |x| (float64), subnormals included."""
+    x = x.double().abs()
+    exponent = torch.floor(torch.log2(torch.where(x > 0, x, 1.0))).clamp_min(MIN_EXPONENT[dtype])
+    return torch.exp2(exponent - MANTISSA_BITS[dtype])
+
+
+def assert_rounded_once(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, rank: int,
+                        magnitude: torch.Tensor, what: str = "merged weight") -> None:
+    """Elementwise |out - ref| <= ulp(ref) / 2 + the fp32 delta error bound (see above):
+    `ref` is the float64 result, `magnitude` is |W| + |s| |B| |A|. A skipped or twice-applied
+    element misses by a whole |delta| and fails."""
+    out64, ref64 = out.double(), ref.double()
+    assert torch.isfinite(out64).all(), f"{what}: non-finite values"
+    bound = 0.5 * ulp(ref64, dtype) + DELTA_REL_ERROR_PER_RANK * (rank + 2) * magnitude.double()
+    err = (out64 - ref64).abs()
+    bad = err > bound
+    assert not bad.any(), (f"{what}: {int(bad.sum())} element(s) are not the float64 result rounded "
+                           f"once to {dtype}; worst excess {float((err - bound).max()):.3e}")
