@@ -5,7 +5,8 @@
 #
 # On the lent H100/H200 (no internet): `pip install --no-deps --no-build-isolation -e .` against the
 # machine's torch/triton, CUDA code built for sm_90a only. Writes at most 8 files to OUT_DIR (the
-# device tool brings back 8): check.log, pytest_gpu.log, and the benchmark JSON + markdown.
+# device tool brings back 8): check.log, pytest_gpu.log, sanitizer_{memcheck,racecheck}.log, and
+# the benchmark JSON + markdown (r16, r64).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-bench/results}
@@ -35,6 +36,18 @@ $PY -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" | t
 tests_rc=${PIPESTATUS[0]}
 say "pytest -m gpu exit code $tests_rc in $((SECONDS - start)) s"
 
+say "== compute-sanitizer on the CUDA kernel (bench/sanitize_case.py)"
+SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+sanitizer_rc=0
+for tool in memcheck racecheck; do
+    start=$SECONDS
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool $tool --error-exitcode 9 $PY bench/sanitize_case.py \
+        > "$OUT/sanitizer_$tool.log" 2>&1
+    rc=$?
+    [ $rc -ne 0 ] && sanitizer_rc=$rc
+    say "compute-sanitizer --tool $tool: exit code $rc in $((SECONDS - start)) s; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1)"
+done
+
 say "== benchmarks"
 start=$SECONDS
 $PY -m bench --suite forward --ranks 16 --rep-ms ${BENCH_REP_MS:-25} --out "$OUT" >>"$LOG" 2>&1
@@ -57,4 +70,4 @@ for path in sorted(glob.glob(sys.argv[1] + "/*-forward*.json")):
               + ("  FAILED " + "; ".join(c["failed"]) if c["failed"] else ""))
     print("summary:", json.dumps(res["summary"]))
 PYEOF
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$sanitizer_rc" -eq 0 ]

@@ -48,6 +48,11 @@ def _pack(t: torch.Tensor, lead: int = 0) -> tuple[bytes, int]:
     return flat.view(torch.uint8).numpy().tobytes(), lead
 
 
+def _read(path: Path, dtype: torch.dtype) -> torch.Tensor:
+    data = path.read_bytes()
+    return torch.frombuffer(bytearray(data), dtype=dtype) if data else torch.empty(0, dtype=dtype)
+
+
 @dataclass
 class EmulatedRun:
     y: torch.Tensor
@@ -107,10 +112,8 @@ def run(exe: Path, x, weight, lora_a, lora_b, scale: float, bias=None, *, a_spli
         if proc.returncode != 0:
             raise AssertionError(f"emulator exit {proc.returncode}:\n{proc.stderr[-4000:]}")
         plan = {k: int(v) for k, v in (line.split() for line in (d / "plan.txt").read_text().splitlines())}
-        y_all = torch.frombuffer(bytearray((d / "y.bin").read_bytes()), dtype=dtype)
-        t_all = torch.frombuffer(bytearray((d / "t.bin").read_bytes()), dtype=torch.float32)
-        yc = torch.frombuffer(bytearray((d / "y_counts.bin").read_bytes()), dtype=torch.uint8)
-        tc = torch.frombuffer(bytearray((d / "t_counts.bin").read_bytes()), dtype=torch.uint8)
+        y_all, t_all = _read(d / "y.bin", dtype), _read(d / "t.bin", torch.float32)
+        yc, tc = _read(d / "y_counts.bin", torch.uint8), _read(d / "t_counts.bin", torch.uint8)
 
     def logical(flat, lead, rows, cols, ld):
         """[rows, cols] view at element offset `lead` with row stride `ld` (flat is 1-D)."""
