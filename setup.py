@@ -58,7 +58,7 @@ def cuda_build_options() -> dict:
     if torch.version.cuda is None:
         return skipped(f"the build environment's torch {torch.__version__} has no CUDA support")
     if CUDA_HOME is None or not (Path(CUDA_HOME) / "bin" / "nvcc").exists():
-        return skipped("nvcc not found at install time; set CUDA_HOME to a CUDA toolkit")
+        return skipped("nvcc not found at install time")
     archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
     # torch looks for `ninja` on PATH; an unactivated venv's bin (where pip put it) need not be there.
     os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")

@@ -59,6 +59,7 @@ struct LoraLinearCta {
   static constexpr int RTILES = RB / 8;                                       // n8 tiles of t
   static constexpr int TPW = (RTILES + Cfg::WARPS_N - 1) / Cfg::WARPS_N;      // t tiles per warp
   static_assert(RB % 16 == 0 && RB <= 128, "rank block");
+  static_assert(NT % 2 == 0, "W fragments load two n8 tiles at a time");
 
   const LoraLinearParams& p;
   unsigned char* smem;
@@ -125,11 +126,18 @@ struct LoraLinearCta {
       for (int mt = 0; mt < MT; ++mt)  // rows lane%16, k half lane/16 (matrices a0..a3)
         ptx::ldmatrix_x4(af[mt], x_tile + (warp_m * WM + mt * 16 + (lane & 15)) * LDS + kk + (lane >> 4) * 8);
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        uint32_t bf[2];  // rows (n) lane%8, k half (lane/8)%2 (matrices b0, b1)
-        ptx::ldmatrix_x2(bf, w_tile + (warp_n * WN + nt * 8 + (lane & 7)) * LDS + kk + ((lane >> 3) & 1) * 8);
+      for (int nt = 0; nt < NT; nt += 2) {
+        // Two n8 tiles per ldmatrix.x4: matrix q = lane/8 is (n8 tile nt + q/2, k half q%2), so
+        // registers 0, 1 are b0, b1 of tile nt and registers 2, 3 those of tile nt + 1.
+        uint32_t bq[4];
+        ptx::ldmatrix_x4(bq, w_tile + (warp_n * WN + nt * 8 + ((lane >> 4) << 3) + (lane & 7)) * LDS + kk +
+                                 ((lane >> 3) & 1) * 8);
+        const uint32_t b0[2] = {bq[0], bq[1]}, b1[2] = {bq[2], bq[3]};
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) ptx::mma_m16n8k16<Ty::kBf16>(acc[mt][nt], af[mt], bf);
+        for (int mt = 0; mt < MT; ++mt) {
+          ptx::mma_m16n8k16<Ty::kBf16>(acc[mt][nt], af[mt], b0);
+          ptx::mma_m16n8k16<Ty::kBf16>(acc[mt][nt + 1], af[mt], b1);
+        }
       }
       if (with_lora) {
 #pragma unroll

@@ -148,3 +148,29 @@ def test_jit_cache_is_per_torch_release(monkeypatch, tmp_path):
 def test_sources_listed_exist():
     for name in cuda.SOURCES:
         assert (cuda.CSRC_DIR / name).exists(), name
+
+
+def test_install_built_the_extension_when_it_could():
+    """After `pip install`, setup.py's record and the installed files agree."""
+    status = cuda.install_status()
+    if not status:
+        pytest.skip("this checkout was not installed with pip (no lora_kernels/_build_status.json)")
+    if status["cuda_extension"] == "compiled":
+        assert cuda.aot_library() is not None, f"setup.py compiled the extension ({status}) but lora_kernels._C is missing"
+    else:
+        assert status["cuda_extension"] == "skipped" and status["reason"], status
+
+
+def test_build_command_when_nothing_to_do(capsys):
+    _need_aot_extension()
+    from lora_kernels.build import main
+    assert main([]) == 0
+    assert "nothing to build" in capsys.readouterr().out
+
+
+def test_build_command_when_it_cannot_build(loader, capsys):
+    from lora_kernels.build import main
+    loader.setattr(cuda, "aot_problem", lambda: "extension not built (nvcc not found at install time)")
+    loader.setattr(cuda, "jit_problem", lambda: "nvcc not found (set CUDA_HOME to a CUDA toolkit)")
+    assert main([]) == 1
+    assert "cannot build the CUDA extension: nvcc not found" in capsys.readouterr().err
