@@ -260,7 +260,12 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
     dtype or float32, bias [N] (x's dtype or float32) or None. Returns (y [M, N] in x.dtype,
     t [M, r] float32 = x @ lora_a.T if save_t else an empty [0, r]). `out` / `t_out` receive y / t
     when given (tests poison them); tile_kind (1 small-M, 2 large) and tiles_per_cta override the
-    heuristics (tests use them to reach every path at small sizes)."""
+    heuristics (tests use them to reach every path at small sizes).
+
+    Layouts: x, weight and lora_a are read row by row, so a tensor whose last dimension is not
+    unit-stride (a transposed weight, a column-major x) is copied first -- on every call, which
+    for the weight costs a pass over N x K: keep weights row-major. Row strides are free. An fp32
+    lora_a is split into 16-bit halves (two small extra kernels per call)."""
     load()
     M, K = x.shape
     N, r = weight.shape[0], lora_a.shape[0]

@@ -28,9 +28,12 @@ def compiler() -> Optional[str]:
 def build(out_dir: Path) -> Path:
     """Compile the emulator (about 10 s); returns the executable."""
     exe = out_dir / "run_lora_linear"
-    cmd = [compiler(), "-std=c++17", "-O1", "-Wall", "-Werror", "-Wno-unknown-pragmas",
+    # _Float16 (the fp16 conversions) needs GCC >= 12 or Clang >= 15 on x86-64.
+    cmd = [compiler(), "-std=c++17", "-O1", "-Wall", "-Wno-unknown-pragmas",
            f"-I{CSRC}", "-o", str(exe), str(HERE / "run_lora_linear.cpp")]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AssertionError(f"building the emulator failed: {' '.join(cmd)}\n{proc.stderr[-4000:]}")
     return exe
 
 
