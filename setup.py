@@ -1,8 +1,78 @@
-"""Build script.
+"""Build script: compiles the CUDA extension ``lora_kernels._C`` from ``csrc/`` when it can.
 
-Pure-Python install for now; the CUDA C++ extension ``lora_kernels._C`` is added here when
-``csrc/`` holds its sources (see DESIGN.md section 5).
+The extension is built when the build environment has a CUDA-enabled torch and a CUDA toolkit
+(``$CUDA_HOME/bin/nvcc``, or torch's own search); otherwise the package installs as pure Python
+and records why, so that ``backend="cuda"`` can say so later ("cuda: extension not built (nvcc
+not found at install time) ..."). No GPU is needed to build.
+
+Environment:
+  CUDA_HOME               the toolkit (e.g. /usr/local/cuda when nvcc on PATH is elsewhere)
+  TORCH_CUDA_ARCH_LIST    target architectures; default "8.0;9.0a" (A100, H100/H200)
+  LORA_KERNELS_SKIP_CUDA  =1: install pure Python without trying the CUDA build
+  MAX_JOBS                parallel compile jobs (ninja); default: all cores
+
+The extension must be compiled against the torch it runs with. pyproject.toml lists torch as a
+build requirement, so an isolated build (plain ``pip install``) compiles against the torch that
+pip resolves for the build environment -- the same release as the runtime one when the
+environment pins it; ``pip install --no-build-isolation`` compiles against the installed torch.
+lora_kernels/cuda.py reads the torch version recorded in the library and refuses (with a reason,
+and a JIT rebuild where possible) to load a build made for another torch.
 """
+import json
+import os
+import sys
+from pathlib import Path
+
 from setuptools import setup
 
-setup()
+ROOT = Path(__file__).resolve().parent
+STATUS_FILE = ROOT / "lora_kernels" / "_build_status.json"
+SOURCES = ["csrc/lora_linear_kernels.cu", "csrc/lora_linear.cpp", "csrc/bindings.cpp"]
+DEFAULT_ARCH_LIST = "8.0;9.0a"
+
+
+def log(message: str) -> None:
+    print(f"lora_kernels setup: {message}", file=sys.stderr, flush=True)
+
+
+def record(status: dict) -> None:
+    """What the CUDA build did, for lora_kernels.cuda's error messages (package data)."""
+    STATUS_FILE.write_text(json.dumps(status, indent=1) + "\n")
+
+
+def skipped(reason: str) -> dict:
+    log(f"building pure Python only: {reason}")
+    record({"cuda_extension": "skipped", "reason": reason})
+    return {}
+
+
+def cuda_build_options() -> dict:
+    """setup() keyword arguments that add the extension, or {} (with the reason recorded)."""
+    if os.environ.get("LORA_KERNELS_SKIP_CUDA", "0") not in ("", "0"):
+        return skipped("LORA_KERNELS_SKIP_CUDA was set at install time")
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError as e:
+        return skipped(f"torch was not importable in the build environment: {e}")
+    if torch.version.cuda is None:
+        return skipped(f"the build environment's torch {torch.__version__} has no CUDA support")
+    if CUDA_HOME is None or not (Path(CUDA_HOME) / "bin" / "nvcc").exists():
+        return skipped("nvcc not found at install time")
+    archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+    # torch looks for `ninja` on PATH; an unactivated venv's bin (where pip put it) need not be there.
+    os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+    log(f"compiling lora_kernels._C against torch {torch.__version__} with {CUDA_HOME}/bin/nvcc for {archs}")
+    record({"cuda_extension": "compiled", "reason": "", "torch": torch.__version__, "arch_list": archs,
+            "cuda_home": str(CUDA_HOME)})
+    extension = CUDAExtension(
+        "lora_kernels._C",
+        sources=SOURCES,
+        include_dirs=[str(ROOT / "csrc")],
+        # The C++ standard is torch's choice (C++20 for torch >= 2.10); the kernels need C++17.
+        extra_compile_args={"cxx": ["-O2"], "nvcc": ["-O3", "-lineinfo"]},
+    )
+    return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
+
+
+setup(package_data={"lora_kernels": ["_build_status.json"]}, **cuda_build_options())

@@ -6,7 +6,7 @@
 # On the lent H100/H200 (no internet): `pip install --no-deps --no-build-isolation -e .` against the
 # machine's torch/triton, CUDA code built for sm_90a only. The device tool brings back at most 8
 # files, so OUT_DIR receives three: check.log (everything, summary last), pytest_gpu.log, and
-# results.tar with every benchmark's JSON + markdown, rewritten after each step so that a run cut
+# results.tar with every benchmark's JSON + markdown and the compute-sanitizer logs, rewritten after each step so that a run cut
 # short by its time limit still returns what was done. Unpack it into bench/results/ and commit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -51,6 +51,19 @@ $PY -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" | t
 tests_rc=${PIPESTATUS[0]}
 say "pytest -m gpu exit code $tests_rc in $((SECONDS - start)) s"
 
+say "== compute-sanitizer on the CUDA kernel (bench/sanitize_case.py)"
+SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+sanitizer_rc=0
+for tool in memcheck racecheck; do
+    start=$SECONDS
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool $tool --error-exitcode 9 $PY bench/sanitize_case.py \
+        > "$RAW/sanitizer_$tool.log" 2>&1
+    rc=$?
+    [ $rc -ne 0 ] && sanitizer_rc=$rc
+    say "compute-sanitizer --tool $tool: exit code $rc in $((SECONDS - start)) s; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$RAW/sanitizer_$tool.log" | tail -1)"
+done
+tar cf "$OUT/results.tar" -C "$RAW" .
+
 say "== benchmarks"
 bench forward-r16 --suite forward --ranks 16
 bench forward-r64 --suite forward --ranks 64 --tokens 16 4096 --layers "8B q/o" "8B gate/up" "70B up" --tag r64
@@ -59,5 +72,5 @@ bench tune --suite tune --quick
 
 say "== summary"
 $PY -m bench.summarize "$RAW" 2>&1 | tee -a "$LOG"
-say "pytest -m gpu exit code $tests_rc; benchmark runs failed: $failures"
-[ "$tests_rc" -eq 0 ] && [ "$failures" -eq 0 ]
+say "pytest -m gpu exit code $tests_rc; compute-sanitizer exit code $sanitizer_rc; benchmark runs failed: $failures"
+[ "$tests_rc" -eq 0 ] && [ "$sanitizer_rc" -eq 0 ] && [ "$failures" -eq 0 ]

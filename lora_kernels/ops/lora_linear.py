@@ -55,13 +55,23 @@ def _input_reason(x: Tensor, lora_a: Tensor):
                 return f"triton: dtype {x.dtype} is not supported (float16, bfloat16, float32)"
             if lora_a.shape[0] > TRITON_MAX_RANK:
                 return f"triton: rank {lora_a.shape[0]} exceeds the kernel's limit of {TRITON_MAX_RANK}"
+        if backend == "cuda":
+            from .. import cuda
+            return cuda.input_reason(x.dtype, lora_a.dtype, lora_a.shape[0])
         return None
     return reason
 
 
+# Under "auto" on CUDA tensors: Triton first, the CUDA C++ kernel when Triton cannot run (e.g. a
+# serving image without triton). Which of the two is faster per shape is to be measured on an
+# H100/H200 (bench/, suite forward, ours_triton vs ours_cuda); no measurement exists yet, so
+# this order is a default, not a result.
+AUTO_PREFERENCE = ("triton", "cuda")
+
+
 def choose_backend(x: Tensor, lora_a: Tensor, backend: str = "auto") -> str:
     """The backend that runs these inputs (see backends.py for the rule)."""
-    return backends.resolve(OP, backend, x.device, ("triton",), _input_reason(x, lora_a))
+    return backends.resolve(OP, backend, x.device, AUTO_PREFERENCE, _input_reason(x, lora_a))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,6 +87,9 @@ def lora_linear_fwd(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, s
     t [M, r] float32 when save_t (kept for the backward), else an empty [0, r]."""
     if backend == "triton":
         from ..triton.lora_linear import lora_linear_fwd as launch
+        return launch(x, weight, lora_a, lora_b, scale, bias, save_t)
+    if backend == "cuda":
+        from ..cuda import lora_linear_fwd as launch
         return launch(x, weight, lora_a, lora_b, scale, bias, save_t)
     y = reference.lora_linear(x, weight, lora_a, lora_b, scale, bias)
     acc = reference.acc_dtype(x.dtype, lora_a.dtype)

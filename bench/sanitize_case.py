@@ -1,0 +1,58 @@
+"""A few small launches of the CUDA fused forward for compute-sanitizer (bench/device_check.sh).
+
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python bench/sanitize_case.py
+
+Each case reaches a different path of csrc/lora_linear.cuh (both tile shapes, a CTA sweeping
+several tiles, K tails, element-wise loads, split fp32 adapters, strided lora_b, no bias); each
+result is checked against float64 so that a silent error fails too. Exit status 0 = all right.
+Sizes are tiny: the sanitizer runs kernels 10-100x slower.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("PYTORCH_NO_CUDA_MEMORY_CACHING", "1")  # one cudaMalloc per tensor: exact bounds
+
+import torch  # noqa: E402
+
+from lora_kernels.cuda import lora_linear_fwd  # noqa: E402
+
+# (M, N, K, r, dtype, adapter dtype, tile_kind, tiles_per_cta, what it reaches)
+CASES = [
+    (3, 72, 136, 16, torch.bfloat16, None, 1, 0, "decode tile, K split across warps"),
+    (40, 300, 72, 8, torch.float16, None, 2, 2, "large tile, two tiles per CTA, N tail"),
+    (130, 40, 70, 5, torch.bfloat16, None, 2, 0, "K % 8 != 0: element loads, M tail"),
+    (20, 64, 64, 64, torch.bfloat16, torch.float32, 1, 0, "fp32 adapter split to 2r = 128 rows"),
+    (33, 24, 48, 128, torch.float16, None, 2, 0, "rank 128"),
+]
+
+
+def main() -> int:
+    """Inputs are made and checked on the CPU: on the GPU only copies and our kernel run, so the
+    sanitizer instruments little besides the kernel under test."""
+    gen = torch.Generator().manual_seed(0)
+    rnd = lambda *s, dtype: (torch.randn(*s, generator=gen, dtype=torch.float64) / 8).to(dtype)  # noqa: E731
+    failures = 0
+    for M, N, K, r, dtype, adapter_dtype, tile_kind, tiles, what in CASES:
+        ad = adapter_dtype or dtype
+        x, w, a = rnd(M, K, dtype=dtype), rnd(N, K, dtype=dtype), rnd(r, K, dtype=ad)
+        b = rnd(r, N, dtype=ad).t()  # strided lora_b
+        bias = rnd(N, dtype=dtype) if M % 2 == 0 else None
+        gpu = lambda t: None if t is None else t.to("cuda")  # noqa: E731  (.to keeps b's strides)
+        y, t = lora_linear_fwd(gpu(x), gpu(w), gpu(a), gpu(b), 0.5, gpu(bias), True,
+                               tile_kind=tile_kind, tiles_per_cta=tiles)
+        y, t = y.cpu(), t.cpu()
+        t_ref = x.double() @ a.double().t()
+        ref = x.double() @ w.double().t() + 0.5 * t_ref @ b.double().t() + (0 if bias is None else bias.double())
+        err = ((y.double() - ref).norm() / ref.norm()).item()
+        t_err = ((t.double() - t_ref).norm() / t_ref.norm()).item()
+        ok = err < (1e-2 if dtype == torch.bfloat16 else 2e-3) and t_err < 1e-2
+        failures += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} M={M} N={N} K={K} r={r} {str(dtype)[6:]}: {what}: "
+              f"rel err y {err:.2e}, t {t_err:.2e}", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

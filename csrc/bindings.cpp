@@ -1,0 +1,36 @@
+// The one file that registers the CUDA ops with torch (namespace lora_kernels), and the build
+// record that lora_kernels/cuda.py reads from the shared library's bytes before loading it.
+#include <Python.h>
+#include <cuda_runtime_api.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include "lora_linear.h"
+
+#define LK_STR2(x) #x
+#define LK_STR(x) LK_STR2(x)
+
+// The torch and CUDA runtime this library was compiled against. Read as bytes (no dlopen), so a
+// mismatched build is reported instead of loaded; keep the "lora_kernels_build_info:" prefix and
+// the ";end" suffix in step with lora_kernels/cuda.py.
+extern "C" __attribute__((visibility("default"), used)) const char lora_kernels_build_info[] =
+    "lora_kernels_build_info:torch=" LK_STR(TORCH_VERSION_MAJOR) "." LK_STR(TORCH_VERSION_MINOR) "." LK_STR(
+        TORCH_VERSION_PATCH) ";cudart=" LK_STR(CUDART_VERSION) ";end";
+
+TORCH_LIBRARY_FRAGMENT(lora_kernels, m) {
+  m.def(
+      "cuda_lora_linear_fwd(Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor? bias, float scale, "
+      "bool a_split, bool save_t, Tensor(a!) y, Tensor(b!) t, int tile_kind=0, int tiles_per_cta=0) -> ()");
+}
+
+// Registered for CUDA and for CPU: on CPU tensors the launcher's first check raises a sentence
+// that says what to use instead (rather than the dispatcher's generic "no kernel for CPU").
+TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) { m.impl("cuda_lora_linear_fwd", &lora_kernels::cuda_lora_linear_fwd); }
+TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) { m.impl("cuda_lora_linear_fwd", &lora_kernels::cuda_lora_linear_fwd); }
+
+// `import lora_kernels._C` works too (the ops register when the library loads); the module is empty.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "lora_kernels CUDA ops (torch.ops.lora_kernels)", -1,
+                                      nullptr};
+  return PyModule_Create(&module);
+}
