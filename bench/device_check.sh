@@ -54,6 +54,10 @@ say "pytest -m gpu exit code $tests_rc in $((SECONDS - start)) s"
 say "== benchmarks"
 bench forward-r16 --suite forward --ranks 16
 bench forward-r64 --suite forward --ranks 64 --tokens 16 4096 --layers "8B q/o" "8B gate/up" "70B up" --tag r64
+bench model --suite model
+say "== demo (python -m lora_kernels.demo --quick)"
+$PY -m lora_kernels.demo --quick 2>&1 | tail -30 | tee -a "$LOG"
+[ "${PIPESTATUS[0]}" -eq 0 ] || failures=$((failures + 1))
 bench tune --suite tune --quick
 
 say "== summary"
@@ -70,6 +74,15 @@ for path in sorted(glob.glob(sys.argv[1] + "/*.json")):
             rt = c["ratios"]
             cells = " ".join(f"{rt[m]:>11.2f}" if m in rt else f"{'-':>11}" for m in cols)
             print(f"  {c['layer']:>11} {c['M']:>6} {c['r']:>3} {c['times_us'].get('base', float('nan')):>9.1f} {cells}"
+                  + ("  FAILED " + "; ".join(c["failed"]) if c["failed"] else ""))
+    if res["suite"].startswith("model"):
+        cols = ("peft", "merged", "ours_triton", "ours_cuda")
+        print(f"  {'kind':>8} {'batch':>5} {'seq':>5} {'r':>3} {'baseline':>8} {'us':>10} " + " ".join(f"{m:>11}" for m in cols))
+        for c in res["cases"]:
+            rt = c["ratios"]
+            cells = " ".join(f"{rt[m]:>11.2f}" if m in rt else f"{'-':>11}" for m in cols)
+            print(f"  {c['kind']:>8} {c['batch']:>5} {c['seq']:>5} {c['r']:>3} {c['baseline']:>8} "
+                  f"{c['times_us'].get(c['baseline'], float('nan')):>10.1f} {cells}"
                   + ("  FAILED " + "; ".join(c["failed"]) if c["failed"] else ""))
 PYEOF
 say "pytest -m gpu exit code $tests_rc; benchmark runs failed: $failures"

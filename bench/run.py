@@ -24,6 +24,7 @@ from .common import device_name, markdown, run_metadata, write_result
 SUITES = {
     "forward": "bench.forward",
     "tune": "bench.tune",
+    "model": "bench.model",
 }
 
 

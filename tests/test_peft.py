@@ -471,3 +471,23 @@ def test_fused_llama_training_step_on_gpu():
     model = make_peft(r=8, lora_alpha=16).cuda()
     fused = lkpeft.fuse(copy.deepcopy(model))
     check_parity(model, fused, ids().cuda())
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark suite `model` (GPU numbers only on a GPU; here a tiny stack checks its plumbing)
+# ---------------------------------------------------------------------------------------------
+
+def test_model_bench_suite_checks_every_method_on_cpu(tmp_path):
+    import json
+
+    from bench.run import main
+
+    assert main(["--suite", "model", "--quick", "--device", "cpu", "--backends", "torch",
+                 "--rep-ms", "5", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("*model*.json")
+    result = json.loads(path.read_text())
+    kinds = {c["kind"]: c for c in result["cases"]}
+    assert set(kinds) == {"train", "prefill", "decode"} and not any(c["failed"] for c in result["cases"])
+    assert set(kinds["train"]["times_us"]) == {"peft", "ours_torch"}
+    assert set(kinds["decode"]["times_us"]) == {"peft", "merged", "ours_torch"}
+    assert all(err < 1e-5 for c in result["cases"] for err in c["errors"].values())  # fp32 here
