@@ -269,10 +269,10 @@ class FusedLinear(PeftLinear):
                     bias = s * lora_bias if bias is None else bias + s * lora_bias
             if bias is not None and bias.dtype not in (dtype, torch.float32):
                 bias = bias.float()
-            training = self.training
             if len(terms) == 1 or any(t[3] > 0.0 for t in terms) or len({t[0].dtype for t in terms}) > 1:
                 a, b, s, p, _ = terms[0]
-                y = lora_linear(x, weight, a, b, s, bias, dropout_p=p, training=training, backend=backend)
+                # p is already 0 unless PEFT's dropout module is in training mode
+                y = lora_linear(x, weight, a, b, s, bias, dropout_p=p, training=p > 0.0, backend=backend)
                 # further adapters (each with its own dropout mask, as PEFT draws them): unfused terms
                 for a, b, s, p, _ in terms[1:]:
                     xa = F.dropout(x.to(a.dtype), p, training=p > 0.0)

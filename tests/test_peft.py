@@ -156,6 +156,14 @@ def test_conv1d_fan_in_fan_out_parity():
     fused = fused_copy(model)
     assert len(lkpeft.fuse_report(fused).fused) == 8 and not lkpeft.fuse_report(fused).kept  # 4 per block
     check_parity(model, fused, ids())
+    x = ids()
+    unmerged = logits(fused, x)
+    fused.merge_adapter()  # merge_ with fan_in_fan_out: the weight is [in, out]
+    model.merge_adapter()
+    assert_close(logits(fused, x), unmerged.double(), torch.float32, what="Conv1D merged vs unmerged")
+    for (n, p), (_, q) in zip(fused.named_parameters(), model.named_parameters()):
+        if "base_layer" in n:
+            assert_close(p, q.double(), torch.float32, what=n)
 
 
 def test_triton_backend_parity(interpreter_device):
@@ -320,6 +328,22 @@ def test_autocast_runs_the_base_in_the_autocast_dtype():
         y, y_peft = fused(x), model(x)
     assert y.dtype == y_peft.dtype == torch.bfloat16
     assert_close(y, ref(x.to(torch.bfloat16).double()), torch.bfloat16, torch_out=y_peft)
+
+
+def test_torch_compile_fullgraph_through_a_fused_peft_layer():
+    model = one_layer_peft(torch.float32, lora_bias=True)
+    randomize_bias_(model)
+    fused = fused_copy(model)
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    x, dy = rand(6, 40), rand(6, 24)
+    y = compiled(x)
+    assert_close(y, oracle(model)(x.double()), torch.float32, torch_out=model(x))
+    y.backward(dy)
+    want = adapter_grads(oracle(model), x.double(), dy.double())
+    got = {n: p.grad for n, p in fused.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys()
+    for n in want:
+        assert_close(got[n], want[n], torch.float32, what=f"compiled grad {n}")
 
 
 def identity_adapters_(layer, names, scales):
