@@ -46,7 +46,7 @@ from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from transformers.pytorch_utils import Conv1D
 
-from ._validation import check_adapter_dtype
+from ._validation import adapter_dtype_ok
 from .backends import BACKENDS
 from .ops.lora_linear import lora_linear
 from .ops.merge import merge_, unmerge_
@@ -149,7 +149,10 @@ def fuse(model: nn.Module, verbose: bool = False, *, backend: str = "auto") -> n
 
 def fuse_report(model: nn.Module) -> FuseReport:
     """The report of the last ``fuse(model)``."""
-    return model._lora_kernels_fuse_report
+    report = model.__dict__.get("_lora_kernels_fuse_report")
+    if report is None:
+        raise ValueError("fuse_report: this model has not been fused (call lora_kernels.peft.fuse first)")
+    return report
 
 
 def unfuse(model: nn.Module) -> nn.Module:
@@ -182,14 +185,6 @@ def _dropout_p(module: nn.Module) -> Optional[float]:
     return None
 
 
-def _adapter_ok(adapter_dtype: torch.dtype, x_dtype: torch.dtype) -> bool:
-    try:
-        check_adapter_dtype("fuse", "lora_A", torch.empty(0, dtype=adapter_dtype), x_dtype)
-    except TypeError:
-        return False
-    return True
-
-
 class FusedLinear(PeftLinear):
     """``peft.tuners.lora.Linear`` whose forward, merge and unmerge run on lora_kernels' ops.
 
@@ -212,7 +207,7 @@ class FusedLinear(PeftLinear):
     def _adapters_fusable(self, names, dtype: torch.dtype, x: torch.Tensor) -> bool:
         for name in names:
             a, b = self.lora_A[name].weight, self.lora_B[name].weight
-            if a.dtype != b.dtype or not _adapter_ok(a.dtype, dtype) or _dropout_p(self.lora_dropout[name]) is None:
+            if a.dtype != b.dtype or not adapter_dtype_ok(a.dtype, dtype) or _dropout_p(self.lora_dropout[name]) is None:
                 return False
             if a.dtype != x.dtype and not getattr(self, "cast_input_dtype_enabled", True):
                 return False  # PEFT would feed x uncast to lora_A; keep its behaviour (and error)
@@ -313,7 +308,7 @@ class FusedLinear(PeftLinear):
         weight = self.get_base_layer().weight
         return (_variant_reason(self, [name]) is None and _base_reason(self) is None
                 and self.lora_A[name].weight.dtype == self.lora_B[name].weight.dtype
-                and _adapter_ok(self.lora_A[name].weight.dtype, weight.dtype))
+                and adapter_dtype_ok(self.lora_A[name].weight.dtype, weight.dtype))
 
     def _merge_args(self, name: str):
         return (self.lora_A[name].weight.detach(), self.lora_B[name].weight.detach(), float(self.scaling[name]))
