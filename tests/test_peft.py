@@ -461,6 +461,25 @@ def test_uncovered_layers_keep_peft_s_path_and_are_reported(capsys):
     check_parity(dora, fused_dora, ids())
 
 
+class ConvThenLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.proj = nn.Linear(4 * 6 * 6, 10)
+
+    def forward(self, x):
+        return self.proj(self.conv(x).flatten(1))
+
+
+def test_conv_layers_keep_peft_s_path():
+    model = randomize_adapters_(get_peft_model(ConvThenLinear(), LoraConfig(r=2, target_modules=["conv", "proj"])))
+    fused = lkpeft.fuse(copy.deepcopy(model))
+    report = lkpeft.fuse_report(fused)
+    assert report.fused == ["base_model.model.proj"] and "Conv2d" in dict(report.kept)["base_model.model.conv"]
+    x = rand(2, 3, 8, 8)
+    assert_close(fused(x), oracle(model)(x.double()), torch.float32, torch_out=model(x))
+
+
 def test_adapter_added_after_fuse_with_a_variant_falls_back_to_peft():
     model = make_peft(r=4, lora_alpha=8, target_modules=["v_proj"])
     fused = fused_copy(model)
