@@ -80,17 +80,13 @@ def check_probability(op: str, name: str, value) -> float:
     return float(value)
 
 
-def adapter_dtype_ok(adapter_dtype: torch.dtype, x_dtype: torch.dtype) -> bool:
-    """The rule check_adapter_dtype enforces, as a predicate (for callers that pick a path)."""
-    return (adapter_dtype == x_dtype or adapter_dtype == torch.float32
-            or (x_dtype in (torch.float32, torch.float64) and adapter_dtype != torch.float64)
-            or x_dtype == torch.float64)
-
-
 def check_adapter_dtype(op: str, name: str, adapter: torch.Tensor, x_dtype: torch.dtype) -> None:
     """Adapters are in x's dtype or float32 (PEFT keeps fp32 adapters over a 16-bit base). A 16-bit
     adapter over an fp32 input is exact too; fp16 adapters over bf16 (or the reverse) would round."""
-    if not adapter_dtype_ok(adapter.dtype, x_dtype):
+    ok = (adapter.dtype == x_dtype or adapter.dtype == torch.float32
+          or (x_dtype in (torch.float32, torch.float64) and adapter.dtype != torch.float64)
+          or x_dtype == torch.float64)
+    if not ok:
         fail(op, f"{name} must have x's dtype ({str(x_dtype).replace('torch.', '')}) or float32, "
                  f"got {str(adapter.dtype).replace('torch.', '')}", TypeError)
 

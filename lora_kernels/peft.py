@@ -34,6 +34,7 @@ PEFT's ``forward`` for that call.
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -46,7 +47,7 @@ from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from transformers.pytorch_utils import Conv1D
 
-from ._validation import adapter_dtype_ok
+from ._validation import check_adapter_dtype
 from .backends import BACKENDS
 from .ops.lora_linear import lora_linear
 from .ops.merge import merge_, unmerge_
@@ -174,6 +175,17 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def adapter_dtype_ok(adapter_dtype: torch.dtype, x_dtype: torch.dtype) -> bool:
+    """Whether lora_linear takes adapters of `adapter_dtype` over inputs of `x_dtype` (the shared
+    validation's rule, asked once per pair of dtypes)."""
+    try:
+        check_adapter_dtype("fuse", "lora_A", torch.empty(0, dtype=adapter_dtype), x_dtype)
+    except TypeError:
+        return False
+    return True
 
 
 def _dropout_p(module: nn.Module) -> Optional[float]:
