@@ -76,14 +76,8 @@ for path in sorted(glob.glob(sys.argv[1] + "/*.json")):
             print(f"  {c['layer']:>11} {c['M']:>6} {c['r']:>3} {c['times_us'].get('base', float('nan')):>9.1f} {cells}"
                   + ("  FAILED " + "; ".join(c["failed"]) if c["failed"] else ""))
     if res["suite"].startswith("model"):
-        cols = ("peft", "merged", "ours_triton", "ours_cuda")
-        print(f"  {'kind':>8} {'batch':>5} {'seq':>5} {'r':>3} {'baseline':>8} {'us':>10} " + " ".join(f"{m:>11}" for m in cols))
-        for c in res["cases"]:
-            rt = c["ratios"]
-            cells = " ".join(f"{rt[m]:>11.2f}" if m in rt else f"{'-':>11}" for m in cols)
-            print(f"  {c['kind']:>8} {c['batch']:>5} {c['seq']:>5} {c['r']:>3} {c['baseline']:>8} "
-                  f"{c['times_us'].get(c['baseline'], float('nan')):>10.1f} {cells}"
-                  + ("  FAILED " + "; ".join(c["failed"]) if c["failed"] else ""))
+        from bench.model import brief
+        print("\n".join(brief(res)))
 PYEOF
 say "pytest -m gpu exit code $tests_rc; benchmark runs failed: $failures"
 [ "$tests_rc" -eq 0 ] && [ "$failures" -eq 0 ]

@@ -192,3 +192,17 @@ def run(args, device, dtype, backends, rep_ms, log) -> Dict:
         if on_gpu:
             torch.cuda.empty_cache()
     return {"cases": cases, "summary": summarize(cases, backends), "stack": stack.__dict__}
+
+
+def brief(result: Dict) -> List[str]:
+    """Short lines for ``python -m bench.summarize``: each case's baseline and ratios to it."""
+    cols = ("peft", "merged", "ours_triton", "ours_cuda")
+    lines = [f"  {'kind':>8} {'batch':>5} {'seq':>5} {'r':>3} {'baseline':>8} {'us':>10} "
+             + " ".join(f"{m:>11}" for m in cols)]
+    for c in result["cases"]:
+        rt = c.get("ratios", {})
+        cells = " ".join(f"{rt[m]:>11.2f}" if m in rt else f"{'-':>11}" for m in cols)
+        lines.append(f"  {c['kind']:>8} {c['batch']:>5} {c['seq']:>5} {c['r']:>3} {c['baseline']:>8} "
+                     f"{c['times_us'].get(c['baseline'], float('nan')):>10.1f} {cells}"
+                     + ("  FAILED " + "; ".join(c["failed"]) if c["failed"] else ""))
+    return lines

@@ -534,3 +534,5 @@ def test_model_bench_suite_checks_every_method_on_cpu(tmp_path):
     assert set(kinds["train"]["times_us"]) == {"peft", "ours_torch"}
     assert set(kinds["decode"]["times_us"]) == {"peft", "merged", "ours_torch"}
     assert all(err < 1e-5 for c in result["cases"] for err in c["errors"].values())  # fp32 here
+    from bench.model import brief
+    assert len(brief(result)) == 1 + len(result["cases"])
