@@ -25,6 +25,7 @@ SUITES = {
     "forward": "bench.forward",
     "tune": "bench.tune",
     "merge": "bench.merge",
+    "model": "bench.model",
 }
 
 

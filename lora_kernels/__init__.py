@@ -3,11 +3,22 @@
 Importing this package compiles nothing, imports no kernel module and queries no device: Triton
 kernels are imported on their first use, the CUDA extension is loaded on its first use.
 """
+from .adapters import inject, load_adapter, save_adapter
 from .backends import BackendUnavailable, explain
 from .layers import FusedLoRALinear
 from .ops import MergeResidual, lora_linear, merge_, unmerge_
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendUnavailable", "FusedLoRALinear", "MergeResidual", "explain", "lora_linear", "merge_",
-           "unmerge_"]
+
+
+def __getattr__(name):
+    # lora_kernels.peft imports PEFT and transformers: loaded on first use, not with the package
+    if name == "peft":
+        import importlib
+        return importlib.import_module(".peft", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["BackendUnavailable", "FusedLoRALinear", "MergeResidual", "explain", "inject", "load_adapter",
+           "lora_linear", "merge_", "save_adapter", "unmerge_"]
