@@ -90,3 +90,50 @@ def check_adapter_dtype(op: str, name: str, adapter: torch.Tensor, x_dtype: torc
         fail(op, f"{name} must have x's dtype ({str(x_dtype).replace('torch.', '')}) or float32, "
                  f"got {str(adapter.dtype).replace('torch.', '')}", TypeError)
 
+
+
+def check_count(op: str, name: str, value, minimum: int = 1) -> int:
+    """A Python int >= minimum (a size, a number of slots)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        fail(op, f"{name} must be an int, got {type(value).__name__}", TypeError)
+    if value < minimum:
+        fail(op, f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_values(op: str, ok: torch.Tensor, message: str) -> None:
+    """Every element of the bool tensor `ok` is True, checked without a host sync.
+
+    CPU tensors are checked at once (ValueError "op: message"). Device tensors get
+    ``torch._assert_async``: no synchronisation, safe inside a captured CUDA graph; a failure
+    surfaces as a device-side assert at the next synchronisation. The caller must still make the
+    kernels safe for bad values (clamp or mask), since the assert is only a report."""
+    if ok.numel() == 0:
+        return
+    if ok.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(ok.all()):
+            fail(op, message)
+        return
+    torch._assert_async(ok.all(), f"{op}: {message}")
+
+
+def check_index(op: str, index, num_tokens: int) -> None:
+    """`index` is an AdapterIndex built for `num_tokens` tokens."""
+    from .serving import AdapterIndex  # local: serving imports this module
+    if not isinstance(index, AdapterIndex):
+        fail(op, f"index must be a lora_kernels.AdapterIndex (AdapterIndex.from_token_adapters), "
+                 f"got {type(index).__name__}", TypeError)
+    if index.num_tokens != num_tokens:
+        fail(op, f"index was built for {index.num_tokens} tokens but the input has {num_tokens} "
+                 f"(rows of x / y, all leading dimensions flattened)")
+
+
+def check_ranks(op: str, ranks: Optional[torch.Tensor], num_adapters: int, r_max: int) -> None:
+    """ranks is None or an int tensor [L] with 0 <= ranks[i] <= r_max (values checked without a
+    host sync; kernels clamp, so a bad value is reported and never read out of bounds)."""
+    if ranks is None:
+        return
+    check_tensor(op, "ranks", ranks, dtypes=INT_INDEX_DTYPES, ndim=1)
+    check_shape(op, "ranks", ranks, (num_adapters,), "one rank per adapter slot, L = index.num_adapters")
+    check_values(op, (ranks >= 0) & (ranks <= r_max),
+                 f"ranks must lie in [0, r_max = {r_max}] (r_max from the adapter stacks)")
