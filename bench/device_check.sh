@@ -41,6 +41,7 @@ $PY -m bench --suite forward --ranks 16 --rep-ms ${BENCH_REP_MS:-25} --out "$OUT
 bench_rc=$?
 $PY -m bench --suite forward --ranks 64 --tokens 16 4096 --layers "8B q/o" "8B gate/up" "70B up" \
     --rep-ms ${BENCH_REP_MS:-25} --tag r64 --out "$OUT" >>"$LOG" 2>&1 || bench_rc=$?
+$PY -m bench --suite multi --quick --rep-ms ${BENCH_REP_MS:-25} --out "$OUT" >>"$LOG" 2>&1 || bench_rc=$?
 say "benchmarks exit code $bench_rc in $((SECONDS - start)) s"
 
 say "== summary"
@@ -54,6 +55,17 @@ for path in sorted(glob.glob(sys.argv[1] + "/*-forward*.json")):
         rt = c["ratios"]
         cells = " ".join(f"{rt[m]:>10.2f}" if m in rt else f"{'-':>10}" for m in ("skilled", "peft", "ours_triton", "ours_cuda"))
         print(f"{c['layer']:>11} {c['M']:>6} {c['r']:>3} {c['times_us'].get('base', float('nan')):>9.1f} {cells}"
+              + ("  FAILED " + "; ".join(c["failed"]) if c["failed"] else ""))
+    print("summary:", json.dumps(res["summary"]))
+for path in sorted(glob.glob(sys.argv[1] + "/*-multi*.json")):
+    res = json.load(open(path))
+    print(f"{path.split('/')[-1]}: {res['meta']['device']}, copy {res['copy_bandwidth_GBps']:.0f} GB/s")
+    print(f"{'r':>3} {'L':>4} {'M':>5} {'dist':>8} {'floor':>7} {'se us':>7} {'se/floor':>8} {'vllm':>7} {'sglang':>7} {'lin/base':>8}")
+    for c in res["cases"]:
+        t = c["times_us"]
+        se = next((v for k, v in t.items() if k.startswith("ours_se_")), float("nan"))
+        print(f"{c['r']:>3} {c['L']:>4} {c['M']:>5} {c['dist']:>8} {t['floor']:>7.1f} {se:>7.1f} {se / t['floor']:>8.2f} "
+              f"{c['vllm_h200_doc_us']!s:>7} {c['sglang_h200_doc_us']!s:>7} {c['linear/base']:>8}"
               + ("  FAILED " + "; ".join(c["failed"]) if c["failed"] else ""))
     print("summary:", json.dumps(res["summary"]))
 PYEOF

@@ -80,14 +80,15 @@ def check_probability(op: str, name: str, value) -> float:
     return float(value)
 
 
-def check_adapter_dtype(op: str, name: str, adapter: torch.Tensor, x_dtype: torch.dtype) -> None:
+def check_adapter_dtype(op: str, name: str, adapter: torch.Tensor, x_dtype: torch.dtype,
+                        base_name: str = "x") -> None:
     """Adapters are in x's dtype or float32 (PEFT keeps fp32 adapters over a 16-bit base). A 16-bit
     adapter over an fp32 input is exact too; fp16 adapters over bf16 (or the reverse) would round."""
     ok = (adapter.dtype == x_dtype or adapter.dtype == torch.float32
           or (x_dtype in (torch.float32, torch.float64) and adapter.dtype != torch.float64)
           or x_dtype == torch.float64)
     if not ok:
-        fail(op, f"{name} must have x's dtype ({str(x_dtype).replace('torch.', '')}) or float32, "
+        fail(op, f"{name} must have {base_name}'s dtype ({str(x_dtype).replace('torch.', '')}) or float32, "
                  f"got {str(adapter.dtype).replace('torch.', '')}", TypeError)
 
 

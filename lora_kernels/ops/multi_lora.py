@@ -64,7 +64,7 @@ def _validate_expand(op, y, t, lora_b_stack, index, ranks) -> None:
     check_shape(op, "lora_b_stack", lora_b_stack, (L, y.shape[1], R),
                 "L = index.num_adapters, N = y.shape[1], r_max = t.shape[1]")
     check_same_device(op, y=y, t=t, lora_b_stack=lora_b_stack, ranks=ranks, index=index.data)
-    check_adapter_dtype(op, "lora_b_stack", lora_b_stack, y.dtype)
+    check_adapter_dtype(op, "lora_b_stack", lora_b_stack, y.dtype, base_name="y")
     check_ranks(op, ranks, L, R)
 
 

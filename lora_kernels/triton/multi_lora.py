@@ -82,6 +82,14 @@ def _rank_of(ranks_ptr, slot, R, HAS_RANKS: tl.constexpr):
 
 
 @triton.jit
+def _tf32_split(t):
+    """t = hi + lo exactly, hi rounded to tf32 (its low 13 mantissa bits are zero, so a tf32 MMA
+    reads it exactly) and |lo| <= 2^-11 |t|."""
+    hi = ((t.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return hi, t - hi
+
+
+@triton.jit
 def _lora_dot(t, b, acc, LORA_PRECISION: tl.constexpr):
     """acc += t @ b with t fp32 [BM, BR] kept fp32-accurate, b [BR, BN] in the adapter dtype.
 
@@ -94,9 +102,9 @@ def _lora_dot(t, b, acc, LORA_PRECISION: tl.constexpr):
     LORA_PRECISION ("tf32x3" on GPUs, "ieee" in the interpreter)."""
     if LORA_PRECISION == "tf32x2":
         bf = b.to(tl.float32)
-        hi = ((t.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+        hi, lo = _tf32_split(t)
         acc = tl.dot(hi, bf, acc, input_precision="tf32")
-        acc = tl.dot(t - hi, bf, acc, input_precision="tf32")
+        acc = tl.dot(lo, bf, acc, input_precision="tf32")
     else:
         acc = tl.dot(t, b.to(tl.float32), acc, input_precision=LORA_PRECISION)
     return acc
