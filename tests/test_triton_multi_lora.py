@@ -28,7 +28,8 @@ def _ml():
 def seg(item_m, r_max, block_k=16, block_n=32):
     """Small tiles so that the K loops and N tiles run several times at test sizes."""
     ml = _ml()
-    return ml.SegmentConfig(item_m, block_k, 16 if item_m == 16 else ml.block_r_for(r_max), block_n, 4, 1)
+    return ml.SegmentConfig(item_m, block_k, 16 if item_m == 16 else ml.block_r_for(r_max), block_n, 4, 1,
+                            expand_item_m=item_m)
 
 
 def lin(block_m, r_max, fused, tiles=1, group_m=1, block_n=32, block_k=16):
@@ -239,7 +240,8 @@ def test_segment_and_linear_heuristics():
     assert ml.segment_config(65536, 4096, 64, 2, 132).shrink_block_r == 64
     assert ml.expected_segments_per_block(1, 128, 16) == 1.0
     assert ml.expected_segments_per_block(16, 128, 16) == 16.0
-    assert ml.linear_config(1, 4096, 4096, 16, 128, 2, 132).fused_shrink        # one token
+    assert ml.linear_config(1, 4096, 4096, 16, 128, 2, 132).fused_shrink        # one token, rank 16
+    assert not ml.linear_config(1, 4096, 4096, 64, 128, 2, 132).fused_shrink    # A re-read > W/2
     assert not ml.linear_config(64, 4096, 4096, 16, 128, 2, 132).fused_shrink   # many adapters
     assert ml.linear_config(4096, 4096, 4096, 16, 8, 2, 132).fused_shrink       # long segments
     big_rank = ml.linear_tiles(4096, 4096, 4096, 128, 2, 132)

@@ -18,23 +18,31 @@ length <= T)". Consequences, by design:
 * The grids are sized by M (work-list length, or cdiv(M, BLOCK_M) row blocks), never by the
   number of slots L: inactive slots cost nothing, and no host read is needed to size a grid.
 * A piece holds tokens of one adapter, so the shrink and expand are plain tiles of tensor-core
-  dots with that adapter's A/B tile. Decode batches (1..16 tokens per adapter) use 16-row pieces
-  (the smallest tl.dot tile), so a 1-token segment wastes 15 masked rows of one 16-row tile --
-  masked rows load and store nothing -- and never a 64- or 128-row tile; prefill batches use
-  64-row pieces so that each A/B tile is reused over 64 tokens.
+  dots with that adapter's A/B tile. The shrink of decode-sized batches uses 16-row pieces (the
+  smallest tl.dot tile), and the expand walks its 64-row pieces in 16-row sub-tiles only as far
+  as the piece's length, so a 1-token segment occupies 15 masked rows of one 16-row tile --
+  masked rows load and store nothing -- never a 64- or 128-row tile; long prefill segments reuse
+  each B tile (and, for very large batches, each A tile) over 64 tokens.
 * Each adapter's real rank (``ranks``) bounds every load of A, B and t (masked loads fetch no
   bytes past the rank), so entries past the rank are never read and cost no bandwidth; a whole
   rank chunk past the rank is skipped. Within a chunk the tensor-core tile is padded to BLOCK_R
   (>= 16); that padding only costs MMA issue slots, which these bandwidth-bound kernels have to
   spare (see the arithmetic in ``segment_config``).
-* The shrink intermediate t stays fp32 end to end; ``t @ B`` runs on fp32 operands (tf32x3 on
-  GPUs: fp32-accurate on tensor cores).
+* The shrink intermediate t stays fp32 end to end; ``t @ B`` keeps it fp32-accurate on tensor
+  cores ("tf32x2" for 16-bit B, tf32x3 for fp32 B: see ``_lora_dot``).
+* The fused kernel's rows are the sorted token order, so a row block touches one adapter
+  (prefill) or a few (decode): t is computed in the base GEMM's K loop when the block holds one
+  segment, by one masked K loop per segment otherwise, or beforehand by the segmented shrink
+  when blocks are expected to hold many (``linear_config``); the expand is one rank-deep dot per
+  segment in the epilogue, before the single rounding store.
 * Deterministic: every output element is written by exactly one program, with a fixed order of
   accumulation; no atomics anywhere (no split-K).
 
 Every tile size and threshold below is design reasoning for Hopper (H100/H200); none was measured
-(the session that wrote this had no GPU). ``bench/multi.py`` is where they get measured, and each
-launcher takes a ``config`` override for that.
+(the session that wrote this had no GPU). The only hardware facts used are from compiling for
+sm_90a on a CPU (ptxas -v: registers, spills, shared memory; tests/test_triton_multi_compile.py).
+``bench/multi.py`` is where the choices get measured, and each launcher takes a ``config``
+override for that.
 """
 from __future__ import annotations
 
@@ -160,23 +168,29 @@ def lora_expand_kernel(
     N, R,
     stride_ym, stride_yn, stride_tm, stride_tr, stride_bl, stride_bn, stride_br,
     HAS_RANKS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+    ITEM_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """y[tok, n-tile] += t[tok, :rank] @ B[slot, n-tile, :rank].T for one piece and one N tile."""
+    """y[tok, n-tile] += t[tok, :rank] @ B[slot, n-tile, :rank].T for one piece and one N tile.
+
+    The B tile is loaded once and reused over the piece's rows, which are visited in BLOCK_M-row
+    sub-tiles only as far as the piece's length: a 64-token piece of a long segment reuses B over
+    64 rows, a 1-token piece costs one 16-row sub-tile."""
     slot, start, length = _work_item(work_ptr, tl.program_id(0))
     rank = _rank_of(ranks_ptr, slot, R, HAS_RANKS)
     if (length > 0) & (rank > 0):  # no-adapter and rank-0 rows are never stored to
-        offs_i = tl.arange(0, BLOCK_M)
-        row_ok = offs_i < length
-        tok = tl.load(tok_ptr + start + offs_i, mask=row_ok, other=0)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_r = tl.arange(0, BLOCK_R)
-        t = _gather_rows(t_ptr, tok, row_ok, offs_r, rank, stride_tm, stride_tr).to(tl.float32)
         b = _load_tile(b_ptr + slot.to(tl.int64) * stride_bl, offs_r, offs_n, rank, N,
                        stride_br, stride_bn)  # B^T tile [BR, BN]
-        y = _gather_rows(y_ptr, tok, row_ok, offs_n, N, stride_ym, stride_yn).to(tl.float32)
-        y = _lora_dot(t, b, y, PRECISION)
-        _store_rows(y_ptr, y, tok, row_ok, offs_n, N, stride_ym, stride_yn)
+        for i0 in range(0, tl.minimum(length, ITEM_M), BLOCK_M):
+            offs_i = i0 + tl.arange(0, BLOCK_M)
+            row_ok = offs_i < length
+            tok = tl.load(tok_ptr + start + offs_i, mask=row_ok, other=0)
+            t = _gather_rows(t_ptr, tok, row_ok, offs_r, rank, stride_tm, stride_tr).to(tl.float32)
+            y = _gather_rows(y_ptr, tok, row_ok, offs_n, N, stride_ym, stride_yn).to(tl.float32)
+            y = _lora_dot(t, b, y, PRECISION)
+            _store_rows(y_ptr, y, tok, row_ok, offs_n, N, stride_ym, stride_yn)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -365,14 +379,16 @@ def multi_lora_linear_kernel(
 
 @dataclass(frozen=True)
 class SegmentConfig:
-    """Tiles of the segmented shrink/expand. item_m is the work-list piece size (16 or 64) and
-    the kernels' BLOCK_M; shrink_block_r is the rank chunk of one shrink program."""
+    """Tiles of the segmented shrink/expand. item_m: the shrink's work-list piece size (16 or 64),
+    also its BLOCK_M; shrink_block_r: the rank chunk of one shrink program; expand_item_m: the
+    expand's piece size (it walks a piece in 16-row sub-tiles)."""
     item_m: int
     shrink_block_k: int
     shrink_block_r: int
     expand_block_n: int
     num_warps: int
     num_stages: int
+    expand_item_m: int = 64
 
 
 # Below this many tokens the batch is treated as decode-like (16-row pieces). Reasoning, not a
@@ -383,6 +399,7 @@ class SegmentConfig:
 # give up to 8x more at rank 128) at the price of re-reading A from L2 once per 16 rows. So 64-row
 # pieces are used only when there are enough of them to fill the GPU on their own.
 PREFILL_PIECES_PER_SM = 2
+EXPAND_BLOCK_M = 16  # the expand's row sub-tile: the smallest tl.dot M
 
 
 def segment_config(M: int, K: int, R: int, elem_bytes: int, num_sms: int) -> SegmentConfig:
@@ -397,21 +414,30 @@ def segment_config(M: int, K: int, R: int, elem_bytes: int, num_sms: int) -> Seg
     * Shrink BLOCK_K: 256 (16-bit) / 128 (fp32) for 16-row pieces: each A tile is then 8 KB, and
       4 stages keep ~32 KB of loads in flight per program (Little's law for one SM at ~1 us
       latency); 64 for 64-row pieces (x tile 8 KB, A tile up to 16 KB).
-    * Expand BLOCK_N: 128: one B tile [128, r] (<= 32 KB at r = 128) and a [item_m, 128] y tile
-      per program; with N = 4096 that is 32 programs per piece, enough for any batch.
+    * Expand: 64-token pieces always, walked in 16-row sub-tiles (EXPAND_BLOCK_M) up to the
+      piece's length. Its parallelism comes from the N tiles (BLOCK_N = 128: 32 programs per
+      piece at N = 4096), so it never needs small pieces to fill the GPU; a piece of c <= 16
+      tokens is one piece in either list, so decode batches launch the same programs, while a
+      long segment reuses each B tile [128, r] (<= 32 KB at r = 128) over 64 tokens, not 16.
     """
     fp32 = elem_bytes >= 4
     if triton.cdiv(M, 64) >= PREFILL_PIECES_PER_SM * num_sms:
-        return SegmentConfig(64, 32 if fp32 else 64, block_r_for(R), 128, 4, 4)
-    return SegmentConfig(16, 128 if fp32 else 256, 16, 128, 4, 4)
+        return SegmentConfig(64, 32 if fp32 else 64, block_r_for(R), 128, 4, 4, 64)
+    return SegmentConfig(16, 128 if fp32 else 256, 16, 128, 4, 4, 64)
 
 
-# Fused kernel: t is computed inside the kernel when a row block is expected to hold at most this
-# many segments; otherwise the segmented shrink computes it first (one extra read of x). Reasoning:
-# the in-kernel shrink of a multi-segment block re-streams the block's x rows once per segment
-# (from L2) and runs one masked rank-deep dot per segment per K step; at one or two segments that
-# is a few percent of the base tile, at many (decode with many adapters) it would exceed the base.
+# Fused kernel: where t comes from. In the kernel, each program computes t for its row block once
+# and keeps it for its TILES_PER_PROGRAM N tiles; that re-streams each of the block's adapters' A
+# (r x K, from L2) once per program, and a block holding several segments runs one masked K loop
+# per segment. Per program that is about segments * BLOCK_R extra columns next to the
+# BLOCK_N * TILES_PER_PROGRAM columns of W it streams. Otherwise the segmented shrink computes t
+# first: one extra read of x and one more launch, but A read once per piece. Reasoning, not a
+# measurement: fuse when a block is expected to hold at most 2 segments AND the extra A columns
+# stay within half the W columns -- e.g. prefill blocks inside long segments at any rank, and
+# single-adapter decode at rank 16 (BLOCK_N 32, 1 tile: 16 <= 16), but not decode at rank 64
+# (64 extra columns per 32 of W) or batches spread over many adapters.
 FUSED_SHRINK_MAX_SEGMENTS = 2.0
+FUSED_SHRINK_MAX_A_FRACTION = 0.5
 
 
 def expected_segments_per_block(M: int, L: int, block_m: int) -> float:
@@ -451,7 +477,9 @@ def linear_config(M: int, N: int, K: int, R: int, L: int, elem_bytes: int, num_s
     """Tiles of the fused kernel, and whether t is computed inside it (see
     FUSED_SHRINK_MAX_SEGMENTS) or by the segmented shrink first."""
     tiles = linear_tiles(M, N, K, R, elem_bytes, num_sms)
-    fused = expected_segments_per_block(M, L, tiles.block_m) <= FUSED_SHRINK_MAX_SEGMENTS
+    segments = expected_segments_per_block(M, L, tiles.block_m)
+    a_fraction = segments * tiles.block_r / (tiles.block_n * tiles.tiles_per_program)
+    fused = segments <= FUSED_SHRINK_MAX_SEGMENTS and a_fraction <= FUSED_SHRINK_MAX_A_FRACTION
     return LinearConfig(tiles, fused, segment_config(M, K, R, elem_bytes, num_sms))
 
 
@@ -506,7 +534,7 @@ def lora_expand_(y: torch.Tensor, t: torch.Tensor, lora_b_stack: torch.Tensor, i
     if M == 0 or N == 0:
         return y
     cfg = config or segment_config(M, lora_b_stack.shape[1], R, y.element_size(), _num_sms(y.device))
-    work = index.work(cfg.item_m)
+    work = index.work(cfg.expand_item_m)
     lora_precision = lora_precision_for(lora_b_stack.dtype, y.device)
     ranks_t, has_ranks = _ranks_arg(ranks, t)
     grid = (work.shape[0], triton.cdiv(N, cfg.expand_block_n))
@@ -515,7 +543,8 @@ def lora_expand_(y: torch.Tensor, t: torch.Tensor, lora_b_stack: torch.Tensor, i
         N, R,
         y.stride(0), y.stride(1), t.stride(0), t.stride(1), *lora_b_stack.stride(),
         HAS_RANKS=has_ranks,
-        BLOCK_M=cfg.item_m, BLOCK_N=cfg.expand_block_n, BLOCK_R=block_r_for(R), PRECISION=lora_precision,
+        ITEM_M=cfg.expand_item_m, BLOCK_M=min(EXPAND_BLOCK_M, cfg.expand_item_m), BLOCK_N=cfg.expand_block_n,
+        BLOCK_R=block_r_for(R), PRECISION=lora_precision,
         num_warps=cfg.num_warps, num_stages=1,
     )
     return y
