@@ -118,3 +118,26 @@ def test_bad_backend_and_unsupported_triton_inputs(interpreter_device):
         lora_kernels.lora_shrink(big.x, big.lora_a, big.index(), big.scales, backend="triton")
     with pytest.raises(lora_kernels.BackendUnavailable, match="t must be float32"):
         _expand(_args(t=lambda a: a["t"].double()), "triton")
+
+
+def test_ranks_checked_once_per_version_and_again_after_modification(monkeypatch):
+    """A serving loop passes one ranks tensor to every call: its values are checked once, and
+    again only after an in-place change (which must then be caught)."""
+    import lora_kernels._validation as validation
+    calls = []
+    real = validation.check_values
+    monkeypatch.setattr(validation, "check_values", lambda *a, **k: (calls.append(1), real(*a, **k)))
+    args = _args()
+    ranks = args["ranks"]
+    for _ in range(3):
+        _shrink(args, "torch")
+    assert len(calls) == 1
+    ranks[1] = 9  # in place: version moves
+    with pytest.raises(ValueError, match=r"ranks must lie in \[0, r_max = 4\]"):
+        _shrink(args, "torch")
+    ranks[1] = 2
+    _expand(args, "torch")
+    assert len(calls) == 3
+    other = ranks.clone()  # same values, another tensor: checked on its own
+    _shrink(dict(args, ranks=other), "torch")
+    assert len(calls) == 4
