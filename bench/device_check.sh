@@ -57,16 +57,11 @@ for path in sorted(glob.glob(sys.argv[1] + "/*-forward*.json")):
         print(f"{c['layer']:>11} {c['M']:>6} {c['r']:>3} {c['times_us'].get('base', float('nan')):>9.1f} {cells}"
               + ("  FAILED " + "; ".join(c["failed"]) if c["failed"] else ""))
     print("summary:", json.dumps(res["summary"]))
+from bench.multi import brief
 for path in sorted(glob.glob(sys.argv[1] + "/*-multi*.json")):
     res = json.load(open(path))
-    print(f"{path.split('/')[-1]}: {res['meta']['device']}, copy {res['copy_bandwidth_GBps']:.0f} GB/s")
-    print(f"{'r':>3} {'L':>4} {'M':>5} {'dist':>8} {'floor':>7} {'se us':>7} {'se/floor':>8} {'vllm':>7} {'sglang':>7} {'lin/base':>8}")
-    for c in res["cases"]:
-        t = c["times_us"]
-        se = next((v for k, v in t.items() if k.startswith("ours_se_")), float("nan"))
-        print(f"{c['r']:>3} {c['L']:>4} {c['M']:>5} {c['dist']:>8} {t['floor']:>7.1f} {se:>7.1f} {se / t['floor']:>8.2f} "
-              f"{c['vllm_h200_doc_us']!s:>7} {c['sglang_h200_doc_us']!s:>7} {c['linear/base']:>8}"
-              + ("  FAILED " + "; ".join(c["failed"]) if c["failed"] else ""))
+    print(f"{path.split('/')[-1]}: {res['meta']['device']}")
+    print("\n".join(brief(res)))
     print("summary:", json.dumps(res["summary"]))
 PYEOF
 [ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

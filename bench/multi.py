@@ -196,6 +196,21 @@ def summarize(cases: List[Dict], backends: List[str]) -> Dict:
     return out
 
 
+def brief(result: Dict) -> List[str]:
+    """Short text table for device_check's summary: per case, the floor, our shrink+expand and its
+    ratio to the floor, the documented peers, and multi_lora_linear / base."""
+    lines = [f"  copy bandwidth {result['copy_bandwidth_GBps']:.0f} GB/s",
+             f"  {'layer':>10} {'r':>3} {'L':>4} {'M':>5} {'dist':>8} {'floor':>7} {'se us':>7} {'se/floor':>8} "
+             f"{'vllm':>7} {'sglang':>7} {'lin/base':>8}"]
+    for c in result["cases"]:
+        t = c["times_us"]
+        se = next((v for k, v in t.items() if k.startswith("ours_se_")), float("nan"))
+        lines.append(f"  {c['layer']:>10} {c['r']:>3} {c['L']:>4} {c['M']:>5} {c['dist']:>8} {t['floor']:>7.1f} "
+                     f"{se:>7.1f} {se / t['floor']:>8.2f} {c['vllm_h200_doc_us']!s:>7} {c['sglang_h200_doc_us']!s:>7} "
+                     f"{c['linear/base']:>8}" + ("  FAILED " + "; ".join(c["failed"]) if c["failed"] else ""))
+    return lines
+
+
 def run(args, device, dtype, backends, rep_ms, log) -> Dict:
     cases = []
     for (layer, r, L, M, dist) in default_grid(args, device.type == "cuda"):

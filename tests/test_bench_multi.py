@@ -22,3 +22,12 @@ def test_bench_multi_quick_runs_and_checks(tmp_path):
 def test_floor_counts_x_y_and_active_adapters():
     # M=2, K=3, N=5, two active adapters of ranks 1 and 4, 2-byte elements, 1e6 B/s -> µs = bytes
     assert floor_us(2, 3, 5, [1, 4], 2, 1e6) == 2 * (2 * 3 + 2 * 2 * 5 + (1 + 4) * (3 + 5))
+
+
+def test_brief_lists_every_case(tmp_path):
+    from bench.multi import brief
+    assert main(["--suite", "multi", "--quick", "--out", str(tmp_path), "--rep-ms", "1", "--device", "cpu"]) == 0
+    (path,) = tmp_path.glob("*-multi-quick.json")
+    result = json.loads(path.read_text())
+    lines = brief(result)
+    assert len(lines) == 2 + len(result["cases"]) and "FAILED" not in "".join(lines)
