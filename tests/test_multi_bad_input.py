@@ -141,3 +141,15 @@ def test_ranks_checked_once_per_version_and_again_after_modification(monkeypatch
     other = ranks.clone()  # same values, another tensor: checked on its own
     _shrink(dict(args, ranks=other), "torch")
     assert len(calls) == 4
+
+
+def test_cuda_backend_is_refused_with_a_reason(monkeypatch):
+    """Where the CUDA extension is available (other ops have CUDA kernels), backend='cuda' must
+    still refuse the multi-adapter ops rather than run something else."""
+    import lora_kernels.backends as backends
+    monkeypatch.setattr(backends, "unavailable_reason", lambda b, d: None)
+    with pytest.raises(lora_kernels.BackendUnavailable, match="no CUDA C\\+\\+ kernels yet"):
+        _shrink(_args(), "cuda")
+    with pytest.raises(lora_kernels.BackendUnavailable, match="no 'cuda' implementation"):
+        a = _args()
+        torch.ops.lora_kernels.lora_shrink(a["x"], a["lora_a_stack"], a["scales"], None, a["index"].data, L, "cuda")

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
+from ..backends import BackendUnavailable
 from .._validation import (check_adapter_dtype, check_index, check_ranks, check_same_device,
                            check_shape, check_tensor, fail)
 from ..serving import AdapterIndex
@@ -106,6 +107,8 @@ def _validate_linear(op, x, weight, lora_a_stack, lora_b_stack, index, scales, b
 
 def _input_reason(dtype: torch.dtype, r_max: int, t_dtype: Optional[torch.dtype] = None):
     def reason(backend: str) -> Optional[str]:
+        if backend == "cuda":
+            return "cuda: the multi-adapter ops have no CUDA C++ kernels yet (use backend='triton')"
         if backend == "triton":
             if dtype not in TRITON_DTYPES:
                 return f"triton: dtype {dtype} is not supported (float16, bfloat16, float32)"
@@ -134,6 +137,13 @@ def _triton_vectors(scales: Optional[Tensor], ranks: Optional[Tensor]):
 # Registered ops: validated inputs, 2-D x / y, the index as its data tensor, a concrete backend.
 # ---------------------------------------------------------------------------------------------
 
+def _check_torch(backend: str) -> None:
+    """The ops run "triton" or "torch"; any other name reaching them is a dispatch bug, not a
+    reason to fall back silently."""
+    if backend != "torch":
+        raise BackendUnavailable(f"multi-adapter ops: no {backend!r} implementation")
+
+
 def _t_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return reference.acc_dtype(*dtypes)
 
@@ -146,6 +156,7 @@ def lora_shrink_op(x: Tensor, lora_a_stack: Tensor, scales: Tensor, ranks: Optio
     if backend == "triton":
         from ..triton.multi_lora import lora_shrink as launch
         return launch(x, lora_a_stack, index, *_triton_vectors(scales, ranks))
+    _check_torch(backend)
     return reference.lora_shrink(x, lora_a_stack, index.token_adapter, scales, ranks)
 
 
@@ -163,6 +174,7 @@ def lora_expand_op(y: Tensor, t: Tensor, lora_b_stack: Tensor, ranks: Optional[T
         from ..triton.multi_lora import lora_expand_ as launch
         launch(y, t, lora_b_stack, index, _triton_vectors(None, ranks)[1])
         return
+    _check_torch(backend)
     reference.lora_expand_(y, t, lora_b_stack, index.token_adapter, ranks)
 
 
@@ -181,6 +193,7 @@ def multi_lora_linear_op(x: Tensor, weight: Tensor, lora_a_stack: Tensor, lora_b
         from ..triton.multi_lora import multi_lora_linear as launch
         scales32, ranks = _triton_vectors(scales, ranks)
         return launch(x, weight, lora_a_stack, lora_b_stack, index, scales32, bias, ranks)
+    _check_torch(backend)
     return reference.multi_lora_linear(x, weight, lora_a_stack, lora_b_stack, index.token_adapter, scales, bias, ranks)
 
 
