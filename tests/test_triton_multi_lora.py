@@ -3,6 +3,8 @@
 Every case poisons the outputs first (every element of t and y must be written), fills the
 stacks past each adapter's rank with NaN (never read), and checks lora_expand_ leaves rows
 without an adapter bitwise untouched."""
+from dataclasses import replace
+
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -14,7 +16,7 @@ import lora_kernels
 from lora_kernels import reference
 from lora_kernels.triton.multi_lora import _tf32_split
 from cases import make_multi_inputs
-from tolerances import assert_close, poison_, rand
+from tolerances import assert_close, assert_close_to_magnitude, poison_, rand
 
 DTYPES = [torch.float32, torch.float16]
 DISTS = ["decode", "prefill", "zipf", "one", "none10", "none"]
@@ -43,34 +45,53 @@ def _bits(t):
     return t.view(torch.int32 if t.element_size() == 4 else torch.int16)
 
 
-def check_shrink_expand(inp, cfg=None, dtype=None):
-    """Run shrink then expand with poisoned outputs; compare with the float64 reference."""
+def _abs(inp):
+    """The same inputs with absolute values: the reference on them is the terms' magnitude."""
+    return replace(inp, x=inp.x.abs(), weight=inp.weight.abs(), lora_a=inp.lora_a.abs(), lora_b=inp.lora_b.abs(),
+                   bias=None if inp.bias is None else inp.bias.abs())
+
+
+def check_shrink_expand(inp, cfg=None, dtype=None, conditioned=False):
+    """Run shrink then expand with poisoned outputs; compare with the float64 reference.
+
+    conditioned: measure errors against the terms' magnitude (randomly drawn tiny shapes)."""
     ml = _ml()
     dtype = dtype or inp.x.dtype
     index = inp.index()
     M, (L, R, K), N = inp.x.shape[0], inp.lora_a.shape, inp.lora_b.shape[1]
     t = poison_(torch.empty(M, R))
     ml.lora_shrink(inp.x, inp.lora_a, index, inp.scales, inp.ranks, cfg, out=t)
-    assert_close(t, inp.t64(), torch.float32, what="t")  # fp32 intermediate, exact products
+    if conditioned:
+        assert_close_to_magnitude(t, inp.t64(), _abs(inp).t64(), torch.float32, what="t")
+    else:
+        assert_close(t, inp.t64(), torch.float32, what="t")  # fp32 intermediate, exact products
     none = inp.token_adapter < 0
     y0 = rand(M, N, dtype=dtype)
     y0[none] = -0.0  # any store to these rows, even of y + 0, would flip the sign bit
     y = y0.clone()
     ml.lora_expand_(y, t, inp.lora_b, index, inp.ranks, cfg)
     expected = reference.lora_expand_(y0.double(), t.double(), inp.lora_b.double(), inp.token_adapter, inp.ranks)
-    assert_close(y, expected, dtype, what="expand")
+    if conditioned:
+        magnitude = reference.lora_expand_(y0.double().abs(), t.double().abs(), inp.lora_b.double().abs(),
+                                           inp.token_adapter, inp.ranks)
+        assert_close_to_magnitude(y, expected, magnitude, dtype, what="expand")
+    else:
+        assert_close(y, expected, dtype, what="expand")
     assert torch.equal(_bits(y[none]), _bits(y0[none])), "rows without an adapter were written"
     return t, y
 
 
-def check_linear(inp, cfg=None, torch_out=True):
+def check_linear(inp, cfg=None, torch_out=True, conditioned=False):
     ml = _ml()
     M, N = inp.x.shape[0], inp.weight.shape[0]
     out = poison_(torch.empty(M, N, dtype=inp.x.dtype))
     y = ml.multi_lora_linear(inp.x, inp.weight, inp.lora_a, inp.lora_b, inp.index(), inp.scales, inp.bias,
                              inp.ranks, cfg, out=out)
     assert y is out
-    assert_close(y, inp.linear64(), inp.x.dtype, torch_out=inp.linear_torch_expression() if torch_out else None)
+    if conditioned:
+        assert_close_to_magnitude(y, inp.linear64(), _abs(inp).linear64(), inp.x.dtype)
+    else:
+        assert_close(y, inp.linear64(), inp.x.dtype, torch_out=inp.linear_torch_expression() if torch_out else None)
     return y
 
 
@@ -203,9 +224,13 @@ def test_public_op_triton_backend_3d(interpreter_device):
        r_max=st.integers(1, 20), dist=st.sampled_from(DISTS), fused=st.booleans(), block_m=st.sampled_from([16, 32]),
        seed=st.integers(0, 1000))
 def test_hypothesis_matches_reference(interpreter_device, M, N, K, L, r_max, dist, fused, block_m, seed):
+    """Random shapes, mappings and ranks. Errors are measured against the terms' magnitude: a
+    drawn M = 1, r = 1 case is a single dot product, and one that nearly cancels has an
+    unbounded relative error in any precision (fp32 sums of 26 terms exceed 1e-5 relative in
+    ~0.4% of draws) -- that flaked once before this yardstick."""
     inp = make_multi_inputs(M, N, K, L, r_max, dist=dist, ranks="mixed", seed=seed)
-    check_shrink_expand(inp, seg(16 if seed % 2 else 64, r_max))
-    check_linear(inp, lin(block_m, r_max, fused, tiles=1 + seed % 3), torch_out=False)
+    check_shrink_expand(inp, seg(16 if seed % 2 else 64, r_max), conditioned=True)
+    check_linear(inp, lin(block_m, r_max, fused, tiles=1 + seed % 3), conditioned=True)
 
 
 # ---------------------------------------------------------------------------------------------

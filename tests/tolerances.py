@@ -57,3 +57,17 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
 def rand(*shape, dtype=torch.float32, device="cpu", scale: float = 1.0) -> torch.Tensor:
     """Random normal inputs (never zeros), in float64 first so every dtype sees the same values."""
     return (torch.randn(*shape, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+
+def assert_close_to_magnitude(out: torch.Tensor, ref: torch.Tensor, magnitude: torch.Tensor,
+                              dtype: torch.dtype, what: str = "output") -> float:
+    """||out - ref|| / ||magnitude|| within the dtype's tolerance, where `magnitude` is the same
+    computation on absolute values (sum of |terms|). For randomly drawn tiny shapes -- a single
+    dot product that nearly cancels -- the plain relative error is unbounded in any precision;
+    this is the bound a correctly accumulated sum meets. NaN never passes."""
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{what}: non-finite values (unwritten or overflowed elements)"
+    denom = magnitude.detach().double().cpu().norm().item()
+    err = (out.detach().double().cpu() - ref.detach().double().cpu()).norm().item() / max(denom, 1e-300)
+    assert err <= REL_TOL[dtype], f"{what}: error {err:.3e} of the terms' magnitude exceeds {REL_TOL[dtype]:.1e} ({dtype})"
+    return err
