@@ -68,6 +68,7 @@ say "== benchmarks"
 bench forward-r16 --suite forward --ranks 16
 bench forward-r64 --suite forward --ranks 64 --tokens 16 4096 --layers "8B q/o" "8B gate/up" "70B up" --tag r64
 bench merge --suite merge
+bench multi --suite multi --quick
 bench model --suite model
 say "== demo (python -m lora_kernels.demo --quick)"
 $PY -m lora_kernels.demo --quick 2>&1 | tail -30 | tee -a "$LOG"

@@ -3,6 +3,7 @@
     python -m bench --quick                  # a small correctness-checked run on whatever is here
     python -m bench --suite forward          # the full single-adapter forward suite (GPU)
     python -m bench --suite forward --ranks 16 --tokens 1024 4096 --out DIR --tag r16
+    python -m bench --suite multi --quick    # multi-adapter: GPU_BASELINES.md's rows (GPU)
 
 Every method of every case is checked against a float64 reference before it is timed; a wrong
 method is reported and not timed. Writes ``<out>/<device>-<date>-<suite>[-tag].json`` and a
@@ -26,6 +27,7 @@ SUITES = {
     "tune": "bench.tune",
     "merge": "bench.merge",
     "model": "bench.model",
+    "multi": "bench.multi",
 }
 
 
@@ -52,6 +54,8 @@ def main(argv=None) -> int:
     p.add_argument("--ranks", type=int, nargs="+", default=None)
     p.add_argument("--tokens", type=int, nargs="+", default=None)
     p.add_argument("--layers", nargs="+", default=None, help="layer names from bench/suites.py")
+    p.add_argument("--adapters", type=int, nargs="+", default=None, help="multi suite: adapter slots L")
+    p.add_argument("--dists", nargs="+", default=None, help="multi suite: token->adapter distributions")
     p.add_argument("--backends", nargs="+", default=None, help="our backends to time (default: all that run here)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--rep-ms", type=int, default=None, help="timing budget per method and case")

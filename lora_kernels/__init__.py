@@ -5,11 +5,11 @@ kernels are imported on their first use, the CUDA extension is loaded on its fir
 """
 from .adapters import inject, load_adapter, save_adapter
 from .backends import BackendUnavailable, explain
-from .layers import FusedLoRALinear
-from .ops import MergeResidual, lora_linear, merge_, unmerge_
+from .layers import FusedLoRALinear, MultiLoRALinear
+from .ops import MergeResidual, lora_expand_, lora_linear, lora_shrink, merge_, multi_lora_linear, unmerge_
+from .serving import AdapterIndex
 
 __version__ = "0.1.0"
-
 
 
 def __getattr__(name):
@@ -20,5 +20,6 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["BackendUnavailable", "FusedLoRALinear", "MergeResidual", "explain", "inject", "load_adapter",
-           "lora_linear", "merge_", "save_adapter", "unmerge_"]
+__all__ = ["AdapterIndex", "BackendUnavailable", "FusedLoRALinear", "MergeResidual", "MultiLoRALinear", "explain",
+           "inject", "load_adapter", "lora_expand_", "lora_linear", "lora_shrink", "merge_", "multi_lora_linear",
+           "save_adapter", "unmerge_"]

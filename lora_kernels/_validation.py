@@ -7,6 +7,7 @@ that the same bad input gets the same sentence everywhere (the README's bad-inpu
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Optional, Sequence
 
 import torch
@@ -124,3 +125,75 @@ def check_no_shared_memory(op: str, name: str, value: torch.Tensor, other_name: 
     (lo, hi), (olo, ohi) = _byte_range(value), _byte_range(other)
     if lo < ohi and olo < hi:
         fail(op, f"{name} shares memory with {other_name}, which is updated in place; pass a copy")
+
+
+def check_count(op: str, name: str, value, minimum: int = 1) -> int:
+    """A Python int >= minimum (a size, a number of slots)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        fail(op, f"{name} must be an int, got {type(value).__name__}", TypeError)
+    if value < minimum:
+        fail(op, f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_values(op: str, ok: torch.Tensor, message: str) -> None:
+    """Every element of the bool tensor `ok` is True, checked without a host sync.
+
+    CPU tensors are checked at once (ValueError "op: message"). Device tensors get
+    ``torch._assert_async``: no synchronisation, safe inside a captured CUDA graph; a failure
+    surfaces as a device-side assert at the next synchronisation. The caller must still make the
+    kernels safe for bad values (clamp or mask), since the assert is only a report."""
+    if ok.numel() == 0:
+        return
+    if ok.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(ok.all()):
+            fail(op, message)
+        return
+    torch._assert_async(ok.all(), f"{op}: {message}")
+
+
+def check_index(op: str, index, num_tokens: int) -> None:
+    """`index` is an AdapterIndex built for `num_tokens` tokens."""
+    from .serving import AdapterIndex  # local: serving imports this module
+    if not isinstance(index, AdapterIndex):
+        fail(op, f"index must be a lora_kernels.AdapterIndex (AdapterIndex.from_token_adapters), "
+                 f"got {type(index).__name__}", TypeError)
+    if index.num_tokens != num_tokens:
+        fail(op, f"index was built for {index.num_tokens} tokens but the input has {num_tokens} "
+                 f"(rows of x / y, all leading dimensions flattened)")
+
+
+# id(tensor) -> (weak reference, tensor._version, bound) of value checks already issued: a serving
+# loop passes the same ranks tensor to every layer and every step, and on a GPU each check is
+# ~5 tiny kernels -- several µs per call, as much as a decode-sized LoRA product itself.
+_VALUES_CHECKED: dict = {}
+
+
+def _already_checked(t: torch.Tensor, bound) -> bool:
+    entry = _VALUES_CHECKED.get(id(t))
+    return entry is not None and entry[0]() is t and entry[1:] == (t._version, bound)
+
+
+def _remember_checked(t: torch.Tensor, bound) -> None:
+    key = id(t)
+    _VALUES_CHECKED[key] = (weakref.ref(t, lambda _, key=key: _VALUES_CHECKED.pop(key, None)), t._version, bound)
+
+
+def check_ranks(op: str, ranks: Optional[torch.Tensor], num_adapters: int, r_max: int) -> None:
+    """ranks is None or an int tensor [L] with 0 <= ranks[i] <= r_max.
+
+    Values are checked without a host sync (check_values), once per tensor version: the check is
+    issued again only after the tensor is modified in place (its ``_version`` moves) or with
+    another r_max. Kernels clamp ranks to [0, r_max] besides, so a bad value is reported and is
+    never read out of bounds."""
+    if ranks is None:
+        return
+    check_tensor(op, "ranks", ranks, dtypes=INT_INDEX_DTYPES, ndim=1)
+    check_shape(op, "ranks", ranks, (num_adapters,), "one rank per adapter slot, L = index.num_adapters")
+    compiling = torch.compiler.is_compiling()
+    if not compiling and _already_checked(ranks, r_max):
+        return
+    check_values(op, (ranks >= 0) & (ranks <= r_max),
+                 f"ranks must lie in [0, r_max = {r_max}] (r_max from the adapter stacks)")
+    if not compiling:
+        _remember_checked(ranks, r_max)

@@ -9,9 +9,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._validation import check_probability
+from ._validation import check_count, check_probability, check_scale, check_shape, check_tensor, fail
 from .ops.lora_linear import lora_linear
 from .ops.merge import MergeResidual, merge_, unmerge_
+from .ops.multi_lora import multi_lora_linear
+from .serving import AdapterIndex
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
@@ -142,3 +144,90 @@ class FusedLoRALinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, "
                 f"bias={self.bias is not None}, merged={self.merged}, backend={self.backend!r}")
+
+
+class MultiLoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a pool of LoRA adapter slots; every token picks its own slot::
+
+        y[m] = x[m] @ weight.T + bias + scales[i] * lora_b_stack[i, :, :r_i] @ (lora_a_stack[i, :r_i] @ x[m])
+        # i = index.token_adapter[m]; tokens with i = -1 get the base output only
+
+    Buffers (not parameters -- this is the serving layer): ``lora_a_stack [max_adapters,
+    max_rank, in]``, ``lora_b_stack [max_adapters, out, max_rank]`` (``adapter_dtype``, default
+    the base weight's dtype), ``scales [max_adapters]`` float32, ``ranks [max_adapters]`` int32.
+    ``load_adapter`` fills a slot with an adapter of any rank up to ``max_rank``;
+    ``unload_adapter`` empties it (rank 0: tokens still mapped to it get the base output).
+    ``forward(x, index)`` takes x [..., in] and the batch's ``AdapterIndex`` (built once per batch
+    and shared by every layer); it runs ``multi_lora_linear`` with ``backend``.
+    """
+
+    def __init__(self, base: nn.Linear, max_adapters: int, max_rank: int, *,
+                 adapter_dtype: Optional[torch.dtype] = None, backend: str = "auto"):
+        super().__init__()
+        op = "MultiLoRALinear"
+        if not isinstance(base, nn.Linear):
+            fail(op, f"base must be an nn.Linear, got {type(base).__name__}", TypeError)
+        check_count(op, "max_adapters", max_adapters)
+        check_count(op, "max_rank", max_rank)
+        self.base_layer = base
+        base.weight.requires_grad_(False)
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.max_adapters, self.max_rank = max_adapters, max_rank
+        self.backend = backend
+        dtype = adapter_dtype or base.weight.dtype
+        device = base.weight.device
+        self.register_buffer("lora_a_stack", torch.zeros(max_adapters, max_rank, self.in_features,
+                                                         dtype=dtype, device=device))
+        self.register_buffer("lora_b_stack", torch.zeros(max_adapters, self.out_features, max_rank,
+                                                         dtype=dtype, device=device))
+        self.register_buffer("scales", torch.zeros(max_adapters, dtype=torch.float32, device=device))
+        self.register_buffer("ranks", torch.zeros(max_adapters, dtype=torch.int32, device=device))
+
+    def _check_slot(self, op: str, slot) -> int:
+        if isinstance(slot, bool) or not isinstance(slot, int):
+            fail(op, f"slot must be an int, got {type(slot).__name__}", TypeError)
+        if not 0 <= slot < self.max_adapters:
+            fail(op, f"slot must be in [0, {self.max_adapters - 1}] (max_adapters={self.max_adapters}), got {slot}")
+        return slot
+
+    @torch.no_grad()
+    def load_adapter(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> None:
+        """Copy an adapter into `slot`: lora_a [r, in], lora_b [out, r] (1 <= r <= max_rank, any
+        float dtype and device; stored in the stacks' dtype), scale a finite float
+        (lora_alpha / r). The slot's entries past r are zeroed."""
+        op = "MultiLoRALinear.load_adapter"
+        slot = self._check_slot(op, slot)
+        check_tensor(op, "lora_a", lora_a, ndim=2)
+        check_tensor(op, "lora_b", lora_b, ndim=2)
+        r = lora_a.shape[0]
+        if not 1 <= r <= self.max_rank:
+            fail(op, f"lora_a must have 1 to max_rank = {self.max_rank} rows (its rank), got shape {list(lora_a.shape)}")
+        check_shape(op, "lora_a", lora_a, (r, self.in_features), "rank r, in_features")
+        check_shape(op, "lora_b", lora_b, (self.out_features, r), "out_features, rank r = lora_a.shape[0]")
+        scale = check_scale(op, "scale", scale)
+        self.lora_a_stack[slot].zero_()
+        self.lora_b_stack[slot].zero_()
+        self.lora_a_stack[slot, :r].copy_(lora_a)
+        self.lora_b_stack[slot, :, :r].copy_(lora_b)
+        self.scales[slot] = scale
+        self.ranks[slot] = r
+
+    @torch.no_grad()
+    def unload_adapter(self, slot: int) -> None:
+        """Empty `slot` (rank 0, zeros): tokens still mapped to it get the base output."""
+        slot = self._check_slot("MultiLoRALinear.unload_adapter", slot)
+        self.lora_a_stack[slot].zero_()
+        self.lora_b_stack[slot].zero_()
+        self.scales[slot] = 0.0
+        self.ranks[slot] = 0
+
+    def forward(self, x: torch.Tensor, index: AdapterIndex) -> torch.Tensor:
+        return multi_lora_linear(x, self.base_layer.weight, self.lora_a_stack, self.lora_b_stack, index,
+                                 self.scales, self.base_layer.bias, self.ranks, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"max_adapters={self.max_adapters}, max_rank={self.max_rank}, "
+                f"adapter_dtype={str(self.lora_a_stack.dtype).replace('torch.', '')}, backend={self.backend!r}")

@@ -219,3 +219,99 @@ def unmerge_exact_(weight: torch.Tensor, lora_a, lora_b, scale, *, fan_in_fan_ou
                       torch.where(code == CODE_POS_ZERO, 0, -1))
     w.copy_(torch.where(code >= CODE_MIN_RESTORED, from_ordered_bits(key, w.dtype), w))
     scatter_escapes_(weight, escape_index, escape_value, num_escapes, fan_in_fan_out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-adapter (segmented) ops. `token_adapter` [M] holds each token's slot, -1 = no adapter
+# (AdapterIndex.token_adapter: already sanitised). Written without host synchronisation
+# (gathers and torch.where over fixed shapes), so the torch backend stays graph-capturable, and
+# in row chunks so that the per-token gathered adapters stay within a bounded buffer.
+# ---------------------------------------------------------------------------------------------
+
+_GATHER_ELEMENTS = 1 << 22  # per chunk: rows * max(r*K, N*r) gathered adapter elements
+
+
+def rank_keep(ranks: Optional[torch.Tensor], num_adapters: int, r_max: int, device) -> torch.Tensor:
+    """bool [L, r_max]: column j of slot i is used (j < ranks[i], clamped to [0, r_max])."""
+    if ranks is None:
+        return torch.ones(num_adapters, r_max, dtype=torch.bool, device=device)
+    cols = torch.arange(r_max, device=device)
+    return cols[None, :] < ranks.to(device=device, dtype=torch.int64).clamp(0, r_max)[:, None]
+
+
+def _row_chunks(M: int, per_row: int):
+    step = max(1, _GATHER_ELEMENTS // max(1, per_row))
+    return [(s, min(s + step, M)) for s in range(0, M, step)]
+
+
+def lora_shrink(x: torch.Tensor, lora_a_stack: torch.Tensor, token_adapter: torch.Tensor,
+                scales: torch.Tensor, ranks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """t[m] = scales[i] * lora_a_stack[i, :rank_i] @ x[m] (zero past rank_i), i = token_adapter[m];
+    t[m] = 0 where i = -1.
+
+    x [M, K], lora_a_stack [L, r_max, K], token_adapter [M] int, scales [L], ranks [L] int | None
+    -> t [M, r_max] in the accumulation dtype (float32; float64 for float64 inputs)."""
+    acc = acc_dtype(x.dtype, lora_a_stack.dtype)
+    M, (L, R, K) = x.shape[0], lora_a_stack.shape
+    keep = rank_keep(ranks, L, R, x.device)
+    ids = token_adapter.to(device=x.device, dtype=torch.int64)
+    has = ids >= 0
+    sel = ids.clamp(min=0)
+    t = torch.zeros(M, R, dtype=acc, device=x.device)
+    for s, e in _row_chunks(M, R * K):
+        a_tok = lora_a_stack[sel[s:e]].to(acc)                                  # [m, R, K]
+        prod = torch.bmm(a_tok, x[s:e].to(acc).unsqueeze(-1)).squeeze(-1)       # [m, R]
+        prod = prod * scales.to(device=x.device, dtype=acc)[sel[s:e]].unsqueeze(-1)
+        use = keep[sel[s:e]] & has[s:e].unsqueeze(-1)
+        t[s:e] = torch.where(use, prod, torch.zeros((), dtype=acc, device=x.device))
+    return t
+
+
+def lora_expand_delta(t: torch.Tensor, lora_b_stack: torch.Tensor, token_adapter: torch.Tensor,
+                      ranks: Optional[torch.Tensor] = None, acc: Optional[torch.dtype] = None) -> torch.Tensor:
+    """delta[m] = lora_b_stack[i, :, :rank_i] @ t[m, :rank_i] (0 where i = -1), in `acc`.
+
+    t [M, r_max], lora_b_stack [L, N, r_max] -> delta [M, N]. Entries of t and of the stack at or
+    past rank_i are never used (masked with where, so even NaN there cannot leak)."""
+    acc = acc or acc_dtype(t.dtype, lora_b_stack.dtype)
+    M, (L, N, R) = t.shape[0], lora_b_stack.shape
+    keep = rank_keep(ranks, L, R, t.device)
+    ids = token_adapter.to(device=t.device, dtype=torch.int64)
+    has = ids >= 0
+    sel = ids.clamp(min=0)
+    zero = torch.zeros((), dtype=acc, device=t.device)
+    delta = torch.zeros(M, N, dtype=acc, device=t.device)
+    for s, e in _row_chunks(M, N * R):
+        use = keep[sel[s:e]] & has[s:e].unsqueeze(-1)                          # [m, R]
+        t_use = torch.where(use, t[s:e].to(acc), zero)
+        b_tok = torch.where(use.unsqueeze(1), lora_b_stack[sel[s:e]].to(acc), zero)  # [m, N, R]
+        delta[s:e] = torch.bmm(b_tok, t_use.unsqueeze(-1)).squeeze(-1)
+    return delta
+
+
+@torch.no_grad()
+def lora_expand_(y: torch.Tensor, t: torch.Tensor, lora_b_stack: torch.Tensor,
+                 token_adapter: torch.Tensor, ranks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """In place: y[m] += lora_b_stack[i, :, :rank_i] @ t[m, :rank_i] for tokens with an adapter
+    (one rounding per element); rows with i = -1 keep their exact bits.
+
+    y [M, N], t [M, r_max] float, lora_b_stack [L, N, r_max] -> y."""
+    acc = acc_dtype(y.dtype, t.dtype, lora_b_stack.dtype)
+    delta = lora_expand_delta(t, lora_b_stack, token_adapter, ranks, acc)
+    has = (token_adapter.to(device=y.device) >= 0).unsqueeze(-1)
+    y.copy_(torch.where(has, (y.to(acc) + delta).to(y.dtype), y))
+    return y
+
+
+def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a_stack: torch.Tensor,
+                      lora_b_stack: torch.Tensor, token_adapter: torch.Tensor, scales: torch.Tensor,
+                      bias: Optional[torch.Tensor] = None, ranks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x @ weight.T + bias + lora_expand_delta(lora_shrink(x, ...), ...), rounded once.
+
+    x [M, K], weight [N, K], lora_a_stack [L, r_max, K], lora_b_stack [L, N, r_max],
+    token_adapter [M], scales [L], bias [N] | None, ranks [L] | None -> y [M, N] in x.dtype."""
+    acc = acc_dtype(x.dtype, weight.dtype, lora_a_stack.dtype, lora_b_stack.dtype)
+    y = F.linear(x.to(acc), weight.to(acc), None if bias is None else bias.to(acc))
+    t = lora_shrink(x, lora_a_stack, token_adapter, scales, ranks).to(acc)
+    y = y + lora_expand_delta(t, lora_b_stack, token_adapter, ranks, acc)
+    return y.to(x.dtype)

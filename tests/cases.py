@@ -117,3 +117,72 @@ def make_merge_inputs(N, K, r, dtype=torch.float32, device="cpu", *, layout="con
     # B @ A ~ N(0, 1) elementwise; B's scale brings scale * B @ A to delta_ratio * |W|
     lora_b = rand(N, r, dtype=adapter_dtype, device=device, scale=r ** -0.5 * 0.05 * delta_ratio / scale)
     return MergeInputs(weight, lora_a, lora_b, scale, layout == "fan_in_fan_out", storage, views[layout])
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-adapter inputs
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class MultiInputs:
+    x: torch.Tensor            # [M, K]
+    weight: torch.Tensor       # [N, K]
+    lora_a: torch.Tensor       # [L, r_max, K]
+    lora_b: torch.Tensor       # [L, N, r_max]
+    scales: torch.Tensor       # [L] float32
+    ranks: Optional[torch.Tensor]  # [L] int32 | None
+    bias: Optional[torch.Tensor]
+    token_adapter: torch.Tensor    # [M] int32, -1 = none
+
+    def index(self):
+        from lora_kernels import AdapterIndex
+        return AdapterIndex.from_token_adapters(self.token_adapter, self.lora_a.shape[0])
+
+    def t64(self) -> torch.Tensor:
+        return reference.lora_shrink(self.x.double(), self.lora_a.double(), self.token_adapter,
+                                     self.scales.double(), self.ranks)
+
+    def linear64(self) -> torch.Tensor:
+        d = lambda t: None if t is None else t.double()  # noqa: E731
+        return reference.multi_lora_linear(d(self.x), d(self.weight), d(self.lora_a), d(self.lora_b),
+                                           self.token_adapter, d(self.scales), d(self.bias), self.ranks)
+
+    def linear_torch_expression(self) -> torch.Tensor:
+        """The PEFT-style per-adapter loop in the inputs' own dtype (the error yardstick)."""
+        y = F.linear(self.x, self.weight, self.bias)
+        for i in range(self.lora_a.shape[0]):
+            rows = (self.token_adapter == i).nonzero().flatten()
+            r = self.lora_a.shape[1] if self.ranks is None else int(self.ranks[i])
+            if len(rows) and r > 0:
+                xa = self.x[rows].to(self.lora_a.dtype)
+                lora = F.linear(F.linear(xa, self.lora_a[i, :r]), self.lora_b[i, :, :r]) * float(self.scales[i])
+                y[rows] += lora.to(y.dtype)
+        return y
+
+
+def make_multi_inputs(M, N, K, L, r_max, dtype=torch.float32, device="cpu", *, dist="decode", ranks=None,
+                      adapter_dtype=None, bias=True, seed=0, poison_padding=True) -> MultiInputs:
+    """Random multi-adapter inputs with outputs O(1) in every dtype.
+
+    ranks: None (every slot r_max), "mixed" (random in 1..r_max), or a list of L ints.
+    poison_padding: fill the stacks past each slot's rank with NaN, which no backend may read."""
+    from bench.suites import token_adapters
+    adapter_dtype = adapter_dtype or dtype
+    gen = torch.Generator().manual_seed(seed)
+    if ranks == "mixed":
+        ranks = torch.randint(1, r_max + 1, (L,), generator=gen, dtype=torch.int32)
+        ranks[0] = r_max
+    elif ranks is not None:
+        ranks = torch.tensor(ranks, dtype=torch.int32)
+    x = rand(M, K, dtype=dtype, device=device)
+    weight = rand(N, K, dtype=dtype, device=device, scale=K ** -0.5)
+    lora_a = rand(L, r_max, K, dtype=adapter_dtype, device=device, scale=K ** -0.5)
+    lora_b = rand(L, N, r_max, dtype=adapter_dtype, device=device, scale=r_max ** -0.5)
+    if ranks is not None and poison_padding:
+        keep = reference.rank_keep(ranks, L, r_max, "cpu").to(device)
+        lora_a.masked_fill_(~keep[:, :, None], float("nan"))
+        lora_b.masked_fill_(~keep[:, None, :], float("nan"))
+    scales = (torch.rand(L, generator=gen, dtype=torch.float64) + 0.5).to(device=device, dtype=torch.float32)
+    b = rand(N, dtype=dtype, device=device) if bias else None
+    ids = token_adapters(dist, M, L, seed).to(device)
+    return MultiInputs(x, weight, lora_a, lora_b, scales, None if ranks is None else ranks.to(device), b, ids)

@@ -1,0 +1,191 @@
+"""Per-batch metadata for multi-adapter serving: :class:`AdapterIndex`.
+
+A serving batch has M tokens; token m uses adapter slot ``token_adapter[m]`` (``-1`` = no
+adapter) out of ``num_adapters`` slots. The segmented kernels want the tokens grouped by adapter
+and a list of fixed-size pieces of work. ``AdapterIndex.from_token_adapters`` builds all of it on
+the tensors' device with plain torch ops whose output sizes depend only on M and the number of
+slots -- never on the values -- so it
+
+* never synchronises with the host (no ``.item()``, no ``nonzero``, no ``torch.unique``), and
+* can be captured in a CUDA graph and replayed with a different mapping of the same M.
+
+An id outside ``[-1, num_adapters)`` is reported with ``torch._assert_async`` (a device-side
+assert on CUDA, which poisons the CUDA context as any device assert does; an immediate error on
+CPU tensors) and is then treated as ``-1``, so no kernel ever indexes a stack with it, in a graph
+or not.
+
+Everything lives in one int32 tensor ``data`` (views below), so an op can take the index as a
+single tensor argument and rebuild the views with :meth:`AdapterIndex.from_data`:
+
+    token_adapter  [M]        the sanitised slot of each token (-1 = none or invalid)
+    sorted_tokens  [M]        token ids grouped by slot 0, 1, ..., L-1, then the no-adapter
+                              tokens; stable (token order kept inside a group)
+    sorted_adapter [M]        slot of the token at each sorted position (-1 = none)
+    slot_start     [L + 2]    slot s occupies sorted positions [slot_start[s], slot_start[s+1]);
+                              "slot" L is the no-adapter group; slot_start[L + 1] = M
+    work(T)        [I_T, 3]   for T in ITEM_SIZES: rows (adapter, start, length), one per piece of
+                              at most T sorted positions of one slot (adapter -1 = the no-adapter
+                              group); rows past the real number of pieces have length 0
+
+The work list has a fixed number of rows, ``I_T = (M + min(L + 1, M) * (T - 1)) // T``: a group of
+c tokens is cut into ceil(c / T) pieces, and at most min(L + 1, M) groups are non-empty. A kernel
+grid over the work list is therefore sized by M (plus at most one partial piece per active group),
+never by the number of slots, and a 1-token group costs one piece of one row, not a tile of T.
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+
+from ._validation import INT_INDEX_DTYPES, check_count, check_tensor, check_values, fail
+
+# Work-list granularities built for every batch. 16 rows is the smallest tensor-core tile
+# (tl.dot needs M >= 16): decode pieces (1..16 tokens of one adapter) waste at most 15 rows.
+# 64 rows is the prefill granularity: long segments reuse each adapter tile over 64 tokens.
+# The launchers pick one per call (triton/multi_lora.py says when); building both costs a few
+# tiny element-wise ops.
+ITEM_SIZES = (16, 64)
+_WORK_COLS = 3
+OP = "AdapterIndex.from_token_adapters"
+
+
+def num_work_items(num_tokens: int, num_adapters: int, item_m: int) -> int:
+    """Rows of the work list: an upper bound on sum_g ceil(count_g / item_m) over all groups."""
+    groups = min(num_adapters + 1, num_tokens)
+    return (num_tokens + groups * (item_m - 1)) // item_m
+
+
+def _layout(num_tokens: int, num_adapters: int) -> Tuple[Dict[str, Tuple[int, int]], int]:
+    """name -> (offset, length) into ``data``, and the total length."""
+    M, L = num_tokens, num_adapters
+    sizes = [("token_adapter", M), ("sorted_tokens", M), ("sorted_adapter", M), ("slot_start", L + 2)]
+    sizes += [(f"work{T}", num_work_items(M, L, T) * _WORK_COLS) for T in ITEM_SIZES]
+    layout, offset = {}, 0
+    for name, n in sizes:
+        layout[name] = (offset, n)
+        offset += n
+    return layout, offset
+
+
+class AdapterIndex:
+    """Which adapter each token of a batch uses, grouped for the segmented kernels.
+
+    Build it once per batch with :meth:`from_token_adapters` and pass it to every LoRA layer of
+    the model (``lora_shrink``, ``lora_expand_``, ``multi_lora_linear``, ``MultiLoRALinear``).
+    Attributes: ``num_tokens`` (M), ``num_adapters`` (L), ``data`` and the views listed in the
+    module docstring.
+    """
+
+    def __init__(self, data: torch.Tensor, num_tokens: int, num_adapters: int):
+        layout, total = _layout(num_tokens, num_adapters)
+        if data.dtype != torch.int32 or data.dim() != 1 or data.numel() != total:
+            fail("AdapterIndex", f"data must be a 1-D int32 tensor of {total} elements for "
+                                 f"num_tokens={num_tokens}, num_adapters={num_adapters}, got "
+                                 f"{str(data.dtype).replace('torch.', '')} of shape {list(data.shape)}")
+        self.data = data
+        self.num_tokens = int(num_tokens)
+        self.num_adapters = int(num_adapters)
+        self._layout = layout
+
+    def _view(self, name: str) -> torch.Tensor:
+        offset, n = self._layout[name]
+        return self.data[offset:offset + n]
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def token_adapter(self) -> torch.Tensor:
+        return self._view("token_adapter")
+
+    @property
+    def sorted_tokens(self) -> torch.Tensor:
+        return self._view("sorted_tokens")
+
+    @property
+    def sorted_adapter(self) -> torch.Tensor:
+        return self._view("sorted_adapter")
+
+    @property
+    def slot_start(self) -> torch.Tensor:
+        return self._view("slot_start")
+
+    def work(self, item_m: int) -> torch.Tensor:
+        """[I, 3] int32 rows (adapter, start, length) of pieces of at most ``item_m`` tokens."""
+        if item_m not in ITEM_SIZES:
+            fail("AdapterIndex.work", f"item_m must be one of {ITEM_SIZES}, got {item_m}")
+        return self._view(f"work{item_m}").view(-1, _WORK_COLS)
+
+    @classmethod
+    def from_data(cls, data: torch.Tensor, num_tokens: int, num_adapters: int) -> "AdapterIndex":
+        """Rebuild the views from ``index.data`` (what the registered ops receive)."""
+        return cls(data, num_tokens, num_adapters)
+
+    @classmethod
+    def from_token_adapters(cls, token_adapter: torch.Tensor, num_adapters: int) -> "AdapterIndex":
+        """Build the index on ``token_adapter``'s device with no host synchronisation.
+
+        token_adapter: int32/int64 [M], the slot of each token's adapter, -1 = no adapter.
+        num_adapters: the number of slots L (a Python int >= 1): valid ids are -1 .. L-1.
+
+        Semantics (plain torch)::
+
+            key = where(token_adapter >= 0, token_adapter, L)        # -1 -> group L, last
+            sorted_tokens = argsort(key, stable=True)
+            slot_start = [0] + cumsum(bincount(key, minlength=L + 1))
+            work(T) = [(slot or -1, slot_start[slot] + j * T, min(T, count[slot] - j * T))
+                       for slot in 0..L if count[slot] > 0 for j in range(ceil(count[slot] / T))]
+                      padded with (-1, M, 0) rows to the fixed length
+        """
+        check_tensor(OP, "token_adapter", token_adapter, dtypes=INT_INDEX_DTYPES, ndim=1)
+        check_count(OP, "num_adapters", num_adapters)
+        M, L = token_adapter.shape[0], num_adapters
+        if M >= 2 ** 31 - 1:
+            fail(OP, f"at most 2**31 - 2 tokens are supported (int32 positions), got {M}")
+        ids = token_adapter
+        valid = (ids >= -1) & (ids < L)
+        check_values(OP, valid, f"token_adapter values must lie in [-1, {L - 1}] (num_adapters={L})")
+        device = ids.device
+        layout, total = _layout(M, L)
+        data = torch.empty(total, dtype=torch.int32, device=device)
+        index = cls(data, M, L)
+
+        key = torch.where(valid & (ids >= 0), ids, L).to(torch.int64)  # invalid -> no adapter
+        order = torch.argsort(key, stable=True)
+        counts = torch.zeros(L + 1, dtype=torch.int64, device=device)
+        counts.scatter_add_(0, key, torch.ones_like(key))
+        ends = torch.cumsum(counts, 0)
+        slot_of_key = torch.where(key < L, key, -1)
+
+        index.token_adapter.copy_(slot_of_key)
+        index.sorted_tokens.copy_(order)
+        index.sorted_adapter.copy_(slot_of_key[order])
+        slot_start = index.slot_start
+        slot_start[:1].zero_()
+        slot_start[1:].copy_(ends)
+        for T in ITEM_SIZES:
+            index.work(T).copy_(_work_list(counts, ends, M, L, T))
+        return index
+
+    def __repr__(self) -> str:
+        return (f"AdapterIndex(num_tokens={self.num_tokens}, num_adapters={self.num_adapters}, "
+                f"device={self.device})")
+
+
+def _work_list(counts: torch.Tensor, ends: torch.Tensor, M: int, L: int, T: int) -> torch.Tensor:
+    """[I_T, 3] (adapter, start, length): pieces of <= T positions, fixed length, no sync."""
+    n_items = (counts + T - 1) // T                      # pieces per group [L + 1]
+    item_end = torch.cumsum(n_items, 0)                  # inclusive
+    k = torch.arange(num_work_items(M, L, T), device=counts.device)
+    group = torch.searchsorted(item_end, k, right=True)  # L + 1 for padding rows
+    g = group.clamp(max=L)
+    j = k - (item_end[g] - n_items[g])                   # piece number inside its group
+    start = ends[g] - counts[g] + j * T
+    length = (counts[g] - j * T).clamp(0, T)
+    is_piece = group <= L
+    adapter = torch.where(g < L, g, -1)
+    return torch.stack([torch.where(is_piece, adapter, -1),
+                        torch.where(is_piece, start, M),
+                        torch.where(is_piece, length, 0)], dim=1)

@@ -1,0 +1,592 @@
+"""Triton multi-adapter (segmented) LoRA kernels and their launchers.
+
+Every token m of a batch uses adapter slot i = token_adapter[m] (or none). Adapters live in
+stacks ``A [L, r_max, K]``, ``B [L, N, r_max]`` with per-slot ``scales [L]`` and ``ranks [L]``.
+Three kernels:
+
+* ``lora_shrink_kernel``:  t[m, :] = scales[i] * x[m] @ A[i, :rank_i].T   (fp32, 0 past rank_i,
+  0 for tokens with no adapter). Grid: (work-list piece, rank chunk).
+* ``lora_expand_kernel``:  y[m, :] += t[m, :rank_i] @ B[i, :, :rank_i].T for tokens with an
+  adapter; other rows are never stored to. Grid: (work-list piece, N tile).
+* ``multi_lora_linear_kernel``: y = x @ W.T + bias + each token's adapter, in one pass over x
+  and W. Grid: (row block of the sorted token order, run of N tiles).
+
+Work is organised by the ``AdapterIndex`` (serving.py), built on the device with no host sync:
+tokens sorted by slot, and a fixed-length work list of pieces "(slot, first sorted position,
+length <= T)". Consequences, by design:
+
+* The grids are sized by M (work-list length, or cdiv(M, BLOCK_M) row blocks), never by the
+  number of slots L: inactive slots cost nothing, and no host read is needed to size a grid.
+* A piece holds tokens of one adapter, so the shrink and expand are plain tiles of tensor-core
+  dots with that adapter's A/B tile. The shrink of decode-sized batches uses 16-row pieces (the
+  smallest tl.dot tile), and the expand walks its 64-row pieces in 16-row sub-tiles only as far
+  as the piece's length, so a 1-token segment occupies 15 masked rows of one 16-row tile --
+  masked rows load and store nothing -- never a 64- or 128-row tile; long prefill segments reuse
+  each B tile (and, for very large batches, each A tile) over 64 tokens.
+* Each adapter's real rank (``ranks``) bounds every load of A, B and t (masked loads fetch no
+  bytes past the rank), so entries past the rank are never read and cost no bandwidth; a whole
+  rank chunk past the rank is skipped. Within a chunk the tensor-core tile is padded to BLOCK_R
+  (>= 16); that padding only costs MMA issue slots, which these bandwidth-bound kernels have to
+  spare (see the arithmetic in ``segment_config``).
+* The shrink intermediate t stays fp32 end to end; ``t @ B`` keeps it fp32-accurate on tensor
+  cores ("tf32x2" for 16-bit B, tf32x3 for fp32 B: see ``_lora_dot``).
+* The fused kernel's rows are the sorted token order, so a row block touches one adapter
+  (prefill) or a few (decode): t is computed in the base GEMM's K loop when the block holds one
+  segment, by one masked K loop per segment otherwise, or beforehand by the segmented shrink
+  when blocks are expected to hold many (``linear_config``); the expand is one rank-deep dot per
+  segment in the epilogue, before the single rounding store.
+* Deterministic: every output element is written by exactly one program, with a fixed order of
+  accumulation; no atomics anywhere (no split-K).
+
+Every tile size and threshold below is design reasoning for Hopper (H100/H200); none was measured
+(the session that wrote this had no GPU). The only hardware facts used are from compiling for
+sm_90a on a CPU (ptxas -v: registers, spills, shared memory; tests/test_triton_multi_compile.py).
+``bench/multi.py`` is where the choices get measured, and each launcher takes a ``config``
+override for that.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..serving import AdapterIndex
+from .lora_linear import (ForwardConfig, _load_tile, _num_sms, _precisions, _shrink_dot, block_r_for,
+                          forward_config)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared device helpers
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _gather_rows(ptr, rows, row_ok, offs_cols, n_cols, stride_rows, stride_cols):
+    """A [len(rows), len(offs_cols)] tile of rows `rows` (token ids), zero where masked."""
+    ptrs = ptr + rows[:, None].to(tl.int64) * stride_rows + offs_cols[None, :].to(tl.int64) * stride_cols
+    return tl.load(ptrs, mask=row_ok[:, None] & (offs_cols[None, :] < n_cols), other=0.0)
+
+
+@triton.jit
+def _store_rows(ptr, value, rows, row_ok, offs_cols, n_cols, stride_rows, stride_cols):
+    ptrs = ptr + rows[:, None].to(tl.int64) * stride_rows + offs_cols[None, :].to(tl.int64) * stride_cols
+    tl.store(ptrs, value.to(ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_cols[None, :] < n_cols))
+
+
+@triton.jit
+def _rank_of(ranks_ptr, slot, R, HAS_RANKS: tl.constexpr):
+    """The rank used for `slot`: ranks[slot] clamped to [0, R] (R = r_max), 0 for slot < 0.
+
+    The clamp is what keeps a bad ranks entry from reading past the stack (the op also reports
+    it with an async assert)."""
+    if HAS_RANKS:
+        rank = tl.load(ranks_ptr + tl.maximum(slot, 0)).to(tl.int32)
+        rank = tl.minimum(tl.maximum(rank, 0), R)
+    else:
+        rank = R
+    return tl.where(slot >= 0, rank, 0)
+
+
+@triton.jit
+def _tf32_split(t):
+    """t = hi + lo exactly, hi rounded to tf32 (its low 13 mantissa bits are zero, so a tf32 MMA
+    reads it exactly) and |lo| <= 2^-11 |t|."""
+    hi = ((t.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return hi, t - hi
+
+
+@triton.jit
+def _lora_dot(t, b, acc, LORA_PRECISION: tl.constexpr):
+    """acc += t @ b with t fp32 [BM, BR] kept fp32-accurate, b [BR, BN] in the adapter dtype.
+
+    "tf32x2" (GPU, 16-bit b): a 16-bit b is exact in tf32, so only t needs splitting: t = hi + lo
+    with hi rounded to tf32 (low 13 mantissa bits zero) and lo = t - hi exact in fp32, then two
+    tf32 MMAs. t keeps ~21 bits (the lo term's own tf32 truncation is 2^-11 of 2^-11), b is exact,
+    and it costs two tf32 MMAs and three staged fp32 operands instead of tf32x3's three MMAs and
+    four (tf32x3 at rank 128 needs 256 KB of shared memory for a 128x128 tile -- over the 227 KB
+    an H100/H200 block may use). Otherwise (fp32 b, or the interpreter): one tl.dot at
+    LORA_PRECISION ("tf32x3" on GPUs, "ieee" in the interpreter)."""
+    if LORA_PRECISION == "tf32x2":
+        bf = b.to(tl.float32)
+        hi, lo = _tf32_split(t)
+        acc = tl.dot(hi, bf, acc, input_precision="tf32")
+        acc = tl.dot(lo, bf, acc, input_precision="tf32")
+    else:
+        acc = tl.dot(t, b.to(tl.float32), acc, input_precision=LORA_PRECISION)
+    return acc
+
+
+@triton.jit
+def _work_item(work_ptr, item):
+    """(slot, first sorted position, length) of one work-list piece."""
+    slot = tl.load(work_ptr + item * 3)
+    start = tl.load(work_ptr + item * 3 + 1)
+    length = tl.load(work_ptr + item * 3 + 2)
+    return slot, start, length
+
+
+# ----------------------------------------------------------------------------------------------
+# Segmented shrink and expand
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def lora_shrink_kernel(
+    x_ptr, a_ptr, scales_ptr, ranks_ptr, work_ptr, tok_ptr, t_ptr,
+    K, R,
+    stride_xm, stride_xk, stride_al, stride_ar, stride_ak, stride_tm, stride_tr,
+    HAS_RANKS: tl.constexpr, SPLIT_A: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """t[tok, r0:r0+BLOCK_R] for the tokens of one work-list piece and one rank chunk."""
+    slot, start, length = _work_item(work_ptr, tl.program_id(0))
+    r0 = tl.program_id(1) * BLOCK_R
+    if (length > 0) & (r0 < R):
+        offs_i = tl.arange(0, BLOCK_M)
+        row_ok = offs_i < length
+        tok = tl.load(tok_ptr + start + offs_i, mask=row_ok, other=0)
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        rank = _rank_of(ranks_ptr, slot, R, HAS_RANKS)
+        t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        if r0 < rank:  # chunks wholly past the rank (and the no-adapter group) only store zeros
+            a_base = a_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_al
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                x = _gather_rows(x_ptr, tok, row_ok, offs_k, K, stride_xm, stride_xk)
+                a = _load_tile(a_base, offs_k, offs_r, K, rank, stride_ak, stride_ar)  # A^T [BK, BR]
+                t = _shrink_dot(x, a, t, SPLIT_A, PRECISION)
+            scale = tl.load(scales_ptr + slot).to(tl.float32)
+            # where, not a product: a non-finite x must not turn the zero columns into NaN
+            t = tl.where(offs_r[None, :] < rank, t * scale, 0.0)
+        _store_rows(t_ptr, t, tok, row_ok, offs_r, R, stride_tm, stride_tr)
+
+
+@triton.jit
+def lora_expand_kernel(
+    y_ptr, t_ptr, b_ptr, ranks_ptr, work_ptr, tok_ptr,
+    N, R,
+    stride_ym, stride_yn, stride_tm, stride_tr, stride_bl, stride_bn, stride_br,
+    HAS_RANKS: tl.constexpr,
+    ITEM_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """y[tok, n-tile] += t[tok, :rank] @ B[slot, n-tile, :rank].T for one piece and one N tile.
+
+    The B tile is loaded once and reused over the piece's rows, which are visited in BLOCK_M-row
+    sub-tiles only as far as the piece's length: a 64-token piece of a long segment reuses B over
+    64 rows, a 1-token piece costs one 16-row sub-tile."""
+    slot, start, length = _work_item(work_ptr, tl.program_id(0))
+    rank = _rank_of(ranks_ptr, slot, R, HAS_RANKS)
+    if (length > 0) & (rank > 0):  # no-adapter and rank-0 rows are never stored to
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_r = tl.arange(0, BLOCK_R)
+        b = _load_tile(b_ptr + slot.to(tl.int64) * stride_bl, offs_r, offs_n, rank, N,
+                       stride_br, stride_bn)  # B^T tile [BR, BN]
+        for i0 in range(0, tl.minimum(length, ITEM_M), BLOCK_M):
+            offs_i = i0 + tl.arange(0, BLOCK_M)
+            row_ok = offs_i < length
+            tok = tl.load(tok_ptr + start + offs_i, mask=row_ok, other=0)
+            t = _gather_rows(t_ptr, tok, row_ok, offs_r, rank, stride_tm, stride_tr).to(tl.float32)
+            y = _gather_rows(y_ptr, tok, row_ok, offs_n, N, stride_ym, stride_yn).to(tl.float32)
+            y = _lora_dot(t, b, y, PRECISION)
+            _store_rows(y_ptr, y, tok, row_ok, offs_n, N, stride_ym, stride_yn)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused base GEMM + per-token adapters
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _segment_bounds(sorted_slot_ptr, slot_start_ptr, p, p_end, L):
+    """(slot, end) of the segment holding sorted position p, clipped to the row block.
+
+    The end is at least p + 1, so a loop over segments always makes progress."""
+    slot = tl.load(sorted_slot_ptr + p)
+    end = tl.load(slot_start_ptr + tl.where(slot >= 0, slot, L) + 1)
+    return slot, tl.maximum(tl.minimum(end, p_end), p + 1)
+
+
+@triton.jit
+def _base_rows(x_ptr, w_ptr, tok, row_ok, offs_n, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               BASE_PRECISION: tl.constexpr):
+    """x[tok] @ W[offs_n].T for one block of (sorted) rows."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = _gather_rows(x_ptr, tok, row_ok, offs_k, K, stride_xm, stride_xk)
+        w = _load_tile(w_ptr, offs_k, offs_n, K, N, stride_wk, stride_wn)  # W^T tile [BK, BN]
+        acc = tl.dot(x, w, acc, input_precision=BASE_PRECISION)
+    return acc
+
+
+@triton.jit
+def _base_and_shrink_rows(x_ptr, w_ptr, a_ptr, tok, row_ok, offs_n, offs_r, N, K, rank,
+                          stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          BLOCK_R: tl.constexpr, SPLIT_A: tl.constexpr, BASE_PRECISION: tl.constexpr):
+    """(x @ W.T, x @ A.T) for a row block of one adapter: each x tile is loaded once for both."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = _gather_rows(x_ptr, tok, row_ok, offs_k, K, stride_xm, stride_xk)
+        w = _load_tile(w_ptr, offs_k, offs_n, K, N, stride_wk, stride_wn)
+        a = _load_tile(a_ptr, offs_k, offs_r, K, rank, stride_ak, stride_ar)
+        acc = tl.dot(x, w, acc, input_precision=BASE_PRECISION)
+        t = _shrink_dot(x, a, t, SPLIT_A, BASE_PRECISION)
+    return acc, t
+
+
+@triton.jit
+def _segments_shrink(x_ptr, a_ptr, scales_ptr, ranks_ptr, sorted_slot_ptr, slot_start_ptr,
+                     tok, offs_p, offs_r, p0, p_end, K, R, L,
+                     stride_xm, stride_xk, stride_al, stride_ar, stride_ak,
+                     HAS_RANKS: tl.constexpr, SPLIT_A: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+    """t for a row block holding several segments: one K loop per segment, over that segment's
+    rows only (masked rows fetch nothing; the x rows come back from L2 after the base loop)."""
+    t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    p = p0
+    while p < p_end:
+        slot, seg_end = _segment_bounds(sorted_slot_ptr, slot_start_ptr, p, p_end, L)
+        rank = _rank_of(ranks_ptr, slot, R, HAS_RANKS)
+        if rank > 0:
+            in_seg = (offs_p >= p) & (offs_p < seg_end)
+            a_base = a_ptr + slot.to(tl.int64) * stride_al
+            ts = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                x = _gather_rows(x_ptr, tok, in_seg, offs_k, K, stride_xm, stride_xk)
+                a = _load_tile(a_base, offs_k, offs_r, K, rank, stride_ak, stride_ar)
+                ts = _shrink_dot(x, a, ts, SPLIT_A, PRECISION)
+            scale = tl.load(scales_ptr + slot).to(tl.float32)
+            t += tl.where(in_seg[:, None] & (offs_r[None, :] < rank), ts * scale, 0.0)
+        p = seg_end
+    return t
+
+
+@triton.jit
+def _segments_expand_store(acc, t, b_ptr, bias_ptr, ranks_ptr, sorted_slot_ptr, slot_start_ptr, y_ptr,
+                           tok, row_ok, offs_p, offs_n, offs_r, p0, p_end, N, R, L,
+                           stride_bl, stride_bn, stride_br, stride_ym, stride_yn,
+                           HAS_BIAS: tl.constexpr, HAS_RANKS: tl.constexpr, LORA_PRECISION: tl.constexpr):
+    """y[tok, offs_n] = acc + sum over the block's segments of t_seg @ B[slot].T + bias, stored once.
+
+    One rank-deep dot per segment in the block: one for a prefill block inside a long segment,
+    a few for decode blocks (the launcher avoids blocks likely to hold many)."""
+    p = p0
+    while p < p_end:
+        slot, seg_end = _segment_bounds(sorted_slot_ptr, slot_start_ptr, p, p_end, L)
+        rank = _rank_of(ranks_ptr, slot, R, HAS_RANKS)
+        if rank > 0:
+            in_seg = (offs_p >= p) & (offs_p < seg_end)
+            ts = tl.where(in_seg[:, None] & (offs_r[None, :] < rank), t, 0.0)
+            b = _load_tile(b_ptr + slot.to(tl.int64) * stride_bl, offs_r, offs_n, rank, N,
+                           stride_br, stride_bn)  # B^T tile [BR, BN]
+            acc = _lora_dot(ts, b, acc, LORA_PRECISION)
+        p = seg_end
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    _store_rows(y_ptr, acc, tok, row_ok, offs_n, N, stride_ym, stride_yn)
+
+
+@triton.jit
+def multi_lora_linear_kernel(
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, scales_ptr, ranks_ptr, t_ptr, y_ptr,
+    tok_ptr, sorted_slot_ptr, slot_start_ptr,
+    M, N, K, R, L,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_al, stride_ar, stride_ak,
+    stride_bl, stride_bn, stride_br, stride_tm, stride_tr, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, HAS_RANKS: tl.constexpr, T_GIVEN: tl.constexpr, SPLIT_A: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    TILES_PER_PROGRAM: tl.constexpr, GROUP_M: tl.constexpr,
+    BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+):
+    num_m_blocks = tl.cdiv(M, BLOCK_M)
+    num_n_tiles = tl.cdiv(N, BLOCK_N)
+    num_n_runs = tl.cdiv(num_n_tiles, TILES_PER_PROGRAM)
+    # Grouped order (as lora_linear.py): GROUP_M row blocks sweep the same W run together.
+    pid = tl.program_id(0)
+    programs_per_group = GROUP_M * num_n_runs
+    first_m_block = (pid // programs_per_group) * GROUP_M
+    group_rows = tl.minimum(num_m_blocks - first_m_block, GROUP_M)
+    m_block = first_m_block + (pid % programs_per_group) % group_rows
+    n_run = (pid % programs_per_group) // group_rows
+
+    # Rows are sorted positions: tokens grouped by adapter, so a block touches few adapters.
+    p0 = m_block * BLOCK_M
+    p_end = tl.minimum(p0 + BLOCK_M, M)
+    offs_p = p0 + tl.arange(0, BLOCK_M)
+    row_ok = offs_p < M
+    tok = tl.load(tok_ptr + offs_p, mask=row_ok, other=0)
+    offs_r = tl.arange(0, BLOCK_R)
+    first_tile = n_run * TILES_PER_PROGRAM
+    offs_n = first_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+
+    if T_GIVEN:
+        # t precomputed by the segmented shrink (blocks expected to hold many adapters); loaded
+        # after the K loop so that it does not hold registers while the base product runs.
+        acc = _base_rows(x_ptr, w_ptr, tok, row_ok, offs_n, N, K, stride_xm, stride_xk, stride_wn,
+                         stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, BASE_PRECISION)
+        t = _gather_rows(t_ptr, tok, row_ok, offs_r, R, stride_tm, stride_tr).to(tl.float32)
+    else:
+        first_slot = tl.load(sorted_slot_ptr + p0)
+        last_slot = tl.load(sorted_slot_ptr + p_end - 1)
+        if first_slot == last_slot:
+            # One segment (the common prefill block): the shrink rides on the base K loop.
+            rank = _rank_of(ranks_ptr, first_slot, R, HAS_RANKS)
+            if rank > 0:
+                a_base = a_ptr + first_slot.to(tl.int64) * stride_al
+                acc, t = _base_and_shrink_rows(x_ptr, w_ptr, a_base, tok, row_ok, offs_n, offs_r, N, K, rank,
+                                               stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
+                                               BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, SPLIT_A, BASE_PRECISION)
+                scale = tl.load(scales_ptr + first_slot).to(tl.float32)
+                t = tl.where(offs_r[None, :] < rank, t * scale, 0.0)
+            else:  # a block of no-adapter (or rank-0) tokens: the base GEMM alone
+                acc = _base_rows(x_ptr, w_ptr, tok, row_ok, offs_n, N, K, stride_xm, stride_xk, stride_wn,
+                                 stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, BASE_PRECISION)
+                t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        else:
+            acc = _base_rows(x_ptr, w_ptr, tok, row_ok, offs_n, N, K, stride_xm, stride_xk, stride_wn,
+                             stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, BASE_PRECISION)
+            t = _segments_shrink(x_ptr, a_ptr, scales_ptr, ranks_ptr, sorted_slot_ptr, slot_start_ptr,
+                                 tok, offs_p, offs_r, p0, p_end, K, R, L,
+                                 stride_xm, stride_xk, stride_al, stride_ar, stride_ak,
+                                 HAS_RANKS, SPLIT_A, BLOCK_M, BLOCK_K, BLOCK_R, BASE_PRECISION)
+    _segments_expand_store(acc, t, b_ptr, bias_ptr, ranks_ptr, sorted_slot_ptr, slot_start_ptr, y_ptr,
+                           tok, row_ok, offs_p, offs_n, offs_r, p0, p_end, N, R, L,
+                           stride_bl, stride_bn, stride_br, stride_ym, stride_yn,
+                           HAS_BIAS, HAS_RANKS, LORA_PRECISION)
+
+    # The program's remaining N tiles reuse t from registers: only the base K loop runs again.
+    last_tile = tl.minimum(first_tile + TILES_PER_PROGRAM, num_n_tiles)
+    for tile in range(first_tile + 1, last_tile):
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = _base_rows(x_ptr, w_ptr, tok, row_ok, offs_n, N, K, stride_xm, stride_xk, stride_wn,
+                         stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, BASE_PRECISION)
+        _segments_expand_store(acc, t, b_ptr, bias_ptr, ranks_ptr, sorted_slot_ptr, slot_start_ptr, y_ptr,
+                               tok, row_ok, offs_p, offs_n, offs_r, p0, p_end, N, R, L,
+                               stride_bl, stride_bn, stride_br, stride_ym, stride_yn,
+                               HAS_BIAS, HAS_RANKS, LORA_PRECISION)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configuration
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """Tiles of the segmented shrink/expand. item_m: the shrink's work-list piece size (16 or 64),
+    also its BLOCK_M; shrink_block_r: the rank chunk of one shrink program; expand_item_m: the
+    expand's piece size (it walks a piece in 16-row sub-tiles)."""
+    item_m: int
+    shrink_block_k: int
+    shrink_block_r: int
+    expand_block_n: int
+    num_warps: int
+    num_stages: int
+    expand_item_m: int = 64
+
+
+# Below this many tokens the batch is treated as decode-like (16-row pieces). Reasoning, not a
+# measurement: with 64-row pieces the shrink has about M / 64 programs (one per piece, the rank
+# in one chunk), each streaming 64 rows of x plus one adapter's A; under ~2 waves of the SMs
+# (M < 64 * 2 * 132 ~ 16K on an H100/H200) that leaves SMs idle, and a single SM streams well
+# under its share of DRAM bandwidth. 16-row pieces give 4x the programs (and rank chunks of 16
+# give up to 8x more at rank 128) at the price of re-reading A from L2 once per 16 rows. So 64-row
+# pieces are used only when there are enough of them to fill the GPU on their own.
+PREFILL_PIECES_PER_SM = 2
+EXPAND_BLOCK_M = 16  # the expand's row sub-tile: the smallest tl.dot M
+
+
+def segment_config(M: int, K: int, R: int, elem_bytes: int, num_sms: int) -> SegmentConfig:
+    """Tiles for lora_shrink / lora_expand_ (design reasoning for Hopper; not measured).
+
+    * item_m: 64 when cdiv(M, 64) >= PREFILL_PIECES_PER_SM * num_sms, else 16 (see above).
+    * Shrink rank chunk: 16 with 16-row pieces (more programs for the few-token decode batches,
+      each reading only its 16 rows of A), the whole padded rank with 64-row pieces (x read once).
+      MMA padding is harmless here: a 16-row piece at K = 4096, BLOCK_R = 16 issues 1M MACs while
+      it streams 128 KB of A -- ~0.3 us of one SM's tensor cores against >= 1 us of its share of
+      DRAM bandwidth.
+    * Shrink BLOCK_K: 256 (16-bit) / 128 (fp32) for 16-row pieces: each A tile is then 8 KB, and
+      4 stages keep ~32 KB of loads in flight per program (Little's law for one SM at ~1 us
+      latency); 64 for 64-row pieces (x tile 8 KB, A tile up to 16 KB).
+    * Expand: 64-token pieces always, walked in 16-row sub-tiles (EXPAND_BLOCK_M) up to the
+      piece's length. Its parallelism comes from the N tiles (BLOCK_N = 128: 32 programs per
+      piece at N = 4096), so it never needs small pieces to fill the GPU; a piece of c <= 16
+      tokens is one piece in either list, so decode batches launch the same programs, while a
+      long segment reuses each B tile [128, r] (<= 32 KB at r = 128) over 64 tokens, not 16.
+    """
+    fp32 = elem_bytes >= 4
+    if triton.cdiv(M, 64) >= PREFILL_PIECES_PER_SM * num_sms:
+        return SegmentConfig(64, 32 if fp32 else 64, block_r_for(R), 128, 4, 4, 64)
+    return SegmentConfig(16, 128 if fp32 else 256, 16, 128, 4, 4, 64)
+
+
+# Fused kernel: where t comes from. In the kernel, each program computes t for its row block once
+# and keeps it for its TILES_PER_PROGRAM N tiles; that re-streams each of the block's adapters' A
+# (r x K, from L2) once per program, and a block holding several segments runs one masked K loop
+# per segment. Per program that is about segments * BLOCK_R extra columns next to the
+# BLOCK_N * TILES_PER_PROGRAM columns of W it streams. Otherwise the segmented shrink computes t
+# first: one extra read of x and one more launch, but A read once per piece. Reasoning, not a
+# measurement: fuse when a block is expected to hold at most 2 segments AND the extra A columns
+# stay within half the W columns -- e.g. prefill blocks inside long segments at any rank, and
+# single-adapter decode at rank 16 (BLOCK_N 32, 1 tile: 16 <= 16), but not decode at rank 64
+# (64 extra columns per 32 of W) or batches spread over many adapters.
+FUSED_SHRINK_MAX_SEGMENTS = 2.0
+FUSED_SHRINK_MAX_A_FRACTION = 0.5
+
+
+def expected_segments_per_block(M: int, L: int, block_m: int) -> float:
+    """Segments in a sorted row block when M tokens spread evenly over min(L, M) adapters: n rows
+    of a block cross about n * adapters / M segment boundaries, and hold at most min(n, adapters)."""
+    rows, adapters = min(block_m, M), min(L, M)
+    return min(1.0 + rows * adapters / max(M, 1), float(min(rows, adapters)))
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    tiles: ForwardConfig
+    fused_shrink: bool
+    segment: SegmentConfig
+
+
+def linear_tiles(M: int, N: int, K: int, R: int, elem_bytes: int, num_sms: int) -> ForwardConfig:
+    """The single-adapter forward's tiles (lora_linear.forward_config: its reasoning holds, this
+    kernel is a base GEMM with a rank-deep side product), with BLOCK_N halved to 64 at padded rank
+    128 above the decode tile. Reason, from compiling for sm_90a on a CPU (ptxas -v, no GPU run):
+    at rank 128 the fp32 t [BM, 128] held next to the accumulator spills at BLOCK_N = 128
+    (~1.5 KB per thread at 128x128, ~0.8 KB at 64x128); 128x64 spills least."""
+    cfg = forward_config(M, N, K, R, elem_bytes, num_sms)
+    if cfg.block_r < 128 or cfg.block_m <= 16:
+        return cfg
+    block_n = 64
+    num_m_blocks, num_n_tiles = triton.cdiv(M, cfg.block_m), triton.cdiv(N, block_n)
+    tiles = 1
+    for d in range(num_n_tiles, 0, -1):  # as forward_config: >= one program per SM
+        if num_n_tiles % d == 0 and num_m_blocks * (num_n_tiles // d) >= num_sms:
+            tiles = d
+            break
+    return replace(cfg, block_n=block_n, tiles_per_program=tiles)
+
+
+def linear_config(M: int, N: int, K: int, R: int, L: int, elem_bytes: int, num_sms: int) -> LinearConfig:
+    """Tiles of the fused kernel, and whether t is computed inside it (see
+    FUSED_SHRINK_MAX_SEGMENTS) or by the segmented shrink first."""
+    tiles = linear_tiles(M, N, K, R, elem_bytes, num_sms)
+    segments = expected_segments_per_block(M, L, tiles.block_m)
+    a_fraction = segments * tiles.block_r / (tiles.block_n * tiles.tiles_per_program)
+    fused = segments <= FUSED_SHRINK_MAX_SEGMENTS and a_fraction <= FUSED_SHRINK_MAX_A_FRACTION
+    return LinearConfig(tiles, fused, segment_config(M, K, R, elem_bytes, num_sms))
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers (validated inputs; the ops in lora_kernels/ops/multi_lora.py call these)
+# ----------------------------------------------------------------------------------------------
+
+def lora_precision_for(b_dtype: torch.dtype, device: torch.device) -> str:
+    """How t @ B runs (see _lora_dot): exact fp32 in the interpreter; on GPUs "tf32x2" for a
+    16-bit B (exact in tf32) and "tf32x3" for an fp32 B."""
+    if device.type != "cuda":
+        return "ieee"
+    return "tf32x3" if b_dtype == torch.float32 else "tf32x2"
+
+
+def _ranks_arg(ranks: Optional[torch.Tensor], fallback: torch.Tensor) -> Tuple[torch.Tensor, bool]:
+    return (ranks, True) if ranks is not None else (fallback, False)
+
+
+def lora_shrink(x: torch.Tensor, lora_a_stack: torch.Tensor, index: AdapterIndex, scales: torch.Tensor,
+                ranks: Optional[torch.Tensor], config: Optional[SegmentConfig] = None,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """t [M, r_max] fp32 (see reference.lora_shrink). x [M, K], lora_a_stack [L, r_max, K],
+    scales [L] fp32, ranks [L] int | None. Every element of t is written."""
+    M, K = x.shape
+    R = lora_a_stack.shape[1]
+    t = torch.empty((M, R), dtype=torch.float32, device=x.device) if out is None else out
+    if M == 0:
+        return t
+    cfg = config or segment_config(M, K, R, x.element_size(), _num_sms(x.device))
+    work = index.work(cfg.item_m)
+    precision, _ = _precisions(x.dtype, x.device)
+    ranks_t, has_ranks = _ranks_arg(ranks, scales)
+    grid = (work.shape[0], triton.cdiv(R, cfg.shrink_block_r))
+    lora_shrink_kernel[grid](
+        x, lora_a_stack, scales, ranks_t, work, index.sorted_tokens, t,
+        K, R,
+        x.stride(0), x.stride(1), *lora_a_stack.stride(), t.stride(0), t.stride(1),
+        HAS_RANKS=has_ranks, SPLIT_A=lora_a_stack.dtype == torch.float32 and x.dtype != torch.float32,
+        BLOCK_M=cfg.item_m, BLOCK_K=cfg.shrink_block_k, BLOCK_R=cfg.shrink_block_r, PRECISION=precision,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return t
+
+
+def lora_expand_(y: torch.Tensor, t: torch.Tensor, lora_b_stack: torch.Tensor, index: AdapterIndex,
+                 ranks: Optional[torch.Tensor], config: Optional[SegmentConfig] = None) -> torch.Tensor:
+    """In place y[m] += B[i, :, :rank_i] @ t[m, :rank_i] for tokens with an adapter (see
+    reference.lora_expand_). y [M, N], t [M, r_max] fp32, lora_b_stack [L, N, r_max]."""
+    M, N = y.shape
+    R = lora_b_stack.shape[2]
+    if M == 0 or N == 0:
+        return y
+    cfg = config or segment_config(M, lora_b_stack.shape[1], R, y.element_size(), _num_sms(y.device))
+    work = index.work(cfg.expand_item_m)
+    lora_precision = lora_precision_for(lora_b_stack.dtype, y.device)
+    ranks_t, has_ranks = _ranks_arg(ranks, t)
+    grid = (work.shape[0], triton.cdiv(N, cfg.expand_block_n))
+    lora_expand_kernel[grid](
+        y, t, lora_b_stack, ranks_t, work, index.sorted_tokens,
+        N, R,
+        y.stride(0), y.stride(1), t.stride(0), t.stride(1), *lora_b_stack.stride(),
+        HAS_RANKS=has_ranks,
+        ITEM_M=cfg.expand_item_m, BLOCK_M=min(EXPAND_BLOCK_M, cfg.expand_item_m), BLOCK_N=cfg.expand_block_n,
+        BLOCK_R=block_r_for(R), PRECISION=lora_precision,
+        num_warps=cfg.num_warps, num_stages=1,
+    )
+    return y
+
+
+def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a_stack: torch.Tensor,
+                      lora_b_stack: torch.Tensor, index: AdapterIndex, scales: torch.Tensor,
+                      bias: Optional[torch.Tensor], ranks: Optional[torch.Tensor],
+                      config: Optional[LinearConfig] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y [M, N] = x @ weight.T + bias + each token's adapter (see reference.multi_lora_linear).
+
+    x [M, K], weight [N, K], lora_a_stack [L, r_max, K], lora_b_stack [L, N, r_max], scales [L]
+    fp32, bias [N] | None, ranks [L] int | None. `config` overrides the heuristic (tests use it
+    to reach both the fused-shrink and the precomputed-t paths at small sizes)."""
+    M, K = x.shape
+    N = weight.shape[0]
+    L, R, _ = lora_a_stack.shape
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out
+    if M == 0 or N == 0:
+        return y
+    cfg = config or linear_config(M, N, K, R, L, x.element_size(), _num_sms(x.device))
+    tiles = cfg.tiles
+    if tiles.block_r < block_r_for(R):
+        raise ValueError(f"multi_lora_linear: config block_r {tiles.block_r} < padded rank {block_r_for(R)}")
+    t = None if cfg.fused_shrink else lora_shrink(x, lora_a_stack, index, scales, ranks, cfg.segment)
+    base_precision, _ = _precisions(x.dtype, x.device)
+    lora_precision = lora_precision_for(lora_b_stack.dtype, x.device)
+    ranks_t, has_ranks = _ranks_arg(ranks, scales)
+    num_m_blocks = triton.cdiv(M, tiles.block_m)
+    num_runs = triton.cdiv(triton.cdiv(N, tiles.block_n), tiles.tiles_per_program)
+    t_arg = t if t is not None else y
+    multi_lora_linear_kernel[(num_m_blocks * num_runs,)](
+        x, weight, bias if bias is not None else y, lora_a_stack, lora_b_stack, scales, ranks_t, t_arg, y,
+        index.sorted_tokens, index.sorted_adapter, index.slot_start,
+        M, N, K, R, L,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), *lora_a_stack.stride(),
+        *lora_b_stack.stride(), t_arg.stride(0), t_arg.stride(1), y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None, HAS_RANKS=has_ranks, T_GIVEN=t is not None,
+        SPLIT_A=lora_a_stack.dtype == torch.float32 and x.dtype != torch.float32,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, BLOCK_R=tiles.block_r,
+        TILES_PER_PROGRAM=tiles.tiles_per_program, GROUP_M=tiles.group_m,
+        BASE_PRECISION=base_precision, LORA_PRECISION=lora_precision,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+    return y

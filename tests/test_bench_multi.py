@@ -1,0 +1,33 @@
+"""`python -m bench --suite multi --quick` runs, checks every method and writes its results."""
+import json
+
+from bench.multi import floor_us
+from bench.run import main
+
+
+def test_bench_multi_quick_runs_and_checks(tmp_path):
+    assert main(["--suite", "multi", "--quick", "--out", str(tmp_path), "--rep-ms", "2", "--device", "cpu"]) == 0
+    (path,) = tmp_path.glob("*-multi-quick.json")
+    result = json.loads(path.read_text())
+    assert result["cases"] and all(not c["failed"] for c in result["cases"])
+    names = set(result["cases"][0]["times_us"])
+    assert {"floor", "base", "peft_loop", "peft_loop_layer"} <= names
+    ours = {n for n in names if n.startswith("ours_")}
+    assert {"ours_se_triton", "ours_linear_triton", "ours_shrink_triton", "ours_expand_triton"} <= ours
+    assert all(c["errors"][n] < 1e-5 for c in result["cases"] for n in ours)
+    assert all(c["index_us"] > 0 and c["ratios"]["floor"] == 1.0 for c in result["cases"])
+    assert (tmp_path / path.name.replace(".json", ".md")).exists()
+
+
+def test_floor_counts_x_y_and_active_adapters():
+    # M=2, K=3, N=5, two active adapters of ranks 1 and 4, 2-byte elements, 1e6 B/s -> µs = bytes
+    assert floor_us(2, 3, 5, [1, 4], 2, 1e6) == 2 * (2 * 3 + 2 * 2 * 5 + (1 + 4) * (3 + 5))
+
+
+def test_brief_lists_every_case(tmp_path):
+    from bench.multi import brief
+    assert main(["--suite", "multi", "--quick", "--out", str(tmp_path), "--rep-ms", "1", "--device", "cpu"]) == 0
+    (path,) = tmp_path.glob("*-multi-quick.json")
+    result = json.loads(path.read_text())
+    lines = brief(result)
+    assert len(lines) == 2 + len(result["cases"]) and "FAILED" not in "".join(lines)

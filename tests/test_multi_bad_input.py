@@ -1,0 +1,155 @@
+"""Bad input to the multi-adapter ops raises a clear error naming the argument, before any kernel
+runs; lora_expand_ leaves y unchanged."""
+import pytest
+import torch
+
+import lora_kernels
+from lora_kernels import AdapterIndex
+from cases import make_multi_inputs
+
+M, N, K, L, R = 7, 6, 5, 3, 4
+
+
+def _args(**changes):
+    inp = make_multi_inputs(M, N, K, L, R, ranks=[4, 2, 1], dist="none10")
+    args = dict(x=inp.x, weight=inp.weight, lora_a_stack=inp.lora_a, lora_b_stack=inp.lora_b, index=inp.index(),
+                scales=inp.scales, bias=inp.bias, ranks=inp.ranks, y=torch.randn(M, N),
+                t=torch.randn(M, R))
+    for k, v in changes.items():
+        args[k] = v(args) if callable(v) else v
+    return args
+
+
+def _shrink(a, backend):
+    return lora_kernels.lora_shrink(a["x"], a["lora_a_stack"], a["index"], a["scales"], a["ranks"], backend=backend)
+
+
+def _expand(a, backend):
+    return lora_kernels.lora_expand_(a["y"], a["t"], a["lora_b_stack"], a["index"], a["ranks"], backend=backend)
+
+
+def _linear(a, backend):
+    return lora_kernels.multi_lora_linear(a["x"], a["weight"], a["lora_a_stack"], a["lora_b_stack"], a["index"],
+                                          a["scales"], a["bias"], a["ranks"], backend=backend)
+
+
+OPS = {"lora_shrink": _shrink, "lora_expand_": _expand, "multi_lora_linear": _linear}
+half = lambda name: (lambda a: a[name].half())  # noqa: E731
+
+BAD = [
+    # (case id, ops it applies to, changes, exception, message fragment)
+    ("A stack K", ["lora_shrink", "multi_lora_linear"], dict(lora_a_stack=lambda a: torch.randn(L, R, K + 1)),
+     ValueError, r"lora_a_stack must have shape \[3, 4, 5\]"),
+    ("A stack L", ["lora_shrink", "multi_lora_linear"], dict(lora_a_stack=lambda a: torch.randn(L + 1, R, K)),
+     ValueError, r"lora_a_stack must have shape \[3, 4, 5\] \(L = index.num_adapters"),
+    ("A stack 2-D", ["lora_shrink", "multi_lora_linear"], dict(lora_a_stack=lambda a: torch.randn(R, K)),
+     ValueError, r"lora_a_stack must be 3-D"),
+    ("A stack r_max 0", ["lora_shrink", "multi_lora_linear"],
+     dict(lora_a_stack=lambda a: torch.randn(L, 0, K), lora_b_stack=lambda a: torch.randn(L, N, 0), ranks=None),
+     ValueError, r"r_max >= 1"),
+    ("B stack N", ["lora_expand_", "multi_lora_linear"], dict(lora_b_stack=lambda a: torch.randn(L, N + 1, R)),
+     ValueError, r"lora_b_stack must have shape \[3, 6, 4\]"),
+    ("B stack rank", ["lora_expand_", "multi_lora_linear"], dict(lora_b_stack=lambda a: torch.randn(L, N, R + 1)),
+     ValueError, r"lora_b_stack must have shape \[3, 6, 4\]"),
+    ("B stack L", ["lora_expand_", "multi_lora_linear"], dict(lora_b_stack=lambda a: torch.randn(L - 1, N, R)),
+     ValueError, r"lora_b_stack must have shape \[3, 6, 4\]"),
+    ("weight K", ["multi_lora_linear"], dict(weight=lambda a: torch.randn(N, K + 2)), ValueError,
+     r"weight must have shape \[6, 5\]"),
+    ("bias N", ["multi_lora_linear"], dict(bias=lambda a: torch.randn(N + 1)), ValueError, r"bias must have shape \[6\]"),
+    ("t shape", ["lora_expand_"], dict(t=lambda a: torch.randn(M + 1, R)), ValueError, r"t must have shape \[7, 4\]"),
+    ("t dtype", ["lora_expand_"], dict(t=lambda a: a["t"].half()), TypeError, r"t must have a dtype in \(float32, float64\)"),
+    ("scales length", ["lora_shrink", "multi_lora_linear"], dict(scales=lambda a: torch.ones(L + 1)), ValueError,
+     r"scales must have shape \[3\]"),
+    ("scales int", ["lora_shrink", "multi_lora_linear"], dict(scales=lambda a: torch.ones(L, dtype=torch.int32)),
+     TypeError, r"scales must have a dtype in"),
+    ("scales float", ["lora_shrink", "multi_lora_linear"], dict(scales=2.0), TypeError, r"scales must be a torch.Tensor"),
+    ("ranks > r_max", list(OPS), dict(ranks=lambda a: torch.tensor([4, 5, 1])), ValueError,
+     r"ranks must lie in \[0, r_max = 4\]"),
+    ("ranks < 0", list(OPS), dict(ranks=lambda a: torch.tensor([4, -1, 1])), ValueError, r"ranks must lie in"),
+    ("ranks length", list(OPS), dict(ranks=lambda a: torch.tensor([4, 1])), ValueError, r"ranks must have shape \[3\]"),
+    ("ranks float", list(OPS), dict(ranks=lambda a: torch.tensor([4.0, 1.0, 1.0])), TypeError,
+     r"ranks must have a dtype in \(int32, int64\)"),
+    ("index for other M", list(OPS),
+     dict(index=lambda a: AdapterIndex.from_token_adapters(torch.zeros(M + 1, dtype=torch.int32), L)),
+     ValueError, r"index was built for 8 tokens but the input has 7"),
+    ("index not an index", list(OPS), dict(index=lambda a: a["index"].token_adapter), TypeError,
+     r"index must be a lora_kernels.AdapterIndex"),
+    ("weight dtype", ["multi_lora_linear"], dict(weight=half("weight")), TypeError, r"weight must have x's dtype"),
+    ("adapter bf16 over fp16", ["lora_shrink", "multi_lora_linear"],
+     dict(x=half("x"), weight=half("weight"), lora_a_stack=lambda a: a["lora_a_stack"].bfloat16(),
+          lora_b_stack=lambda a: a["lora_b_stack"].bfloat16()), TypeError, r"lora_a_stack must have x's dtype"),
+    ("B stack bf16 over fp16 y", ["lora_expand_"], dict(y=half("y"), lora_b_stack=lambda a: a["lora_b_stack"].bfloat16()),
+     TypeError, r"lora_b_stack must have y's dtype"),
+    ("A/B stack dtypes differ", ["multi_lora_linear"], dict(lora_b_stack=half("lora_b_stack")), TypeError,
+     r"lora_b_stack must have lora_a_stack's dtype"),
+    ("bias dtype", ["multi_lora_linear"], dict(bias=lambda a: a["bias"].double()), TypeError, r"bias must have x's dtype"),
+    ("integer x", ["lora_shrink", "multi_lora_linear"], dict(x=lambda a: torch.ones(M, K, dtype=torch.int64)), TypeError,
+     r"x must have a dtype in"),
+    ("x 3-D for shrink", ["lora_shrink"], dict(x=lambda a: a["x"][None]), ValueError, r"x must be 2-D"),
+    ("y 1-D", ["lora_expand_"], dict(y=lambda a: a["y"][0]), ValueError, r"y must be 2-D"),
+    ("mixed devices", list(OPS), dict(ranks=lambda a: a["ranks"].to("meta")), ValueError,
+     r"ranks is on meta but \w+ is on cpu"),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("op,changes,exc,match",
+                         [(op, *c[2:]) for c in BAD for op in c[1]],
+                         ids=[f"{op}-{c[0]}" for c in BAD for op in c[1]])
+def test_multi_ops_reject(op, changes, exc, match, backend):
+    args = _args(**changes)
+    y_before = args["y"].clone()
+    with pytest.raises(exc, match=match) as info:
+        OPS[op](args, backend)
+    assert str(info.value).startswith(f"{op}: ")
+    if op == "lora_expand_":
+        assert torch.equal(args["y"], y_before)
+
+
+def test_bad_backend_and_unsupported_triton_inputs(interpreter_device):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        _shrink(_args(), "cudnn")
+    a = _args(x=lambda a: a["x"].double(), lora_a_stack=lambda a: a["lora_a_stack"].double())
+    with pytest.raises(lora_kernels.BackendUnavailable, match="float64 is not supported"):
+        _shrink(a, "triton")
+    assert _shrink(a, "torch").dtype == torch.float64
+    big = make_multi_inputs(3, 4, 5, 2, 129)
+    with pytest.raises(lora_kernels.BackendUnavailable, match="r_max 129 exceeds"):
+        lora_kernels.lora_shrink(big.x, big.lora_a, big.index(), big.scales, backend="triton")
+    with pytest.raises(lora_kernels.BackendUnavailable, match="t must be float32"):
+        _expand(_args(t=lambda a: a["t"].double()), "triton")
+
+
+def test_ranks_checked_once_per_version_and_again_after_modification(monkeypatch):
+    """A serving loop passes one ranks tensor to every call: its values are checked once, and
+    again only after an in-place change (which must then be caught)."""
+    import lora_kernels._validation as validation
+    calls = []
+    real = validation.check_values
+    monkeypatch.setattr(validation, "check_values", lambda *a, **k: (calls.append(1), real(*a, **k)))
+    args = _args()
+    ranks = args["ranks"]
+    for _ in range(3):
+        _shrink(args, "torch")
+    assert len(calls) == 1
+    ranks[1] = 9  # in place: version moves
+    with pytest.raises(ValueError, match=r"ranks must lie in \[0, r_max = 4\]"):
+        _shrink(args, "torch")
+    ranks[1] = 2
+    _expand(args, "torch")
+    assert len(calls) == 3
+    other = ranks.clone()  # same values, another tensor: checked on its own
+    _shrink(dict(args, ranks=other), "torch")
+    assert len(calls) == 4
+
+
+def test_cuda_backend_is_refused_with_a_reason(monkeypatch):
+    """Where the CUDA extension is available (other ops have CUDA kernels), backend='cuda' must
+    still refuse the multi-adapter ops rather than run something else."""
+    import lora_kernels.backends as backends
+    monkeypatch.setattr(backends, "unavailable_reason", lambda b, d: None)
+    with pytest.raises(lora_kernels.BackendUnavailable, match="no CUDA C\\+\\+ kernels yet"):
+        _shrink(_args(), "cuda")
+    with pytest.raises(lora_kernels.BackendUnavailable, match="no 'cuda' implementation"):
+        a = _args()
+        torch.ops.lora_kernels.lora_shrink(a["x"], a["lora_a_stack"], a["scales"], None, a["index"].data, L, "cuda")

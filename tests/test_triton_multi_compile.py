@@ -1,0 +1,95 @@
+"""The multi-adapter kernels compile for sm_90a (H100/H200) on this CPU-only machine, at the
+configurations the launchers choose, and fit in the shared memory a block may use there.
+
+The interpreter accepts constructs the compiler rejects, and it cannot see shared memory or
+registers: this is the CPU lane's only check of those. (It caught the tf32x3 t @ B product
+needing 256 KiB at rank 128.)"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from aot import SM90_MAX_SHARED_BYTES, compile_for, ptxas_path, ptxas_report
+
+pytestmark = pytest.mark.slow
+K, N, L, NUM_SMS = 4096, 4096, 128, 132
+
+
+def _strides(*shape):
+    out, s = [], 1
+    for d in reversed(shape):
+        out.append(s)
+        s *= d
+    return list(reversed(out))
+
+
+def _cases():
+    from lora_kernels.triton import multi_lora as ml
+    for M, R, split in [(64, 16, False), (64, 128, True), (65536, 128, False)]:
+        cfg = ml.segment_config(M, K, R, 2, NUM_SMS)
+        yield (f"shrink M={M} R={R} fp32-A={split}", ml.lora_shrink_kernel,
+               dict(x_ptr="*bf16", a_ptr="*fp32" if split else "*bf16", scales_ptr="*fp32", ranks_ptr="*i32",
+                    work_ptr="*i32", tok_ptr="*i32", t_ptr="*fp32", K=K, R=R, stride_xm=K, stride_xk=1,
+                    **dict(zip(("stride_al", "stride_ar", "stride_ak"), _strides(L, R, K))), stride_tm=R, stride_tr=1),
+               dict(HAS_RANKS=True, SPLIT_A=split, BLOCK_M=cfg.item_m, BLOCK_K=cfg.shrink_block_k,
+                    BLOCK_R=cfg.shrink_block_r, PRECISION="tf32"), cfg.num_warps, cfg.num_stages)
+    for R in (16, 128):
+        cfg = ml.segment_config(1024, K, R, 2, NUM_SMS)
+        yield (f"expand R={R}", ml.lora_expand_kernel,
+               dict(y_ptr="*bf16", t_ptr="*fp32", b_ptr="*bf16", ranks_ptr="*i32", work_ptr="*i32", tok_ptr="*i32",
+                    N=N, R=R, stride_ym=N, stride_yn=1, stride_tm=R, stride_tr=1,
+                    **dict(zip(("stride_bl", "stride_bn", "stride_br"), _strides(L, N, R)))),
+               dict(HAS_RANKS=True, ITEM_M=cfg.expand_item_m, BLOCK_M=ml.EXPAND_BLOCK_M, BLOCK_N=cfg.expand_block_n,
+                    BLOCK_R=ml.block_r_for(R), PRECISION="tf32x2"), cfg.num_warps, 1)
+    for M, R, t_given in [(1, 16, False), (4096, 16, False), (4096, 128, False), (4096, 128, True)]:
+        tiles = ml.linear_config(M, N, K, R, L, 2, NUM_SMS).tiles
+        yield (f"linear M={M} R={R} t_given={t_given}", ml.multi_lora_linear_kernel,
+               dict(x_ptr="*bf16", w_ptr="*bf16", bias_ptr="*bf16", a_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16",
+                    scales_ptr="*fp32", ranks_ptr="*i32", t_ptr="*fp32", tok_ptr="*i32", sorted_slot_ptr="*i32",
+                    slot_start_ptr="*i32", M=M, N=N, K=K, R=R, L=L, stride_xm=K, stride_xk=1, stride_wn=K, stride_wk=1,
+                    **dict(zip(("stride_al", "stride_ar", "stride_ak"), _strides(L, R, K))),
+                    **dict(zip(("stride_bl", "stride_bn", "stride_br"), _strides(L, N, R))),
+                    stride_tm=R, stride_tr=1, stride_ym=N, stride_yn=1),
+               dict(HAS_BIAS=True, HAS_RANKS=True, T_GIVEN=t_given, SPLIT_A=False, BLOCK_M=tiles.block_m,
+                    BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, BLOCK_R=tiles.block_r,
+                    TILES_PER_PROGRAM=tiles.tiles_per_program, GROUP_M=tiles.group_m, BASE_PRECISION="tf32",
+                    LORA_PRECISION="tf32x2"), tiles.num_warps, tiles.num_stages)
+
+
+def _compile_all() -> dict:
+    """name -> {"shared": bytes, "registers": n, "spill_bytes": n}; runs without the interpreter."""
+    out = {}
+    for name, fn, args, constexprs, warps, stages in _cases():
+        kernel = compile_for(fn, args, constexprs, warps, stages)
+        out[name] = {"shared": kernel.metadata.shared, **ptxas_report(kernel)}
+    return out
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    if ptxas_path() is None:
+        pytest.skip("no ptxas (bundled with triton's nvidia backend) to compile for sm_90a")
+    # The test lane imports the kernels under TRITON_INTERPRET=1, which replaces every
+    # @triton.jit function by an interpreted one: compile in a fresh process without it.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    here = os.path.dirname(os.path.abspath(__file__))
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(here), here, env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=1200)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", [c[0] for c in _cases()])
+def test_compiles_for_sm90_and_fits_shared_memory(compiled, name):
+    report = compiled[name]
+    assert report["shared"] <= SM90_MAX_SHARED_BYTES, f"{name}: {report}"
+    assert report["registers"] > 0, f"{name}: ptxas -v gave no register count"
+    # Spills are allowed (rank 128 spills a little) but must stay small; a regression that
+    # spills kilobytes per thread shows up here.
+    assert report["spill_bytes"] <= 1024, f"{name}: {report}"
+
+
+if __name__ == "__main__":
+    print(json.dumps(_compile_all()))
