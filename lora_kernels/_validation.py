@@ -41,7 +41,7 @@ def check_tensor(op: str, name: str, value, *, dtypes=FLOAT_DTYPES, ndim: Option
 
 def check_shape(op: str, name: str, value: torch.Tensor, expected: Sequence[int], meaning: str) -> None:
     """`value.shape == expected`; `meaning` says where each expected size comes from."""
-    if tuple(value.shape) != tuple(int(e) for e in expected):
+    if value.shape != tuple(expected):  # torch.Size is a tuple: no per-element conversion
         fail(op, f"{name} must have shape {_fmt_shape(expected)} ({meaning}), got {_fmt_shape(value.shape)}")
 
 
