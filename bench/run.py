@@ -26,6 +26,7 @@ SUITES = {
     "tune": "bench.tune",
     "merge": "bench.merge",
     "model": "bench.model",
+    "training": "bench.training",
 }
 
 

@@ -285,7 +285,8 @@ def _num_sms(device: torch.device) -> int:
 
 
 @functools.lru_cache(maxsize=4096)  # pure function of ints, called on every launch
-def forward_config(M: int, N: int, K: int, r: int, elem_bytes: int, num_sms: int) -> ForwardConfig:
+def forward_config(M: int, N: int, K: int, r: int, elem_bytes: int, num_sms: int,
+                   mask_epilogue: bool = False) -> ForwardConfig:
     """Tile shapes for the forward kernel, keyed on the problem shape.
 
     The reasons below are design reasoning about Hopper (H100/H200); the founding session had no
@@ -303,6 +304,9 @@ def forward_config(M: int, N: int, K: int, r: int, elem_bytes: int, num_sms: int
     * TILES_PER_PROGRAM: the largest divisor of the N-tile count that still launches at least one
       program per SM. t = x.A^T is recomputed once per program, so its extra tensor-core work is
       BLOCK_R / (BLOCK_N * TILES_PER_PROGRAM) of the base product (16 / (256 * 2) = 3% at 4096^2).
+    * mask_epilogue (the backward's dx with dropout): the epilogue draws Philox words for the whole
+      [BLOCK_M, BLOCK_N] tile next to the fp32 accumulator; BLOCK_N <= 128 keeps those four
+      [BLOCK_M, BLOCK_N / 4] uint32 blocks at <= 64 registers per thread (8 warps), not 128.
     """
     block_r = block_r_for(r)
     fp32 = elem_bytes >= 4
@@ -313,8 +317,8 @@ def forward_config(M: int, N: int, K: int, r: int, elem_bytes: int, num_sms: int
     if M <= 64:
         block_m, block_n, block_k, warps, stages = 64, 128, (32 if fp32 else 64), 4, 4
     else:
-        block_m, block_n, block_k, warps, stages = 128, (128 if block_r >= 64 or fp32 else 256), \
-            (32 if fp32 else 64), 8, 3
+        wide = not (block_r >= 64 or fp32 or mask_epilogue)
+        block_m, block_n, block_k, warps, stages = 128, (256 if wide else 128), (32 if fp32 else 64), 8, 3
     num_m_blocks = triton.cdiv(M, block_m)
     num_n_tiles = triton.cdiv(N, block_n)
     tiles = 1
@@ -377,7 +381,7 @@ def launch_fused(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Ten
     M, D = x.shape
     C, R = w.shape[0], a.shape[0]
     if config is None:
-        config = forward_config(M, C, D, R, x.element_size(), _num_sms(x.device))
+        config = forward_config(M, C, D, R, x.element_size(), _num_sms(x.device), seed is not None)
     base_precision, lora_precision = _precisions(x.dtype, x.device)
     num_m_blocks = triton.cdiv(M, config.block_m)
     num_runs = triton.cdiv(triton.cdiv(C, config.block_n), config.tiles_per_program)

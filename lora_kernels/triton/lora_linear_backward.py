@@ -179,7 +179,7 @@ def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
         return dx, da, db, dbias
     cfg = grad_config or weight_grad_config(M, N, K, r, x.element_size(), _num_sms(dev), need_a, need_b)
     split = max(1, min(cfg.split_m, triton.cdiv(M, cfg.block_m)))
-    rows_per_split = triton.cdiv(triton.cdiv(M, split), cfg.block_m) * cfg.block_m
+    rows_per_split = max(1, triton.cdiv(triton.cdiv(M, split), cfg.block_m)) * cfg.block_m
     split = max(1, triton.cdiv(M, rows_per_split))
     # One split writes the gradients themselves (split stride 0); several write fp32 partials that
     # torch sums in a fixed order below.
