@@ -27,6 +27,7 @@ SUITES = {
     "merge": "bench.merge",
     "model": "bench.model",
     "training": "bench.training",
+    "overhead": "bench.overhead",
 }
 
 

@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOAT_DTYPE_SET = frozenset(FLOAT_DTYPES)  # O(1) membership on the hot path (ops validate every call)
 INT_INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -28,7 +29,7 @@ def check_tensor(op: str, name: str, value, *, dtypes=FLOAT_DTYPES, ndim: Option
     """`value` is a tensor of one of `dtypes` with the given rank."""
     if not isinstance(value, torch.Tensor):
         fail(op, f"{name} must be a torch.Tensor, got {type(value).__name__}", TypeError)
-    if value.dtype not in dtypes:
+    if value.dtype not in (_FLOAT_DTYPE_SET if dtypes is FLOAT_DTYPES else dtypes):
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         fail(op, f"{name} must have a dtype in ({names}), got {str(value.dtype).replace('torch.', '')}",
              TypeError)

@@ -393,6 +393,21 @@ def test_compile_fullgraph_model_equals_eager(backend, training, request):
         assert_close(b, a.double(), torch.float32)
 
 
+def test_compile_under_autocast_equals_eager():
+    """The wrapper's autocast casts trace into the graph: compiled under autocast == eager."""
+    torch._dynamo.reset()
+    model = _TwoLayer("torch").eval()
+    x = rand(4, 16)
+
+    def step(fn):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _fwd_bwd(fn, x, seed=0)
+    eager, compiled = step(model), step(torch.compile(model, fullgraph=True, backend="aot_eager"))
+    assert eager[0].dtype == compiled[0].dtype == torch.bfloat16
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
+
+
 def test_compile_inductor_equals_eager():
     """One small inductor compile of a layer, forward and backward (no dropout: inductor draws its
     own random numbers, so only the dropout-free graph is comparable with eager). One layer and

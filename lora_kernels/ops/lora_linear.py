@@ -41,7 +41,10 @@ def _validate(x, weight, lora_a, lora_b, scale, bias) -> float:
     check_tensor(OP, "lora_b", lora_b, ndim=2)
     if bias is not None:
         check_tensor(OP, "bias", bias, ndim=1)
-    check_same_device(OP, x=x, weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias)
+    device = x.device
+    if not (weight.device == device and lora_a.device == device and lora_b.device == device
+            and (bias is None or bias.device == device)):
+        check_same_device(OP, x=x, weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias)  # raises
     K = x.shape[-1]
     N = weight.shape[0]
     r = lora_a.shape[0]
@@ -147,10 +150,10 @@ def dropout_mask(seed: Tensor, shape, p: float, backend: str = "auto") -> Tensor
 # The registered ops: validated inputs, a concrete backend. x may have any leading dims.
 # ---------------------------------------------------------------------------------------------
 
-def _no_autocast(device_type: str):
+def _no_autocast(x: Tensor):
     """The torch backend computes in fp32/fp64 on purpose: autocast must not re-cast inside it."""
-    if torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
+    if torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
     return contextlib.nullcontext()
 
 
@@ -180,7 +183,7 @@ def lora_linear_fwd(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, s
         from ..cuda import lora_linear_fwd as launch
         y, t = launch(x2, weight, lora_a, lora_b, scale, bias, save_t)
     else:
-        with _no_autocast(x.device.type):
+        with _no_autocast(x):
             y, t = reference.lora_linear_forward(x2, weight, lora_a, lora_b, scale, bias,
                                                  _keep_mask(x2, dropout_p, dropout_seed), dropout_p)
         t = t.float() if save_t else x.new_empty((0, lora_a.shape[0]), dtype=torch.float32)
@@ -213,7 +216,7 @@ def lora_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_
     K, N = x.shape[-1], weight.shape[0]
     x2, dy2 = x.reshape(-1, K), dy.reshape(-1, N)
     if need_b and t is None:  # lora_b started requiring grad after the forward: recompute t
-        with _no_autocast(x.device.type):
+        with _no_autocast(x):
             _, t = reference.lora_linear_forward(x2, weight, lora_a, lora_b, scale, None,
                                                  _keep_mask(x2, dropout_p, dropout_seed), dropout_p)
         t = t.float()
@@ -222,7 +225,7 @@ def lora_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_
         dx, da, db, dbias = launch(dy2, x2, weight, lora_a, lora_b, t, scale, dropout_p, dropout_seed,
                                    bias_dtype, need_x, need_a, need_b)
         return (dx.reshape(x.shape) if need_x else dx), da, db, dbias
-    with _no_autocast(x.device.type):
+    with _no_autocast(x):
         grads = reference.lora_linear_backward(dy2, x2, weight, lora_a, lora_b, t, scale,
                                                _keep_mask(x2, dropout_p, dropout_seed), dropout_p,
                                                need_x, need_a, need_b, bias_dtype)
