@@ -6,7 +6,6 @@ that the same bad input gets the same sentence everywhere (the README's bad-inpu
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
@@ -68,7 +67,9 @@ def check_scale(op: str, name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         fail(op, f"{name} must be a float, got {type(value).__name__}", TypeError)
     value = float(value)
-    if not math.isfinite(value):
+    # finite <=> value - value == 0 (inf and nan give nan); unlike math.isfinite this also traces
+    # when torch.compile(dynamic=True) makes the float symbolic
+    if not value - value == 0.0:
         fail(op, f"{name} must be finite, got {value}")
     return value
 

@@ -393,6 +393,21 @@ def test_compile_fullgraph_model_equals_eager(backend, training, request):
         assert_close(b, a.double(), torch.float32)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compile_dynamic_shapes(backend, request):
+    """dynamic=True makes token counts and the layer's float hyper-parameters symbolic: still one
+    graph, and eager's values for every token count."""
+    if backend == "triton":
+        _triton(request)
+    torch._dynamo.reset()
+    model = _TwoLayer(backend).train()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=True)
+    for tokens in (3, 7, 12):
+        x = rand(2, tokens, 16)
+        for a, b in zip(_fwd_bwd(model, x, seed=tokens), _fwd_bwd(compiled, x, seed=tokens)):
+            assert_close(b, a.double(), torch.float32)
+
+
 def test_compile_under_autocast_equals_eager():
     """The wrapper's autocast casts trace into the graph: compiled under autocast == eager."""
     torch._dynamo.reset()
