@@ -312,8 +312,9 @@ _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
 
 def _eager_fast_path(x, weight, lora_a, lora_b, bias) -> bool:
     """True when calling the implementations directly is indistinguishable from calling the op:
-    eager mode, no dispatch modes or functorch transforms, plain tensors on a real device."""
-    if torch.compiler.is_compiling():
+    eager mode, no dispatch modes or functorch transforms, plain tensors on a real device, and no
+    profiler running (so that a trace shows the op by its name)."""
+    if torch.compiler.is_compiling() or torch.autograd._profiler_enabled():
         return False
     if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
         return False

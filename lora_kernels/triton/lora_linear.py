@@ -1,4 +1,6 @@
-"""Triton fused LoRA linear forward: kernel and launcher.
+"""Triton fused LoRA linear: the fused GEMM kernel (the forward, and the backward's dx), the
+shrink and dropout-mask kernels, and their launchers (the dA/dB kernel is in
+lora_linear_backward.py).
 
 One launch computes, per output tile,
 
