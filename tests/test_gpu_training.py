@@ -14,10 +14,11 @@ from tolerances import assert_close, rand
 pytestmark = pytest.mark.gpu
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-SHAPES = [  # (M, N, K, r): decode, odd sizes, the suite's layers at training token counts, rank 128
-    (1, 4096, 4096, 16), (333, 1000, 1234, 7), (2, 77, 65, 1), (1024, 14336, 4096, 16),
-    (4096, 4096, 4096, 64), (2048, 4096, 14336, 16), (257, 1024, 4096, 128),
-]
+# (M, N, K, r): decode, odd sizes, a training-size layer, rank 128. Few on purpose: every shape
+# regime x dtype x dropout compiles its own kernels; the training benchmark checks the suite's
+# layer shapes against float64 before timing them.
+SHAPES = [(1, 4096, 4096, 16), (333, 1000, 1234, 7), (2, 77, 65, 1), (4096, 4096, 4096, 64),
+          (257, 1024, 4096, 128)]
 GRAD_NAMES = ("x", "lora_a", "lora_b", "bias")
 
 
