@@ -93,13 +93,14 @@ def choose_backend(x: Tensor, lora_a: Tensor, backend: str = "auto") -> str:
     """The backend that runs these inputs (see backends.py for the rule).
 
     Eager calls memoise the answer on everything the rule reads (the requested backend, the
-    device, x's dtype, whether the rank fits the Triton kernel, and the two environment
-    variables), so a decode step does not re-derive it hundreds of times."""
+    device, x's and the adapters' dtypes, the rank, and the two environment variables), so a
+    decode step does not re-derive it hundreds of times. A backend whose reasons read anything
+    else must add it to the key."""
     if backend == "torch":
         return backend  # always runs; nothing to look up
     if torch.compiler.is_compiling():
         return backends.resolve(OP, backend, x.device, AUTO_PREFERENCE, _input_reason(x, lora_a))
-    key = (backend, x.device, x.dtype, lora_a.shape[0] > TRITON_MAX_RANK,
+    key = (backend, x.device, x.dtype, lora_a.dtype, lora_a.shape[0],
            os.environ.get(backends.ENV_VAR), os.environ.get("TRITON_INTERPRET"))
     chosen = _BACKEND_CACHE.get(key)
     if chosen is None:
