@@ -1,8 +1,8 @@
 """Suite `overhead`: host time per call at M = 1, where a decode step (hundreds of layers) is bound
 by Python and launches, not by the GPU.
 
-Each method runs back to back `calls` times between two synchronisations; the time per call is
-the host's (the GPU work at M = 1 is shorter than the launch overhead). Methods:
+Each method runs back to back `calls` times; the median host time of a call is reported (the GPU
+work at M = 1 is shorter than the launch overhead, so the host is the bottleneck). Methods:
 
 * ``base``: ``F.linear(x, W)``; ``skilled``: ``F.linear(x, W).addmm_(x @ A^T, B^T, alpha=s)``;
 * ``peft``: PEFT's LoRA layer (eval);
@@ -17,6 +17,7 @@ Every method's output (y, or dx for the training ones) is checked against float6
 """
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Callable, Dict, List
 
@@ -30,27 +31,29 @@ from .common import CHECK_TOL, add_ratios, rel_error, seeded_randn
 from .peers import _peft_layer
 
 KEY_COLUMNS = ["layer", "K", "N", "M", "r"]
-NOTE = ("Host time per call (back-to-back calls between two synchronisations) / that of "
+NOTE = ("Median host time per call (back-to-back calls) / that of "
         "`F.linear(x, W)`, M = 1. `ours_torch - reference_work` (CPU) is the Python overhead of "
         "lora_linear beyond the torch backend's arithmetic.")
 CPU_LAYER = ("tiny", 64, 64)
 GPU_LAYER = ("8B q/o", 4096, 4096)
 
 
-def host_us(fn: Callable[[], object], device: torch.device, calls: int, rounds: int = 5) -> float:
-    """Best of `rounds` of: `calls` back-to-back calls between synchronisations, per call."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+def host_us(fn: Callable[[], object], device: torch.device, calls: int) -> float:
+    """Median host time of one call over `calls` back-to-back calls (GPU work queues behind; the
+    median ignores the rare call that waits on a full launch queue or a busy shared CPU)."""
     for _ in range(max(10, calls // 10)):
         fn()
-    best = float("inf")
-    for _ in range(rounds):
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        sync()
-        best = min(best, (time.perf_counter() - t0) / calls)
-    return best * 1e6
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    clock = time.perf_counter
+    samples = []
+    for _ in range(calls):
+        t0 = clock()
+        fn()
+        samples.append(clock() - t0)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return statistics.median(samples) * 1e6
 
 
 def overhead_methods(x, weight, lora_a, lora_b, scale, backends) -> Dict[str, Callable[[], object]]:
@@ -139,3 +142,11 @@ def run(args, device, dtype, backends, rep_ms, log) -> Dict:
     summary.update({f"ours_{b}_train_minus_base_train_us": t[f"ours_{b}_train"] - t["base_train"]
                     for b in backends if f"ours_{b}_train" in t and "base_train" in t})
     return {"cases": cases, "summary": summary}
+
+
+def brief(result: Dict) -> List[str]:
+    """Host µs per call of every method (the ratios are to F.linear's)."""
+    lines = []
+    for c in result["cases"]:
+        lines.append(f"  {c['layer']} M=1 r={c['r']}: " + " ".join(f"{m}={t:.1f}us" for m, t in c["times_us"].items()))
+    return lines

@@ -225,3 +225,17 @@ def run(args, device, dtype, backends, rep_ms, log) -> Dict:
     return {"cases": cases, "summary": summarize(cases, backends)}
 
 
+
+
+def brief(result: Dict) -> List[str]:
+    """Ratios to the two base GEMMs, then MB kept for the backward: ours minus base vs M*r*4."""
+    from .summarize import ratio_table
+    ours = sorted({m for c in result["cases"] for m in c["times_us"] if m.startswith("ours_")})
+    lines = ratio_table(result, ("layer", "M", "r"), ["base_autograd", "peft", "peft_fp32"] + ours, width=20)
+    for c in result["cases"]:
+        mem = c.get("memory", {})
+        kept = {m: mem[m]["kept_mb"] - mem["base"]["kept_mb"] for m in mem if m != "base" and "base" in mem}
+        if kept:
+            cells = " ".join(f"{m}={v:.2f}" for m, v in kept.items())
+            lines.append(f"  kept MB beyond base, {c['layer']} M={c['M']} (M*r*4 = {c['t_mb']:.2f}): {cells}")
+    return lines
