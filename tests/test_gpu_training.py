@@ -153,3 +153,19 @@ def test_checkpointed_training_step_matches():
         return xi.grad, layer.lora_A.grad, layer.lora_B.grad
     for a, b in zip(grads(False), grads(True)):
         assert torch.equal(a, b)
+
+
+def test_cuda_forward_trains_with_the_triton_backward():
+    from lora_kernels.backends import unavailable_reason
+    reason = unavailable_reason("cuda", torch.device("cuda"))
+    if reason is not None:
+        pytest.skip(reason)
+    inp = make_lora_inputs(None, 1024, 768, 16, torch.bfloat16, device="cuda", lead=(2, 150))
+    dy = rand(2, 150, 1024, dtype=torch.bfloat16, device="cuda")
+    y, grads = lora_linear_with_grads(inp, dy, backend="cuda")
+    y_ref, ref = reference_with_grads(inp, dy)
+    assert_close(y, y_ref, torch.bfloat16)
+    for name in GRAD_NAMES:
+        assert_close(grads[name], ref[name], torch.bfloat16, what=f"grad {name}")
+    with pytest.raises(lora_kernels.BackendUnavailable, match="no dropout"):
+        lora_kernels.lora_linear(*inp.args(), dropout_p=0.1, training=True, backend="cuda")

@@ -441,3 +441,16 @@ def test_compile_inductor_equals_eager():
         return y, xi.grad, layer.lora_A.grad, layer.lora_B.grad
     for a, b in zip(run(layer), run(torch.compile(layer, fullgraph=True))):
         assert_close(b, a.double(), torch.float32)
+
+
+def test_cuda_backend_has_no_dropout_and_trains_through_triton(interpreter_device):
+    """The CUDA C++ kernel is a forward without dropout: asking it for dropout says so, and its
+    backward runs on Triton where Triton can run (else on the torch reference)."""
+    from lora_kernels.ops.lora_linear import _input_reason, backward_backend
+    inp = make_lora_inputs(4, 8, 8, 2, torch.float16)
+    assert "no dropout" in _input_reason(inp.x, inp.lora_a, dropout=True)("cuda")
+    assert backward_backend("cuda", inp.x, inp.lora_a) == "triton"
+    assert backward_backend("cuda", inp.x.double(), inp.lora_a.double()) == "torch"
+    assert backward_backend("torch", inp.x, inp.lora_a) == "torch"
+    with pytest.raises(lora_kernels.BackendUnavailable, match="no dropout"):
+        torch.ops.lora_kernels.lora_linear_fwd(*inp.args(), "cuda", False, 0.5, torch.tensor([1]))

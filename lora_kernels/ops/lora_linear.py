@@ -65,7 +65,7 @@ def _validate(x, weight, lora_a, lora_b, scale, bias) -> float:
     return check_scale(OP, "scale", scale)
 
 
-def _input_reason(x: Tensor, lora_a: Tensor):
+def _input_reason(x: Tensor, lora_a: Tensor, dropout: bool = False):
     def reason(backend: str) -> Optional[str]:
         if backend == "triton":
             if x.dtype not in TRITON_DTYPES:
@@ -73,6 +73,9 @@ def _input_reason(x: Tensor, lora_a: Tensor):
             if lora_a.shape[0] > TRITON_MAX_RANK:
                 return f"triton: rank {lora_a.shape[0]} exceeds the kernel's limit of {TRITON_MAX_RANK}"
         if backend == "cuda":
+            if dropout:
+                return ("cuda: the CUDA C++ kernel has no dropout (training with dropout_p > 0); "
+                        "backend='triton' has it")
             from .. import cuda
             return cuda.input_reason(x.dtype, lora_a.dtype, lora_a.shape[0])
         return None
@@ -89,22 +92,23 @@ AUTO_PREFERENCE = ("triton", "cuda")
 _BACKEND_CACHE: dict = {}
 
 
-def choose_backend(x: Tensor, lora_a: Tensor, backend: str = "auto") -> str:
-    """The backend that runs these inputs (see backends.py for the rule).
+def choose_backend(x: Tensor, lora_a: Tensor, backend: str = "auto", dropout: bool = False) -> str:
+    """The backend that runs these inputs (see backends.py for the rule); `dropout`: the call
+    draws a dropout mask (training with dropout_p > 0).
 
     Eager calls memoise the answer on everything the rule reads (the requested backend, the
-    device, x's and the adapters' dtypes, the rank, and the two environment variables), so a
-    decode step does not re-derive it hundreds of times. A backend whose reasons read anything
-    else must add it to the key."""
+    device, x's and the adapters' dtypes, the rank, dropout, and the two environment variables),
+    so a decode step does not re-derive it hundreds of times. A backend whose reasons read
+    anything else must add it to the key."""
     if backend == "torch":
         return backend  # always runs; nothing to look up
     if torch.compiler.is_compiling():
-        return backends.resolve(OP, backend, x.device, AUTO_PREFERENCE, _input_reason(x, lora_a))
-    key = (backend, x.device, x.dtype, lora_a.dtype, lora_a.shape[0],
+        return backends.resolve(OP, backend, x.device, AUTO_PREFERENCE, _input_reason(x, lora_a, dropout))
+    key = (backend, x.device, x.dtype, lora_a.dtype, lora_a.shape[0], dropout,
            os.environ.get(backends.ENV_VAR), os.environ.get("TRITON_INTERPRET"))
     chosen = _BACKEND_CACHE.get(key)
     if chosen is None:
-        chosen = backends.resolve(OP, backend, x.device, AUTO_PREFERENCE, _input_reason(x, lora_a))
+        chosen = backends.resolve(OP, backend, x.device, AUTO_PREFERENCE, _input_reason(x, lora_a, dropout))
         _BACKEND_CACHE[key] = chosen
     return chosen
 
@@ -181,6 +185,8 @@ def lora_linear_fwd(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, s
         y, t = launch(x2, weight, lora_a, lora_b, scale, bias, save_t, dropout_p=dropout_p,
                       seed=dropout_seed)
     elif backend == "cuda":
+        if dropout_seed is not None:
+            raise backends.BackendUnavailable(f"{OP}: {_input_reason(x, lora_a, True)('cuda')}")
         from ..cuda import lora_linear_fwd as launch
         y, t = launch(x2, weight, lora_a, lora_b, scale, bias, save_t)
     else:
@@ -252,10 +258,20 @@ def _(dy, x, weight, lora_a, lora_b, t, scale, dropout_p, dropout_seed, bias_dty
 # Autograd: one formula, registered with the op and reused by the eager fast path.
 # ---------------------------------------------------------------------------------------------
 
+def backward_backend(forward_backend: str, x: Tensor, lora_a: Tensor) -> str:
+    """The backend of the backward. The CUDA C++ backend has a forward only: its backward runs on
+    Triton where Triton can run these inputs, else on the torch reference."""
+    if forward_backend != "cuda":
+        return forward_backend
+    reason = backends.unavailable_reason("triton", x.device) or _input_reason(x, lora_a)("triton")
+    return "torch" if reason else "triton"
+
+
 def _save(ctx, x, weight, lora_a, lora_b, t, seed, scale, dropout_p, bias, backend) -> None:
     """Kept for the backward: x itself (never a copy or an fp32 cast), the parameters, t [M, r]
     fp32 (only when B needs a gradient) and the dropout seed (int64 [1]) -- never a mask."""
-    ctx.scale, ctx.dropout_p, ctx.backend = scale, dropout_p, backend
+    ctx.scale, ctx.dropout_p = scale, dropout_p
+    ctx.backend = backward_backend(backend, x, lora_a)
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.save_for_backward(x, weight, lora_a, lora_b, t, seed)
 
@@ -394,12 +410,10 @@ def lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale
         x, weight, lora_a, lora_b, bias = _autocast_inputs(autocast, x, weight, lora_a, lora_b, bias)
     scale = _validate(x, weight, lora_a, lora_b, scale, bias)
     dropout_p = check_probability(OP, "dropout_p", dropout_p)
-    chosen = choose_backend(x, lora_a, backend)
-    seed = None
-    if training and dropout_p > 0.0:
-        seed = draw_dropout_seed(x.device)
-    else:
+    if not training:
         dropout_p = 0.0
+    chosen = choose_backend(x, lora_a, backend, dropout_p > 0.0)
+    seed = draw_dropout_seed(x.device) if dropout_p > 0.0 else None
     grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_a.requires_grad
                                         or lora_b.requires_grad or (bias is not None and bias.requires_grad))
     save_t = grad and lora_b.requires_grad
