@@ -74,6 +74,8 @@ say "== demo (python -m lora_kernels.demo --quick)"
 $PY -m lora_kernels.demo --quick 2>&1 | tail -30 | tee -a "$LOG"
 [ "${PIPESTATUS[0]}" -eq 0 ] || failures=$((failures + 1))
 bench tune --suite tune --quick
+bench training --suite training --ranks 16 --tokens 128 1024 4096 --layers "8B q/o" "8B k/v" "8B gate/up" "8B down"
+bench overhead --suite overhead
 
 say "== summary"
 $PY -m bench.summarize "$RAW" 2>&1 | tee -a "$LOG"

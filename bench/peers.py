@@ -11,8 +11,9 @@ import lora_kernels
 
 
 def _peft_layer(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
-                adapters_fp32: bool) -> nn.Module:
-    """A real PEFT LoRA Linear over `weight` (shared, not copied) with the given adapter."""
+                adapters_fp32: bool, lora_dropout: float = 0.0) -> nn.Module:
+    """A real PEFT LoRA Linear over `weight` (shared, not copied) with the given adapter, in eval
+    mode (call .train() for a training step with `lora_dropout`)."""
     from peft import LoraConfig, get_peft_model
 
     N, K = weight.shape
@@ -27,7 +28,7 @@ def _peft_layer(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
         def forward(self, x):
             return self.proj(x)
 
-    cfg = LoraConfig(r=r, lora_alpha=scale * r, target_modules=["proj"], lora_dropout=0.0)
+    cfg = LoraConfig(r=r, lora_alpha=scale * r, target_modules=["proj"], lora_dropout=lora_dropout)
     model = get_peft_model(Net(), cfg, autocast_adapter_dtype=adapters_fp32)
     layer = model.base_model.model.proj
     dtype = torch.float32 if adapters_fp32 else weight.dtype

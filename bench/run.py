@@ -28,6 +28,8 @@ SUITES = {
     "merge": "bench.merge",
     "model": "bench.model",
     "multi": "bench.multi",
+    "training": "bench.training",
+    "overhead": "bench.overhead",
 }
 
 

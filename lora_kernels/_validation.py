@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOAT_DTYPE_SET = frozenset(FLOAT_DTYPES)  # O(1) membership on the hot path (ops validate every call)
 INT_INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -29,7 +30,7 @@ def check_tensor(op: str, name: str, value, *, dtypes=FLOAT_DTYPES, ndim: Option
     """`value` is a tensor of one of `dtypes` with the given rank."""
     if not isinstance(value, torch.Tensor):
         fail(op, f"{name} must be a torch.Tensor, got {type(value).__name__}", TypeError)
-    if value.dtype not in dtypes:
+    if value.dtype not in (_FLOAT_DTYPE_SET if dtypes is FLOAT_DTYPES else dtypes):
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         fail(op, f"{name} must have a dtype in ({names}), got {str(value.dtype).replace('torch.', '')}",
              TypeError)
@@ -42,7 +43,7 @@ def check_tensor(op: str, name: str, value, *, dtypes=FLOAT_DTYPES, ndim: Option
 
 def check_shape(op: str, name: str, value: torch.Tensor, expected: Sequence[int], meaning: str) -> None:
     """`value.shape == expected`; `meaning` says where each expected size comes from."""
-    if tuple(value.shape) != tuple(int(e) for e in expected):
+    if value.shape != tuple(expected):  # torch.Size is a tuple: no per-element conversion
         fail(op, f"{name} must have shape {_fmt_shape(expected)} ({meaning}), got {_fmt_shape(value.shape)}")
 
 
@@ -68,7 +69,9 @@ def check_scale(op: str, name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         fail(op, f"{name} must be a float, got {type(value).__name__}", TypeError)
     value = float(value)
-    if not math.isfinite(value):
+    # finite <=> value - value == 0 (inf and nan give nan); unlike math.isfinite this also traces
+    # when torch.compile(dynamic=True) makes the float symbolic
+    if not value - value == 0.0:
         fail(op, f"{name} must be finite, got {value}")
     return value
 

@@ -19,6 +19,60 @@ def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+# ---------------------------------------------------------------------------------------------
+# Dropout mask from a Philox key (the same bits as the Triton kernels draw, see triton/lora_linear.py)
+# ---------------------------------------------------------------------------------------------
+
+_M32 = 0xFFFFFFFF
+PHILOX_ROUNDS = 10  # Philox4x32-10, as cuRAND, torch and Triton use
+_PHILOX_MUL = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_BUMP = (0x9E3779B9, 0xBB67AE85)
+
+
+def _mulhilo32(a: int, b: torch.Tensor):
+    """(hi, lo) 32-bit halves of the 64-bit product a * b, for a constant a < 2**32 and an int64
+    tensor b of uint32 values. Split into 16-bit halves so that no int64 product overflows."""
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    p_lo = a_lo * b                      # < 2**48
+    s = a_hi * b + (p_lo >> 16)          # < 2**49;  a * b = s * 2**16 + (p_lo & 0xFFFF)
+    return s >> 16, ((s & 0xFFFF) << 16) | (p_lo & 0xFFFF)
+
+
+def philox4x32(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor, k0: int,
+               k1: int, rounds: int = PHILOX_ROUNDS):
+    """Philox4x32 (Salmon et al., SC'11) on int64 tensors holding uint32 counters; key (k0, k1).
+    Returns the four uint32 output words as int64 tensors."""
+    for _ in range(rounds):
+        hi0, lo0 = _mulhilo32(_PHILOX_MUL[0], c0)
+        hi1, lo1 = _mulhilo32(_PHILOX_MUL[1], c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + _PHILOX_BUMP[0]) & _M32, (k1 + _PHILOX_BUMP[1]) & _M32
+    return c0, c1, c2, c3
+
+
+def dropout_threshold(p: float) -> int:
+    """Element (m, k) is kept iff (its 32 random bits >> 1) >= dropout_threshold(p): P(keep) = 1 - p
+    to within 2**-31."""
+    return min(round(p * 2.0 ** 31), 2 ** 31 - 1)
+
+
+def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
+    """bool [rows, cols], True = keep, for the 63-bit Philox key `seed`::
+
+        words = philox4x32(counter=(k // 4, m, 0, 0), key=(seed & 0xFFFFFFFF, seed >> 32))
+        keep[m, k] = (words[k % 4] >> 1) >= dropout_threshold(p)
+
+    One Philox call covers four adjacent columns; the counter never depends on strides or tiles,
+    so every kernel (forward, backward, this function) regenerates the same mask."""
+    groups = (cols + 3) // 4
+    c0 = torch.arange(groups, dtype=torch.int64, device=device).expand(rows, groups)
+    c1 = torch.arange(rows, dtype=torch.int64, device=device)[:, None].expand(rows, groups)
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    words = philox4x32(c0, c1, zero, zero, seed & _M32, (seed >> 32) & _M32)
+    bits = torch.stack(words, dim=-1).reshape(rows, 4 * groups)[:, :cols]
+    return (bits >> 1) >= dropout_threshold(p)
+
+
 def lora_input(x: torch.Tensor, dropout_p: float = 0.0, training: bool = False,
                dropout_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """PEFT's dropout placement: the LoRA branch sees ``dropout(x)``, the base sees ``x``.
@@ -44,6 +98,55 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lor
     t = lora_input(x, dropout_p, training, dropout_mask).to(acc) @ lora_a.to(acc).t()
     y = y + scale * (t @ lora_b.to(acc).t())
     return y.to(x.dtype)
+
+
+def lora_linear_forward(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                        scale: float, bias: Optional[torch.Tensor] = None, keep: Optional[torch.Tensor] = None,
+                        dropout_p: float = 0.0):
+    """(y, t) for a 2-D x [M, K] -- the torch backend of the op ``lora_linear_fwd``::
+
+        t = (x * keep / (1 - dropout_p)) @ lora_a.T        # [M, r], accumulation dtype
+        y = x @ weight.T + bias + scale * t @ lora_b.T     # [M, N], x.dtype
+
+    keep: bool [M, K] (True = keep) or None for no dropout."""
+    acc = acc_dtype(x.dtype, weight.dtype, lora_a.dtype, lora_b.dtype)
+    t = lora_input(x, dropout_p, dropout_mask=keep).to(acc) @ lora_a.to(acc).t()
+    y = torch.addmm(x.to(acc) @ weight.to(acc).t(), t, lora_b.to(acc).t(), alpha=scale)
+    if bias is not None:
+        y += bias.to(acc)
+    return y.to(x.dtype), t
+
+
+def lora_linear_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
+                         lora_b: torch.Tensor, t: Optional[torch.Tensor], scale: float,
+                         keep: Optional[torch.Tensor] = None, dropout_p: float = 0.0, need_x: bool = True,
+                         need_a: bool = True, need_b: bool = True,
+                         bias_dtype: Optional[torch.dtype] = None):
+    """(dx, dA, dB, dbias) of ``lora_linear_forward`` for 2-D dy [M, N], x [M, K], t [M, r]::
+
+        u = dy @ lora_b
+        dx = dy @ weight + scale * (u @ lora_a) * keep / (1 - p)
+        dA = scale * u.T @ drop(x);   dB = scale * dy.T @ t;   dbias = dy.sum(0)
+
+    computed in the accumulation dtype, each returned in its tensor's dtype (dbias in bias_dtype);
+    None for a gradient not needed (dbias: bias_dtype None)."""
+    acc = acc_dtype(dy.dtype, x.dtype, lora_a.dtype, lora_b.dtype)
+    dya = dy.to(acc)
+    dx = da = db = dbias = None
+    if need_x or need_a:
+        u = dya @ lora_b.to(acc)
+    if need_x:
+        lora = scale * (u @ lora_a.to(acc))
+        if keep is not None:
+            lora = lora * keep / (1.0 - dropout_p)
+        dx = (dya @ weight.to(acc) + lora).to(x.dtype)
+    if need_a:
+        da = (scale * (u.t() @ lora_input(x, dropout_p, dropout_mask=keep).to(acc))).to(lora_a.dtype)
+    if need_b:
+        db = (scale * (dya.t() @ t.to(acc))).to(lora_b.dtype)
+    if bias_dtype is not None:
+        dbias = dya.sum(0).to(bias_dtype)
+    return dx, da, db, dbias
 
 
 def _as_lists(lora_a, lora_b, scale):

@@ -186,3 +186,36 @@ def make_multi_inputs(M, N, K, L, r_max, dtype=torch.float32, device="cpu", *, d
     b = rand(N, dtype=dtype, device=device) if bias else None
     ids = token_adapters(dist, M, L, seed).to(device)
     return MultiInputs(x, weight, lora_a, lora_b, scales, None if ranks is None else ranks.to(device), b, ids)
+
+
+def lora_linear_with_grads(inp: LoraInputs, dy: torch.Tensor, *, backend: str, dropout_p: float = 0.0,
+                           training: bool = False, torch_seed: Optional[int] = None,
+                           train_weight: bool = False):
+    """(y, grads) of lora_kernels.lora_linear on fresh leaves cloned from `inp`; grads maps
+    "x", "lora_a", "lora_b", "bias" (and "weight" when train_weight) to their gradients.
+    torch_seed: torch.manual_seed right before the call (fixes the dropout mask)."""
+    import lora_kernels
+    leaves = {n: getattr(inp, n).detach().clone().requires_grad_(True)
+              for n in ("x", "lora_a", "lora_b", "bias") if getattr(inp, n) is not None}
+    weight = inp.weight.detach().clone().requires_grad_(train_weight)
+    if torch_seed is not None:
+        torch.manual_seed(torch_seed)
+    y = lora_kernels.lora_linear(leaves["x"], weight, leaves["lora_a"], leaves["lora_b"], inp.scale,
+                                 leaves.get("bias"), dropout_p=dropout_p, training=training, backend=backend)
+    y.backward(dy)
+    grads = {n: t.grad for n, t in leaves.items()}
+    if train_weight:
+        grads["weight"] = weight.grad
+    return y, grads
+
+
+def reference_with_grads(inp: LoraInputs, dy: torch.Tensor, *, dropout_p: float = 0.0,
+                         dropout_mask: Optional[torch.Tensor] = None):
+    """(y, grads) of the float64 reference (plain autograd) on inp's values, with every input --
+    weight included -- a leaf; dropout_mask: bool like x (True = keep)."""
+    leaves = {n: getattr(inp, n).detach().double().requires_grad_(True)
+              for n in ("x", "weight", "lora_a", "lora_b", "bias") if getattr(inp, n) is not None}
+    y = reference.lora_linear(leaves["x"], leaves["weight"], leaves["lora_a"], leaves["lora_b"], inp.scale,
+                              leaves.get("bias"), dropout_p=dropout_p, dropout_mask=dropout_mask)
+    y.backward(dy.double())
+    return y, {n: t.grad for n, t in leaves.items()}

@@ -1,11 +1,10 @@
 """The public op lora_linear: backends, autograd, registration, dropout, torch.compile."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import lora_kernels
 from lora_kernels import BackendUnavailable, reference
-from lora_kernels.ops.lora_linear import choose_backend
+from lora_kernels.ops.lora_linear import choose_backend, draw_dropout_seed, dropout_mask
 from cases import make_lora_inputs
 from tolerances import assert_close
 
@@ -124,9 +123,8 @@ def test_dropout_only_on_lora_branch_and_only_in_training():
     assert_close(y_eval, inp.reference64(), torch.float64)
     torch.manual_seed(3)
     y_train = lora_kernels.lora_linear(*inp.args(), dropout_p=0.5, training=True)
-    torch.manual_seed(3)
-    x_drop = F.dropout(inp.x, 0.5, training=True)
-    mask = x_drop != 0
+    torch.manual_seed(3)  # the op draws its Philox seed from torch's generator: same seed, same mask
+    mask = dropout_mask(draw_dropout_seed(inp.x.device), inp.x.shape, 0.5, backend="torch")
     assert 0.3 < mask.double().mean() < 0.7
     expected = reference.lora_linear(inp.x, inp.weight, inp.lora_a, inp.lora_b, inp.scale, inp.bias,
                                      dropout_p=0.5, dropout_mask=mask)

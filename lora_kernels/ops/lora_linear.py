@@ -1,14 +1,27 @@
-"""Fused LoRA linear: validation, backend dispatch, the registered op and its autograd formula.
+"""Fused LoRA linear: validation, backend dispatch, the registered ops and their autograd formula.
 
-Layers: kernel (``lora_kernels/triton/lora_linear.py``) -> launcher (same file) -> the custom op
-``torch.ops.lora_kernels.lora_linear_fwd`` + autograd (here) -> ``FusedLoRALinear`` (layers.py).
+Layers: kernels (``lora_kernels/triton/lora_linear.py`` forward, ``lora_linear_backward.py``
+backward) -> launchers (same files) -> the custom ops here -> ``FusedLoRALinear`` (layers.py).
+
+Registered ops (namespace ``lora_kernels``; each has a fake impl, so torch.compile traces them):
+
+* ``lora_linear_fwd(x, weight, lora_a, lora_b, scale, bias, backend, save_t, dropout_p,
+  dropout_seed) -> (y, t)`` with its autograd formula registered on it;
+* ``lora_linear_bwd(...) -> (dx, dA, dB, dbias)``, what that formula calls;
+* ``dropout_keep_mask(seed, rows, cols, p, backend)``: the mask the kernels draw (tests).
+
+Eager calls with plain tensors skip the dispatcher (``_LoRALinearFunction`` runs the same
+implementations and the same formula); under torch.compile, tensor subclasses, dispatch modes and
+functorch transforms the public function calls the registered op.
 """
 from __future__ import annotations
 
+import contextlib
+import math
+import os
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backends, reference
@@ -18,6 +31,7 @@ from .._validation import (check_adapter_dtype, check_probability, check_same_de
 OP = "lora_linear"
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_MAX_RANK = 128  # t [BLOCK_M, r] lives in registers beside the accumulator
+AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what autocast may cast (not fp64)
 
 
 def _validate(x, weight, lora_a, lora_b, scale, bias) -> float:
@@ -27,7 +41,10 @@ def _validate(x, weight, lora_a, lora_b, scale, bias) -> float:
     check_tensor(OP, "lora_b", lora_b, ndim=2)
     if bias is not None:
         check_tensor(OP, "bias", bias, ndim=1)
-    check_same_device(OP, x=x, weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias)
+    device = x.device
+    if not (weight.device == device and lora_a.device == device and lora_b.device == device
+            and (bias is None or bias.device == device)):
+        check_same_device(OP, x=x, weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias)  # raises
     K = x.shape[-1]
     N = weight.shape[0]
     r = lora_a.shape[0]
@@ -48,7 +65,7 @@ def _validate(x, weight, lora_a, lora_b, scale, bias) -> float:
     return check_scale(OP, "scale", scale)
 
 
-def _input_reason(x: Tensor, lora_a: Tensor):
+def _input_reason(x: Tensor, lora_a: Tensor, dropout: bool = False):
     def reason(backend: str) -> Optional[str]:
         if backend == "triton":
             if x.dtype not in TRITON_DTYPES:
@@ -56,6 +73,9 @@ def _input_reason(x: Tensor, lora_a: Tensor):
             if lora_a.shape[0] > TRITON_MAX_RANK:
                 return f"triton: rank {lora_a.shape[0]} exceeds the kernel's limit of {TRITON_MAX_RANK}"
         if backend == "cuda":
+            if dropout:
+                return ("cuda: the CUDA C++ kernel has no dropout (training with dropout_p > 0); "
+                        "backend='triton' has it")
             from .. import cuda
             return cuda.input_reason(x.dtype, lora_a.dtype, lora_a.shape[0])
         return None
@@ -69,77 +89,287 @@ def _input_reason(x: Tensor, lora_a: Tensor):
 AUTO_PREFERENCE = ("triton", "cuda")
 
 
-def choose_backend(x: Tensor, lora_a: Tensor, backend: str = "auto") -> str:
-    """The backend that runs these inputs (see backends.py for the rule)."""
-    return backends.resolve(OP, backend, x.device, AUTO_PREFERENCE, _input_reason(x, lora_a))
+_BACKEND_CACHE: dict = {}
+
+
+def choose_backend(x: Tensor, lora_a: Tensor, backend: str = "auto", dropout: bool = False) -> str:
+    """The backend that runs these inputs (see backends.py for the rule); `dropout`: the call
+    draws a dropout mask (training with dropout_p > 0).
+
+    Eager calls memoise the answer on everything the rule reads (the requested backend, the
+    device, x's and the adapters' dtypes, the rank, dropout, and the two environment variables),
+    so a decode step does not re-derive it hundreds of times. A backend whose reasons read
+    anything else must add it to the key."""
+    if backend == "torch":
+        return backend  # always runs; nothing to look up
+    if torch.compiler.is_compiling():
+        return backends.resolve(OP, backend, x.device, AUTO_PREFERENCE, _input_reason(x, lora_a, dropout))
+    key = (backend, x.device, x.dtype, lora_a.dtype, lora_a.shape[0], dropout,
+           os.environ.get(backends.ENV_VAR), os.environ.get("TRITON_INTERPRET"))
+    chosen = _BACKEND_CACHE.get(key)
+    if chosen is None:
+        chosen = backends.resolve(OP, backend, x.device, AUTO_PREFERENCE, _input_reason(x, lora_a, dropout))
+        _BACKEND_CACHE[key] = chosen
+    return chosen
 
 
 # ---------------------------------------------------------------------------------------------
-# The registered op: 2-D x, validated inputs, a concrete backend.
+# Dropout: a Philox seed drawn from torch's generator; the kernels regenerate the mask from it.
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("lora_kernels::lora_linear_fwd", mutates_args=())
+SEED_HIGH = 2 ** 63 - 1
+
+
+def draw_dropout_seed(device) -> Tensor:
+    """int64 [1] on `device`: the Philox key of one dropout mask, drawn from torch's generator for
+    that device (so ``torch.manual_seed`` reproduces it, checkpointing replays it, and CUDA-graph
+    capture records it). ``lora_linear`` draws exactly one per training call with dropout."""
+    return torch.randint(SEED_HIGH, (1,), dtype=torch.int64, device=device)
+
+
+@torch.library.custom_op("lora_kernels::dropout_keep_mask", mutates_args=())
+def _dropout_keep_mask_op(seed: Tensor, rows: int, cols: int, p: float, backend: str) -> Tensor:
+    if backend == "triton":
+        from ..triton.lora_linear import dropout_mask as launch
+        return launch(seed, rows, cols, p)
+    return reference.dropout_keep_mask(int(seed.item()), rows, cols, p, seed.device)
+
+
+@_dropout_keep_mask_op.register_fake
+def _(seed, rows, cols, p, backend):
+    return seed.new_empty((rows, cols), dtype=torch.bool)
+
+
+def dropout_mask(seed: Tensor, shape, p: float, backend: str = "auto") -> Tensor:
+    """bool `shape` (True = keep): the dropout mask that ``lora_linear`` with this seed applies to
+    an x of this shape -- for tests and debugging; the kernels never materialise it.
+    Row m of the flattened [prod(shape[:-1]), shape[-1]] view is Philox counter row m (see
+    ``reference.dropout_keep_mask``). seed: int64 [1] from ``draw_dropout_seed``."""
+    shape = tuple(shape)
+    rows, cols = math.prod(shape[:-1]), shape[-1]
+    chosen = backends.resolve("dropout_mask", backend, seed.device, ("triton",))
+    return torch.ops.lora_kernels.dropout_keep_mask(seed, rows, cols, float(p), chosen).reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# The registered ops: validated inputs, a concrete backend. x may have any leading dims.
+# ---------------------------------------------------------------------------------------------
+
+def _no_autocast(x: Tensor):
+    """The torch backend computes in fp32/fp64 on purpose: autocast must not re-cast inside it."""
+    if torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _keep_mask(x2: Tensor, p: float, seed: Optional[Tensor]) -> Optional[Tensor]:
+    """The torch backend's dropout mask for x2 [M, K] (the same bits the kernels draw)."""
+    if seed is None:
+        return None
+    return reference.dropout_keep_mask(int(seed.item()), x2.shape[0], x2.shape[1], p, x2.device)
+
+
 def lora_linear_fwd(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float,
-                    bias: Optional[Tensor], backend: str, save_t: bool) -> Tuple[Tensor, Tensor]:
-    """(y, t): y = x @ weight.T + bias + scale * t @ lora_b.T, t = x @ lora_a.T in fp32.
+                    bias: Optional[Tensor], backend: str, save_t: bool, dropout_p: float = 0.0,
+                    dropout_seed: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """(y, t): y = x @ weight.T + bias + scale * t @ lora_b.T with t = drop(x) @ lora_a.T in fp32.
 
-    x [M, K], weight [N, K], lora_a [r, K], lora_b [N, r], bias [N] | None; y [M, N] in x.dtype;
-    t [M, r] float32 when save_t (kept for the backward), else an empty [0, r]."""
+    x [..., K], weight [N, K], lora_a [r, K], lora_b [N, r], bias [N] | None; y [..., N] in
+    x.dtype; t [M, r] float32 (M = x.numel() // K) when save_t (kept for the backward), else an
+    empty [0, r]. drop(x) = x * keep / (1 - dropout_p), keep drawn from dropout_seed (int64 [1];
+    None = no dropout)."""
+    flat = x.dim() == 2
+    x2 = x if flat else x.reshape(-1, x.shape[-1])
     if backend == "triton":
         from ..triton.lora_linear import lora_linear_fwd as launch
-        return launch(x, weight, lora_a, lora_b, scale, bias, save_t)
-    if backend == "cuda":
+        y, t = launch(x2, weight, lora_a, lora_b, scale, bias, save_t, dropout_p=dropout_p,
+                      seed=dropout_seed)
+    elif backend == "cuda":
+        if dropout_seed is not None:
+            raise backends.BackendUnavailable(f"{OP}: {_input_reason(x, lora_a, True)('cuda')}")
         from ..cuda import lora_linear_fwd as launch
-        return launch(x, weight, lora_a, lora_b, scale, bias, save_t)
-    y = reference.lora_linear(x, weight, lora_a, lora_b, scale, bias)
-    acc = reference.acc_dtype(x.dtype, lora_a.dtype)
-    t = (x.to(acc) @ lora_a.to(acc).t()).float() if save_t else x.new_empty((0, lora_a.shape[0]), dtype=torch.float32)
-    return y, t
+        y, t = launch(x2, weight, lora_a, lora_b, scale, bias, save_t)
+    else:
+        with _no_autocast(x):
+            y, t = reference.lora_linear_forward(x2, weight, lora_a, lora_b, scale, bias,
+                                                 _keep_mask(x2, dropout_p, dropout_seed), dropout_p)
+        t = t.float() if save_t else x.new_empty((0, lora_a.shape[0]), dtype=torch.float32)
+    return (y if flat else y.reshape(*x.shape[:-1], weight.shape[0])), t
 
 
-@lora_linear_fwd.register_fake
-def _(x, weight, lora_a, lora_b, scale, bias, backend, save_t):
-    M, r = x.shape[0], lora_a.shape[0]
-    return (x.new_empty((M, weight.shape[0])),
-            x.new_empty((M if save_t else 0, r), dtype=torch.float32))
+_fwd_op = torch.library.custom_op("lora_kernels::lora_linear_fwd", mutates_args=())(lora_linear_fwd)
+
+
+@_fwd_op.register_fake
+def _(x, weight, lora_a, lora_b, scale, bias, backend, save_t, dropout_p=0.0, dropout_seed=None):
+    M = math.prod(x.shape[:-1])
+    return (x.new_empty((*x.shape[:-1], weight.shape[0])),
+            x.new_empty((M if save_t else 0, lora_a.shape[0]), dtype=torch.float32))
+
+
+def lora_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
+                    t: Optional[Tensor], scale: float, dropout_p: float, dropout_seed: Optional[Tensor],
+                    bias_dtype: Optional[torch.dtype], backend: str, need_x: bool, need_a: bool,
+                    need_b: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dA, dB, dbias) of lora_linear_fwd (W's gradient is the caller's: dy^T @ x)::
+
+        u = dy @ lora_b                                      # fp32, once
+        dx = dy @ weight + scale * (u @ lora_a) * keep / (1 - p)
+        dA = scale * u.T @ drop(x);  dB = scale * dy.T @ t;  dbias = dy.sum(0)
+
+    dy [..., N] like y, x [..., K], t [M, r] fp32 or None (recomputed if dB is needed). Grads in
+    x's / lora_a's / lora_b's / bias_dtype; one not needed (need_* False, bias_dtype None) comes
+    back as an empty [0] tensor."""
+    K, N = x.shape[-1], weight.shape[0]
+    x2, dy2 = x.reshape(-1, K), dy.reshape(-1, N)
+    if need_b and t is None:  # lora_b started requiring grad after the forward: recompute t
+        with _no_autocast(x):
+            _, t = reference.lora_linear_forward(x2, weight, lora_a, lora_b, scale, None,
+                                                 _keep_mask(x2, dropout_p, dropout_seed), dropout_p)
+        t = t.float()
+    if backend == "triton":
+        from ..triton.lora_linear_backward import lora_linear_bwd as launch
+        dx, da, db, dbias = launch(dy2, x2, weight, lora_a, lora_b, t, scale, dropout_p, dropout_seed,
+                                   bias_dtype, need_x, need_a, need_b)
+        return (dx.reshape(x.shape) if need_x else dx), da, db, dbias
+    with _no_autocast(x):
+        grads = reference.lora_linear_backward(dy2, x2, weight, lora_a, lora_b, t, scale,
+                                               _keep_mask(x2, dropout_p, dropout_seed), dropout_p,
+                                               need_x, need_a, need_b, bias_dtype)
+    dx, da, db, dbias = (g if g is not None else x.new_empty((0,), dtype=d) for g, d in
+                         zip(grads, (x.dtype, lora_a.dtype, lora_b.dtype, bias_dtype or x.dtype)))
+    return (dx.reshape(x.shape) if need_x else dx), da, db, dbias
+
+
+_bwd_op = torch.library.custom_op("lora_kernels::lora_linear_bwd", mutates_args=())(lora_linear_bwd)
+
+
+@_bwd_op.register_fake
+def _(dy, x, weight, lora_a, lora_b, t, scale, dropout_p, dropout_seed, bias_dtype, backend, need_x,
+      need_a, need_b):
+    def grad(needed, like, shape, dtype=None):
+        return like.new_empty(shape if needed else (0,), dtype=dtype or like.dtype)
+    return (grad(need_x, x, x.shape), grad(need_a, lora_a, lora_a.shape),
+            grad(need_b, lora_b, lora_b.shape),
+            grad(bias_dtype is not None, dy, (weight.shape[0],), bias_dtype or x.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd: one formula, registered with the op and reused by the eager fast path.
+# ---------------------------------------------------------------------------------------------
+
+def backward_backend(forward_backend: str, x: Tensor, lora_a: Tensor) -> str:
+    """The backend of the backward. The CUDA C++ backend has a forward only: its backward runs on
+    Triton where Triton can run these inputs, else on the torch reference."""
+    if forward_backend != "cuda":
+        return forward_backend
+    reason = backends.unavailable_reason("triton", x.device) or _input_reason(x, lora_a)("triton")
+    return "torch" if reason else "triton"
+
+
+def _save(ctx, x, weight, lora_a, lora_b, t, seed, scale, dropout_p, bias, backend) -> None:
+    """Kept for the backward: x itself (never a copy or an fp32 cast), the parameters, t [M, r]
+    fp32 (only when B needs a gradient) and the dropout seed (int64 [1]) -- never a mask."""
+    ctx.scale, ctx.dropout_p = scale, dropout_p
+    ctx.backend = backward_backend(backend, x, lora_a)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.save_for_backward(x, weight, lora_a, lora_b, t, seed)
+
+
+def _grads(ctx, dy: Tensor, bwd) -> tuple:
+    """(dx, dW, dA, dB, dbias), None where not needed; `bwd` is lora_linear_bwd or its op."""
+    x, weight, lora_a, lora_b, t, seed = ctx.saved_tensors
+    need_x, need_w, need_a, need_b, _, need_bias = ctx.needs_input_grad[:6]
+    dx = da = db = dbias = dw = None
+    if need_x or need_a or need_b or need_bias:
+        dx, da, db, dbias = bwd(dy, x, weight, lora_a, lora_b, t, ctx.scale, ctx.dropout_p, seed,
+                                ctx.bias_dtype if need_bias else None, ctx.backend, need_x, need_a,
+                                need_b)
+    if need_w:  # a trainable base weight: one plain GEMM (the base sees x, never drop(x))
+        K, N = x.shape[-1], weight.shape[0]
+        dw = (dy.reshape(-1, N).t() @ x.reshape(-1, K)).to(weight.dtype)
+    return (dx if need_x else None, dw, da if need_a else None, db if need_b else None,
+            dbias if need_bias else None)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, lora_a, lora_b, scale, bias, backend, save_t = inputs
-    ctx.scale = scale
-    ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.save_for_backward(x, weight, lora_a, lora_b, output[1] if save_t else None)
+    x, weight, lora_a, lora_b, scale, bias, backend, save_t, dropout_p, dropout_seed = inputs
+    _save(ctx, x, weight, lora_a, lora_b, output[1] if save_t else None, dropout_seed, scale,
+          dropout_p, bias, backend)
 
 
 def _backward(ctx, dy, _dt):
-    """dx = dy W + s (dy B) A;  dA = s (dy B)^T x;  dB = s dy^T t;  dbias = sum dy;  dW = dy^T x.
-
-    Plain torch ops with fp32 accumulation for the rank-r products (the fused backward kernel is
-    a later issue)."""
-    x, weight, lora_a, lora_b, t = ctx.saved_tensors
-    s = ctx.scale
-    need_x, need_w, need_a, need_b, _, need_bias, _, _ = ctx.needs_input_grad
-    dx = dw = da = db = dbias = None
-    dy = dy.contiguous()
-    acc = reference.acc_dtype(dy.dtype, lora_a.dtype)
-    if need_x or need_a:
-        u = dy.to(acc) @ lora_b.to(acc)  # dy.B [M, r]
-    if need_x:
-        dx = ((dy @ weight).to(acc) + s * (u @ lora_a.to(acc))).to(x.dtype)
-    if need_w:
-        dw = (dy.t() @ x).to(weight.dtype)
-    if need_a:
-        da = (s * (u.t() @ x.to(acc))).to(lora_a.dtype)
-    if need_b:
-        if t is None:
-            t = x.to(acc) @ lora_a.to(acc).t()
-        db = (s * (dy.to(acc).t() @ t.to(acc))).to(lora_b.dtype)
-    if need_bias:
-        dbias = dy.to(acc).sum(0).to(ctx.bias_dtype)
-    return dx, dw, da, db, None, dbias, None, None
+    dx, dw, da, db, dbias = _grads(ctx, dy, torch.ops.lora_kernels.lora_linear_bwd)
+    return dx, dw, da, db, None, dbias, None, None, None, None
 
 
-lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _LoRALinearFunction(torch.autograd.Function):
+    """The eager fast path: the op's implementations and formula without the dispatcher."""
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_a, lora_b, scale, bias, backend, save_t, dropout_p, dropout_seed):
+        y, t = lora_linear_fwd(x, weight, lora_a, lora_b, scale, bias, backend, save_t, dropout_p,
+                               dropout_seed)
+        _save(ctx, x, weight, lora_a, lora_b, t if save_t else None, dropout_seed, scale, dropout_p,
+              bias, backend)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        dx, dw, da, db, dbias = _grads(ctx, dy, lora_linear_bwd)
+        return dx, dw, da, db, None, dbias, None, None, None, None
+
+
+_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def _eager_fast_path(x, weight, lora_a, lora_b, bias) -> bool:
+    """True when calling the implementations directly is indistinguishable from calling the op:
+    eager mode, no dispatch modes or functorch transforms, plain tensors on a real device, and no
+    profiler running (so that a trace shows the op by its name)."""
+    if torch.compiler.is_compiling() or torch.autograd._profiler_enabled():
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
+        return False
+    if x.is_meta or type(x) not in _PLAIN_TENSOR_TYPES or type(weight) not in _PLAIN_TENSOR_TYPES:
+        return False
+    if type(lora_a) not in _PLAIN_TENSOR_TYPES or type(lora_b) not in _PLAIN_TENSOR_TYPES:
+        return False
+    return bias is None or type(bias) in _PLAIN_TENSOR_TYPES
+
+
+# ---------------------------------------------------------------------------------------------
+# Autocast
+# ---------------------------------------------------------------------------------------------
+
+def _autocast_dtype(x) -> Optional[torch.dtype]:
+    """The autocast dtype active for x's device, or None."""
+    if not isinstance(x, Tensor):
+        return None
+    if not torch.compiler.is_compiling() and not torch._C._is_any_autocast_enabled():
+        return None  # the common eager case, in ~0.1 us
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def _autocast_inputs(dtype, x, weight, lora_a, lora_b, bias):
+    """What autocast does to lora_linear (as it does to F.linear, plus PEFT's adapters):
+    x and weight are cast to the autocast dtype; a float32 bias and float32 adapters stay float32
+    (the kernels add the bias and run the fp32 adapter in fp32 -- PEFT's default fp32 adapters
+    keep their precision and get fp32 gradients, with no cast copies of A and B); any other
+    16-bit bias or adapter is cast to the autocast dtype. float64 x is left alone."""
+    def cast(t, keep_fp32):
+        if not isinstance(t, Tensor) or t.dtype not in AUTOCAST_DTYPES or t.dtype == dtype:
+            return t
+        return t if (keep_fp32 and t.dtype == torch.float32) else t.to(dtype)
+    if not isinstance(x, Tensor) or x.dtype not in AUTOCAST_DTYPES:
+        return x, weight, lora_a, lora_b, bias
+    return (cast(x, False), cast(weight, False), cast(lora_a, True), cast(lora_b, True),
+            None if bias is None else cast(bias, True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,7 +379,7 @@ lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 def lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float,
                 bias: Optional[Tensor] = None, *, dropout_p: float = 0.0, training: bool = False,
                 backend: str = "auto") -> Tensor:
-    """LoRA linear layer in one fused pass.
+    """LoRA linear layer in one fused pass (forward and backward).
 
     Semantics (plain torch; dropout on the LoRA input only, as PEFT)::
 
@@ -161,22 +391,36 @@ def lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale
         lora_a: [r, K], x's dtype or float32. lora_b: [N, r], lora_a's dtype.
         scale: finite float (``lora_alpha / r``, or ``/ sqrt(r)`` for rsLoRA).
         bias: [N] or None.
-        dropout_p, training: LoRA dropout probability, applied only when ``training``.
+        dropout_p, training: LoRA dropout probability, applied only when ``training``: each
+            element of x is kept with probability 1 - p and scaled by 1 / (1 - p) on the LoRA
+            branch. The mask comes from a Philox key drawn from torch's generator
+            (``draw_dropout_seed``): ``torch.manual_seed`` reproduces it, and the backward
+            regenerates it instead of storing it (``dropout_mask`` materialises it for tests).
         backend: "auto" | "triton" | "cuda" | "torch" (see ``lora_kernels.backends``).
 
+    Under ``torch.autocast`` x and weight are cast to the autocast dtype, and float32 adapters and
+    bias stay float32 (see ``_autocast_inputs``). Saved for the backward: x, the parameters,
+    t = drop(x) @ lora_a.T [M, r] in fp32 (when lora_b requires grad) and the dropout seed.
+
     Returns: y [..., N] in x's dtype. Differentiable in x, lora_a, lora_b, bias (and weight when
-    it requires grad).
+    it requires grad); each gradient in its tensor's dtype.
     """
+    autocast = _autocast_dtype(x)
+    if autocast is not None:
+        x, weight, lora_a, lora_b, bias = _autocast_inputs(autocast, x, weight, lora_a, lora_b, bias)
     scale = _validate(x, weight, lora_a, lora_b, scale, bias)
     dropout_p = check_probability(OP, "dropout_p", dropout_p)
-    chosen = choose_backend(x, lora_a, backend)
-    K, N = x.shape[-1], weight.shape[0]
-    if training and dropout_p > 0.0:
-        # Unfused composition with PEFT's exact formula; in-kernel dropout is a later issue.
-        x_drop = F.dropout(x, dropout_p, training=True).to(lora_a.dtype)
-        lora = F.linear(F.linear(x_drop, lora_a), lora_b) * scale
-        return F.linear(x, weight, bias) + lora.to(x.dtype)
-    save_t = torch.is_grad_enabled() and lora_b.requires_grad
-    y, _ = torch.ops.lora_kernels.lora_linear_fwd(x.reshape(-1, K), weight, lora_a, lora_b, scale,
-                                                  bias, chosen, save_t)
-    return y.reshape(*x.shape[:-1], N)
+    if not training:
+        dropout_p = 0.0
+    chosen = choose_backend(x, lora_a, backend, dropout_p > 0.0)
+    seed = draw_dropout_seed(x.device) if dropout_p > 0.0 else None
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_a.requires_grad
+                                        or lora_b.requires_grad or (bias is not None and bias.requires_grad))
+    save_t = grad and lora_b.requires_grad
+    if _eager_fast_path(x, weight, lora_a, lora_b, bias):
+        if grad:
+            return _LoRALinearFunction.apply(x, weight, lora_a, lora_b, scale, bias, chosen, save_t,
+                                             dropout_p, seed)
+        return lora_linear_fwd(x, weight, lora_a, lora_b, scale, bias, chosen, False, dropout_p, seed)[0]
+    return torch.ops.lora_kernels.lora_linear_fwd(x, weight, lora_a, lora_b, scale, bias, chosen, save_t,
+                                                  dropout_p, seed)[0]

@@ -1,0 +1,152 @@
+"""Suite `overhead`: host time per call at M = 1, where a decode step (hundreds of layers) is bound
+by Python and launches, not by the GPU.
+
+Each method runs back to back `calls` times; the median host time of a call is reported (the GPU
+work at M = 1 is shorter than the launch overhead, so the host is the bottleneck). Methods:
+
+* ``base``: ``F.linear(x, W)``; ``skilled``: ``F.linear(x, W).addmm_(x @ A^T, B^T, alpha=s)``;
+* ``peft``: PEFT's LoRA layer (eval);
+* ``reference_work`` (CPU only): ``reference.lora_linear_forward`` called directly -- the torch
+  backend's arithmetic, so ``ours_torch - reference_work`` is our Python overhead;
+* ``ours_<b>``: ``lora_linear`` under ``torch.no_grad`` (the eager fast path);
+  ``ours_<b>_op``: the same through the registered op (the dispatcher path torch.compile uses);
+* ``base_train`` / ``peft_train`` / ``ours_<b>_train``: forward + backward (x requires grad,
+  gradients by ``torch.autograd.grad``).
+
+Every method's output (y, or dx for the training ones) is checked against float64 before timing.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+
+import lora_kernels
+from lora_kernels import reference
+
+from .common import CHECK_TOL, add_ratios, rel_error, seeded_randn
+from .peers import _peft_layer
+
+KEY_COLUMNS = ["layer", "K", "N", "M", "r"]
+NOTE = ("Median host time per call (back-to-back calls) / that of "
+        "`F.linear(x, W)`, M = 1. `ours_torch - reference_work` (CPU) is the Python overhead of "
+        "lora_linear beyond the torch backend's arithmetic.")
+CPU_LAYER = ("tiny", 64, 64)
+GPU_LAYER = ("8B q/o", 4096, 4096)
+
+
+def host_us(fn: Callable[[], object], device: torch.device, calls: int) -> float:
+    """Median host time of one call over `calls` back-to-back calls (GPU work queues behind; the
+    median ignores the rare call that waits on a full launch queue or a busy shared CPU)."""
+    for _ in range(max(10, calls // 10)):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    clock = time.perf_counter
+    samples = []
+    for _ in range(calls):
+        t0 = clock()
+        fn()
+        samples.append(clock() - t0)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return statistics.median(samples) * 1e6
+
+
+def overhead_methods(x, weight, lora_a, lora_b, scale, backends) -> Dict[str, Callable[[], object]]:
+    xg = x.detach().clone().requires_grad_(True)
+    ag, bg = (t.detach().clone().requires_grad_(True) for t in (lora_a, lora_b))
+    dy = torch.ones(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    nograd = lambda fn: (lambda: _no_grad_call(fn))  # noqa: E731
+    methods = {
+        "base": nograd(lambda: F.linear(x, weight)),
+        "skilled": nograd(lambda: F.linear(x, weight).addmm_(F.linear(x, lora_a), lora_b.t(), alpha=scale)),
+    }
+    try:
+        peft = _peft_layer(weight, lora_a, lora_b, scale, adapters_fp32=False)
+        methods["peft"] = nograd(lambda: peft(x))
+    except ImportError:
+        peft = None
+    if x.device.type == "cpu":
+        methods["reference_work"] = nograd(lambda: reference.lora_linear_forward(x, weight, lora_a, lora_b, scale))
+    for b in backends:
+        methods[f"ours_{b}"] = nograd(lambda b=b: lora_kernels.lora_linear(x, weight, lora_a, lora_b, scale, backend=b))
+        methods[f"ours_{b}_op"] = nograd(lambda b=b: torch.ops.lora_kernels.lora_linear_fwd(
+            x, weight, lora_a, lora_b, scale, None, b, False))
+    methods["base_train"] = lambda: torch.autograd.grad(F.linear(xg, weight), [xg], dy)
+    if peft is not None:
+        pa, pb = peft.lora_A["default"].weight, peft.lora_B["default"].weight
+        methods["peft_train"] = lambda: torch.autograd.grad(peft(xg), [xg, pa, pb], dy)
+    for b in backends:
+        methods[f"ours_{b}_train"] = (lambda b=b: torch.autograd.grad(
+            lora_kernels.lora_linear(xg, weight, ag, bg, scale, backend=b), [xg, ag, bg], dy))
+    return methods
+
+
+def _checker(x, weight, lora_a, lora_b, scale):
+    """check(name, output) -> relative error of y (or of dx for *_train) against float64."""
+    x64, w64, a64, b64 = (t.detach().double() for t in (x, weight, lora_a, lora_b))
+    dy64 = torch.ones(x.shape[0], weight.shape[0], dtype=torch.float64, device=x.device)
+    y_base, dx_base = x64 @ w64.t(), dy64 @ w64
+    y_ref, dx_ref = y_base + scale * (x64 @ a64.t()) @ b64.t(), dx_base + scale * (dy64 @ b64) @ a64
+
+    def check(name: str, out) -> float:
+        base = name.startswith("base")
+        if name.endswith("_train"):
+            return rel_error(out[0], dx_base if base else dx_ref)
+        if name == "reference_work" or name.endswith("_op"):
+            out = out[0]
+        return rel_error(out, y_base if base else y_ref)
+    return check
+
+
+def _no_grad_call(fn):
+    with torch.no_grad():
+        return fn()
+
+
+def run(args, device, dtype, backends, rep_ms, log) -> Dict:
+    name, K, N = GPU_LAYER if device.type == "cuda" else CPU_LAYER
+    if args.layers:
+        from . import suites
+        (name, K, N), = [l for l in suites.LAYERS + suites.QUICK_CPU_LAYERS if l[0] == args.layers[0]]
+    calls = 200 if args.quick else 2000
+    if device.type == "cpu":  # the Triton interpreter's time says nothing about launch overhead
+        backends = [b for b in backends if b != "triton"] or ["torch"]
+    cases: List[Dict] = []
+    for r in (args.ranks or [16]):
+        rnd = seeded_randn(device, dtype, K + N + r)
+        x, weight = rnd(1, K), rnd(N, K, scale=K ** -0.5)
+        lora_a, lora_b = rnd(r, K, scale=K ** -0.5), rnd(N, r, scale=r ** -0.5)
+        case = {"layer": name, "K": K, "N": N, "M": 1, "r": r, "dtype": str(dtype).replace("torch.", ""),
+                "times_us": {}, "errors": {}, "failed": []}
+        check = _checker(x, weight, lora_a, lora_b, 2.0)
+        for method, fn in overhead_methods(x, weight, lora_a, lora_b, 2.0, backends).items():
+            try:
+                err = check(method, fn())
+                case["errors"][method] = err
+                if not err <= CHECK_TOL[dtype]:
+                    case["failed"].append(f"{method}: relative error {err:.2e}")
+                    continue
+                case["times_us"][method] = host_us(fn, device, calls)
+            except Exception as e:  # a peer that cannot run here is reported, not fatal
+                case["failed"].append(f"{method}: {type(e).__name__}: {e}")
+        cases.append(add_ratios(case, "base"))
+        log(case)
+    t = cases[0]["times_us"]
+    summary = {f"ours_{b}_minus_{ref}_us": t[f"ours_{b}"] - t[ref] for b in backends
+               for ref in ("base", "reference_work") if f"ours_{b}" in t and ref in t}
+    summary.update({f"ours_{b}_train_minus_base_train_us": t[f"ours_{b}_train"] - t["base_train"]
+                    for b in backends if f"ours_{b}_train" in t and "base_train" in t})
+    return {"cases": cases, "summary": summary}
+
+
+def brief(result: Dict) -> List[str]:
+    """Host µs per call of every method (the ratios are to F.linear's)."""
+    lines = []
+    for c in result["cases"]:
+        lines.append(f"  {c['layer']} M=1 r={c['r']}: " + " ".join(f"{m}={t:.1f}us" for m, t in c["times_us"].items()))
+    return lines

@@ -1,0 +1,224 @@
+"""Triton fused LoRA linear backward: kernels and launcher.
+
+For y = x @ W^T + bias + s * (drop(x) @ A^T) @ B^T, with t = drop(x) @ A^T saved by the forward
+(fp32 [M, r]) and drop(x) = x * keep / (1 - p) regenerated from the Philox seed, the backward is
+
+    u     = dy @ B                                    fp32 [M, r], computed once
+    dx    = dy @ W + s * (u @ A) * keep / (1 - p)     one fused pass: the forward kernel with W, A, B
+                                                      in the other layout (it also stores u)
+    dA    = s * u^T @ drop(x)                         } one launch, lora_weight_grads_kernel:
+    dB    = s * dy^T @ t                              } programs own a column tile of dA or of dB
+    dbias = sum_m dy                                  } (dbias beside dB, from the same dy tiles)
+
+dA and dB reduce over M. Each program owns its output tile and walks its rows in order, so the
+result is deterministic (no atomics). When the output tiles are too few to fill the GPU, the rows
+are split into SPLIT_M ranges written to an fp32 workspace and summed by torch in a fixed order:
+still deterministic. W's gradient (only when W requires grad) is a plain cuBLAS GEMM in the op.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference import dropout_threshold
+from .lora_linear import (ForwardConfig, ShrinkConfig, _keep_mask, _load_tile, _num_sms, _philox_key,
+                          _precisions, block_r_for, launch_fused, launch_shrink)
+
+
+@triton.jit
+def _store_tile(ptr, value, offs_rows, offs_cols, n_rows, n_cols, stride_rows, stride_cols):
+    ptrs = ptr + offs_rows[:, None].to(tl.int64) * stride_rows + offs_cols[None, :].to(tl.int64) * stride_cols
+    tl.store(ptrs, value.to(ptr.dtype.element_ty), mask=(offs_rows[:, None] < n_rows) & (offs_cols[None, :] < n_cols))
+
+
+@triton.jit
+def _da_tile(x_ptr, u_ptr, seed_ptr, da_ptr, col_start, m_begin, m_end, K, R, dropout_threshold, da_scale,
+             stride_xm, stride_xk, stride_um, stride_ur, stride_dar, stride_dak,
+             DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+             BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+    """da[:, cols] = da_scale * sum_m u[m, :]^T (x[m, cols] [* keep])  over rows [m_begin, m_end)."""
+    offs_c = col_start + tl.arange(0, BLOCK_C)
+    offs_r = tl.arange(0, BLOCK_R)
+    if DROPOUT:
+        k0, k1 = _philox_key(seed_ptr)
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for m0 in range(m_begin, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        u_t = _load_tile(u_ptr, offs_r, offs_m, R, m_end, stride_ur, stride_um)  # u^T tile [BR, BM]
+        x = _load_tile(x_ptr, offs_m, offs_c, m_end, K, stride_xm, stride_xk).to(tl.float32)
+        if DROPOUT:
+            x = tl.where(_keep_mask(k0, k1, offs_m, col_start, dropout_threshold, BLOCK_M, BLOCK_C), x, 0.0)
+        acc = tl.dot(u_t, x, acc, input_precision=PRECISION)
+    _store_tile(da_ptr, acc * da_scale, offs_r, offs_c, R, K, stride_dar, stride_dak)
+
+
+@triton.jit
+def _db_tile(dy_ptr, t_ptr, db_ptr, dbias_ptr, col_start, m_begin, m_end, N, R, db_scale,
+             stride_dym, stride_dyn, stride_tm, stride_tr, stride_dbn, stride_dbr,
+             HAS_DB: tl.constexpr, HAS_DBIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+    """db[cols, :] = db_scale * sum_m dy[m, cols]^T t[m, :];  dbias[cols] = sum_m dy[m, cols]."""
+    offs_c = col_start + tl.arange(0, BLOCK_C)
+    offs_r = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
+    bias_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for m0 in range(m_begin, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        dy_t = _load_tile(dy_ptr, offs_c, offs_m, N, m_end, stride_dyn, stride_dym).to(tl.float32)  # [BC, BM]
+        if HAS_DB:
+            t = _load_tile(t_ptr, offs_m, offs_r, m_end, R, stride_tm, stride_tr)  # [BM, BR]
+            acc = tl.dot(dy_t, t, acc, input_precision=PRECISION)
+        if HAS_DBIAS:
+            bias_acc += tl.sum(dy_t, axis=1)
+    if HAS_DB:
+        _store_tile(db_ptr, acc * db_scale, offs_c, offs_r, N, R, stride_dbn, stride_dbr)
+    if HAS_DBIAS:
+        tl.store(dbias_ptr + offs_c, bias_acc.to(dbias_ptr.dtype.element_ty), mask=offs_c < N)
+
+
+@triton.jit
+def lora_weight_grads_kernel(
+    x_ptr, u_ptr, dy_ptr, t_ptr, seed_ptr, da_ptr, db_ptr, dbias_ptr,
+    M, N, K, R, rows_per_split, num_a_tiles, dropout_threshold, da_scale, db_scale,
+    stride_xm, stride_xk, stride_um, stride_ur, stride_dym, stride_dyn, stride_tm, stride_tr,
+    stride_das, stride_dar, stride_dak, stride_dbs, stride_dbn, stride_dbr, stride_dbias_s,
+    HAS_DA: tl.constexpr, HAS_DB: tl.constexpr, HAS_DBIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Program (c, s): column tile c of dA (c < num_a_tiles) or else of dB/dbias, over the rows
+    [s * rows_per_split, (s + 1) * rows_per_split). Writes slice s of da/db/dbias (a workspace,
+    or the gradient itself when there is one split: stride 0)."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    m_begin = split * rows_per_split
+    m_end = tl.minimum(M, m_begin + rows_per_split)
+    db_col_start = (pid - num_a_tiles) * BLOCK_C
+    if HAS_DA:
+        if pid < num_a_tiles:
+            _da_tile(x_ptr, u_ptr, seed_ptr, da_ptr + split * stride_das, pid * BLOCK_C, m_begin, m_end,
+                     K, R, dropout_threshold, da_scale, stride_xm, stride_xk, stride_um, stride_ur,
+                     stride_dar, stride_dak, DROPOUT, BLOCK_M, BLOCK_C, BLOCK_R, PRECISION)
+        else:
+            _db_tile(dy_ptr, t_ptr, db_ptr + split * stride_dbs, dbias_ptr + split * stride_dbias_s,
+                     db_col_start, m_begin, m_end, N, R, db_scale, stride_dym, stride_dyn, stride_tm,
+                     stride_tr, stride_dbn, stride_dbr, HAS_DB, HAS_DBIAS, BLOCK_M, BLOCK_C, BLOCK_R,
+                     PRECISION)
+    else:
+        _db_tile(dy_ptr, t_ptr, db_ptr + split * stride_dbs, dbias_ptr + split * stride_dbias_s,
+                 db_col_start, m_begin, m_end, N, R, db_scale, stride_dym, stride_dyn, stride_tm,
+                 stride_tr, stride_dbn, stride_dbr, HAS_DB, HAS_DBIAS, BLOCK_M, BLOCK_C, BLOCK_R,
+                 PRECISION)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class WeightGradConfig:
+    block_m: int
+    block_c: int
+    block_r: int
+    split_m: int
+    num_warps: int
+    num_stages: int
+
+
+@functools.lru_cache(maxsize=4096)  # pure function of ints and bools, called on every backward
+def weight_grad_config(M: int, N: int, K: int, r: int, elem_bytes: int, num_sms: int,
+                       has_da: bool = True, has_db: bool = True) -> WeightGradConfig:
+    """Tiles for ``lora_weight_grads_kernel`` (design reasoning; not yet measured on a GPU).
+
+    The kernel streams x (for dA) and dy (for dB) once; the rank-deep dots are tiny, so it is
+    bandwidth-bound. BLOCK_C = 64 columns keeps the fp32 accumulator [BLOCK_R, 64] at <= 64
+    registers per thread (4 warps, r <= 128); BLOCK_M = 64 rows per step (32 for fp32 inputs) keeps
+    one x/dy tile at 8 KB. SPLIT_M: enough programs for two per SM, but never fewer than 512 rows
+    per split, so the fp32 partials (SPLIT_M * (r*K + N*r) * 4 bytes) stay small next to x and dy."""
+    block_c, block_m = 64, (32 if elem_bytes >= 4 else 64)
+    tiles = (triton.cdiv(K, block_c) if has_da else 0) + triton.cdiv(N, block_c)
+    split = max(1, min(triton.cdiv(2 * num_sms, max(tiles, 1)), M // 512))
+    return WeightGradConfig(block_m, block_c, block_r_for(r), split, 4, 3)
+
+
+def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
+                    lora_b: torch.Tensor, t: Optional[torch.Tensor], scale: float, dropout_p: float,
+                    seed: Optional[torch.Tensor], bias_dtype: Optional[torch.dtype], need_x: bool,
+                    need_a: bool, need_b: bool, *, dx_config: Optional[ForwardConfig] = None,
+                    u_config: Optional[ShrinkConfig] = None,
+                    grad_config: Optional[WeightGradConfig] = None
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dA, dB, dbias) on validated 2-D inputs: dy [M, N], x [M, K], t [M, r] fp32 (needed
+    for dB), seed int64 [1] or None. A gradient that is not needed comes back as an empty [0]
+    tensor; dbias is needed iff bias_dtype is not None. Grads in x's / lora_a's / lora_b's /
+    bias_dtype. The configs override the heuristics (tests reach every path at small sizes)."""
+    M, K = x.shape
+    N, r = weight.shape[0], lora_a.shape[0]
+    dev = x.device
+    need_bias = bias_dtype is not None
+    dropout = seed is not None
+    threshold = dropout_threshold(dropout_p) if dropout else 0
+    keep_scale = 1.0 / (1.0 - dropout_p) if dropout else 1.0
+    empty = lambda dtype: torch.empty((0,), dtype=dtype, device=dev)  # noqa: E731
+    dx, da, db, dbias = empty(x.dtype), empty(lora_a.dtype), empty(lora_b.dtype), empty(bias_dtype or x.dtype)
+
+    u = torch.empty((M if need_a else 0, r), dtype=torch.float32, device=dev)
+    if need_x:
+        dx = torch.empty((M, K), dtype=x.dtype, device=dev)
+        if M and K:
+            launch_fused(dy, weight.t(), lora_b.t(), lora_a.t(), None, dx, u, scale=scale * keep_scale,
+                         store_t=need_a, seed=seed, dropout_threshold=threshold, config=dx_config)
+    elif need_a:
+        launch_shrink(dy, lora_b.t(), u, config=u_config)
+
+    if not (need_a or need_b or need_bias):
+        return dx, da, db, dbias
+    cfg = grad_config or weight_grad_config(M, N, K, r, x.element_size(), _num_sms(dev), need_a, need_b)
+    split = max(1, min(cfg.split_m, triton.cdiv(M, cfg.block_m)))
+    rows_per_split = max(1, triton.cdiv(triton.cdiv(M, split), cfg.block_m)) * cfg.block_m
+    split = max(1, triton.cdiv(M, rows_per_split))
+    # One split writes the gradients themselves (split stride 0); several write fp32 partials that
+    # torch sums in a fixed order below.
+    def buffer(needed, shape, dtype):
+        if not needed:
+            return None
+        if split == 1:
+            out = torch.empty(shape, dtype=dtype, device=dev)
+            return out, out.unsqueeze(0).expand(1, *shape)
+        return None, torch.empty((split, *shape), dtype=torch.float32, device=dev)
+    da_pair = buffer(need_a, (r, K), lora_a.dtype)
+    db_pair = buffer(need_b, (N, r), lora_b.dtype)
+    dbias_pair = buffer(need_bias, (N,), bias_dtype)
+    da_buf, db_buf, dbias_buf = (p[1] if p else dy.new_empty((1, 0, 0)) for p in (da_pair, db_pair, dbias_pair))
+    if M == 0:
+        for buf in (da_buf, db_buf, dbias_buf):
+            buf.zero_()
+    else:
+        num_a_tiles = triton.cdiv(K, cfg.block_c) if need_a else 0
+        num_b_tiles = triton.cdiv(N, cfg.block_c) if (need_b or need_bias) else 0
+        if num_a_tiles + num_b_tiles:
+            lora_weight_grads_kernel[(num_a_tiles + num_b_tiles, split)](
+                x, u if need_a else dy, dy, t if need_b else dy, seed if dropout else dy,
+                da_buf, db_buf, dbias_buf,
+                M, N, K, r, rows_per_split, num_a_tiles, threshold, scale * keep_scale, scale,
+                x.stride(0), x.stride(1), u.stride(0), u.stride(1), dy.stride(0), dy.stride(1),
+                t.stride(0) if need_b else 0, t.stride(1) if need_b else 0,
+                da_buf.stride(0), da_buf.stride(1), da_buf.stride(2),
+                db_buf.stride(0), db_buf.stride(1), db_buf.stride(2), dbias_buf.stride(0),
+                HAS_DA=need_a, HAS_DB=need_b, HAS_DBIAS=need_bias, DROPOUT=dropout,
+                BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, BLOCK_R=cfg.block_r,
+                PRECISION=_precisions(torch.float32, dev)[1],
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+    finish = lambda pair, dtype: pair[0] if split == 1 else pair[1].sum(0).to(dtype)  # noqa: E731
+    if need_a:
+        da = finish(da_pair, lora_a.dtype)
+    if need_b:
+        db = finish(db_pair, lora_b.dtype)
+    if need_bias:
+        dbias = finish(dbias_pair, bias_dtype)
+    return dx, da, db, dbias

@@ -1,0 +1,170 @@
+"""The Triton backward launcher and kernels under the interpreter (CPU lane): every code path
+(dx with and without storing u, u by the shrink kernel, split-M partial sums, multi-tile dx
+programs with the dropout epilogue, dropout pre-pass forward), odd sizes, strides, fp32/fp16."""
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from lora_kernels import reference
+from cases import make_lora_inputs
+from tolerances import assert_close, poison_, rand
+
+DTYPES = [torch.float32, torch.float16]
+SEED = 0x5DEECE66D1234
+
+
+def _seed(p):
+    return torch.tensor([SEED]) if p else None
+
+
+def _forward(inp, p, **kw):
+    from lora_kernels.triton.lora_linear import lora_linear_fwd
+    return lora_linear_fwd(*inp.args(), True, dropout_p=p, seed=_seed(p), **kw)
+
+
+def _backward(inp, dy, t, p, need=("x", "a", "b", "bias"), **configs):
+    from lora_kernels.triton.lora_linear_backward import lora_linear_bwd
+    bias_dtype = inp.bias.dtype if ("bias" in need and inp.bias is not None) else None
+    return lora_linear_bwd(dy, inp.x, inp.weight, inp.lora_a, inp.lora_b, t, inp.scale, p, _seed(p),
+                           bias_dtype, "x" in need, "a" in need, "b" in need, **configs)
+
+
+def _reference(inp, dy, p):
+    """float64 (y, t, dx, dA, dB, dbias) with the kernels' mask."""
+    M, K = inp.x.shape
+    keep = reference.dropout_keep_mask(SEED, M, K, p) if p else None
+    d = lambda v: None if v is None else v.double()  # noqa: E731
+    y, t = reference.lora_linear_forward(d(inp.x), d(inp.weight), d(inp.lora_a), d(inp.lora_b), inp.scale,
+                                         d(inp.bias), keep, p)
+    grads = reference.lora_linear_backward(dy.double(), d(inp.x), d(inp.weight), d(inp.lora_a), d(inp.lora_b),
+                                           t, inp.scale, keep, p, bias_dtype=torch.float64)
+    return (y, t) + tuple(grads)
+
+
+def _check(got, ref, dtype, names):
+    for name, g, r in zip(names, got, ref):
+        assert_close(g, r, dtype, what=name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("M,N,K,r", [(1, 33, 47, 1), (17, 70, 50, 7), (130, 40, 96, 16), (5, 17, 200, 128),
+                                     (64, 8, 8, 3)])
+def test_backward_matches_float64(interpreter_device, dtype, p, M, N, K, r):
+    inp = make_lora_inputs(M, N, K, r, dtype)
+    dy = rand(M, N, dtype=dtype)
+    y, t = _forward(inp, p)
+    ref = _reference(inp, dy, p)
+    _check((y, t), ref[:2], dtype, ("y", "t"))
+    grads = _backward(inp, dy, t, p)
+    assert [g.dtype for g in grads] == [dtype] * 4
+    _check(grads, ref[2:], dtype, ("dx", "dA", "dB", "dbias"))
+
+
+@pytest.mark.parametrize("split", [1, 2, 3, 5])
+@pytest.mark.parametrize("p", [0.0, 0.4])
+def test_split_m_partial_sums_and_multi_tile_dx(interpreter_device, split, p):
+    """Row splits (fp32 workspace summed by torch), several column tiles per gradient, dx programs
+    that sweep several tiles (the dropout epilogue must use each tile's own columns)."""
+    from lora_kernels.triton.lora_linear import ForwardConfig
+    from lora_kernels.triton.lora_linear_backward import WeightGradConfig
+    inp = make_lora_inputs(75, 50, 70, 5, torch.float32)
+    dy = rand(75, 50)
+    y, t = _forward(inp, p)
+    grads = _backward(inp, dy, t, p,
+                      dx_config=ForwardConfig(16, 16, 16, 16, tiles_per_program=3, group_m=2, num_warps=4,
+                                              num_stages=2),
+                      grad_config=WeightGradConfig(block_m=16, block_c=16, block_r=16, split_m=split,
+                                                   num_warps=4, num_stages=2))
+    _check(grads, _reference(inp, dy, p)[2:], torch.float32, ("dx", "dA", "dB", "dbias"))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("need", [("a",), ("b",), ("bias",), ("x",), ("a", "b"), ("x", "bias")])
+def test_subsets_of_gradients(interpreter_device, p, need):
+    """dA without dx takes u from the shrink kernel; gradients not needed come back empty."""
+    inp = make_lora_inputs(29, 31, 37, 6, torch.float16)
+    dy = rand(29, 31, dtype=torch.float16)
+    _, t = _forward(inp, p)
+    got = _backward(inp, dy, t if "b" in need else None, p, need)
+    ref = _reference(inp, dy, p)[2:]
+    for key, name, g, r in zip(("x", "a", "b", "bias"), ("dx", "dA", "dB", "dbias"), got, ref):
+        if key in need:
+            assert_close(g, r, torch.float16, what=name)
+        else:
+            assert g.numel() == 0
+
+
+def test_fp32_adapters_over_fp16_base(interpreter_device):
+    inp = make_lora_inputs(40, 36, 44, 8, torch.float16, adapter_dtype=torch.float32, scale=2.0)
+    inp.bias = inp.bias.float()
+    dy = rand(40, 36, dtype=torch.float16)
+    y, t = _forward(inp, 0.2)
+    ref = _reference(inp, dy, 0.2)
+    _check((y,), ref[:1], torch.float16, ("y",))
+    assert_close(t, ref[1], torch.float32, what="t (split fp32 adapter, dropout pre-pass)")
+    grads = _backward(inp, dy, t, 0.2)
+    assert [g.dtype for g in grads] == [torch.float16, torch.float32, torch.float32, torch.float32]
+    _check(grads, ref[2:], torch.float16, ("dx", "dA", "dB", "dbias"))
+
+
+@pytest.mark.parametrize("x_layout", ["strided", "transposed"])
+def test_non_contiguous_x_dy_and_weights(interpreter_device, x_layout):
+    inp = make_lora_inputs(23, 30, 34, 5, torch.float32, x_layout=x_layout, weight_layout="transposed")
+    inp.lora_a = inp.lora_a.t().contiguous().t()
+    inp.lora_b = inp.lora_b.t().contiguous().t()
+    dy = rand(30, 23).t()  # column-major dy
+    assert not (inp.x.is_contiguous() or dy.is_contiguous())
+    y, t = _forward(inp, 0.25)
+    _check(_backward(inp, dy, t, 0.25), _reference(inp, dy, 0.25)[2:], torch.float32, ("dx", "dA", "dB", "dbias"))
+
+
+def test_broadcast_dy_from_a_sum(interpreter_device):
+    """y.sum().backward() hands the op an expanded dy (stride 0)."""
+    inp = make_lora_inputs(9, 12, 16, 3, torch.float32)
+    dy = torch.ones(()).expand(9, 12)
+    _, t = _forward(inp, 0.0)
+    _check(_backward(inp, dy, t, 0.0), _reference(inp, dy.contiguous(), 0.0)[2:], torch.float32,
+           ("dx", "dA", "dB", "dbias"))
+
+
+def test_empty_batch(interpreter_device):
+    inp = make_lora_inputs(0, 12, 10, 3, torch.float32)
+    dy = torch.empty(0, 12)
+    _, t = _forward(inp, 0.5)
+    dx, da, db, dbias = _backward(inp, dy, t, 0.5)
+    assert dx.shape == (0, 10)
+    for g, shape in ((da, (3, 10)), (db, (12, 3)), (dbias, (12,))):
+        assert g.shape == shape and torch.equal(g, torch.zeros(shape))
+
+
+def test_dropout_forward_writes_every_element(interpreter_device):
+    """Poisoned outputs: the dropout pre-pass + t-reading fused kernel write all of y and t."""
+    from lora_kernels.triton.lora_linear import ForwardConfig, ShrinkConfig
+    inp = make_lora_inputs(45, 70, 33, 9, torch.float16)
+    out, t_out = poison_(torch.empty(45, 70, dtype=torch.float16)), poison_(torch.empty(45, 9))
+    cfg = ForwardConfig(16, 32, 16, 16, tiles_per_program=2, group_m=2, num_warps=4, num_stages=2)
+    y, t = _forward(inp, 0.3, config=cfg, out=out, t_out=t_out, shrink=ShrinkConfig(16, 16, 16, 4, 2))
+    ref = _reference(inp, rand(45, 70), 0.3)
+    _check((y, t), ref[:2], torch.float16, ("y", "t"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(M=st.integers(1, 60), N=st.integers(1, 60), K=st.integers(1, 60), r=st.integers(1, 20),
+       p=st.sampled_from([0.0, 0.5]), bias=st.booleans())
+def test_backward_hypothesis_shapes(interpreter_device, dtype, M, N, K, r, p, bias):
+    inp = make_lora_inputs(M, N, K, r, dtype, bias=bias)
+    dy = rand(M, N, dtype=dtype)
+    _, t = _forward(inp, p)
+    need = ("x", "a", "b", "bias") if bias else ("x", "a", "b")
+    got = _backward(inp, dy, t, p, need)
+    _check(got, _reference(inp, dy, p)[2:], dtype, ("dx", "dA", "dB", "dbias")[:len(need)])
+
+
+def test_weight_grad_config_heuristic():
+    from lora_kernels.triton.lora_linear_backward import weight_grad_config
+    big = weight_grad_config(16384, 4096, 4096, 16, 2, 132)
+    assert big.split_m >= 2 and 16384 // big.split_m >= 512  # fill 132 SMs; >= 512 rows per split
+    small = weight_grad_config(128, 4096, 4096, 16, 2, 132)
+    assert small.split_m == 1  # too few rows to be worth a workspace
+    assert weight_grad_config(4096, 4096, 4096, 128, 2, 132).block_r == 128
