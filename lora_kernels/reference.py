@@ -282,7 +282,9 @@ def merge_exact_(weight: torch.Tensor, lora_a, lora_b, scale, *, fan_in_fan_out:
     u = (w1.to(delta.dtype) - delta).to(w.dtype)
     key0 = ordered_bits(w0)
     q = key0 - ordered_bits(u)
-    fits = (q >= CODE_MIN) & (q <= CODE_MAX)
+    # A NaN W0 always escapes: float conversions need not keep a NaN's payload bits (torch's CPU
+    # float->half turns NaN into 0x7E00 or 0x7FFF depending on the loop taken).
+    fits = (q >= CODE_MIN) & (q <= CODE_MAX) & ~torch.isnan(w0)
     code = torch.where(fits, q, torch.where(key0 == 0, CODE_POS_ZERO,
                                             torch.where(key0 == -1, CODE_NEG_ZERO, CODE_ESCAPE)))
     flat = (code == CODE_ESCAPE).flatten().nonzero().squeeze(1)  # logical row-major order

@@ -17,10 +17,12 @@ import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 # The interpreter is slow and the CPU lane runs on 2 cores: keep hypothesis's example counts small
-# and its deadline off (interpreter first calls take a second).
-settings.register_profile("cpu", max_examples=25, deadline=None, derandomize=False)
-settings.register_profile("gpu", max_examples=60, deadline=None)
-settings.load_profile("gpu" if HAS_CUDA else "cpu")
+# and its deadline off (interpreter first calls take a second). The default CPU profile draws from
+# a fixed seed, so a CI run is reproducible; HYPOTHESIS_PROFILE=explore draws fresh examples.
+settings.register_profile("cpu", max_examples=25, deadline=None, derandomize=True, print_blob=True)
+settings.register_profile("explore", max_examples=200, deadline=None, print_blob=True)
+settings.register_profile("gpu", max_examples=60, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "gpu" if HAS_CUDA else "cpu"))
 
 
 def pytest_collection_modifyitems(config, items):

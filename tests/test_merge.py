@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import example, given, strategies as st
 
 import lora_kernels
 from lora_kernels import MergeResidual
@@ -33,6 +33,14 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 def _assert_bitwise_equal(out, expected, what):
     diff = _bits(out) != _bits(expected)
+    assert not diff.any(), f"{what}: {int(diff.sum())} element(s) differ bitwise"
+
+
+def _assert_equal_up_to_nan_payload(out, expected, what):
+    """Bitwise equal, except that two NaNs match whatever their payload bits: a merge's NaN result
+    goes through float conversions, which need not keep payloads (the exact unmerge restores W0's
+    own NaNs bit for bit from the escape table)."""
+    diff = (_bits(out) != _bits(expected)) & ~(torch.isnan(out) & torch.isnan(expected))
     assert not diff.any(), f"{what}: {int(diff.sum())} element(s) differ bitwise"
 
 
@@ -262,6 +270,7 @@ def _special_weight(draw_values, n, dtype, gen):
        positions=st.lists(st.integers(0, 10 ** 6), min_size=0, max_size=12),
        fan_in_fan_out=st.booleans())
 @quiet_nonfinite
+@example(seed=0, delta_exp=0, positions=[0, 0, 0, 0, 72], fan_in_fan_out=True)  # a NaN payload case
 def test_exact_unmerge_restores_any_weight_bit_for_bit(backend, dtype, seed, delta_exp, positions,
                                                        fan_in_fan_out):
     """Zeros, subnormals, infinities, NaNs, tiny weights under a large delta, overflowing sums:
@@ -276,7 +285,7 @@ def test_exact_unmerge_restores_any_weight_bit_for_bit(backend, dtype, seed, del
     lora_kernels.merge_(plain, a, b, 0.75, fan_in_fan_out=fan_in_fan_out, backend=backend)
     residual = MergeResidual(escape_capacity=4)  # small: exercises the grow-and-retry path too
     lora_kernels.merge_(w, a, b, 0.75, fan_in_fan_out=fan_in_fan_out, residual=residual, backend=backend)
-    _assert_bitwise_equal(w, plain, "exact merge vs plain merge")
+    _assert_equal_up_to_nan_payload(w, plain, "exact merge vs plain merge")
     lora_kernels.unmerge_(w, a, b, 0.75, fan_in_fan_out=fan_in_fan_out, residual=residual)
     _assert_bitwise_equal(w, w0, "exact unmerge")
 

@@ -172,7 +172,9 @@ def merge_kernel(
             u = _round_to(new.to(tl.float32) - delta, dtype)  # what UNMERGE_EXACT will compute
             key0 = _ordered(w, BITS)
             q = key0 - _ordered(u, BITS)
-            code = tl.where((q >= _CODE_MIN) & (q <= _CODE_MAX), q,
+            # A NaN W0 always escapes: float conversions need not keep a NaN's payload bits.
+            fits = (q >= _CODE_MIN) & (q <= _CODE_MAX) & (w == w)
+            code = tl.where(fits, q,
                             tl.where(key0 == 0, _POS_ZERO, tl.where(key0 == -1, _NEG_ZERO, _ESCAPE)))
             escape = mask & (code == _ESCAPE)
             pending = escape & (offs_n[:, None] < 0)  # all False, escape's shape and type
