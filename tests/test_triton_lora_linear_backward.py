@@ -1,13 +1,15 @@
 """The Triton backward launcher and kernels under the interpreter (CPU lane): every code path
 (dx with and without storing u, u by the shrink kernel, split-M partial sums, multi-tile dx
 programs with the dropout epilogue, dropout pre-pass forward), odd sizes, strides, fp32/fp16."""
+import copy
+
 import pytest
 import torch
 from hypothesis import given, strategies as st
 
 from lora_kernels import reference
 from cases import make_lora_inputs
-from tolerances import assert_close, poison_, rand
+from tolerances import assert_close, assert_close_to_magnitude, poison_, rand
 
 DTYPES = [torch.float32, torch.float16]
 SEED = 0x5DEECE66D1234
@@ -158,7 +160,16 @@ def test_backward_hypothesis_shapes(interpreter_device, dtype, M, N, K, r, p, bi
     _, t = _forward(inp, p)
     need = ("x", "a", "b", "bias") if bias else ("x", "a", "b")
     got = _backward(inp, dy, t, p, need)
-    _check(got, _reference(inp, dy, p)[2:], dtype, ("dx", "dA", "dB", "dbias")[:len(need)])
+    # Tiny random shapes can make a gradient a single nearly cancelling sum, where no precision
+    # meets a plain relative bound: measure errors against the same sums over absolute values.
+    magnitude_inp = copy.copy(inp)
+    for name in ("x", "weight", "lora_a", "lora_b", "bias"):
+        if getattr(inp, name) is not None:
+            setattr(magnitude_inp, name, getattr(inp, name).abs())
+    magnitude_inp.scale = abs(inp.scale)
+    magnitudes = _reference(magnitude_inp, dy.abs(), p)[2:]
+    for name, g, r, m in zip(("dx", "dA", "dB", "dbias")[:len(need)], got, _reference(inp, dy, p)[2:], magnitudes):
+        assert_close_to_magnitude(g, r, m, dtype, what=name)
 
 
 def test_weight_grad_config_heuristic():
