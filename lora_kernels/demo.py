@@ -79,7 +79,6 @@ class Report:
 
     def __init__(self):
         self.checks: List[tuple] = []
-        self.skipped: List[str] = []
         self.timings: Dict[str, float] = {}
 
     def say(self, line: str = "") -> None:
@@ -89,10 +88,6 @@ class Report:
         self.checks.append((what, ok, detail))
         self.say(f"    {'ok  ' if ok else 'FAIL'} {what}: {detail}")
         return ok
-
-    def skip(self, what: str, why: str) -> None:
-        self.skipped.append(f"{what}: {why}")
-        self.say(f"    SKIPPED {what}: {why}")
 
     @property
     def failed(self) -> List[str]:
@@ -354,14 +349,7 @@ def serve_multi_lora(peft_model, x, names, want, size: Size, device, dtype, rep:
     """The same batch through MultiLoRALinear: every LoRA layer of a plain copy of the base model
     becomes a MultiLoRALinear holding both adapters in slots 0 and 1; the per-token adapter index
     (row i's tokens -> its adapter's slot, -1 = none) is built once for the batch."""
-    import lora_kernels
-
     rep.say("[8] the same batch through lora_kernels.MultiLoRALinear (per-token adapter index)")
-    if not hasattr(lora_kernels, "MultiLoRALinear") or not hasattr(lora_kernels, "AdapterIndex"):
-        rep.skip("MultiLoRALinear serving",
-                 "lora_kernels.MultiLoRALinear / AdapterIndex are not in this build yet (multi-adapter "
-                 "serving issue); step [7] served the mixed batch through the fused PEFT layers")
-        return
     from lora_kernels import AdapterIndex, MultiLoRALinear
 
     import lora_kernels.peft as lkpeft
@@ -441,8 +429,7 @@ def _run(quick: bool, device: torch.device, out_dir: Optional[str], steps: Optio
 
     rep.say()
     n_ok = sum(ok for _, ok, _ in rep.checks)
-    rep.say(f"{n_ok}/{len(rep.checks)} checks passed, {len(rep.skipped)} step(s) skipped, "
-            f"{time.perf_counter() - t_start:.0f} s")
+    rep.say(f"{n_ok}/{len(rep.checks)} checks passed, {time.perf_counter() - t_start:.0f} s")
     for f in rep.failed:
         rep.say(f"FAILED: {f}")
     return rep
