@@ -14,7 +14,7 @@ import triton.language as tl
 
 import lora_kernels
 from lora_kernels import reference
-from lora_kernels.triton.multi_lora import _tf32_split
+from lora_kernels.triton.lora_linear import _tf32_split
 from cases import make_multi_inputs
 from tolerances import assert_close, assert_close_to_magnitude, poison_, rand
 

@@ -87,6 +87,35 @@ def _keep_mask(k0, k1, offs_m, col_start, threshold, BLOCK_M: tl.constexpr, BLOC
 
 
 @triton.jit
+def _tf32_split(t):
+    """t = hi + lo exactly, hi rounded to tf32 (its low 13 mantissa bits are zero, so a tf32 MMA
+    reads it exactly) and |lo| <= 2^-11 |t|."""
+    hi = ((t.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return hi, t - hi
+
+
+@triton.jit
+def _lora_dot(t, b, acc, LORA_PRECISION: tl.constexpr):
+    """acc += t @ b with t fp32 [BM, BR] kept fp32-accurate, b [BR, BN] in the adapter dtype.
+
+    "tf32x2" (GPU, 16-bit b): a 16-bit b is exact in tf32, so only t needs splitting: t = hi + lo
+    with hi rounded to tf32 (low 13 mantissa bits zero) and lo = t - hi exact in fp32, then two
+    tf32 MMAs. t keeps ~21 bits (the lo term's own tf32 truncation is 2^-11 of 2^-11), b is exact,
+    and it costs two tf32 MMAs and three staged fp32 operands instead of tf32x3's three MMAs and
+    four (tf32x3 at rank 128 needs 256 KB of shared memory for a 128x128 tile -- over the 227 KB
+    an H100/H200 block may use). Otherwise (fp32 b, or the interpreter): one tl.dot at
+    LORA_PRECISION ("tf32x3" on GPUs, "ieee" in the interpreter)."""
+    if LORA_PRECISION == "tf32x2":
+        bf = b.to(tl.float32)
+        hi, lo = _tf32_split(t)
+        acc = tl.dot(hi, bf, acc, input_precision="tf32")
+        acc = tl.dot(lo, bf, acc, input_precision="tf32")
+    else:
+        acc = tl.dot(t, b.to(tl.float32), acc, input_precision=LORA_PRECISION)
+    return acc
+
+
+@triton.jit
 def _shrink_dot(x, a, t, SPLIT_A: tl.constexpr, BASE_PRECISION: tl.constexpr):
     """t += x @ a with x [BM, BK] (x dtype), a [BK, BR] (adapter dtype)."""
     if SPLIT_A:
@@ -140,12 +169,15 @@ def _lora_epilogue_store(acc, t, b_ptr, bias_ptr, y_ptr, seed_ptr, offs_m, offs_
     """y[offs_m, offs_n] = acc + scale * (t @ B[offs_n].T) [* keep] + bias, rounded once;
     offs_n = n_start + arange(BLOCK_N)."""
     b = _load_tile(b_ptr, offs_r, offs_n, R, N, stride_br, stride_bn)  # B^T tile [BR, BN]
-    lora = tl.dot(t, b.to(tl.float32), input_precision=LORA_PRECISION)
     if DROPOUT_OUT:  # the backward's dx: the mask of x's element (m, n) drops its LoRA term
+        lora = _lora_dot(t, b, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), LORA_PRECISION)
         k0, k1 = _philox_key(seed_ptr)
         keep = _keep_mask(k0, k1, offs_m, n_start, dropout_threshold, BLOCK_M, BLOCK_N)
-        lora = tl.where(keep, lora, 0.0)
-    acc += scale * lora
+        acc += scale * tl.where(keep, lora, 0.0)
+    else:
+        # Accumulate straight into acc: a separate [BLOCK_M, BLOCK_N] fp32 product tile doubles
+        # the epilogue's registers (ptxas: 128x256 tiles spilled ~3 KB per thread with it).
+        acc = _lora_dot(t * scale, b, acc, LORA_PRECISION)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
         acc += bias.to(tl.float32)[None, :]
@@ -288,7 +320,7 @@ def _num_sms(device: torch.device) -> int:
 
 @functools.lru_cache(maxsize=4096)  # pure function of ints, called on every launch
 def forward_config(M: int, N: int, K: int, r: int, elem_bytes: int, num_sms: int,
-                   mask_epilogue: bool = False) -> ForwardConfig:
+                   mask_epilogue: bool = False, split_adapters: bool = False) -> ForwardConfig:
     """Tile shapes for the forward kernel, keyed on the problem shape.
 
     The reasons below are design reasoning about Hopper (H100/H200); the founding session had no
@@ -306,6 +338,10 @@ def forward_config(M: int, N: int, K: int, r: int, elem_bytes: int, num_sms: int
     * TILES_PER_PROGRAM: the largest divisor of the N-tile count that still launches at least one
       program per SM. t = x.A^T is recomputed once per program, so its extra tensor-core work is
       BLOCK_R / (BLOCK_N * TILES_PER_PROGRAM) of the base product (16 / (256 * 2) = 3% at 4096^2).
+    * Register pressure (ptxas -v for sm_90a, tests/test_triton_lora_linear_compile.py): 128x256
+      tiles fit 255 registers with a 16-bit rank-16 adapter, but fp32 adapters (the split A in the
+      K loop and a tf32x3 t @ B) spilled ~3.5 KB per thread there, so they take BLOCK_N = 128
+      (split_adapters), as ranks >= 64 do.
     * mask_epilogue (the backward's dx with dropout): the epilogue draws Philox words for the whole
       [BLOCK_M, BLOCK_N] tile next to the fp32 accumulator; BLOCK_N <= 128 keeps those four
       [BLOCK_M, BLOCK_N / 4] uint32 blocks at <= 64 registers per thread (8 warps), not 128.
@@ -319,7 +355,7 @@ def forward_config(M: int, N: int, K: int, r: int, elem_bytes: int, num_sms: int
     if M <= 64:
         block_m, block_n, block_k, warps, stages = 64, 128, (32 if fp32 else 64), 4, 4
     else:
-        wide = not (block_r >= 64 or fp32 or mask_epilogue)
+        wide = not (block_r >= 64 or fp32 or mask_epilogue or split_adapters)
         block_m, block_n, block_k, warps, stages = 128, (256 if wide else 128), (32 if fp32 else 64), 8, 3
     num_m_blocks = triton.cdiv(M, block_m)
     num_n_tiles = triton.cdiv(N, block_n)
@@ -331,17 +367,22 @@ def forward_config(M: int, N: int, K: int, r: int, elem_bytes: int, num_sms: int
     return ForwardConfig(block_m, block_n, block_k, block_r, tiles, 8, warps, stages)
 
 
-def _precisions(x_dtype: torch.dtype, device: torch.device) -> Tuple[str, str]:
-    """(base product, t @ B^T) input precisions for tl.dot.
-
-    fp32 inputs follow torch: tf32 only if ``torch.backends.cuda.matmul.allow_tf32``. The rank-deep
-    t @ B^T is tf32x3 on GPUs (fp32-accurate, on tensor cores); the interpreter computes exactly."""
+def base_precision(x_dtype: torch.dtype, device: torch.device) -> str:
+    """tl.dot input precision of the K-deep products: fp32 inputs follow torch (tf32 only if
+    ``torch.backends.cuda.matmul.allow_tf32``); 16-bit operands ignore it; the interpreter is exact."""
     if device.type != "cuda":
-        return "ieee", "ieee"
-    base = "tf32" if (x_dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32) else "ieee"
-    if x_dtype != torch.float32:
-        base = "tf32"  # unused for 16-bit operands; Triton ignores it there
-    return base, "tf32x3"
+        return "ieee"
+    if x_dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def lora_precision_for(b_dtype: torch.dtype, device: torch.device) -> str:
+    """How t @ B runs (see _lora_dot): exact fp32 in the interpreter; on GPUs "tf32x2" for a
+    16-bit B (exact in tf32) and "tf32x3" for an fp32 B."""
+    if device.type != "cuda":
+        return "ieee"
+    return "tf32x3" if b_dtype == torch.float32 else "tf32x2"
 
 
 @dataclass(frozen=True)
@@ -383,8 +424,9 @@ def launch_fused(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Ten
     M, D = x.shape
     C, R = w.shape[0], a.shape[0]
     if config is None:
-        config = forward_config(M, C, D, R, x.element_size(), _num_sms(x.device), seed is not None)
-    base_precision, lora_precision = _precisions(x.dtype, x.device)
+        config = forward_config(M, C, D, R, x.element_size(), _num_sms(x.device), seed is not None,
+                                b.dtype == torch.float32 and x.dtype != torch.float32)
+    base_prec, lora_prec = base_precision(x.dtype, x.device), lora_precision_for(b.dtype, x.device)
     num_m_blocks = triton.cdiv(M, config.block_m)
     num_runs = triton.cdiv(triton.cdiv(C, config.block_n), config.tiles_per_program)
     uses_t = store_t or load_t
@@ -399,7 +441,7 @@ def launch_fused(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Ten
         SPLIT_A=_split_a(x, a),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         BLOCK_R=config.block_r, TILES_PER_PROGRAM=config.tiles_per_program, GROUP_M=config.group_m,
-        BASE_PRECISION=base_precision, LORA_PRECISION=lora_precision,
+        BASE_PRECISION=base_prec, LORA_PRECISION=lora_prec,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
@@ -414,7 +456,7 @@ def launch_shrink(x: torch.Tensor, a: torch.Tensor, t: torch.Tensor, *, t_scale:
         return
     if config is None:
         config = shrink_config(M, D, R, x.element_size(), _num_sms(x.device))
-    precision = _precisions(x.dtype, x.device)[0]
+    precision = base_precision(x.dtype, x.device)
     lora_shrink_kernel[(triton.cdiv(M, config.block_m),)](
         x, a, t, seed if seed is not None else t,
         M, D, R, float(t_scale), dropout_threshold,

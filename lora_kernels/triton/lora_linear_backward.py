@@ -27,7 +27,7 @@ import triton.language as tl
 
 from ..reference import dropout_threshold
 from .lora_linear import (ForwardConfig, ShrinkConfig, _keep_mask, _load_tile, _num_sms, _philox_key,
-                          _precisions, block_r_for, launch_fused, launch_shrink)
+                          block_r_for, launch_fused, launch_shrink, lora_precision_for)
 
 
 @triton.jit
@@ -211,7 +211,7 @@ def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
                 db_buf.stride(0), db_buf.stride(1), db_buf.stride(2), dbias_buf.stride(0),
                 HAS_DA=need_a, HAS_DB=need_b, HAS_DBIAS=need_bias, DROPOUT=dropout,
                 BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, BLOCK_R=cfg.block_r,
-                PRECISION=_precisions(torch.float32, dev)[1],
+                PRECISION=lora_precision_for(torch.float32, dev),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
     finish = lambda pair, dtype: pair[0] if split == 1 else pair[1].sum(0).to(dtype)  # noqa: E731

@@ -54,8 +54,8 @@ import triton
 import triton.language as tl
 
 from ..serving import AdapterIndex
-from .lora_linear import (ForwardConfig, _load_tile, _num_sms, _precisions, _shrink_dot, block_r_for,
-                          forward_config)
+from .lora_linear import (ForwardConfig, _load_tile, _lora_dot, _num_sms, _shrink_dot, base_precision, block_r_for,
+                          forward_config, lora_precision_for)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,35 +87,6 @@ def _rank_of(ranks_ptr, slot, R, HAS_RANKS: tl.constexpr):
     else:
         rank = R
     return tl.where(slot >= 0, rank, 0)
-
-
-@triton.jit
-def _tf32_split(t):
-    """t = hi + lo exactly, hi rounded to tf32 (its low 13 mantissa bits are zero, so a tf32 MMA
-    reads it exactly) and |lo| <= 2^-11 |t|."""
-    hi = ((t.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
-    return hi, t - hi
-
-
-@triton.jit
-def _lora_dot(t, b, acc, LORA_PRECISION: tl.constexpr):
-    """acc += t @ b with t fp32 [BM, BR] kept fp32-accurate, b [BR, BN] in the adapter dtype.
-
-    "tf32x2" (GPU, 16-bit b): a 16-bit b is exact in tf32, so only t needs splitting: t = hi + lo
-    with hi rounded to tf32 (low 13 mantissa bits zero) and lo = t - hi exact in fp32, then two
-    tf32 MMAs. t keeps ~21 bits (the lo term's own tf32 truncation is 2^-11 of 2^-11), b is exact,
-    and it costs two tf32 MMAs and three staged fp32 operands instead of tf32x3's three MMAs and
-    four (tf32x3 at rank 128 needs 256 KB of shared memory for a 128x128 tile -- over the 227 KB
-    an H100/H200 block may use). Otherwise (fp32 b, or the interpreter): one tl.dot at
-    LORA_PRECISION ("tf32x3" on GPUs, "ieee" in the interpreter)."""
-    if LORA_PRECISION == "tf32x2":
-        bf = b.to(tl.float32)
-        hi, lo = _tf32_split(t)
-        acc = tl.dot(hi, bf, acc, input_precision="tf32")
-        acc = tl.dot(lo, bf, acc, input_precision="tf32")
-    else:
-        acc = tl.dot(t, b.to(tl.float32), acc, input_precision=LORA_PRECISION)
-    return acc
 
 
 @triton.jit
@@ -487,14 +458,6 @@ def linear_config(M: int, N: int, K: int, R: int, L: int, elem_bytes: int, num_s
 # Launchers (validated inputs; the ops in lora_kernels/ops/multi_lora.py call these)
 # ----------------------------------------------------------------------------------------------
 
-def lora_precision_for(b_dtype: torch.dtype, device: torch.device) -> str:
-    """How t @ B runs (see _lora_dot): exact fp32 in the interpreter; on GPUs "tf32x2" for a
-    16-bit B (exact in tf32) and "tf32x3" for an fp32 B."""
-    if device.type != "cuda":
-        return "ieee"
-    return "tf32x3" if b_dtype == torch.float32 else "tf32x2"
-
-
 def _ranks_arg(ranks: Optional[torch.Tensor], fallback: torch.Tensor) -> Tuple[torch.Tensor, bool]:
     return (ranks, True) if ranks is not None else (fallback, False)
 
@@ -511,7 +474,7 @@ def lora_shrink(x: torch.Tensor, lora_a_stack: torch.Tensor, index: AdapterIndex
         return t
     cfg = config or segment_config(M, K, R, x.element_size(), _num_sms(x.device))
     work = index.work(cfg.item_m)
-    precision, _ = _precisions(x.dtype, x.device)
+    precision = base_precision(x.dtype, x.device)
     ranks_t, has_ranks = _ranks_arg(ranks, scales)
     grid = (work.shape[0], triton.cdiv(R, cfg.shrink_block_r))
     lora_shrink_kernel[grid](
@@ -570,7 +533,7 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a_stack: torch
     if tiles.block_r < block_r_for(R):
         raise ValueError(f"multi_lora_linear: config block_r {tiles.block_r} < padded rank {block_r_for(R)}")
     t = None if cfg.fused_shrink else lora_shrink(x, lora_a_stack, index, scales, ranks, cfg.segment)
-    base_precision, _ = _precisions(x.dtype, x.device)
+    base_prec = base_precision(x.dtype, x.device)
     lora_precision = lora_precision_for(lora_b_stack.dtype, x.device)
     ranks_t, has_ranks = _ranks_arg(ranks, scales)
     num_m_blocks = triton.cdiv(M, tiles.block_m)
@@ -586,7 +549,7 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a_stack: torch
         SPLIT_A=lora_a_stack.dtype == torch.float32 and x.dtype != torch.float32,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, BLOCK_R=tiles.block_r,
         TILES_PER_PROGRAM=tiles.tiles_per_program, GROUP_M=tiles.group_m,
-        BASE_PRECISION=base_precision, LORA_PRECISION=lora_precision,
+        BASE_PRECISION=base_prec, LORA_PRECISION=lora_precision,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return y
