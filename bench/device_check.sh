@@ -75,17 +75,19 @@ if wanted tests && in_budget tests; then
 fi
 
 if wanted sanitize && in_budget sanitize; then
-    say "== compute-sanitizer (bench/sanitize_case.py)"
+    say "== compute-sanitizer (bench/sanitize_case.py: CUDA C++ kernels; bench/sanitize_triton.py: Triton kernels)"
     SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
     sanitizer_rc=0
-    for tool in memcheck racecheck initcheck; do
-        in_budget "sanitizer $tool" || break
-        start=$SECONDS
-        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$(left)" "$SANITIZER" --tool $tool --error-exitcode 9 \
-            $PY bench/sanitize_case.py > "$RAW/sanitizer_$tool.log" 2>&1
-        rc=$?
-        [ $rc -ne 0 ] && sanitizer_rc=$rc
-        say "compute-sanitizer --tool $tool: exit code $rc in $((SECONDS - start)) s; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$RAW/sanitizer_$tool.log" | tail -1)"
+    for script in sanitize_case sanitize_triton; do
+        for tool in memcheck racecheck initcheck; do
+            in_budget "sanitizer $tool $script" || break 2
+            start=$SECONDS
+            PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$(left)" "$SANITIZER" --tool $tool --error-exitcode 9 \
+                $PY bench/$script.py > "$RAW/${script}_$tool.log" 2>&1
+            rc=$?
+            [ $rc -ne 0 ] && sanitizer_rc=$rc
+            say "compute-sanitizer --tool $tool $script: exit code $rc in $((SECONDS - start)) s; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$RAW/${script}_$tool.log" | tail -1)"
+        done
     done
     tar cf "$OUT/results.tar" -C "$RAW" .
 fi
