@@ -3,6 +3,7 @@ per-token float64 loop, the public ops on the torch backend, MultiLoRALinear, op
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given, strategies as st
 
 import lora_kernels
 from lora_kernels import AdapterIndex, MultiLoRALinear, reference
@@ -294,3 +295,11 @@ def test_multi_lora_linear_module_rejects_bad_construction():
         MultiLoRALinear(nn.Conv1d(2, 2, 1), 2, 2)
     with pytest.raises(ValueError, match="max_rank must be >= 1"):
         MultiLoRALinear(nn.Linear(2, 2), 2, 0)
+
+
+@given(ids=st.lists(st.integers(-1, 11), min_size=0, max_size=150), L=st.integers(1, 12),
+       wide=st.booleans())
+def test_index_hypothesis(ids, L, wide):
+    """Any mapping (-1 and every slot below L, any order, empty batch): the index's invariants."""
+    dtype = torch.int64 if wide else torch.int32
+    _check_index(torch.tensor([i if i < L else -1 for i in ids], dtype=dtype), L)

@@ -95,3 +95,56 @@ def test_gpu_two_threads_at_once():
     assert not errors, errors
     for inp, out in zip(inputs, results):
         assert_close(out, inp.reference64(), torch.float16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every other op: bitwise-identical repeats (CPU lane: torch and the interpreter; GPU lane: the card)
+# ---------------------------------------------------------------------------------------------
+
+def _repeat_equal(fn, times=3):
+    first = fn()
+    for _ in range(times - 1):
+        again = fn()
+        assert all(torch.equal(a, b) for a, b in zip(first, again)), "results differ between runs"
+
+
+def _merge_runs(device, backend, dtype):
+    from cases import make_merge_inputs
+    inp = make_merge_inputs(40, 72, 8, dtype, device=device)
+    def run():
+        w = inp.weight.clone()
+        lora_kernels.merge_(w, inp.lora_a, inp.lora_b, inp.scale, backend=backend)
+        residual = lora_kernels.MergeResidual()
+        w2 = inp.weight.clone()
+        lora_kernels.merge_(w2, inp.lora_a, inp.lora_b, inp.scale, residual=residual, backend=backend)
+        return w, w2, residual.codes
+    return run
+
+
+def _multi_runs(device, backend, dtype):
+    from cases import make_multi_inputs
+    inp = make_multi_inputs(70, 48, 40, 6, 16, dtype, device=device, dist="zipf", ranks="mixed")
+    def run():
+        index = inp.index()
+        y = lora_kernels.multi_lora_linear(inp.x, inp.weight, inp.lora_a, inp.lora_b, index, inp.scales,
+                                           inp.bias, inp.ranks, backend=backend)
+        t = lora_kernels.lora_shrink(inp.x, inp.lora_a, index, inp.scales, inp.ranks, backend=backend)
+        y2 = torch.nn.functional.linear(inp.x, inp.weight)
+        lora_kernels.lora_expand_(y2, t, inp.lora_b, index, inp.ranks, backend=backend)
+        return y, t, y2
+    return run
+
+
+@pytest.mark.parametrize("make_runs", [_merge_runs, _multi_runs], ids=["merge", "multi"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_other_ops_are_bitwise_deterministic(make_runs, backend, request):
+    if backend == "triton":
+        request.getfixturevalue("interpreter_device")
+    _repeat_equal(make_runs("cpu", backend, torch.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("make_runs", [_merge_runs, _multi_runs], ids=["merge", "multi"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_other_ops_are_bitwise_deterministic(make_runs, dtype):
+    _repeat_equal(make_runs("cuda", "auto", dtype), times=5)
