@@ -10,7 +10,7 @@
 // synchronisation between CTAs. Tiles, the column permutation and the bandwidth reasoning:
 // merge_plan.h.
 //
-// Modes (MergeParams::mode, a runtime value: every mode runs the same instructions up to delta):
+// Modes (MergeParams::mode, a runtime value: every mode runs the same MMA instructions for delta):
 //  * kMergeApply: W = round(W +- delta).
 //  * kMergeCountNonfinite: the first pass of a safe merge; writes nothing to W, adds the number of
 //    non-finite round(W +- delta) to status[1] (one atomic per warp with any).
@@ -26,12 +26,14 @@
 // so a safe merge needs no host sync between its two kernels.
 //
 // Determinism (what the exact unmerge relies on): kMergeExact and kUnmergeExact must compute
-// bit-identical deltas. They are one kernel (the mode is a runtime argument, so it is literally
-// the same machine code up to delta), the tile walk and MMA order depend only on the shapes, and
-// every fp32 operation outside the MMAs uses round-to-nearest intrinsics (ptx::fmul_rn / fadd_rn /
-// fsub_rn) that the compiler never contracts into an FMA -- so `w +- scale * acc` rounds twice,
-// as in the Triton kernel (launched with enable_fp_fusion=False) and the reference, whatever nvcc's
-// -fmad setting. The bf16 rounding is done with integer ops (NaN -> 0x7FC0, as torch and Triton),
+// bit-identical deltas. They are one kernel (the mode is a runtime argument, so the MMAs that sum
+// delta are literally the same machine code), the tile walk and the MMA order depend only on the
+// shapes, and every fp32 operation outside the MMAs uses round-to-nearest intrinsics
+// (ptx::fmul_rn / fadd_rn / fsub_rn) that the compiler never contracts into an FMA. Were
+// `w1 - scale * acc` contracted into one FMA in the unmerge but rounded twice in the merge (or
+// the other way round), U would differ in its last bit and the code would restore the wrong W0;
+// with the intrinsics it rounds twice in both, as in the Triton kernel (launched with
+// enable_fp_fusion=False) and the reference, whatever nvcc's -fmad setting. The bf16 rounding is done with integer ops (NaN -> 0x7FC0, as torch and Triton),
 // fp16 with cvt.rn.f16.f32 (as Triton's .to(float16)).
 //
 // Numerics of delta: 16-bit adapters (the weight's dtype) go straight into m16n8k16 MMAs: exact
