@@ -15,6 +15,7 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from cases import MERGE_LAYOUTS, make_exact_merge_inputs, make_merge_inputs
 from cuda_emulation import driver, merge_driver as md
@@ -370,3 +371,127 @@ def test_strided_codes(emulator):
     assert merged.plan["c_vec"] == 0 and merged.code_stores.exactly(1)
     restored = _unmerge_exact(emulator, inp, merged)
     _assert_bitwise(restored.weight, w0, "W0 with column-major codes")
+
+
+# ---------------------------------------------------------------------------------------------
+# The public API on the emulated kernel: merge_ / unmerge_ with backend="cuda", where the op layer
+# packs several adapters, runs the safe merge's two passes, and grows the escape table
+# ---------------------------------------------------------------------------------------------
+
+class _EmulatedCudaMerge:
+    """lora_kernels.cuda_merge's launchers, each launch run on the emulator (CPU tensors)."""
+
+    def __init__(self, exe):
+        self.exe = exe
+        self.launches = 0
+
+    def _run(self, mode, weight, lora_a, lora_b, scale, fan_in_fan_out, **kw):
+        if weight.numel() == 0:
+            return None
+        self.launches += 1
+        run = md.run(self.exe, weight, lora_a, lora_b, scale, mode=mode, fan_in_fan_out=fan_in_fan_out,
+                     seed=self.launches, **kw)
+        weight.copy_(run.weight)
+        for name in ("status", "codes", "escape_index", "escape_value"):
+            if kw.get(name) is not None:
+                kw[name].copy_(getattr(run, name))
+        return run
+
+    def apply_(self, weight, lora_a, lora_b, scale, *, subtract=False, fan_in_fan_out=False, status=None, gated=False):
+        self._run(md.MODE_APPLY, weight, lora_a, lora_b, scale, fan_in_fan_out, subtract=subtract,
+                  status=status, gated=gated)
+
+    def count_nonfinite_(self, weight, lora_a, lora_b, scale, *, subtract=False, fan_in_fan_out=False, status):
+        self._run(md.MODE_COUNT_NONFINITE, weight, lora_a, lora_b, scale, fan_in_fan_out, subtract=subtract,
+                  status=status)
+
+    def merge_exact_(self, weight, lora_a, lora_b, scale, *, fan_in_fan_out=False, codes, escape_index,
+                     escape_value, status, gated=False):
+        self._run(md.MODE_MERGE_EXACT, weight, lora_a, lora_b, scale, fan_in_fan_out, codes=codes,
+                  escape_index=escape_index, escape_value=escape_value, status=status, gated=gated)
+
+    def unmerge_exact_(self, weight, lora_a, lora_b, scale, *, fan_in_fan_out=False, codes, escape_index,
+                       escape_value, num_escapes):
+        self._run(md.MODE_UNMERGE_EXACT, weight, lora_a, lora_b, scale, fan_in_fan_out, codes=codes)
+        reference.scatter_escapes_(weight, escape_index, escape_value, num_escapes, fan_in_fan_out)
+
+
+@pytest.fixture
+def emulated_cuda(emulator, monkeypatch):
+    """backend="cuda" on CPU tensors runs the kernel source on the emulator."""
+    from lora_kernels import backends
+    from lora_kernels.ops import merge as ops
+    launcher = _EmulatedCudaMerge(emulator)
+    compiled = ops._compiled_backend
+    monkeypatch.setattr(ops, "_compiled_backend", lambda b: launcher if b == "cuda" else compiled(b))
+    monkeypatch.setattr(backends, "cuda_unavailable_reason", lambda device: None)
+    return launcher
+
+
+def test_public_exact_cycles_grow_the_escape_table(emulated_cuda):
+    import lora_kernels
+    inp = make_merge_inputs(40, 72, 4, torch.bfloat16, layout="fan_in_fan_out", delta_ratio=300.0)
+    w0 = inp.weight.clone()
+    residual = lora_kernels.MergeResidual(escape_capacity=3)
+    for _ in range(2):
+        lora_kernels.merge_(inp.weight, inp.lora_a, inp.lora_b, inp.scale, fan_in_fan_out=True,
+                            residual=residual, backend="cuda")
+        assert residual.num_escapes > 3 and residual.escape_index.numel() >= residual.num_escapes
+        lora_kernels.unmerge_(inp.weight, inp.lora_a, inp.lora_b, inp.scale, fan_in_fan_out=True, residual=residual)
+        _assert_bitwise(inp.weight, w0, "W0 after an exact cycle that grew the table")
+    assert emulated_cuda.launches >= 5  # merge, undo, merge again, unmerge, ...
+
+
+def test_public_several_adapters_and_safe_merge(emulated_cuda):
+    import lora_kernels
+    w = rand(30, 48, dtype=torch.float16, scale=0.05)
+    a_list = [rand(2, 48, dtype=torch.float16), rand(5, 48)]
+    b_list = [rand(30, 2, dtype=torch.float16, scale=0.05), rand(30, 5, scale=0.02)]
+    s_list = [1.5, -0.25]
+    w0 = w.clone()
+    lora_kernels.merge_(w, a_list, b_list, s_list, safe_merge=True, backend="cuda")
+    ref = w0.double() + sum(s * b.double() @ a.double() for a, b, s in zip(a_list, b_list, s_list))
+    assert_close(w, ref, torch.float16, what="one-pass merge of 2 adapters (packed fp32 pair)")
+    residual = lora_kernels.MergeResidual()
+    w.copy_(w0)
+    for _ in range(3):
+        lora_kernels.merge_(w, a_list, b_list, s_list, residual=residual, backend="cuda")
+        lora_kernels.unmerge_(w, a_list, b_list, s_list, residual=residual)
+    _assert_bitwise(w, w0, "W0 after exact cycles of a 2-adapter merge")
+    b_list[1][3, 1] = math.inf
+    with pytest.raises(ValueError, match=r"merge_: the merged weight would have \d+ non-finite"):
+        lora_kernels.merge_(w, a_list, b_list, s_list, safe_merge=True, backend="cuda")
+    _assert_bitwise(w, w0, "weight after a rejected safe merge")
+    b_list[1][3, 1] = 0.5
+    lora_kernels.merge_(w, a_list, b_list, s_list, residual=residual, backend="cuda")
+    with pytest.raises(ValueError, match="residual was made by backend 'cuda'"):
+        lora_kernels.unmerge_(w, a_list, b_list, s_list, residual=residual, backend="torch")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(seed=st.integers(0, 2 ** 31 - 1), delta_exp=st.integers(-12, 6),
+       positions=st.lists(st.integers(0, 10 ** 6), min_size=0, max_size=12), fan_in_fan_out=st.booleans())
+@settings(max_examples=15, suppress_health_check=[HealthCheck.function_scoped_fixture])  # the fixture is stateless
+def test_public_exact_unmerge_restores_any_weight_bit_for_bit(emulated_cuda, dtype, seed, delta_exp, positions,
+                                                              fan_in_fan_out):
+    """Zeros, subnormals, infinities, NaNs, tiny weights under a huge delta, overflowing sums, a
+    table too small at first: the exact merge is the kernel's plain merge and the unmerge restores
+    every bit (the CUDA twin of test_merge.py's property test)."""
+    import lora_kernels
+    gen = torch.Generator().manual_seed(seed)
+    N, K, r = 9, 21, 3
+    w = torch.randn(N * K, generator=gen, dtype=torch.float64) * 10.0 ** torch.randint(-9, 3, (N * K,), generator=gen)
+    specials = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 1e-40, -3e-39, 6e4, -1e30, 1e-7],
+                            dtype=torch.float64)
+    picks = torch.tensor(positions, dtype=torch.long) % (N * K)
+    w[picks] = specials[torch.arange(len(picks)) % len(specials)]
+    w = w.to(dtype).reshape((K, N) if fan_in_fan_out else (N, K))
+    a = torch.randn(r, K, generator=gen).to(dtype)
+    b = (torch.randn(N, r, generator=gen) * 10.0 ** delta_exp).to(dtype)
+    w0, plain = w.clone(), w.clone()
+    lora_kernels.merge_(plain, a, b, 0.75, fan_in_fan_out=fan_in_fan_out, backend="cuda")
+    residual = lora_kernels.MergeResidual(escape_capacity=4)
+    lora_kernels.merge_(w, a, b, 0.75, fan_in_fan_out=fan_in_fan_out, residual=residual, backend="cuda")
+    _assert_bitwise(w, plain, "exact merge vs plain merge", nan_payload_free=True)
+    lora_kernels.unmerge_(w, a, b, 0.75, fan_in_fan_out=fan_in_fan_out, residual=residual)
+    _assert_bitwise(w, w0, "exact unmerge")
