@@ -120,6 +120,9 @@ inline MergeLayout canonical_merge_layout(int64_t N, int64_t K, int64_t sn, int6
 //    (4.8 TB/s x ~1 us latency / 132 SMs) and 2-3 CTAs are resident.
 //  * Rank chunk 64: shared memory (64 + 128) x (64 + pad) adapter elements = 27 KB (16-bit) or
 //    51 KB (fp32); ranks above 64 loop over chunks (V^T is then reloaded per tile).
+//  * __launch_bounds__(256, 2): 128 registers. ptxas (nvcc 13.0, sm_80 and sm_90a) reports 8-28
+//    bytes of spill stores per variant (a few loop-state words); whether that costs anything, and
+//    whether prefetching the next tile's U too would pay, is for the GPU to say.
 // ------------------------------------------------------------------------------------------------
 constexpr int kMergeWarpsP = 4, kMergeWarpsQ = 2;
 constexpr int kMergeThreads = 32 * kMergeWarpsP * kMergeWarpsQ;
