@@ -6,7 +6,9 @@ Methods, each on its own copy of W:
   which is what a merge must at least move. It is the baseline every ratio divides by.
 * peft: PEFT's merge, ``W += (B @ A) * s`` (materialises B·A twice).
 * addmm: ``W.addmm_(B, A, alpha=s)``.
-* ours_<backend>: ``lora_kernels.merge_``; ours_<backend>_safe: with ``safe_merge=True``.
+* ours_<backend>: ``lora_kernels.merge_`` for each of our compiled backends that runs here
+  (``triton``, and ``cuda`` when the C++ extension is built: bench/run.py's default backends);
+  ours_<backend>_safe: with ``safe_merge=True``.
 * ours_<backend>_cycle / ours_<backend>_exact_cycle: a merge + unmerge pair (plain / exact with
   a reused MergeResidual), recorded as half the pair's time, i.e. per operation.
 

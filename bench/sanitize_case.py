@@ -1,11 +1,14 @@
-"""A few small launches of the CUDA fused forward for compute-sanitizer (bench/device_check.sh).
+"""A few small launches of the CUDA kernels for compute-sanitizer (bench/device_check.sh).
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python bench/sanitize_case.py
 
-Each case reaches a different path of csrc/lora_linear.cuh (both tile shapes, a CTA sweeping
-several tiles, K tails, element-wise loads, split fp32 adapters, strided lora_b, no bias); each
-result is checked against float64 so that a silent error fails too. Exit status 0 = all right.
-Sizes are tiny: the sanitizer runs kernels 10-100x slower.
+Each forward case reaches a different path of csrc/lora_linear.cuh (both tile shapes, a CTA
+sweeping several tiles, K tails, element-wise loads, split fp32 adapters, strided lora_b, no
+bias); each merge case one of csrc/merge.cuh (vector and element accesses, the transposed layout,
+both MMA kinds, rank chunks, CTAs walking several tiles, the four modes, a full escape table).
+Each result is checked (against float64, or bit for bit after an exact cycle) so that a silent
+error fails too. Exit status 0 = all right. Sizes are tiny: the sanitizer runs kernels 10-100x
+slower.
 """
 from __future__ import annotations
 
@@ -51,7 +54,68 @@ def main() -> int:
         failures += not ok
         print(f"{'ok  ' if ok else 'FAIL'} M={M} N={N} K={K} r={r} {str(dtype)[6:]}: {what}: "
               f"rel err y {err:.2e}, t {t_err:.2e}", flush=True)
+    failures += merge_cases(rnd)
     return 1 if failures else 0
+
+
+# (N, K, r, dtype, adapter dtype, layout, what it reaches) of csrc/merge.cuh
+MERGE_CASES = [
+    (130, 264, 16, torch.bfloat16, None, "contiguous", "16-byte vectors, P and Q tails"),
+    (100, 72, 7, torch.float16, torch.float32, "fan_in_fan_out", "transposed layout, 3xTF32"),
+    (64, 200, 64, torch.float32, torch.float32, "col_slice", "fp32 weight, slice of a wider buffer"),
+    (90, 136, 256, torch.bfloat16, None, "misaligned", "element accesses, four rank chunks"),
+]
+
+
+def merge_cases(rnd) -> int:
+    """Every mode of the CUDA merge on each case: a safe merge (count pass + gated merge), a
+    plain unmerge, then an exact merge with a too-small escape table (PENDING elements), its
+    undo, and a full exact cycle, which must restore the weight bit for bit."""
+    from lora_kernels import cuda_merge
+    bits = lambda t: t.contiguous().view(torch.int32 if t.element_size() == 4 else torch.int16)  # noqa: E731
+    failures = 0
+    for N, K, r, dtype, adapter_dtype, layout, what in MERGE_CASES:
+        ad = adapter_dtype or dtype
+        if layout == "fan_in_fan_out":
+            storage = rnd(K, N, dtype=dtype).cuda()
+            w = storage
+        elif layout == "col_slice":
+            storage = rnd(N, 3 * K, dtype=dtype).cuda()
+            w = storage[:, K:2 * K]
+        elif layout == "misaligned":
+            storage = rnd(N * K + 1, dtype=dtype).cuda()
+            w = storage[1:].view(N, K)
+        else:
+            storage = rnd(N, K, dtype=dtype).cuda()
+            w = storage
+        fan = layout == "fan_in_fan_out"
+        a, b = rnd(r, K, dtype=ad).cuda(), (rnd(N, r, dtype=ad) * 4.0).cuda()  # |delta| ~ |W|: some escape
+        logical = (lambda t: t.t()) if fan else (lambda t: t)  # noqa: E731
+        w0 = w.clone()
+        ref = logical(w0).double() + 0.5 * b.double() @ a.double()
+        status = torch.zeros(2, dtype=torch.int32, device="cuda")
+        cuda_merge.count_nonfinite_(w, a, b, 0.5, fan_in_fan_out=fan, status=status)
+        cuda_merge.apply_(w, a, b, 0.5, fan_in_fan_out=fan, status=status, gated=True)
+        err = ((logical(w).double() - ref).norm() / ref.norm()).item()
+        ok = int(status[1]) == 0 and err < (1e-2 if dtype == torch.bfloat16 else 2e-3)
+        cuda_merge.apply_(w, a, b, 0.5, fan_in_fan_out=fan, subtract=True)
+        codes = torch.empty_like(w, dtype=torch.int8)
+        for capacity in (3, N * K):  # 3: escapes past the table's end stay unmerged (PENDING)
+            w.copy_(w0)
+            index = torch.empty(capacity, dtype=torch.int64, device="cuda")
+            value = torch.empty(capacity, dtype=dtype, device="cuda")
+            status.zero_()
+            cuda_merge.merge_exact_(w, a, b, 0.5, fan_in_fan_out=fan, codes=codes, escape_index=index,
+                                    escape_value=value, status=status)
+            escapes = int(status[0])
+            cuda_merge.unmerge_exact_(w, a, b, 0.5, fan_in_fan_out=fan, codes=codes, escape_index=index,
+                                      escape_value=value, num_escapes=min(escapes, capacity))
+            ok = ok and torch.equal(bits(w), bits(w0))
+        torch.cuda.synchronize()
+        failures += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} merge N={N} K={K} r={r} {str(dtype)[6:]} {layout}: {what}: "
+              f"rel err {err:.2e}, {escapes} escapes", flush=True)
+    return failures
 
 
 if __name__ == "__main__":

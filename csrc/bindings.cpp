@@ -34,3 +34,15 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
                                       nullptr};
   return PyModule_Create(&module);
 }
+
+// ---- in-place merge / unmerge (csrc/merge.cuh) -------------------------------------------------
+#include "merge.h"
+
+TORCH_LIBRARY_FRAGMENT(lora_kernels, m) {
+  m.def(
+      "cuda_merge_(Tensor(a!) weight, Tensor lora_a, Tensor lora_b, float scale, bool fan_in_fan_out, int mode, "
+      "bool subtract, bool gated, Tensor(b!)? status, Tensor(c!)? codes, Tensor(d!)? escape_index, "
+      "Tensor(e!)? escape_value) -> ()");
+}
+TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) { m.impl("cuda_merge_", &lora_kernels::cuda_merge_); }
+TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) { m.impl("cuda_merge_", &lora_kernels::cuda_merge_); }

@@ -1,6 +1,7 @@
 """Input builders shared by the tests."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -219,3 +220,27 @@ def reference_with_grads(inp: LoraInputs, dy: torch.Tensor, *, dropout_p: float 
                               leaves.get("bias"), dropout_p=dropout_p, dropout_mask=dropout_mask)
     y.backward(dy.double())
     return y, {n: t.grad for n, t in leaves.items()}
+
+
+def make_exact_merge_inputs(N, K, r, dtype=torch.float32, device="cpu", *, layout="contiguous",
+                            adapter_dtype=None, delta_ratio=0.5, b_exponent=None) -> MergeInputs:
+    """make_merge_inputs, but with adapters whose delta every backend forms *exactly* in fp32:
+    entries are odd multiples of 1/16 (times a power of two for B), so each product has at most 8
+    significant bits and every partial sum over r <= 256 ranks fits 16 bits -- in any summation
+    order, on tensor cores, in tf32 halves -- and scale is 0.5. Backends must then agree bit for
+    bit (merged weights, exact codes, escape tables), which random adapters cannot show.
+    b_exponent: B's entries are odd sixteenths times 2^b_exponent (default: from delta_ratio)."""
+    inp = make_merge_inputs(N, K, r, dtype, device, layout=layout, adapter_dtype=adapter_dtype)
+    adapter_dtype = adapter_dtype or dtype
+
+    def odd_sixteenths(*shape):
+        k = 2 * torch.randint(0, 8, shape) + 1
+        sign = torch.where(torch.rand(shape) < 0.5, -1, 1)
+        return (sign * k).double() / 16
+
+    # |delta| ~ sqrt(r) * 0.58^2 * 2^e * scale (rms of an odd sixteenth is 0.58): aim at delta_ratio * 0.05
+    e = b_exponent if b_exponent is not None else round(math.log2(0.05 * delta_ratio / (r ** 0.5 * 0.336 * 0.5)))
+    inp.scale = 0.5
+    inp.lora_a = odd_sixteenths(r, K).to(device=device, dtype=adapter_dtype)
+    inp.lora_b = (odd_sixteenths(N, r) * 2.0 ** e).to(device=device, dtype=adapter_dtype)
+    return inp

@@ -1,7 +1,7 @@
 """In-place merge / unmerge: ``weight += scale * lora_b @ lora_a`` and its inverse.
 
-Layers: kernel + launchers (``lora_kernels/triton/merge.py``; the CUDA C++ kernel is a later
-issue and slots in beside it in ``_compiled_backend``) -> the registered ops
+Layers: kernel + launchers (``lora_kernels/triton/merge.py``; the CUDA C++ kernel
+``csrc/merge.cuh`` with its launchers in ``lora_kernels/cuda_merge.py``) -> the registered ops
 ``torch.ops.lora_kernels.{merge_, unmerge_, merge_exact_, unmerge_exact_}`` (here, with fake
 impls) -> the public ``merge_`` / ``unmerge_`` (validation, safe merge, exact unmerge) ->
 ``FusedLoRALinear.merge()/unmerge()``.
@@ -32,8 +32,10 @@ what the rounding lost, as one int8 code per element:
 * unmerge: U = round(W1 - ΔW), W0 = key⁻¹(key(U) + code).
 
 Proof of exactness: the unmerge recomputes U bit for bit (same W1, same adapters, same backend and
-tile config, so the same fp32 ΔW; the Triton kernels launch with FMA contraction off so that no
-compilation rounds ``W1 - ΔW`` differently), and key is a bijection, so key⁻¹(key(U) + code) =
+tile config, so the same fp32 ΔW; the Triton kernels launch with FMA contraction off, and the CUDA
+kernel is one binary for both modes whose fp32 steps outside the MMAs are round-to-nearest
+intrinsics that are never contracted, so that no compilation rounds ``W1 - ΔW`` differently), and
+key is a bijection, so key⁻¹(key(U) + code) =
 key⁻¹(key(W0)) = W0, including the sign of zero and NaN payloads. It holds after any number of
 cycles because each cycle restores W0 itself: nothing accumulates.
 
@@ -84,6 +86,11 @@ from .._validation import (check_adapter_dtype, check_no_internal_overlap, check
 
 TensorOrList = Union[Tensor, Sequence[Tensor]]
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+CUDA_DTYPES = TRITON_DTYPES  # lora_kernels.cuda_merge.DTYPES (not imported here: import stays light)
+# backend="auto" on CUDA tensors: Triton first, then CUDA C++. Both kernels are one streaming pass
+# over W with delta on tensor cores; which is faster per shape is to be measured (bench/merge.py
+# times both) -- until then the order is the one the merge shipped with.
+PREFER = ("triton", "cuda")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,15 +143,16 @@ def _input_reason(weight: Tensor):
     def reason(backend: str) -> Optional[str]:
         if backend == "triton" and weight.dtype not in TRITON_DTYPES:
             return f"triton: dtype {weight.dtype} is not supported (float16, bfloat16, float32)"
-        if backend == "cuda":
-            return "cuda: there is no CUDA C++ merge kernel yet (the Triton kernel serves CUDA tensors)"
+        if backend == "cuda" and weight.dtype not in CUDA_DTYPES:
+            return (f"cuda: dtype {str(weight.dtype).replace('torch.', '')} is not supported by the CUDA merge "
+                    f"kernel (float16, bfloat16, float32)")
         return None
     return reason
 
 
 def choose_backend(op: str, weight: Tensor, backend: str = "auto") -> str:
     """The backend that runs a merge of `weight` (see backends.py for the rule)."""
-    return backends.resolve(op, backend, weight.device, ("triton",), _input_reason(weight))
+    return backends.resolve(op, backend, weight.device, PREFER, _input_reason(weight))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,6 +174,9 @@ def pack_adapters(a_list: List[Tensor], b_list: List[Tensor], s_list: List[float
 def _compiled_backend(backend: str):
     if backend == "triton":
         from ..triton import merge as launcher
+        return launcher
+    if backend == "cuda":
+        from .. import cuda_merge as launcher
         return launcher
     raise AssertionError(f"no compiled merge backend {backend!r}")  # resolve() never returns it
 
