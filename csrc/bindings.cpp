@@ -34,3 +34,25 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
                                       nullptr};
   return PyModule_Create(&module);
 }
+
+// ---- Multi-adapter (segmented) shrink / expand: csrc/multi_lora.{h,cpp} ---------------------
+#include "multi_lora.h"
+
+TORCH_LIBRARY_FRAGMENT(lora_kernels, m) {
+  m.def(
+      "cuda_lora_shrink(Tensor x, Tensor lora_a_stack, Tensor scales, Tensor? ranks, Tensor work, "
+      "Tensor sorted_tokens, int item_m, Tensor(a!) t) -> ()");
+  m.def(
+      "cuda_lora_expand(Tensor(a!) y, Tensor t, Tensor lora_b_stack, Tensor? ranks, Tensor work, "
+      "Tensor sorted_tokens, int item_m) -> ()");
+}
+
+// CUDA and CPU, as cuda_lora_linear_fwd: CPU tensors get the launcher's sentence.
+TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
+  m.impl("cuda_lora_shrink", &lora_kernels::cuda_lora_shrink);
+  m.impl("cuda_lora_expand", &lora_kernels::cuda_lora_expand);
+}
+TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) {
+  m.impl("cuda_lora_shrink", &lora_kernels::cuda_lora_shrink);
+  m.impl("cuda_lora_expand", &lora_kernels::cuda_lora_expand);
+}

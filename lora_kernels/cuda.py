@@ -37,6 +37,7 @@ from .backends import BackendUnavailable
 PACKAGE_DIR = Path(__file__).resolve().parent
 CSRC_DIR = PACKAGE_DIR.parent / "csrc"
 SOURCES = ("lora_linear_kernels.cu", "lora_linear.cpp", "bindings.cpp")
+SOURCES += ("multi_lora_kernels.cu", "multi_lora.cpp")  # multi-adapter shrink / expand
 BUILD_STATUS_FILE = PACKAGE_DIR / "_build_status.json"   # written by setup.py
 DEFAULT_ARCH_LIST = "8.0;9.0a"                            # the AOT build's targets (setup.py)
 JIT_NAME = "lora_kernels_C"

@@ -446,3 +446,41 @@ inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32
 
 }  // namespace ptx
 }  // namespace lora_kernels
+
+// ---- Twins of the primitives added for the multi-adapter kernels (end of csrc/ptx.cuh) --------
+namespace lora_kernels {
+namespace ptx {
+
+inline int32_t ld_global_s32(const int32_t* p) {
+  if (reinterpret_cast<uintptr_t>(p) % 4) emu::fatal("ld_global_s32: misaligned address");
+  emu::global_check(p, 4, "ld_global_s32");
+  return *p;
+}
+inline void ld_global_v4(uint32_t (&r)[4], const void* p) {
+  if (reinterpret_cast<uintptr_t>(p) % 16) emu::fatal("ld_global_v4: address not 16-byte aligned");
+  emu::global_check(p, 16, "ld_global_v4");
+  std::memcpy(r, p, 16);
+}
+inline float u32_as_f32(uint32_t v) { return emu::bits_f32(v); }
+inline uint16_t ld_global_u16_rw(const uint16_t* p) { emu::global_check(p, 2, "ld_global_u16_rw"); return *p; }
+inline int32_t ld_shared_s32(const int32_t* p) {
+  emu::smem_read(p, 4, "ld_shared_s32");
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+inline void st_shared_s32(int32_t* p, int32_t v) { emu::smem_write(p, &v, 4, "st_shared_s32"); }
+// __shfl_xor_sync over the full warp: every lane must call it (the rendezvous checks that).
+inline float shfl_xor_f32(float v, int lane_mask) {
+  emu::Machine& m = emu::machine();
+  const int lane = m.current % 32;
+  emu::WarpExchange& ex = m.warps[m.current / 32];
+  ex.d[lane][0] = v;
+  emu::warp_rendezvous();
+  const float other = ex.d[lane ^ (lane_mask & 31)][0];
+  emu::warp_rendezvous();
+  return other;
+}
+
+}  // namespace ptx
+}  // namespace lora_kernels
