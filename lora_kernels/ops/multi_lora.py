@@ -1,8 +1,11 @@
 """Multi-adapter (segmented) LoRA ops: validation, backend dispatch and the registered ops.
 
-Layers: kernels (``lora_kernels/triton/multi_lora.py``) -> launchers (same file) -> the custom ops
+Layers: kernels (Triton: ``lora_kernels/triton/multi_lora.py``; CUDA C++: ``csrc/multi_lora.cuh``,
+shrink and expand only) -> launchers (the Triton file; ``lora_kernels/cuda.py``) -> the custom ops
 ``torch.ops.lora_kernels.{lora_shrink, lora_expand, multi_lora_linear}`` (here) ->
-``MultiLoRALinear`` (layers.py). Per-batch metadata comes from ``AdapterIndex`` (serving.py).
+``MultiLoRALinear`` (layers.py). Per-batch metadata comes from ``AdapterIndex`` (serving.py); both
+compiled backends read the same index. ``backend="cuda"`` refuses ``multi_lora_linear`` (no fused
+CUDA kernel yet) with that reason.
 
 These are inference (serving) ops: no autograd formula is registered, so a backward through them
 raises torch's "no autograd formula" error; train adapters with ``lora_linear`` instead.
@@ -105,10 +108,19 @@ def _validate_linear(op, x, weight, lora_a_stack, lora_b_stack, index, scales, b
 # Backend choice
 # ---------------------------------------------------------------------------------------------
 
-def _input_reason(dtype: torch.dtype, r_max: int, t_dtype: Optional[torch.dtype] = None):
+# The fused base + adapters op has no CUDA C++ kernel (yet): backend="cuda" refuses it with this
+# reason; the segmented shrink and expand have CUDA kernels (csrc/multi_lora.cuh).
+CUDA_NO_FUSED_LINEAR = ("cuda: multi_lora_linear has no fused CUDA C++ kernel yet (lora_shrink and lora_expand_ "
+                        "have CUDA kernels); use backend='triton'")
+
+
+def _input_reason(op: str, dtype: torch.dtype, r_max: int, t_dtype: Optional[torch.dtype] = None):
     def reason(backend: str) -> Optional[str]:
         if backend == "cuda":
-            return "cuda: the multi-adapter ops have no CUDA C++ kernels yet (use backend='triton')"
+            if op == "multi_lora_linear":
+                return CUDA_NO_FUSED_LINEAR
+            from .. import cuda
+            return cuda.multi_input_reason(dtype, r_max, t_dtype)
         if backend == "triton":
             if dtype not in TRITON_DTYPES:
                 return f"triton: dtype {dtype} is not supported (float16, bfloat16, float32)"
@@ -120,10 +132,17 @@ def _input_reason(dtype: torch.dtype, r_max: int, t_dtype: Optional[torch.dtype]
     return reason
 
 
+# Under "auto" on CUDA tensors: Triton first, the CUDA C++ kernels when Triton cannot run (e.g. a
+# serving image without triton). Which is faster per shape and token distribution is to be
+# measured on an H100/H200 (bench/, suite multi: ours_se_triton vs ours_se_cuda); no measurement
+# exists yet, so this order is a default, not a result.
+AUTO_PREFERENCE = ("triton", "cuda")
+
+
 def choose_backend(op: str, device: torch.device, dtype: torch.dtype, r_max: int, backend: str = "auto",
                    t_dtype: Optional[torch.dtype] = None) -> str:
     """The backend that runs `op` on these inputs (see backends.py for the rule)."""
-    return backends.resolve(op, backend, device, ("triton",), _input_reason(dtype, r_max, t_dtype))
+    return backends.resolve(op, backend, device, AUTO_PREFERENCE, _input_reason(op, dtype, r_max, t_dtype))
 
 
 def _triton_vectors(scales: Optional[Tensor], ranks: Optional[Tensor]):
@@ -138,8 +157,8 @@ def _triton_vectors(scales: Optional[Tensor], ranks: Optional[Tensor]):
 # ---------------------------------------------------------------------------------------------
 
 def _check_torch(backend: str) -> None:
-    """The ops run "triton" or "torch"; any other name reaching them is a dispatch bug, not a
-    reason to fall back silently."""
+    """The ops run "triton", "cuda" (shrink and expand) or "torch"; any other name reaching them
+    is a dispatch bug, not a reason to fall back silently."""
     if backend != "torch":
         raise BackendUnavailable(f"multi-adapter ops: no {backend!r} implementation")
 
@@ -156,6 +175,9 @@ def lora_shrink_op(x: Tensor, lora_a_stack: Tensor, scales: Tensor, ranks: Optio
     if backend == "triton":
         from ..triton.multi_lora import lora_shrink as launch
         return launch(x, lora_a_stack, index, *_triton_vectors(scales, ranks))
+    if backend == "cuda":
+        from ..cuda import multi_lora_shrink as launch
+        return launch(x, lora_a_stack, index, scales, ranks)
     _check_torch(backend)
     return reference.lora_shrink(x, lora_a_stack, index.token_adapter, scales, ranks)
 
@@ -173,6 +195,10 @@ def lora_expand_op(y: Tensor, t: Tensor, lora_b_stack: Tensor, ranks: Optional[T
     if backend == "triton":
         from ..triton.multi_lora import lora_expand_ as launch
         launch(y, t, lora_b_stack, index, _triton_vectors(None, ranks)[1])
+        return
+    if backend == "cuda":
+        from ..cuda import multi_lora_expand_ as launch
+        launch(y, t, lora_b_stack, index, ranks)
         return
     _check_torch(backend)
     reference.lora_expand_(y, t, lora_b_stack, index.token_adapter, ranks)

@@ -46,6 +46,7 @@ struct Allocation {
   unsigned char* base;
   size_t bytes;
   std::vector<uint8_t>* store_counts;  // per byte, or null when stores are not expected
+  const std::vector<uint8_t>* unreadable = nullptr;  // per byte: nonzero = must never be accessed
 };
 
 struct Shadow {  // per shared-memory byte: last write and last read in barrier epochs
@@ -105,7 +106,17 @@ inline void register_allocation(const std::string& name, void* base, size_t byte
 inline Allocation& global_check(const void* p, size_t bytes, const char* what) {
   auto* c = static_cast<const unsigned char*>(p);
   for (auto& a : machine().allocs)
-    if (c >= a.base && c + bytes <= a.base + a.bytes) return a;
+    if (c >= a.base && c + bytes <= a.base + a.bytes) {
+      if (a.unreadable != nullptr)
+        for (size_t i = 0; i < bytes; ++i)
+          if ((*a.unreadable)[c - a.base + i]) {
+            char buf[256];
+            std::snprintf(buf, sizeof buf, "%s: access to byte %zu of %s, which is marked never to be read "
+                          "(thread %d)", what, size_t(c - a.base + i), a.name.c_str(), machine().current);
+            fatal(buf);
+          }
+      return a;
+    }
   char buf[256];
   std::snprintf(buf, sizeof buf, "%s: global access of %zu bytes at %p is outside every allocation "
                 "(thread %d)", what, bytes, p, machine().current);
@@ -484,3 +495,11 @@ inline float shfl_xor_f32(float v, int lane_mask) {
 
 }  // namespace ptx
 }  // namespace lora_kernels
+
+namespace emu {
+// An input allocation some of whose bytes must never be read (past an adapter's rank, gaps
+// between rows): any access to them is a fault.
+inline void register_input(const std::string& name, void* base, size_t bytes, const std::vector<uint8_t>* unreadable) {
+  machine().allocs.push_back({name, static_cast<unsigned char*>(base), bytes, nullptr, unreadable});
+}
+}  // namespace emu

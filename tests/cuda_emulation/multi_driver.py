@@ -11,7 +11,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -33,15 +33,21 @@ def _span(t: torch.Tensor) -> int:
     return 0 if t.numel() == 0 else sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1
 
 
-def pack(t: torch.Tensor, lead: int = 0) -> bytes:
-    """The bytes of an allocation holding `t` (any dims, strides >= 0) at element offset `lead`;
-    elements between t's own are NaN (floats) or -7 (ints: a token id or slot read from a gap
-    would be out of range)."""
+def pack(t: torch.Tensor, lead: int = 0, never_read: Optional[torch.Tensor] = None) -> Tuple[bytes, bytes]:
+    """(bytes of an allocation holding `t` (any dims, strides >= 0) at element offset `lead`, and a
+    mask with 1 per byte that must never be read). Elements between t's own are NaN (floats) or
+    -7 (ints: a token id or slot read from a gap would be out of range); they, the lead and the
+    elements where `never_read` (bool, t's shape) is True are marked unreadable."""
     fill = float("nan") if t.is_floating_point() else -7
-    flat = torch.full((lead + _span(t),), fill, dtype=t.dtype)
+    n = lead + _span(t)
+    flat = torch.full((n,), fill, dtype=t.dtype)
+    readable = torch.zeros(n, dtype=torch.bool)
     if t.numel():
         flat[lead:].as_strided(t.shape, t.stride()).copy_(t)
-    return flat.view(torch.uint8).numpy().tobytes()
+        ok = torch.ones(t.shape, dtype=torch.bool) if never_read is None else ~never_read
+        readable[lead:].as_strided(t.shape, t.stride()).copy_(ok)
+    noread = (~readable).to(torch.uint8).repeat_interleave(t.element_size())
+    return flat.view(torch.uint8).numpy().tobytes(), noread.numpy().tobytes()
 
 
 def _read(path: Path, dtype: torch.dtype) -> torch.Tensor:
@@ -58,14 +64,17 @@ class MultiRun:
     plan: Dict[str, int]
 
 
-def _run(exe: Path, params: Dict, inputs: Dict[str, torch.Tensor], out: torch.Tensor, leads: Dict[str, int]):
+def _run(exe: Path, params: Dict, inputs: Dict[str, torch.Tensor], never_read: Dict[str, torch.Tensor],
+         out: torch.Tensor, leads: Dict[str, int]):
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         for name, t in inputs.items():
-            (d / f"{name}.bin").write_bytes(pack(t, leads.get(name, 0)))
+            data, noread = pack(t, leads.get(name, 0), never_read.get(name))
+            (d / f"{name}.bin").write_bytes(data)
+            (d / f"{name}.noread").write_bytes(noread)
             params[f"{name}_off"] = leads.get(name, 0)
         out_lead = leads.get("out", 0)
-        (d / "out_init.bin").write_bytes(pack(out, out_lead))
+        (d / "out_init.bin").write_bytes(pack(out, out_lead)[0])
         params["out_off"] = out_lead
         (d / "params.txt").write_text("".join(f"{k} {v}\n" for k, v in params.items()))
         proc = subprocess.run([str(exe), str(d)], capture_output=True, text=True, timeout=900)
@@ -82,6 +91,14 @@ def _run(exe: Path, params: Dict, inputs: Dict[str, torch.Tensor], out: torch.Te
     per_byte = counts[out_lead * eb:].as_strided((*out.shape, eb), (*(s * eb for s in out.stride()), 1))
     stray = int(counts.sum()) - int(per_byte.sum())
     return MultiRun(result, per_byte.amin(-1), per_byte.amax(-1), stray, plan)
+
+
+def token_ranks(index, ranks: Optional[torch.Tensor], r_max: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(rank used per slot [L], rank used per token [M]) as the kernels clamp them."""
+    L = index.num_adapters
+    slot_rank = torch.full((L,), r_max) if ranks is None else ranks.long().clamp(0, r_max)
+    ids = index.token_adapter.long()
+    return slot_rank, torch.where(ids >= 0, slot_rank[ids.clamp(min=0)], 0)
 
 
 def _index_inputs(index, item_m: int, ranks: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -105,7 +122,11 @@ def run_shrink(exe: Path, x, lora_a, scales, ranks, index, item_m: int, *, seed=
               "a_fp32": int(lora_a.dtype == torch.float32), "M": M, "K": K, "L": L, "R": R,
               "num_items": inputs["work"].shape[0], "item_m": item_m, "ldx": x.stride(0),
               "lda_l": lora_a.stride(0), "lda_r": lora_a.stride(1), "ldt": t.stride(0), "seed": seed}
-    return _run(exe, params, inputs, t, leads or {})
+    slot_rank, tok_rank = token_ranks(index, ranks, R)
+    # never read: x rows of tokens with no adapter (or rank 0), A rows at or past each rank
+    never_read = {"x": (tok_rank == 0)[:, None].expand(M, K),
+                  "a": (torch.arange(R)[None, :] >= slot_rank[:, None])[:, :, None].expand(L, R, K)}
+    return _run(exe, params, inputs, never_read, t, leads or {})
 
 
 def run_expand(exe: Path, y, t, lora_b, ranks, index, item_m: int, *, seed=0,
@@ -120,4 +141,9 @@ def run_expand(exe: Path, y, t, lora_b, ranks, index, item_m: int, *, seed=0,
               "num_items": inputs["work"].shape[0], "item_m": item_m, "ldy_m": y.stride(0), "ldy_n": y.stride(1),
               "ldt_m": t.stride(0), "ldt_r": t.stride(1), "ldb_l": lora_b.stride(0), "ldb_n": lora_b.stride(1),
               "ldb_r": lora_b.stride(2), "seed": seed}
-    return _run(exe, params, inputs, y, leads or {})
+    slot_rank, tok_rank = token_ranks(index, ranks, R)
+    # never read: t columns at or past the token's rank (all of a no-adapter token's row), B
+    # columns at or past each rank
+    never_read = {"t": torch.arange(R)[None, :] >= tok_rank[:, None],
+                  "b": (torch.arange(R)[None, :] >= slot_rank[:, None])[:, None, :].expand(L, N, R)}
+    return _run(exe, params, inputs, never_read, y, leads or {})

@@ -72,9 +72,18 @@ int main(int argc, char** argv) {
   };
   auto I = [&](const std::string& k) { return int64_t(std::stoll(need(k))); };
   std::map<std::string, Blob> blobs;
+  std::map<std::string, std::vector<uint8_t>> unreadable;  // DIR/<name>.noread: 1 per byte never to be read
   auto input = [&](const std::string& name, size_t elem) -> unsigned char* {
     blobs[name] = read_blob(dir + "/" + name + ".bin");
-    emu::register_allocation(name, blobs[name].data(), blobs[name].bytes, nullptr);
+    std::ifstream mask(dir + "/" + name + ".noread", std::ios::binary);
+    if (mask) {
+      std::string m((std::istreambuf_iterator<char>(mask)), std::istreambuf_iterator<char>());
+      if (m.size() != blobs[name].bytes) emu::fatal(name + ".noread does not match " + name + ".bin");
+      unreadable[name].assign(m.begin(), m.end());
+      emu::register_input(name, blobs[name].data(), blobs[name].bytes, &unreadable[name]);
+    } else {
+      emu::register_allocation(name, blobs[name].data(), blobs[name].bytes, nullptr);
+    }
     return blobs[name].data() + I(name + "_off") * elem;
   };
   const bool bf16 = I("bf16") != 0, has_ranks = I("has_ranks") != 0, shrink = need("mode") == "shrink";
