@@ -8,14 +8,14 @@ timed under CUDA graphs on a GPU (DESIGN.md section 7; GPU_BASELINES.md's multi-
 * ``ours_se_<b>``: ``lora_shrink`` then ``lora_expand_`` into y (the index prebuilt: a serving
   loop builds it once per batch for all layers); ``ours_shrink_<b>`` / ``ours_expand_<b>`` alone.
   <b> = each of our compiled backends that runs here: ``triton`` and ``cuda`` (the CUDA C++
-  kernels, csrc/multi_lora.cuh) on a GPU; ``ours_se_triton`` vs ``ours_se_cuda`` is the
-  measurement that should decide ops/multi_lora.py's AUTO_PREFERENCE.
+  kernels, csrc/multi_lora*.cuh) on a GPU; ours_*_triton vs ours_*_cuda is the measurement that
+  should decide ops/multi_lora.py's AUTO_PREFERENCE.
 * ``peft_loop``: PEFT's mixed-batch LoRA path (for each active adapter: gather its rows,
   ``B(A(x_rows)) * s``, scatter-add into y), with the row indices prepared on the host as PEFT
   does. ``ours_se_*`` is compared with it.
 * ``base``: cuBLAS ``F.linear(x, W)``; ``ours_linear_<b>``: ``multi_lora_linear`` (base + adapters
-  in one op; backends with a fused kernel only -- not cuda yet); ``peft_loop_layer``: base then the
-  PEFT loop. ``linear/base`` is ours_linear / base.
+  in one op); ``peft_loop_layer``: base then the PEFT loop. ``linear/base`` is ours_linear / base
+  (the first backend's).
 * ``ours_index``: building the AdapterIndex (reported in the case, outside the table).
 
 vLLM / SGLang are not installed here: their columns are GPU_BASELINES.md's H200 numbers for the
@@ -102,16 +102,6 @@ def _peft_loop(x, y, rows_per_adapter):
     return y
 
 
-def _runs_fused_linear(backend: str, device: torch.device, dtype: torch.dtype, r_max: int) -> bool:
-    from lora_kernels.backends import BackendUnavailable
-    from lora_kernels.ops.multi_lora import choose_backend
-    try:
-        choose_backend("multi_lora_linear", device, dtype, r_max, backend)
-        return True
-    except BackendUnavailable:
-        return False
-
-
 def run_case(layer, r, L, M, dist, dtype, device, backends, rep_ms) -> Dict:
     name, K, N = layer
     rnd = seeded_randn(device, dtype, M * 7919 + K * 31 + N + r * 13 + L)
@@ -157,11 +147,10 @@ def run_case(layer, r, L, M, dist, dtype, device, backends, rep_ms) -> Dict:
         methods[f"ours_shrink_{b}"] = lambda b=b: lora_kernels.lora_shrink(x, lora_a, index, scales, ranks, backend=b)
         methods[f"ours_expand_{b}"] = (lambda b=b: lora_kernels.lora_expand_(y_expand, t_fixed, lora_b, index, ranks,
                                                                              backend=b))
-        kind.update({f"ours_se_{b}": "add", f"ours_expand_{b}": "add", f"ours_shrink_{b}": "t"})
-        if _runs_fused_linear(b, device, dtype, r):  # the CUDA backend has no fused kernel (yet)
-            methods[f"ours_linear_{b}"] = (lambda b=b: lora_kernels.multi_lora_linear(
-                x, weight, lora_a, lora_b, index, scales, None, ranks, backend=b))
-            kind[f"ours_linear_{b}"] = "layer"
+        methods[f"ours_linear_{b}"] = (lambda b=b: lora_kernels.multi_lora_linear(x, weight, lora_a, lora_b, index,
+                                                                                  scales, None, ranks, backend=b))
+        kind.update({f"ours_se_{b}": "add", f"ours_expand_{b}": "add", f"ours_linear_{b}": "layer",
+                     f"ours_shrink_{b}": "t"})
 
     def check(method: str, out: torch.Tensor) -> float:
         if kind[method] == "t":

@@ -55,7 +55,7 @@ def main() -> int:
 
 
 
-# ---- Multi-adapter shrink / expand (csrc/multi_lora.cuh) -----------------------------------------
+# ---- Multi-adapter shrink / expand / fused linear (csrc/multi_lora*.cuh) --------------------------
 # (dist, M, N, K, L, r_max, dtype, adapter dtype, shrink item_m, what it reaches); ranks mixed,
 # the stacks NaN past each rank (never read), y column-major in the last case.
 MULTI_CASES = [
@@ -67,11 +67,12 @@ MULTI_CASES = [
 
 
 def main_multi() -> int:
-    """The CUDA multi-adapter kernels on small batches; inputs made and checked on the CPU."""
+    """The CUDA multi-adapter kernels (shrink, expand, fused linear with both tiles) on small
+    batches; inputs made and checked on the CPU."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
     from cases import make_multi_inputs  # noqa: E402
     from lora_kernels import AdapterIndex, reference  # noqa: E402
-    from lora_kernels.cuda import multi_lora_expand_, multi_lora_shrink  # noqa: E402
+    from lora_kernels.cuda import multi_lora_expand_, multi_lora_linear, multi_lora_shrink  # noqa: E402
     failures = 0
     for i, (dist, M, N, K, L, R, dtype, adapter_dtype, item_m, what) in enumerate(MULTI_CASES):
         inp = make_multi_inputs(M, N, K, L, R, dtype, dist=dist, ranks="mixed", adapter_dtype=adapter_dtype, seed=i)
@@ -83,16 +84,23 @@ def main_multi() -> int:
         y = gpu(y0)  # .to keeps y0's strides
         multi_lora_expand_(y, gpu(t), gpu(inp.lora_b), index, gpu(inp.ranks))
         y = y.cpu()
+        # the fused op (shrink + base GEMM with the expand epilogue); the small tile for odd cases
+        lin = multi_lora_linear(gpu(inp.x), gpu(inp.weight), gpu(inp.lora_a), gpu(inp.lora_b), index, gpu(inp.scales),
+                                gpu(inp.bias), gpu(inp.ranks), tile_kind=1 + i % 2, tiles_per_cta=2).cpu()
         t_ref = inp.t64()
         y_ref = reference.lora_expand_(y0.double(), t.double(), inp.lora_b.double(), inp.token_adapter, inp.ranks)
         t_err = ((t.double() - t_ref).norm() / t_ref.norm().clamp_min(1e-30)).item()
         err = ((y.double() - y_ref).norm() / y_ref.norm()).item()
+        lin_ref = inp.linear64()
+        lin_err = ((lin.double() - lin_ref).norm() / lin_ref.norm()).item()
         untouched = inp.token_adapter < 0
         same = torch.equal(y[untouched].view(torch.int16), y0[untouched].view(torch.int16))
-        ok = err < (1e-2 if dtype == torch.bfloat16 else 2e-3) and t_err < 1e-2 and same
+        tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+        ok = err < tol and lin_err < tol and t_err < 1e-2 and same
         failures += not ok
         print(f"{'ok  ' if ok else 'FAIL'} multi {dist} M={M} N={N} K={K} L={L} r_max={R} {str(dtype)[6:]}: {what}: "
-              f"rel err t {t_err:.2e}, y {err:.2e}, no-adapter rows untouched: {same}", flush=True)
+              f"rel err t {t_err:.2e}, y {err:.2e}, linear {lin_err:.2e}, no-adapter rows untouched: {same}",
+              flush=True)
     return 1 if failures else 0
 
 

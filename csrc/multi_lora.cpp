@@ -1,4 +1,4 @@
-// Torch-facing launchers of the multi-adapter shrink / expand: check every tensor (each error is a
+// Torch-facing launchers of the multi-adapter shrink / expand / fused linear: check every tensor (each error is a
 // sentence naming the argument, what was expected and what was given), fill the kernel
 // parameters and launch on the current CUDA stream (graph-capturable: no synchronisation, no
 // allocation), then check the launch error.
@@ -59,18 +59,22 @@ void check_contiguous_1d(const char* op, const char* name, const at::Tensor& t) 
   TORCH_CHECK(t.size(0) <= 1 || t.stride(0) == 1, op, ": ", name, " must be contiguous, got stride ", t.stride(0));
 }
 
+void check_sorted_tokens(const char* op, const at::Tensor& sorted_tokens, int64_t M) {
+  check_dtype(op, "sorted_tokens", sorted_tokens, at::kInt);
+  check_shape(op, "sorted_tokens", sorted_tokens, {M}, "one entry per token, M");
+  check_contiguous_1d(op, "sorted_tokens", sorted_tokens);
+  TORCH_CHECK(M < (int64_t(1) << 31) - 1, op, ": at most 2^31 - 2 tokens are supported (int32 token ids), got ", M);
+}
+
 // The index views: work [I, 3] and sorted_tokens [M], int32, contiguous.
 void check_index(const char* op, const at::Tensor& work, const at::Tensor& sorted_tokens, int64_t M, int64_t item_m) {
   check_dtype(op, "work", work, at::kInt);
-  check_dtype(op, "sorted_tokens", sorted_tokens, at::kInt);
   TORCH_CHECK(work.dim() == 2 && work.size(1) == 3, op, ": work must have shape [I, 3] (AdapterIndex.work), got ",
               shape_of(work));
   TORCH_CHECK(work.is_contiguous(), op, ": work must be contiguous, got strides ", work.strides());
-  check_shape(op, "sorted_tokens", sorted_tokens, {M}, "one entry per token, M");
-  check_contiguous_1d(op, "sorted_tokens", sorted_tokens);
+  check_sorted_tokens(op, sorted_tokens, M);
   TORCH_CHECK(item_m == 16 || item_m == 64, op, ": item_m must be 16 or 64 (the AdapterIndex work lists), got ",
               item_m);
-  TORCH_CHECK(M < (int64_t(1) << 31) - 1, op, ": at most 2^31 - 2 tokens are supported (int32 token ids), got ", M);
 }
 
 void check_ranks(const char* op, const std::optional<at::Tensor>& ranks, int64_t L) {
@@ -222,6 +226,92 @@ void cuda_lora_expand(const at::Tensor& y, const at::Tensor& t, const at::Tensor
             rows_aligned16(p.b, lora_b_stack.element_size(), {L > 1 ? p.ldb_l : 0, N > 1 ? p.ldb_n : 0});
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(y.device().index()).stream();
   check_launch(op, launch_multi_expand(p, dt == at::kBFloat16, plan, stream));
+}
+
+void cuda_multi_lora_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            const at::Tensor& lora_b_stack, const at::Tensor& t,
+                            const std::optional<at::Tensor>& ranks, const at::Tensor& sorted_tokens,
+                            const at::Tensor& sorted_adapter, const at::Tensor& slot_start, const at::Tensor& y,
+                            int64_t tile_kind, int64_t tiles_per_cta) {
+  constexpr const char* op = "cuda_multi_lora_linear";
+  std::vector<std::pair<const char*, const at::Tensor*>> others = {
+      {"weight", &weight}, {"lora_b_stack", &lora_b_stack}, {"t", &t}, {"sorted_tokens", &sorted_tokens},
+      {"sorted_adapter", &sorted_adapter}, {"slot_start", &slot_start}, {"y", &y}};
+  if (bias.has_value()) others.push_back({"bias", &*bias});
+  if (ranks.has_value()) others.push_back({"ranks", &*ranks});
+  check_devices(op, "x", x, others);
+
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(is_16bit(dt), op, ": x must be float16 or bfloat16, got ", dt,
+              " (float32 inputs run on the triton or torch backend)");
+  check_dtype(op, "weight", weight, dt);
+  check_dtype(op, "y", y, dt);
+  TORCH_CHECK(lora_b_stack.scalar_type() == dt || lora_b_stack.scalar_type() == at::kFloat, op,
+              ": lora_b_stack must have x's dtype (", dt, ") or float32, got ", lora_b_stack.scalar_type());
+  if (bias.has_value())
+    TORCH_CHECK(bias->scalar_type() == dt || bias->scalar_type() == at::kFloat, op, ": bias must have x's dtype (", dt,
+                ") or float32, got ", bias->scalar_type());
+  check_dtype(op, "t", t, at::kFloat);
+  check_dtype(op, "sorted_adapter", sorted_adapter, at::kInt);
+  check_dtype(op, "slot_start", slot_start, at::kInt);
+
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K], got shape ", shape_of(x));
+  TORCH_CHECK(lora_b_stack.dim() == 3, op, ": lora_b_stack must be 3-D [L, N, r_max], got shape ",
+              shape_of(lora_b_stack));
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), L = lora_b_stack.size(0), R = lora_b_stack.size(2);
+  check_shape(op, "weight", weight, {N, K}, "N outputs, K = x.shape[1]");
+  check_shape(op, "lora_b_stack", lora_b_stack, {L, N, R}, "L, N = weight.shape[0], r_max");
+  check_r_max(op, R);
+  check_shape(op, "t", t, {M, R}, "M = x.shape[0], r_max (the shrink's output)");
+  check_shape(op, "y", y, {M, N}, "M = x.shape[0], N = weight.shape[0]");
+  if (bias.has_value()) {
+    check_shape(op, "bias", *bias, {N}, "N = weight.shape[0]");
+    check_contiguous_1d(op, "bias", *bias);
+  }
+  check_ranks(op, ranks, L);
+  check_sorted_tokens(op, sorted_tokens, M);
+  check_shape(op, "sorted_adapter", sorted_adapter, {M}, "one entry per token, M");
+  check_contiguous_1d(op, "sorted_adapter", sorted_adapter);
+  check_shape(op, "slot_start", slot_start, {L + 2}, "L + 2 segment bounds");
+  check_contiguous_1d(op, "slot_start", slot_start);
+  TORCH_CHECK(K <= 1 || x.stride(1) == 1, op, ": x must have unit stride along K, got strides ", x.strides());
+  TORCH_CHECK(K <= 1 || weight.stride(1) == 1, op, ": weight must have unit stride along K, got strides ",
+              weight.strides());
+  TORCH_CHECK(N <= 1 || y.stride(1) == 1, op, ": y must have unit column stride, got strides ", y.strides());
+  TORCH_CHECK(M <= 1 || y.stride(0) >= N, op, ": y rows must not overlap (y.stride(0) >= N), got strides ", y.strides());
+  TORCH_CHECK(tile_kind >= 0 && tile_kind <= 2, op, ": tile_kind must be 0 (auto), 1 (small) or 2 (large), got ",
+              tile_kind);
+  TORCH_CHECK(tiles_per_cta >= 0, op, ": tiles_per_cta must be >= 0 (0 = auto), got ", tiles_per_cta);
+  if (M == 0 || N == 0) return;
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  const LaunchPlan plan = plan_multi_linear(M, N, int(R), int(tile_kind), int(tiles_per_cta));
+  TORCH_CHECK(plan.error == nullptr, op, ": ", plan.error);
+
+  MultiLinearParams p{};
+  p.x = static_cast<const uint16_t*>(x.data_ptr());
+  p.w = static_cast<const uint16_t*>(weight.data_ptr());
+  p.b = lora_b_stack.data_ptr();
+  p.bias = bias.has_value() ? bias->data_ptr() : nullptr;
+  p.t = t.data_ptr<float>();
+  p.ranks = ranks.has_value() ? ranks->data_ptr<int32_t>() : nullptr;
+  p.sorted_tokens = sorted_tokens.data_ptr<int32_t>();
+  p.sorted_adapter = sorted_adapter.data_ptr<int32_t>();
+  p.slot_start = slot_start.data_ptr<int32_t>();
+  p.y = static_cast<uint16_t*>(y.data_ptr());
+  p.M = M; p.N = N; p.K = K;
+  p.L = int(L); p.R = int(R);
+  p.ldx = x.stride(0); p.ldw = weight.stride(0); p.ldy = y.stride(0);
+  p.ldt_m = t.stride(0); p.ldt_r = t.stride(1);
+  p.ldb_l = lora_b_stack.stride(0); p.ldb_n = lora_b_stack.stride(1); p.ldb_r = lora_b_stack.stride(2);
+  p.b_fp32 = lora_b_stack.scalar_type() == at::kFloat;
+  p.bias_fp32 = bias.has_value() && bias->scalar_type() == at::kFloat;
+  p.aligned16 = rows_16byte_aligned(p.x, p.ldx, M) && rows_16byte_aligned(p.w, p.ldw, N);
+  p.y_pairs = output_pairs_aligned(p.y, p.ldy, M);
+  p.tiles_per_cta = plan.tiles_per_cta;
+  p.group_m = plan.group_m;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  check_launch(op, launch_multi_linear(p, dt == at::kBFloat16, plan, stream));
 }
 
 }  // namespace lora_kernels

@@ -21,4 +21,14 @@ void cuda_lora_expand(const at::Tensor& y, const at::Tensor& t, const at::Tensor
                       const std::optional<at::Tensor>& ranks, const at::Tensor& work,
                       const at::Tensor& sorted_tokens, int64_t item_m);
 
+// y [M, N] (written in full) = x @ weight.T + bias + each token's adapter, given t = the segmented
+// shrink's output [M, R] fp32: the base GEMM over the sorted token order (sorted_tokens,
+// sorted_adapter [M], slot_start [L + 2], AdapterIndex views) with the expand in its epilogue.
+// tile_kind: 0 = heuristic, 1 = small-M tile, 2 = large tile; tiles_per_cta: 0 = heuristic.
+void cuda_multi_lora_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            const at::Tensor& lora_b_stack, const at::Tensor& t,
+                            const std::optional<at::Tensor>& ranks, const at::Tensor& sorted_tokens,
+                            const at::Tensor& sorted_adapter, const at::Tensor& slot_start, const at::Tensor& y,
+                            int64_t tile_kind, int64_t tiles_per_cta);
+
 }  // namespace lora_kernels

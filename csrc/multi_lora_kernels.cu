@@ -1,10 +1,11 @@
-// Instantiates the multi-adapter kernels -- shrink: 2 dtypes x 2 tiles, expand: 2 dtypes; fp32
-// adapters are a run-time flag, not an instantiation -- and launches the one a plan names.
-// Torch-free, so nvcc compiles it quickly.
+// Instantiates the multi-adapter kernels -- shrink: 2 dtypes x 2 tiles, expand: 2 dtypes, fused
+// linear: 2 dtypes x 2 tiles; fp32 adapters are a run-time flag, not an instantiation -- and
+// launches the one a plan names. Torch-free, so nvcc compiles it quickly.
 #include <atomic>
 
 #include "multi_lora.cuh"
 #include "multi_lora_launch.h"
+#include "multi_lora_linear.cuh"
 
 namespace lora_kernels {
 
@@ -49,7 +50,28 @@ cudaError_t expand_typed(const MultiExpandParams& p, const MultiLaunchPlan& plan
   return cudaGetLastError();
 }
 
+template <class Ty, class Cfg>
+cudaError_t linear_typed(const MultiLinearParams& p, const LaunchPlan& plan, cudaStream_t stream) {
+  static std::atomic<uint64_t> opted_in{0};
+  auto kernel = multi_linear_kernel<Ty, Cfg>;
+  cudaError_t err = allow_smem(kernel, plan.smem_bytes, opted_in);
+  if (err != cudaSuccess) return err;
+  kernel<<<dim3(unsigned(plan.grid)), dim3(unsigned(plan.threads)), plan.smem_bytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <class Ty>
+cudaError_t linear_tile(const MultiLinearParams& p, const LaunchPlan& plan, cudaStream_t stream) {
+  if (plan.tile_kind == kTileSmall) return linear_typed<Ty, SmallTile>(p, plan, stream);
+  if (plan.tile_kind == kTileLarge) return linear_typed<Ty, LargeTile>(p, plan, stream);
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace
+
+cudaError_t launch_multi_linear(const MultiLinearParams& p, bool bf16, const LaunchPlan& plan, cudaStream_t stream) {
+  return bf16 ? linear_tile<Bf16>(p, plan, stream) : linear_tile<Fp16>(p, plan, stream);
+}
 
 cudaError_t launch_multi_shrink(const MultiShrinkParams& p, bool bf16, const MultiLaunchPlan& plan,
                                 cudaStream_t stream) {

@@ -13,5 +13,7 @@ cudaError_t launch_multi_shrink(const MultiShrinkParams& p, bool bf16, const Mul
                                 cudaStream_t stream);
 cudaError_t launch_multi_expand(const MultiExpandParams& p, bool bf16, const MultiLaunchPlan& plan,
                                 cudaStream_t stream);
+// The fused base GEMM + adapters epilogue; `p.tiles_per_cta` and `p.group_m` must be the plan's.
+cudaError_t launch_multi_linear(const MultiLinearParams& p, bool bf16, const LaunchPlan& plan, cudaStream_t stream);
 
 }  // namespace lora_kernels

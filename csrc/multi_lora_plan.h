@@ -192,4 +192,74 @@ inline MultiLaunchPlan plan_multi_expand(int64_t num_items, int64_t N, int R, in
   return plan;
 }
 
+// ------------------------------------------------------------------------------------------------
+// Fused base GEMM + per-token adapters (multi_lora_linear), over the sorted token order:
+//   y[tok, n] = sum_k x[tok, k] W[n, k] + bias[n] + sum_{j < rank_i} t[tok, j] B[i, n, j]
+// with t the segmented shrink's output (scaled, fp32). One CTA owns BM consecutive sorted
+// positions (so a row block holds few adapters: one inside a long segment) and a run of BN-wide
+// output tiles; the epilogue adds one rank-deep tensor-core product per segment in the block, then
+// the bias, and stores each element once. Tiles: lora_linear_plan.h's SmallTile / LargeTile.
+// ------------------------------------------------------------------------------------------------
+struct MultiLinearParams {
+  const uint16_t* x;             // [M, K] 16-bit, unit stride along K
+  const uint16_t* w;             // [N, K] 16-bit, unit stride along K
+  const void* b;                 // [L, N, R] 16-bit (x's type) or fp32 (b_fp32), any strides
+  const void* bias;              // [N] contiguous, 16-bit or fp32 (bias_fp32), or null
+  const float* t;                // [M, R] fp32: the shrink's output, any strides
+  const int32_t* ranks;          // [L] int32 contiguous; null = every slot has rank R
+  const int32_t* sorted_tokens;  // [M]
+  const int32_t* sorted_adapter; // [M]: slot at each sorted position, -1 = none
+  const int32_t* slot_start;     // [L + 2]: slot s occupies sorted positions [slot_start[s], slot_start[s+1])
+  uint16_t* y;                   // [M, N], unit column stride
+  int64_t M, N, K;
+  int L, R;
+  int64_t ldx, ldw, ldy;
+  int64_t ldt_m, ldt_r;
+  int64_t ldb_l, ldb_n, ldb_r;
+  bool b_fp32, bias_fp32;
+  bool aligned16;                // x and W: base pointers 16-byte aligned and row strides multiples of 8
+  bool y_pairs;                  // two adjacent outputs store as one aligned 32-bit word
+  int tiles_per_cta, group_m;
+};
+
+// Shared memory: tok [BM] i32 | xs [STAGES][BM][LDS] u16 | ws [STAGES][BN][LDS] u16 |
+// red [WARPS_K - 1][BM * BN] f32 (K-splitting warps' partial sums).
+template <class Cfg>
+struct MultiLinearSmem {
+  static constexpr size_t stage_bytes = size_t(Cfg::BM + Cfg::BN) * Cfg::LDS * 2;
+  static constexpr size_t tok_off = 0;
+  static constexpr size_t xs_off = ((Cfg::BM * 4 + 15) / 16) * 16;
+  static constexpr int STAGES = Cfg::MAX_STAGES;
+  static constexpr size_t ws_off = xs_off + size_t(STAGES) * Cfg::BM * Cfg::LDS * 2;
+  static constexpr size_t red_off = ws_off + size_t(STAGES) * Cfg::BN * Cfg::LDS * 2;
+  static constexpr size_t bytes = red_off + size_t(Cfg::WARPS_K - 1) * Cfg::BM * Cfg::BN * 4;
+  static_assert(bytes <= kSmemBudget, "shared memory over budget");
+  static_assert(ws_off % 16 == 0 && red_off % 16 == 0, "16-byte aligned regions");
+};
+
+// tile_override / tiles_override: 0 = lora_linear_plan.h's heuristics (tests reach every path).
+inline LaunchPlan plan_multi_linear(int64_t M, int64_t N, int R, int tile_override, int tiles_override) {
+  LaunchPlan plan;
+  if (R < 1 || R > kMultiMaxRank) {
+    plan.error = "r_max must be in [1, 128] for the CUDA kernels";
+    return plan;
+  }
+  plan.tile_kind = tile_override ? tile_override : tile_kind_for(M);
+  auto fill = [&](auto cfg) {
+    using Cfg = decltype(cfg);
+    const int64_t m_blocks = ceil_div(M, Cfg::BM), n_tiles = ceil_div(N, Cfg::BN);
+    // One tile per CTA by default: with t precomputed a CTA has nothing to reuse across tiles
+    // (the single-adapter kernel sweeps several to reuse its in-kernel t); tests sweep several.
+    plan.tiles_per_cta = tiles_override > 0 ? int(tiles_override < n_tiles ? tiles_override : n_tiles) : 1;
+    plan.grid = m_blocks * ceil_div(n_tiles, plan.tiles_per_cta);
+    plan.threads = Cfg::NTHREADS;
+    plan.smem_bytes = MultiLinearSmem<Cfg>::bytes;
+  };
+  if (plan.tile_kind == kTileSmall) fill(SmallTile{});
+  else if (plan.tile_kind == kTileLarge) fill(LargeTile{});
+  else plan.error = "unknown tile kind";
+  if (plan.error == nullptr && plan.grid > 0x7FFFFFFF) plan.error = "the problem needs more than 2^31 - 1 CTAs";
+  return plan;
+}
+
 }  // namespace lora_kernels

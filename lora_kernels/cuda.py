@@ -368,3 +368,29 @@ def multi_lora_expand_(y: torch.Tensor, t: torch.Tensor, lora_b_stack: torch.Ten
     torch.ops.lora_kernels.cuda_lora_expand(y, t, lora_b_stack, _ranks_int32(ranks), index.work(item_m),
                                             index.sorted_tokens, item_m)
     return y
+
+
+def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a_stack: torch.Tensor, lora_b_stack: torch.Tensor,
+                      index, scales: torch.Tensor, bias: Optional[torch.Tensor], ranks: Optional[torch.Tensor],
+                      out: Optional[torch.Tensor] = None, tile_kind: int = 0, tiles_per_cta: int = 0,
+                      item_m: int = 0) -> torch.Tensor:
+    """y [M, N] = x @ weight.T + bias + each token's adapter (see reference.multi_lora_linear) on
+    validated inputs: x [M, K] float16/bfloat16, weight [N, K] x's dtype, stacks [L, r_max, K] and
+    [L, N, r_max] in x's dtype or float32, bias [N] (x's dtype or float32) or None.
+
+    Two launches: the segmented shrink (t [M, r_max] fp32), then the base GEMM over the sorted
+    token order with each segment's t . B^T added in its epilogue and y stored once
+    (csrc/multi_lora_linear.cuh). `out` receives y (tests poison it); tile_kind (1 small-M,
+    2 large), tiles_per_cta and item_m (the shrink's work list) override the heuristics."""
+    load()
+    M, N = x.shape[0], weight.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out
+    if M == 0 or N == 0:
+        return y
+    t = multi_lora_shrink(x, lora_a_stack, index, scales, ranks, item_m=item_m)
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
+    torch.ops.lora_kernels.cuda_multi_lora_linear(
+        _unit_stride_along_k(x), _unit_stride_along_k(weight), bias, lora_b_stack, t, _ranks_int32(ranks),
+        index.sorted_tokens, index.sorted_adapter, index.slot_start, y, tile_kind, tiles_per_cta)
+    return y

@@ -32,14 +32,3 @@ def test_brief_lists_every_case(tmp_path):
     lines = brief(result)
     assert len(lines) == 2 + len(result["cases"]) and "FAILED" not in "".join(lines)
 
-
-def test_fused_linear_method_only_for_backends_that_have_it(monkeypatch):
-    """The CUDA backend has shrink/expand but no fused multi_lora_linear: its column is left out
-    rather than reported as a failure in every case."""
-    import torch
-    import lora_kernels.backends as backends
-    from bench.multi import _runs_fused_linear
-    monkeypatch.setattr(backends, "unavailable_reason", lambda b, d: None)
-    cuda = torch.device("cuda")
-    assert _runs_fused_linear("triton", cuda, torch.bfloat16, 16)
-    assert not _runs_fused_linear("cuda", cuda, torch.bfloat16, 16)

@@ -1,5 +1,6 @@
-"""CPU lane: the CUDA multi-adapter ops in the extension (registration, schemas, CPU tensors
-rejected with a sentence) and the launcher's choices. Skipped where no extension was built."""
+"""CPU lane: the CUDA multi-adapter ops (shrink, expand, fused linear) in the extension:
+registration, schemas, CPU tensors rejected with a sentence; and the launcher's choices. The
+extension tests skip where no extension was built."""
 import pytest
 import torch
 
@@ -11,6 +12,10 @@ OPS = {
                         "Tensor work, Tensor sorted_tokens, int item_m, Tensor(a!) t) -> ()",
     "cuda_lora_expand": "lora_kernels::cuda_lora_expand(Tensor(a!) y, Tensor t, Tensor lora_b_stack, Tensor? ranks, "
                         "Tensor work, Tensor sorted_tokens, int item_m) -> ()",
+    "cuda_multi_lora_linear": "lora_kernels::cuda_multi_lora_linear(Tensor x, Tensor weight, Tensor? bias, "
+                              "Tensor lora_b_stack, Tensor t, Tensor? ranks, Tensor sorted_tokens, "
+                              "Tensor sorted_adapter, Tensor slot_start, Tensor(a!) y, int tile_kind=0, "
+                              "int tiles_per_cta=0) -> ()",
 }
 
 
@@ -43,6 +48,10 @@ def test_multi_ops_on_cpu_tensors_raise_a_sentence(extension):
         torch.ops.lora_kernels.cuda_lora_expand(y, torch.randn(6, 4), inp.lora_b, inp.ranks, index.work(64),
                                                 index.sorted_tokens, 64)
     assert torch.equal(y, before)
+    with pytest.raises(RuntimeError, match=r"cuda_multi_lora_linear: x is on cpu, but the CUDA kernel needs CUDA tensors"):
+        torch.ops.lora_kernels.cuda_multi_lora_linear(inp.x, inp.weight, inp.bias, inp.lora_b, torch.randn(6, 4),
+                                                      inp.ranks, index.sorted_tokens, index.sorted_adapter,
+                                                      index.slot_start, torch.empty(6, 5, dtype=torch.bfloat16))
 
 
 def test_input_reasons():

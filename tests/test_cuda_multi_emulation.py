@@ -246,3 +246,86 @@ def test_index_is_shared_with_triton():
     assert index.work(16).dtype == torch.int32 and index.work(16).is_contiguous()
     assert index.work(64).tolist()[:3] == [[0, 0, 1], [2, 1, 3], [-1, 4, 1]]
     assert index.sorted_tokens.tolist() == [2, 0, 3, 4, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# multi_lora_linear: the segmented shrink, then the base GEMM over the sorted token order with
+# the per-segment expand in its epilogue (csrc/multi_lora_linear.cuh)
+# ---------------------------------------------------------------------------------------------
+
+SMALL, LARGE = 1, 2  # csrc/lora_linear_plan.h tile kinds: 16x32 (decode), 128x128
+
+
+def check_linear(exe, inp, seed=0, **kw):
+    """y from the CUDA source (shrink, then the fused kernel) vs float64; every element stored once."""
+    t = check_shrink(exe, inp, 16, seed=seed)
+    run = multi_driver.run_linear(exe, inp.x, inp.weight, inp.lora_b, inp.bias, t, inp.ranks, inp.index(), seed=seed,
+                                  **kw)
+    mixed_bias = inp.bias is not None and inp.bias.dtype != inp.x.dtype  # no plain-torch yardstick for it
+    assert_close(run.out, inp.linear64(), inp.x.dtype,
+                 torch_out=None if mixed_bias or inp.lora_a.dtype != inp.x.dtype else inp.linear_torch_expression())
+    assert run.stores.numel() == 0 or (int(run.stores.min()) == 1 and int(run.stores_max.max()) == 1), \
+        "every y element is stored exactly once"
+    assert run.stray_stores == 0, "no store outside y's elements"
+    return run
+
+
+@pytest.mark.parametrize("dist", DISTS)
+@pytest.mark.parametrize("tile_kind", [SMALL, LARGE], ids=["small-tile", "large-tile"])
+def test_linear_distributions(emulator, dist, tile_kind):
+    dtype = torch.float16 if len(dist) % 2 else torch.bfloat16
+    inp = make_multi_inputs(45, 40, 36, 6, 16, dtype, dist=dist, ranks="mixed", seed=len(dist))
+    check_linear(emulator, inp, tile_kind=tile_kind, tiles_per_cta=2)
+
+
+def test_linear_blocks_across_segments_grouped_order(emulator):
+    """Row blocks inside one segment, blocks straddling segments and the no-adapter tail; several
+    row blocks and N tiles per CTA in the grouped order, uneven runs; both tiles."""
+    ids = torch.cat([torch.full((n,), s, dtype=torch.int32) for s, n in ((2, 140), (0, 9), (-1, 5), (1, 3))])
+    inp = make_multi_inputs(len(ids), 300, 40, 3, 8, torch.bfloat16, ranks=[8, 3, 5])
+    inp.token_adapter = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(1))]
+    check_linear(emulator, inp, tile_kind=LARGE, tiles_per_cta=2, group_m=2)
+    check_linear(emulator, inp, tile_kind=SMALL, tiles_per_cta=3, group_m=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_linear_ranks_1_to_128(emulator, dtype):
+    ranks = [1, 2, 7, 16, 33, 64, 100, 128]
+    inp = make_multi_inputs(40, 24, 32, 8, 128, dtype, dist="zipf", ranks=ranks, seed=11)
+    inp.token_adapter[:8] = torch.arange(8, dtype=torch.int32)
+    check_linear(emulator, inp, tile_kind=SMALL)
+    check_linear(emulator, inp, tile_kind=LARGE)
+
+
+def test_linear_fp32_adapters_and_bias(emulator):
+    inp = make_multi_inputs(36, 40, 48, 4, 16, torch.bfloat16, dist="none10", adapter_dtype=torch.float32,
+                            ranks="mixed", seed=12)
+    inp.bias = inp.bias.float()
+    check_linear(emulator, inp, tile_kind=SMALL)
+    check_linear(emulator, inp, tile_kind=LARGE)
+
+
+def test_linear_odd_sizes_layouts_no_bias(emulator):
+    """K % 8 != 0 (element loads), x off 16-byte alignment, y rows padded to an odd stride (no
+    paired stores), t with strides, B transposed along the rank, no bias, no ranks tensor."""
+    inp = make_multi_inputs(21, 33, 37, 3, 5, torch.float16, dist="zipf", bias=False, seed=13)
+    check_linear(emulator, inp, tile_kind=SMALL, ldy=35)
+    inp.lora_b = inp.lora_b.transpose(1, 2).contiguous().transpose(1, 2)
+    run = check_linear(emulator, inp, tile_kind=LARGE, leads={"x": 1})
+    assert run.plan["aligned16"] == 0
+
+
+def test_linear_all_tokens_without_adapter_and_one_token(emulator):
+    inp = make_multi_inputs(20, 24, 16, 4, 8, torch.bfloat16, dist="none", ranks="mixed")
+    run = check_linear(emulator, inp, tile_kind=SMALL)
+    base = inp.x.double() @ inp.weight.double().t() + inp.bias.double()
+    assert_close(run.out, base, torch.bfloat16)
+    check_linear(emulator, make_multi_inputs(1, 40, 24, 256, 4, torch.float16, ranks="mixed", seed=3))
+
+
+def test_linear_every_schedule_gives_the_same_bits(emulator):
+    inp = make_multi_inputs(40, 40, 136, 4, 16, torch.bfloat16, dist="zipf", ranks="mixed", seed=8)
+    t = inp.t64().float()
+    outs = [multi_driver.run_linear(emulator, inp.x, inp.weight, inp.lora_b, inp.bias, t, inp.ranks, inp.index(),
+                                    tile_kind=SMALL, seed=s).out for s in (1, 2)]
+    assert torch.equal(_bits(outs[0]), _bits(outs[1]))

@@ -1,5 +1,6 @@
-"""GPU lane (`pytest -m gpu`): the CUDA C++ multi-adapter shrink / expand on the card against the
-float64 reference, CUDA-graph capture and replay with a new mapping, determinism, no host sync.
+"""GPU lane (`pytest -m gpu`): the CUDA C++ multi-adapter shrink / expand / multi_lora_linear on the
+card against the float64 reference, CUDA-graph capture and replay with a new mapping,
+determinism, no host sync.
 
 The extension must be there (bench/device_check.sh builds it); if it is not, these tests fail
 with the reason instead of skipping, since this lane exists to run them."""
@@ -52,7 +53,7 @@ def _untouched(inp):
 
 
 def _check(inp, item_ms=(0,)):
-    from lora_kernels.cuda import multi_lora_expand_, multi_lora_shrink
+    from lora_kernels.cuda import multi_lora_expand_, multi_lora_linear, multi_lora_shrink
     dtype = inp.x.dtype
     index = inp.index()
     M, R, N = inp.x.shape[0], inp.lora_a.shape[1], inp.lora_b.shape[1]
@@ -71,6 +72,13 @@ def _check(inp, item_ms=(0,)):
         expected = reference.lora_expand_(y0.double(), t.double(), inp.lora_b.double(), inp.token_adapter, inp.ranks)
         assert_close(y, expected, dtype, what=f"expand (item_m={item_m})")
         assert torch.equal(_bits(y[untouched]), _bits(y0[untouched])), "rows without an adapter were written"
+    fp32_adapters = inp.lora_a.dtype != dtype
+    for tile_kind in (0, 1, 2):  # the heuristic's tile, then each forced
+        out = poison_(torch.empty(M, N, dtype=dtype, device="cuda"))
+        y = multi_lora_linear(inp.x, inp.weight, inp.lora_a, inp.lora_b, index, inp.scales, inp.bias, inp.ranks,
+                              out=out, tile_kind=tile_kind)
+        assert_close(y, inp.linear64(), dtype, torch_out=None if fp32_adapters else inp.linear_torch_expression(),
+                     what=f"multi_lora_linear (tile_kind={tile_kind})")
     return t
 
 
@@ -96,7 +104,8 @@ def test_fp32_adapters_over_16bit_base_on_gpu(dtype):
 
 
 def test_public_ops_with_backend_cuda_and_layouts():
-    """Through the public ops: int64 ranks, an expand in place into a column-major y; the fused op is refused."""
+    """Through the public ops: int64 ranks, an expand in place into a column-major y, 3-D x and an
+    fp32 bias for the fused op."""
     inp = make_multi_inputs(257, 300, 264, 12, 32, torch.bfloat16, "cuda", dist="zipf", ranks="mixed")
     inp.ranks = inp.ranks.long()
     index = inp.index()
@@ -107,22 +116,26 @@ def test_public_ops_with_backend_cuda_and_layouts():
     assert lora_kernels.lora_expand_(y, t, inp.lora_b, index, inp.ranks, backend="cuda") is y
     expected = reference.lora_expand_(y0.double(), t.double(), inp.lora_b.double(), inp.token_adapter, inp.ranks)
     assert_close(y, expected, torch.bfloat16, what="expand into a column-major y")
-    with pytest.raises(lora_kernels.BackendUnavailable, match="no fused CUDA C\\+\\+ kernel yet"):
-        lora_kernels.multi_lora_linear(inp.x, inp.weight, inp.lora_a, inp.lora_b, index, inp.scales, backend="cuda")
+    x3 = inp.x.reshape(1, 257, 264)
+    y3 = lora_kernels.multi_lora_linear(x3, inp.weight, inp.lora_a, inp.lora_b, index, inp.scales, inp.bias.float(),
+                                        inp.ranks, backend="cuda")
+    assert y3.shape == (1, 257, 300)
+    assert_close(y3[0], inp.linear64(), torch.bfloat16, what="multi_lora_linear, 3-D x, fp32 bias")
 
 
 def test_deterministic():
     inp = make_multi_inputs(1024, 1024, 2048, 16, 64, torch.bfloat16, "cuda", dist="zipf", ranks="mixed")
     index = inp.index()
-    from lora_kernels.cuda import multi_lora_expand_, multi_lora_shrink
+    from lora_kernels.cuda import multi_lora_expand_, multi_lora_linear, multi_lora_shrink
     runs = []
     for _ in range(3):
         t = multi_lora_shrink(inp.x, inp.lora_a, index, inp.scales, inp.ranks)
         y = inp.x.new_ones(1024, 1024)
         multi_lora_expand_(y, t, inp.lora_b, index, inp.ranks)
-        runs.append((t, y))
-    for t, y in runs[1:]:
-        assert torch.equal(_bits(t), _bits(runs[0][0])) and torch.equal(_bits(y), _bits(runs[0][1]))
+        y_lin = multi_lora_linear(inp.x, inp.weight, inp.lora_a, inp.lora_b, index, inp.scales, inp.bias, inp.ranks)
+        runs.append((t, y, y_lin))
+    for run in runs[1:]:
+        assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(run, runs[0]))
 
 
 def test_cuda_graph_capture_then_replay_with_new_mapping():
@@ -140,7 +153,9 @@ def test_cuda_graph_capture_then_replay_with_new_mapping():
         t = lora_kernels.lora_shrink(inp.x, inp.lora_a, index, inp.scales, inp.ranks, backend="cuda")
         static_y.copy_(y_init)
         lora_kernels.lora_expand_(static_y, t, inp.lora_b, index, inp.ranks, backend="cuda")
-        return t
+        y_lin = lora_kernels.multi_lora_linear(inp.x, inp.weight, inp.lora_a, inp.lora_b, index, inp.scales,
+                                               inp.bias, inp.ranks, backend="cuda")
+        return t, y_lin
 
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -149,11 +164,12 @@ def test_cuda_graph_capture_then_replay_with_new_mapping():
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        static_t = step()
+        static_t, static_lin = step()
     for seed, dist in enumerate(["prefill", "zipf", "none10", "one", "decode"]):
         static_ids.copy_(token_adapters(dist, M, L, seed=100 + seed).cuda())
         poison_(static_t)
         poison_(static_y)
+        poison_(static_lin)
         g.replay()
         torch.cuda.synchronize()
         inp.token_adapter = static_ids.clone()
@@ -161,6 +177,7 @@ def test_cuda_graph_capture_then_replay_with_new_mapping():
         expected = reference.lora_expand_(y_init.double(), static_t.double(), inp.lora_b.double(), inp.token_adapter,
                                           inp.ranks)
         assert_close(static_y, expected, torch.bfloat16, what=f"graph replay {dist}: expand")
+        assert_close(static_lin, inp.linear64(), torch.bfloat16, what=f"graph replay {dist}: linear")
 
 
 def test_no_host_synchronisation():
@@ -171,6 +188,8 @@ def test_no_host_synchronisation():
         index = AdapterIndex.from_token_adapters(inp.token_adapter, 16)
         t = lora_kernels.lora_shrink(inp.x, inp.lora_a, index, inp.scales, inp.ranks, backend="cuda")
         lora_kernels.lora_expand_(y, t, inp.lora_b, index, inp.ranks, backend="cuda")
+        lora_kernels.multi_lora_linear(inp.x, inp.weight, inp.lora_a, inp.lora_b, index, inp.scales, inp.bias,
+                                       inp.ranks, backend="cuda")
 
     step()
     torch.cuda.synchronize()

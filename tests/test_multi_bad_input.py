@@ -144,21 +144,14 @@ def test_ranks_checked_once_per_version_and_again_after_modification(monkeypatch
 
 
 def test_cuda_backend_reasons(monkeypatch):
-    """Where the CUDA extension is available, backend='cuda' runs lora_shrink / lora_expand_ but
-    refuses the fused multi_lora_linear (no CUDA kernel yet) and inputs its kernels do not take,
-    each with a reason, rather than run something else."""
+    """Where the CUDA extension is available, backend='cuda' refuses inputs its kernels do not take,
+    with a reason, rather than run something else."""
     import lora_kernels.backends as backends
     monkeypatch.setattr(backends, "unavailable_reason", lambda b, d: None)
-    with pytest.raises(lora_kernels.BackendUnavailable,
-                       match=r"^multi_lora_linear: cuda: multi_lora_linear has no fused CUDA C\+\+ kernel yet"):
-        _linear(_args(), "cuda")
-    with pytest.raises(lora_kernels.BackendUnavailable, match="no 'cuda' implementation"):
-        a = _args()
-        torch.ops.lora_kernels.multi_lora_linear(a["x"], a["weight"], a["lora_a_stack"], a["lora_b_stack"],
-                                                 a["scales"], a["bias"], None, a["index"].data, L, "cuda")
-    with pytest.raises(lora_kernels.BackendUnavailable,
-                       match=r"^lora_shrink: cuda: dtype float32 is not supported by the CUDA multi-adapter kernels"):
-        _shrink(_args(), "cuda")
+    for op in (_shrink, _linear):
+        with pytest.raises(lora_kernels.BackendUnavailable,
+                           match=r": cuda: dtype float32 is not supported by the CUDA multi-adapter kernels"):
+            op(_args(), "cuda")
     big = make_multi_inputs(3, 4, 5, 2, 129, torch.float16)
     with pytest.raises(lora_kernels.BackendUnavailable, match="r_max 129 exceeds the CUDA multi-adapter kernels' limit"):
         lora_kernels.lora_shrink(big.x, big.lora_a, big.index(), big.scales, backend="cuda")
@@ -168,7 +161,9 @@ def test_cuda_backend_reasons(monkeypatch):
 
 
 def test_cuda_backend_on_cpu_tensors_says_why():
-    a = _args(x=half("x"), lora_a_stack=half("lora_a_stack"))
-    with pytest.raises(lora_kernels.BackendUnavailable,
-                       match=r"^lora_shrink: cuda: the CUDA C\+\+ kernels need CUDA tensors, got tensors on cpu"):
-        _shrink(a, "cuda")
+    a = _args(x=half("x"), lora_a_stack=half("lora_a_stack"), lora_b_stack=half("lora_b_stack"),
+              weight=half("weight"), bias=half("bias"), y=half("y"))
+    for name, op in OPS.items():
+        with pytest.raises(lora_kernels.BackendUnavailable,
+                           match=rf"^{name}: cuda: the CUDA C\+\+ kernels need CUDA tensors, got tensors on cpu"):
+            op(a, "cuda")

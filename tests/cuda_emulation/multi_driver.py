@@ -1,4 +1,5 @@
-"""Runs the CUDA multi-adapter shrink / expand source on the host emulator (run_multi_lora.cpp).
+"""Runs the CUDA multi-adapter shrink / expand / fused-linear source on the host emulator
+(run_multi_lora.cpp).
 
 As driver.py for the fused forward: each input is its own allocation, exactly as long as the
 tensor's extent (a read past it is an out-of-bounds fault in the emulator) with NaN in the gaps
@@ -144,6 +145,36 @@ def run_expand(exe: Path, y, t, lora_b, ranks, index, item_m: int, *, seed=0,
     slot_rank, tok_rank = token_ranks(index, ranks, R)
     # never read: t columns at or past the token's rank (all of a no-adapter token's row), B
     # columns at or past each rank
+    never_read = {"t": torch.arange(R)[None, :] >= tok_rank[:, None],
+                  "b": (torch.arange(R)[None, :] >= slot_rank[:, None])[:, None, :].expand(L, N, R)}
+    return _run(exe, params, inputs, never_read, y, leads or {})
+
+
+def run_linear(exe: Path, x, weight, lora_b, bias, t, ranks, index, *, tile_kind=0, tiles_per_cta=0,
+               group_m=None, seed=0, leads: Optional[Dict[str, int]] = None, ldy: Optional[int] = None) -> MultiRun:
+    """y = x @ weight.T + bias + expand(t) over the sorted token order, by the CUDA source (the
+    fused kernel's part after the shrink). x [M, K] / weight [N, K] 16-bit with unit stride along
+    K; lora_b [L, N, R] and t [M, R] fp32 any strides; y comes back [M, N] with row stride ldy."""
+    M, K = x.shape
+    N = weight.shape[0]
+    L, _, R = lora_b.shape
+    ldy = ldy or max(N, 1)
+    y = torch.full((M, ldy), float("nan"), dtype=x.dtype)[:, :N]
+    inputs = {"x": x, "w": weight, "b": lora_b, "t": t, "sorted": index.sorted_tokens.contiguous(),
+              "sorted_adapter": index.sorted_adapter.contiguous(), "slot_start": index.slot_start.contiguous()}
+    if ranks is not None:
+        inputs["ranks"] = ranks.to(torch.int32).contiguous()
+    if bias is not None:
+        inputs["bias"] = bias.contiguous()
+    params = {"mode": "linear", "bf16": int(x.dtype == torch.bfloat16), "has_ranks": int(ranks is not None),
+              "has_bias": int(bias is not None), "b_fp32": int(lora_b.dtype == torch.float32),
+              "bias_fp32": int(bias is not None and bias.dtype == torch.float32), "M": M, "N": N, "K": K, "L": L,
+              "R": R, "ldx": x.stride(0), "ldw": weight.stride(0), "ldy": ldy, "ldt_m": t.stride(0),
+              "ldt_r": t.stride(1), "ldb_l": lora_b.stride(0), "ldb_n": lora_b.stride(1), "ldb_r": lora_b.stride(2),
+              "tile_kind": tile_kind, "tiles_per_cta": tiles_per_cta, "seed": seed}
+    if group_m is not None:
+        params["group_m"] = group_m
+    slot_rank, tok_rank = token_ranks(index, ranks, R)
     never_read = {"t": torch.arange(R)[None, :] >= tok_rank[:, None],
                   "b": (torch.arange(R)[None, :] >= slot_rank[:, None])[:, None, :].expand(L, N, R)}
     return _run(exe, params, inputs, never_read, y, leads or {})
