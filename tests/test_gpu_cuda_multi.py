@@ -199,3 +199,20 @@ def test_no_host_synchronisation():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+def test_multi_lora_linear_module_on_cuda_backend():
+    from lora_kernels import MultiLoRALinear
+    base = torch.nn.Linear(256, 384, device="cuda", dtype=torch.bfloat16)
+    layer = MultiLoRALinear(base, max_adapters=6, max_rank=16, backend="cuda").eval()
+    for slot, r in ((0, 16), (2, 4), (5, 9)):
+        layer.load_adapter(slot, rand(r, 256, device="cuda", scale=0.06), rand(384, r, device="cuda"), 2.0)
+    x = rand(2, 25, 256, dtype=torch.bfloat16, device="cuda")
+    ids = token_adapters("none10", 50, 6, seed=4).cuda()
+    with torch.no_grad():
+        y = layer(x, AdapterIndex.from_token_adapters(ids, 6))
+    expected = reference.multi_lora_linear(x.reshape(50, 256).double(), base.weight.double(),
+                                           layer.lora_a_stack.double(), layer.lora_b_stack.double(), ids,
+                                           layer.scales.double(), base.bias.double(), layer.ranks)
+    assert y.shape == (2, 25, 384)
+    assert_close(y.reshape(50, 384), expected, torch.bfloat16)
