@@ -201,8 +201,8 @@ def summarize(cases: List[Dict], backends: List[str]) -> Dict:
 
 
 def brief(result: Dict) -> List[str]:
-    """Short text table for device_check's summary: per case, the floor, our shrink+expand and its
-    ratio to the floor, the documented peers, and multi_lora_linear / base."""
+    """Short text table for device_check's summary: per case, the floor, each backend's
+    shrink+expand and its ratio to the floor, the documented peers, and multi_lora_linear / base."""
     se_names = list(dict.fromkeys(k for c in result["cases"] for k in c["times_us"] if k.startswith("ours_se_")))
     se_head = "".join(f" {'se ' + k[len('ours_se_'):]:>10} {'/floor':>6}" for k in se_names)
     lines = [f"  copy bandwidth {result['copy_bandwidth_GBps']:.0f} GB/s",

@@ -31,4 +31,3 @@ def test_brief_lists_every_case(tmp_path):
     result = json.loads(path.read_text())
     lines = brief(result)
     assert len(lines) == 2 + len(result["cases"]) and "FAILED" not in "".join(lines)
-
