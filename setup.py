@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent
 STATUS_FILE = ROOT / "lora_kernels" / "_build_status.json"
 SOURCES = ["csrc/lora_linear_kernels.cu", "csrc/lora_linear.cpp", "csrc/bindings.cpp"]
 SOURCES += ["csrc/merge_kernels.cu", "csrc/merge.cpp"]  # in-place merge (csrc/merge.cuh)
+SOURCES += ["csrc/multi_lora_kernels.cu", "csrc/multi_lora.cpp"]  # multi-adapter shrink / expand
 DEFAULT_ARCH_LIST = "8.0;9.0a"
 
 

@@ -7,11 +7,15 @@ timed under CUDA graphs on a GPU (DESIGN.md section 7; GPU_BASELINES.md's multi-
   its real rank) over the copy bandwidth measured in this run. The table's baseline.
 * ``ours_se_<b>``: ``lora_shrink`` then ``lora_expand_`` into y (the index prebuilt: a serving
   loop builds it once per batch for all layers); ``ours_shrink_<b>`` / ``ours_expand_<b>`` alone.
+  <b> = each of our compiled backends that runs here: ``triton`` and ``cuda`` (the CUDA C++
+  kernels, csrc/multi_lora*.cuh) on a GPU; ours_*_triton vs ours_*_cuda is the measurement that
+  should decide ops/multi_lora.py's AUTO_PREFERENCE.
 * ``peft_loop``: PEFT's mixed-batch LoRA path (for each active adapter: gather its rows,
   ``B(A(x_rows)) * s``, scatter-add into y), with the row indices prepared on the host as PEFT
   does. ``ours_se_*`` is compared with it.
 * ``base``: cuBLAS ``F.linear(x, W)``; ``ours_linear_<b>``: ``multi_lora_linear`` (base + adapters
-  in one op); ``peft_loop_layer``: base then the PEFT loop. ``linear/base`` is ours_linear / base.
+  in one op); ``peft_loop_layer``: base then the PEFT loop. ``linear/base`` is ours_linear / base
+  (the first backend's).
 * ``ours_index``: building the AdapterIndex (reported in the case, outside the table).
 
 vLLM / SGLang are not installed here: their columns are GPU_BASELINES.md's H200 numbers for the
@@ -197,16 +201,19 @@ def summarize(cases: List[Dict], backends: List[str]) -> Dict:
 
 
 def brief(result: Dict) -> List[str]:
-    """Short text table for device_check's summary: per case, the floor, our shrink+expand and its
-    ratio to the floor, the documented peers, and multi_lora_linear / base."""
+    """Short text table for device_check's summary: per case, the floor, each backend's
+    shrink+expand and its ratio to the floor, the documented peers, and multi_lora_linear / base."""
+    se_names = list(dict.fromkeys(k for c in result["cases"] for k in c["times_us"] if k.startswith("ours_se_")))
+    se_head = "".join(f" {'se ' + k[len('ours_se_'):]:>10} {'/floor':>6}" for k in se_names)
     lines = [f"  copy bandwidth {result['copy_bandwidth_GBps']:.0f} GB/s",
-             f"  {'layer':>10} {'r':>3} {'L':>4} {'M':>5} {'dist':>8} {'floor':>7} {'se us':>7} {'se/floor':>8} "
+             f"  {'layer':>10} {'r':>3} {'L':>4} {'M':>5} {'dist':>8} {'floor':>7}{se_head} "
              f"{'vllm':>7} {'sglang':>7} {'lin/base':>8}"]
     for c in result["cases"]:
         t = c["times_us"]
-        se = next((v for k, v in t.items() if k.startswith("ours_se_")), float("nan"))
-        lines.append(f"  {c['layer']:>10} {c['r']:>3} {c['L']:>4} {c['M']:>5} {c['dist']:>8} {t['floor']:>7.1f} "
-                     f"{se:>7.1f} {se / t['floor']:>8.2f} {c['vllm_h200_doc_us']!s:>7} {c['sglang_h200_doc_us']!s:>7} "
+        se_cols = "".join(f" {t.get(k, float('nan')):>10.1f} {t.get(k, float('nan')) / t['floor']:>6.2f}"
+                          for k in se_names)
+        lines.append(f"  {c['layer']:>10} {c['r']:>3} {c['L']:>4} {c['M']:>5} {c['dist']:>8} {t['floor']:>7.1f}"
+                     f"{se_cols} {c['vllm_h200_doc_us']!s:>7} {c['sglang_h200_doc_us']!s:>7} "
                      f"{c['linear/base']:>8}" + ("  FAILED " + "; ".join(c["failed"]) if c["failed"] else ""))
     return lines
 

@@ -46,3 +46,35 @@ TORCH_LIBRARY_FRAGMENT(lora_kernels, m) {
 }
 TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) { m.impl("cuda_merge_", &lora_kernels::cuda_merge_); }
 TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) { m.impl("cuda_merge_", &lora_kernels::cuda_merge_); }
+
+// ---- Multi-adapter (segmented) shrink / expand: csrc/multi_lora.{h,cpp} ---------------------
+#include "multi_lora.h"
+
+TORCH_LIBRARY_FRAGMENT(lora_kernels, m) {
+  m.def(
+      "cuda_lora_shrink(Tensor x, Tensor lora_a_stack, Tensor scales, Tensor? ranks, Tensor work, "
+      "Tensor sorted_tokens, int item_m, Tensor(a!) t) -> ()");
+  m.def(
+      "cuda_lora_expand(Tensor(a!) y, Tensor t, Tensor lora_b_stack, Tensor? ranks, Tensor work, "
+      "Tensor sorted_tokens, int item_m) -> ()");
+}
+
+// CUDA and CPU, as cuda_lora_linear_fwd: CPU tensors get the launcher's sentence.
+TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
+  m.impl("cuda_lora_shrink", &lora_kernels::cuda_lora_shrink);
+  m.impl("cuda_lora_expand", &lora_kernels::cuda_lora_expand);
+}
+TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) {
+  m.impl("cuda_lora_shrink", &lora_kernels::cuda_lora_shrink);
+  m.impl("cuda_lora_expand", &lora_kernels::cuda_lora_expand);
+}
+
+// ---- Multi-adapter fused linear (base GEMM + per-segment expand epilogue): csrc/multi_lora.{h,cpp}
+TORCH_LIBRARY_FRAGMENT(lora_kernels, m) {
+  m.def(
+      "cuda_multi_lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_b_stack, Tensor t, Tensor? ranks, "
+      "Tensor sorted_tokens, Tensor sorted_adapter, Tensor slot_start, Tensor(a!) y, int tile_kind=0, "
+      "int tiles_per_cta=0) -> ()");
+}
+TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) { m.impl("cuda_multi_lora_linear", &lora_kernels::cuda_multi_lora_linear); }
+TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) { m.impl("cuda_multi_lora_linear", &lora_kernels::cuda_multi_lora_linear); }

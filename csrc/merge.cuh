@@ -503,7 +503,7 @@ struct MergeCta {
   }
 
   LK_DEVICE void run(int pid, int grid) {
-    if (p.gated && ptx::ld_global_s32(p.status + 1) != 0) return;  // uniform: before any barrier
+    if (p.gated && ptx::ld_global_cg_s32(p.status + 1) != 0) return;  // uniform: before any barrier
     const int64_t tiles = merge_num_tiles(p.P, p.Q);
     const int first = int(int64_t(pid) * tiles / grid), end = int(int64_t(pid + 1) * tiles / grid);
     const int chunks = (p.rank + p.rank_chunk - 1) / p.rank_chunk;

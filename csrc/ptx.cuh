@@ -102,3 +102,26 @@ LK_DEVICE void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uin
 
 }  // namespace ptx
 }  // namespace lora_kernels
+
+// ---- Added for the multi-adapter kernels (csrc/multi_lora.cuh) ------------------------------
+namespace lora_kernels {
+namespace ptx {
+
+LK_DEVICE int32_t ld_global_s32(const int32_t* p) { return __ldg(p); }
+// 16 bytes from a 16-byte aligned global address (read-only path), as four 32-bit words; the
+// word at the lowest address is r[0], and within a word the lower address is the low half.
+LK_DEVICE void ld_global_v4(uint32_t (&r)[4], const void* p) {
+  const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+  r[0] = v.x; r[1] = v.y; r[2] = v.z; r[3] = v.w;
+}
+LK_DEVICE float u32_as_f32(uint32_t v) { return __uint_as_float(v); }
+// A plain (coherent) 16-bit load, for data the kernel also writes (y of an in-place update):
+// ld_global_u16's read-only path is only for data no thread writes during the kernel.
+LK_DEVICE uint16_t ld_global_u16_rw(const uint16_t* p) { return *p; }
+LK_DEVICE int32_t ld_shared_s32(const int32_t* p) { return *p; }
+LK_DEVICE void st_shared_s32(int32_t* p, int32_t v) { *p = v; }
+// Butterfly exchange within a full warp: the value of lane (lane ^ lane_mask).
+LK_DEVICE float shfl_xor_f32(float v, int lane_mask) { return __shfl_xor_sync(0xffffffffu, v, lane_mask); }
+
+}  // namespace ptx
+}  // namespace lora_kernels

@@ -43,7 +43,7 @@ LK_DEVICE void st_global_cs_s8(int8_t* p, int8_t v) { __stcs(reinterpret_cast<si
 // ---- other global accesses --------------------------------------------------------------------
 LK_DEVICE void st_global_s64(int64_t* p, int64_t v) { *p = v; }
 // A value written by an earlier kernel (a status word): coherent, uncached in L1.
-LK_DEVICE int32_t ld_global_s32(const int32_t* p) { return __ldcg(reinterpret_cast<const int*>(p)); }
+LK_DEVICE int32_t ld_global_cg_s32(const int32_t* p) { return __ldcg(reinterpret_cast<const int*>(p)); }
 // Returns the old value.
 LK_DEVICE int32_t atomic_add_global_s32(int32_t* p, int32_t v) { return atomicAdd(reinterpret_cast<int*>(p), v); }
 
@@ -57,7 +57,6 @@ LK_DEVICE int32_t shfl_idx_s32(int32_t v, int src_lane) { return __shfl_sync(0xf
 
 // ---- bits and explicitly rounded fp32 arithmetic ------------------------------------------------
 LK_DEVICE uint32_t f32_as_u32(float v) { return __float_as_uint(v); }
-LK_DEVICE float u32_as_f32(uint32_t v) { return __uint_as_float(v); }
 // Round-to-nearest intrinsics: the compiler never contracts them into an FMA, whatever -fmad says,
 // so a product and a sum written with them round exactly where the source says.
 LK_DEVICE float fadd_rn(float a, float b) { return __fadd_rn(a, b); }

@@ -143,13 +143,27 @@ def test_ranks_checked_once_per_version_and_again_after_modification(monkeypatch
     assert len(calls) == 4
 
 
-def test_cuda_backend_is_refused_with_a_reason(monkeypatch):
-    """Where the CUDA extension is available (other ops have CUDA kernels), backend='cuda' must
-    still refuse the multi-adapter ops rather than run something else."""
+def test_cuda_backend_reasons(monkeypatch):
+    """Where the CUDA extension is available, backend='cuda' refuses inputs its kernels do not take,
+    with a reason, rather than run something else."""
     import lora_kernels.backends as backends
     monkeypatch.setattr(backends, "unavailable_reason", lambda b, d: None)
-    with pytest.raises(lora_kernels.BackendUnavailable, match="no CUDA C\\+\\+ kernels yet"):
-        _shrink(_args(), "cuda")
-    with pytest.raises(lora_kernels.BackendUnavailable, match="no 'cuda' implementation"):
-        a = _args()
-        torch.ops.lora_kernels.lora_shrink(a["x"], a["lora_a_stack"], a["scales"], None, a["index"].data, L, "cuda")
+    for op in (_shrink, _linear):
+        with pytest.raises(lora_kernels.BackendUnavailable,
+                           match=r": cuda: dtype float32 is not supported by the CUDA multi-adapter kernels"):
+            op(_args(), "cuda")
+    big = make_multi_inputs(3, 4, 5, 2, 129, torch.float16)
+    with pytest.raises(lora_kernels.BackendUnavailable, match="r_max 129 exceeds the CUDA multi-adapter kernels' limit"):
+        lora_kernels.lora_shrink(big.x, big.lora_a, big.index(), big.scales, backend="cuda")
+    h = _args(y=half("y"), lora_b_stack=half("lora_b_stack"), t=lambda a: a["t"].double())
+    with pytest.raises(lora_kernels.BackendUnavailable, match="^lora_expand_: cuda: t must be float32"):
+        _expand(h, "cuda")
+
+
+def test_cuda_backend_on_cpu_tensors_says_why():
+    a = _args(x=half("x"), lora_a_stack=half("lora_a_stack"), lora_b_stack=half("lora_b_stack"),
+              weight=half("weight"), bias=half("bias"), y=half("y"))
+    for name, op in OPS.items():
+        with pytest.raises(lora_kernels.BackendUnavailable,
+                           match=rf"^{name}: cuda: the CUDA C\+\+ kernels need CUDA tensors, got tensors on cpu"):
+            op(a, "cuda")

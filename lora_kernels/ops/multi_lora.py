@@ -1,8 +1,10 @@
 """Multi-adapter (segmented) LoRA ops: validation, backend dispatch and the registered ops.
 
-Layers: kernels (``lora_kernels/triton/multi_lora.py``) -> launchers (same file) -> the custom ops
-``torch.ops.lora_kernels.{lora_shrink, lora_expand, multi_lora_linear}`` (here) ->
-``MultiLoRALinear`` (layers.py). Per-batch metadata comes from ``AdapterIndex`` (serving.py).
+Layers: kernels (Triton: ``lora_kernels/triton/multi_lora.py``; CUDA C++: ``csrc/multi_lora.cuh``
+and ``csrc/multi_lora_linear.cuh``) -> launchers (the Triton file; ``lora_kernels/cuda.py``) -> the
+custom ops ``torch.ops.lora_kernels.{lora_shrink, lora_expand, multi_lora_linear}`` (here) ->
+``MultiLoRALinear`` (layers.py). Per-batch metadata comes from ``AdapterIndex`` (serving.py); both
+compiled backends read the same index.
 
 These are inference (serving) ops: no autograd formula is registered, so a backward through them
 raises torch's "no autograd formula" error; train adapters with ``lora_linear`` instead.
@@ -108,7 +110,8 @@ def _validate_linear(op, x, weight, lora_a_stack, lora_b_stack, index, scales, b
 def _input_reason(dtype: torch.dtype, r_max: int, t_dtype: Optional[torch.dtype] = None):
     def reason(backend: str) -> Optional[str]:
         if backend == "cuda":
-            return "cuda: the multi-adapter ops have no CUDA C++ kernels yet (use backend='triton')"
+            from .. import cuda
+            return cuda.multi_input_reason(dtype, r_max, t_dtype)
         if backend == "triton":
             if dtype not in TRITON_DTYPES:
                 return f"triton: dtype {dtype} is not supported (float16, bfloat16, float32)"
@@ -120,10 +123,18 @@ def _input_reason(dtype: torch.dtype, r_max: int, t_dtype: Optional[torch.dtype]
     return reason
 
 
+# Under "auto" on CUDA tensors: Triton first, the CUDA C++ kernels when Triton cannot run (e.g. a
+# serving image without triton). Which is faster per shape and token distribution is to be
+# measured on an H100/H200 (bench/, suite multi: ours_se_triton vs ours_se_cuda, ours_linear_triton
+# vs ours_linear_cuda); no measurement
+# exists yet, so this order is a default, not a result.
+AUTO_PREFERENCE = ("triton", "cuda")
+
+
 def choose_backend(op: str, device: torch.device, dtype: torch.dtype, r_max: int, backend: str = "auto",
                    t_dtype: Optional[torch.dtype] = None) -> str:
     """The backend that runs `op` on these inputs (see backends.py for the rule)."""
-    return backends.resolve(op, backend, device, ("triton",), _input_reason(dtype, r_max, t_dtype))
+    return backends.resolve(op, backend, device, AUTO_PREFERENCE, _input_reason(dtype, r_max, t_dtype))
 
 
 def _triton_vectors(scales: Optional[Tensor], ranks: Optional[Tensor]):
@@ -138,8 +149,8 @@ def _triton_vectors(scales: Optional[Tensor], ranks: Optional[Tensor]):
 # ---------------------------------------------------------------------------------------------
 
 def _check_torch(backend: str) -> None:
-    """The ops run "triton" or "torch"; any other name reaching them is a dispatch bug, not a
-    reason to fall back silently."""
+    """The ops run "triton", "cuda" or "torch"; any other name reaching them is a dispatch bug,
+    not a reason to fall back silently."""
     if backend != "torch":
         raise BackendUnavailable(f"multi-adapter ops: no {backend!r} implementation")
 
@@ -156,6 +167,9 @@ def lora_shrink_op(x: Tensor, lora_a_stack: Tensor, scales: Tensor, ranks: Optio
     if backend == "triton":
         from ..triton.multi_lora import lora_shrink as launch
         return launch(x, lora_a_stack, index, *_triton_vectors(scales, ranks))
+    if backend == "cuda":
+        from ..cuda import multi_lora_shrink as launch
+        return launch(x, lora_a_stack, index, scales, ranks)
     _check_torch(backend)
     return reference.lora_shrink(x, lora_a_stack, index.token_adapter, scales, ranks)
 
@@ -173,6 +187,10 @@ def lora_expand_op(y: Tensor, t: Tensor, lora_b_stack: Tensor, ranks: Optional[T
     if backend == "triton":
         from ..triton.multi_lora import lora_expand_ as launch
         launch(y, t, lora_b_stack, index, _triton_vectors(None, ranks)[1])
+        return
+    if backend == "cuda":
+        from ..cuda import multi_lora_expand_ as launch
+        launch(y, t, lora_b_stack, index, ranks)
         return
     _check_torch(backend)
     reference.lora_expand_(y, t, lora_b_stack, index.token_adapter, ranks)
@@ -193,6 +211,9 @@ def multi_lora_linear_op(x: Tensor, weight: Tensor, lora_a_stack: Tensor, lora_b
         from ..triton.multi_lora import multi_lora_linear as launch
         scales32, ranks = _triton_vectors(scales, ranks)
         return launch(x, weight, lora_a_stack, lora_b_stack, index, scales32, bias, ranks)
+    if backend == "cuda":
+        from ..cuda import multi_lora_linear as launch
+        return launch(x, weight, lora_a_stack, lora_b_stack, index, scales, bias, ranks)
     _check_torch(backend)
     return reference.multi_lora_linear(x, weight, lora_a_stack, lora_b_stack, index.token_adapter, scales, bias, ranks)
 

@@ -46,6 +46,7 @@ struct Allocation {
   unsigned char* base;
   size_t bytes;
   std::vector<uint8_t>* store_counts;  // per byte, or null when stores are not expected
+  const std::vector<uint8_t>* unreadable = nullptr;  // per byte: nonzero = must never be accessed
 };
 
 struct Shadow {  // per shared-memory byte: last write and last read in barrier epochs
@@ -105,7 +106,17 @@ inline void register_allocation(const std::string& name, void* base, size_t byte
 inline Allocation& global_check(const void* p, size_t bytes, const char* what) {
   auto* c = static_cast<const unsigned char*>(p);
   for (auto& a : machine().allocs)
-    if (c >= a.base && c + bytes <= a.base + a.bytes) return a;
+    if (c >= a.base && c + bytes <= a.base + a.bytes) {
+      if (a.unreadable != nullptr)
+        for (size_t i = 0; i < bytes; ++i)
+          if ((*a.unreadable)[c - a.base + i]) {
+            char buf[256];
+            std::snprintf(buf, sizeof buf, "%s: access to byte %zu of %s, which is marked never to be read "
+                          "(thread %d)", what, size_t(c - a.base + i), a.name.c_str(), machine().current);
+            fatal(buf);
+          }
+      return a;
+    }
   char buf[256];
   std::snprintf(buf, sizeof buf, "%s: global access of %zu bytes at %p is outside every allocation "
                 "(thread %d)", what, bytes, p, machine().current);
@@ -446,3 +457,49 @@ inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32
 
 }  // namespace ptx
 }  // namespace lora_kernels
+
+// ---- Twins of the primitives added for the multi-adapter kernels (end of csrc/ptx.cuh) --------
+namespace lora_kernels {
+namespace ptx {
+
+inline int32_t ld_global_s32(const int32_t* p) {
+  if (reinterpret_cast<uintptr_t>(p) % 4) emu::fatal("ld_global_s32: misaligned address");
+  emu::global_check(p, 4, "ld_global_s32");
+  return *p;
+}
+inline void ld_global_v4(uint32_t (&r)[4], const void* p) {
+  if (reinterpret_cast<uintptr_t>(p) % 16) emu::fatal("ld_global_v4: address not 16-byte aligned");
+  emu::global_check(p, 16, "ld_global_v4");
+  std::memcpy(r, p, 16);
+}
+inline float u32_as_f32(uint32_t v) { return emu::bits_f32(v); }
+inline uint16_t ld_global_u16_rw(const uint16_t* p) { emu::global_check(p, 2, "ld_global_u16_rw"); return *p; }
+inline int32_t ld_shared_s32(const int32_t* p) {
+  emu::smem_read(p, 4, "ld_shared_s32");
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+inline void st_shared_s32(int32_t* p, int32_t v) { emu::smem_write(p, &v, 4, "st_shared_s32"); }
+// __shfl_xor_sync over the full warp: every lane must call it (the rendezvous checks that).
+inline float shfl_xor_f32(float v, int lane_mask) {
+  emu::Machine& m = emu::machine();
+  const int lane = m.current % 32;
+  emu::WarpExchange& ex = m.warps[m.current / 32];
+  ex.d[lane][0] = v;
+  emu::warp_rendezvous();
+  const float other = ex.d[lane ^ (lane_mask & 31)][0];
+  emu::warp_rendezvous();
+  return other;
+}
+
+}  // namespace ptx
+}  // namespace lora_kernels
+
+namespace emu {
+// An input allocation some of whose bytes must never be read (past an adapter's rank, gaps
+// between rows): any access to them is a fault.
+inline void register_input(const std::string& name, void* base, size_t bytes, const std::vector<uint8_t>* unreadable) {
+  machine().allocs.push_back({name, static_cast<unsigned char*>(base), bytes, nullptr, unreadable});
+}
+}  // namespace emu

@@ -86,15 +86,15 @@ inline void st_global_cs_u64(uint64_t* p, uint64_t v) { emu::aligned_store(p, &v
 inline void st_global_cs_s8(int8_t* p, int8_t v) { emu::aligned_store(p, &v, 1, 1, "st_global_cs_s8"); }
 
 inline void st_global_s64(int64_t* p, int64_t v) { emu::aligned_store(p, &v, 8, 8, "st_global_s64"); }
-inline int32_t ld_global_s32(const int32_t* p) {
-  emu::global_check(p, 4, "ld_global_s32");
+inline int32_t ld_global_cg_s32(const int32_t* p) {
+  emu::global_check(p, 4, "ld_global_cg_s32");
   int32_t v;
   std::memcpy(&v, p, 4);
   return v;
 }
 // Fibers switch only at barriers and warp primitives, so a read-modify-write here is atomic.
 inline int32_t atomic_add_global_s32(int32_t* p, int32_t v) {
-  const int32_t old = ld_global_s32(p);
+  const int32_t old = ld_global_cg_s32(p);
   const int32_t sum = int32_t(uint32_t(old) + uint32_t(v));
   emu::aligned_store(p, &sum, 4, 4, "atomic_add_global_s32");
   return old;
@@ -109,7 +109,6 @@ inline int32_t shfl_up_s32(int32_t v, int delta) {
 inline int32_t shfl_idx_s32(int32_t v, int src_lane) { return int32_t(emu::warp_exchange(uint32_t(v), src_lane & 31)); }
 
 inline uint32_t f32_as_u32(float v) { return emu::f32_bits(v); }
-inline float u32_as_f32(uint32_t v) { return emu::bits_f32(v); }
 // The emulator is built with -ffp-contract=off: these are single IEEE operations, as on the GPU.
 inline float fadd_rn(float a, float b) { return a + b; }
 inline float fsub_rn(float a, float b) { return a - b; }

@@ -1,0 +1,34 @@
+// Torch-facing launchers of the multi-adapter shrink / expand (defined in multi_lora.cpp,
+// registered as lora_kernels::cuda_lora_shrink / cuda_lora_expand in bindings.cpp).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace lora_kernels {
+
+// t [M, R] fp32 (written in full) = the segmented shrink of x [M, K] with lora_a_stack [L, R, K],
+// scales [L] fp32 and ranks [L] int32 (or none), over the AdapterIndex work list `work`
+// [I, 3] int32 of pieces of at most item_m (16 or 64) tokens and `sorted_tokens` [M] int32.
+void cuda_lora_shrink(const at::Tensor& x, const at::Tensor& lora_a_stack, const at::Tensor& scales,
+                      const std::optional<at::Tensor>& ranks, const at::Tensor& work,
+                      const at::Tensor& sorted_tokens, int64_t item_m, const at::Tensor& t);
+
+// In place: y [M, N] += the segmented expand of t [M, R] fp32 with lora_b_stack [L, N, R]; rows of
+// tokens with no adapter are never stored to.
+void cuda_lora_expand(const at::Tensor& y, const at::Tensor& t, const at::Tensor& lora_b_stack,
+                      const std::optional<at::Tensor>& ranks, const at::Tensor& work,
+                      const at::Tensor& sorted_tokens, int64_t item_m);
+
+// y [M, N] (written in full) = x @ weight.T + bias + each token's adapter, given t = the segmented
+// shrink's output [M, R] fp32: the base GEMM over the sorted token order (sorted_tokens,
+// sorted_adapter [M], slot_start [L + 2], AdapterIndex views) with the expand in its epilogue.
+// tile_kind: 0 = heuristic, 1 = small-M tile, 2 = large tile; tiles_per_cta: 0 = heuristic.
+void cuda_multi_lora_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            const at::Tensor& lora_b_stack, const at::Tensor& t,
+                            const std::optional<at::Tensor>& ranks, const at::Tensor& sorted_tokens,
+                            const at::Tensor& sorted_adapter, const at::Tensor& slot_start, const at::Tensor& y,
+                            int64_t tile_kind, int64_t tiles_per_cta);
+
+}  // namespace lora_kernels

@@ -1,0 +1,331 @@
+"""CPU lane: the CUDA multi-adapter shrink / expand *source* (csrc/multi_lora.cuh) on the host emulator.
+
+The kernels are compiled with the host C++ compiler against emulated primitives
+(tests/cuda_emulation/host_primitives.h), which check bounds, shared-memory races, barrier and
+warp-primitive divergence, and count the stores to each output byte. Every case
+
+* takes its work from a real AdapterIndex (the same one the Triton kernels read),
+* fills the stacks past each adapter's rank with NaN (never read) and pads the gaps between rows
+  of every input with NaN (a read of a gap poisons the result),
+* poisons t, and checks every t element is stored exactly once and matches float64,
+* sets y's no-adapter rows to -0.0 and checks they are never stored (bitwise untouched), and
+  every other element of y is stored exactly once and matches float64.
+Which path a piece takes depends on its length (<= 4 tokens: CUDA cores, else tensor cores); the
+cases assert that both occur where they mean to test both.
+"""
+import pytest
+import torch
+
+from cases import make_multi_inputs
+from cuda_emulation import driver, multi_driver
+from lora_kernels import AdapterIndex, reference
+from tolerances import assert_close, rand
+
+pytestmark = pytest.mark.skipif(driver.compiler() is None, reason="no host C++ compiler (g++) to build the emulator")
+
+GEMV_MAX_ROWS = 4  # csrc/multi_lora_plan.h kGemvMaxRows
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    return multi_driver.build(tmp_path_factory.mktemp("cuda_multi_emulation"))
+
+
+def _bits(t):
+    return t.view(torch.int32 if t.element_size() == 4 else torch.int16)
+
+
+def piece_lengths(index, item_m):
+    work = index.work(item_m)
+    return work[work[:, 2] > 0, 2].tolist()
+
+
+def check_shrink(exe, inp, item_m, seed=0, **kw):
+    """t from the CUDA source vs float64; every element stored once; returns t."""
+    index = inp.index()
+    run = multi_driver.run_shrink(exe, inp.x, inp.lora_a, inp.scales, inp.ranks, index, item_m, seed=seed, **kw)
+    # 16-bit adapters: exact products, fp32 sums. fp32 adapters: the tensor-core path splits A into
+    # two 16-bit halves (about 16 significant bits), so the x dtype's tolerance.
+    t_tol = torch.float32 if inp.lora_a.dtype == inp.x.dtype else inp.x.dtype
+    assert_close(run.out, inp.t64(), t_tol, what="t")
+    assert run.stores.numel() == 0 or (int(run.stores.min()) == 1 and int(run.stores_max.max()) == 1), \
+        "every t element is stored exactly once"
+    assert run.stray_stores == 0, "no store outside t's elements"
+    none = inp.token_adapter < 0
+    assert (run.out[none] == 0).all(), "tokens with no adapter get t = 0"
+    return run.out
+
+
+def check_expand(exe, inp, t, item_m=64, seed=0, y0=None, **kw):
+    """y += expand(t) from the CUDA source vs float64; rows with no adapter (or rank 0) untouched."""
+    index = inp.index()
+    M, N = inp.x.shape[0], inp.lora_b.shape[1]
+    if y0 is None:
+        y0 = rand(M, N, dtype=inp.x.dtype)
+    untouched = inp.token_adapter < 0
+    if inp.ranks is not None:
+        rank_of_token = torch.where(untouched, 0, inp.ranks[inp.token_adapter.clamp(min=0).long()])
+        untouched = untouched | (rank_of_token == 0)
+    y0[untouched] = -0.0  # any store, even of y + 0, would flip the sign bit
+    run = multi_driver.run_expand(exe, y0, t, inp.lora_b, inp.ranks, index, item_m, seed=seed, **kw)
+    expected = reference.lora_expand_(y0.double(), t.double(), inp.lora_b.double(), inp.token_adapter, inp.ranks)
+    expected[untouched] = y0[untouched].double()
+    assert_close(run.out, expected, y0.dtype, what="expand")
+    assert torch.equal(_bits(run.out[untouched]), _bits(y0[untouched])), "rows without an adapter were written"
+    assert int(run.stores_max[untouched].sum()) == 0, "a row without an adapter was stored to"
+    written = run.stores[~untouched]
+    assert written.numel() == 0 or (int(written.min()) == 1 and int(run.stores_max[~untouched].max()) == 1), \
+        "every y element of a token with an adapter is stored exactly once"
+    assert run.stray_stores == 0, "no store outside y's elements"
+    return run.out
+
+
+def check_both(exe, inp, shrink_item_m=16, expand_item_m=64, seed=0):
+    t = check_shrink(exe, inp, shrink_item_m, seed=seed)
+    return t, check_expand(exe, inp, t, expand_item_m, seed=seed)
+
+
+DISTS = ["decode", "prefill", "zipf", "one", "none10", "none"]
+
+
+@pytest.mark.parametrize("dist", DISTS)
+def test_distributions(emulator, dist):
+    """Every token distribution; both shrink tiles (16- and 64-token pieces), fp16 and bf16."""
+    dtype = torch.bfloat16 if len(dist) % 2 else torch.float16
+    inp = make_multi_inputs(70, 36, 40, 6, 16, dtype, dist=dist, ranks="mixed", seed=len(dist))
+    t = check_shrink(emulator, inp, 16, seed=1)
+    check_shrink(emulator, inp, 64, seed=2)
+    check_expand(emulator, inp, t, 64, seed=3)
+
+
+def test_short_and_long_pieces_in_one_launch(emulator):
+    """Segments of 1..4 tokens (CUDA-core path) next to 5..64-token ones (tensor cores), several
+    pieces per segment, rows tiles partly past a piece's length, ranks mixed."""
+    counts = [1, 3, 4, 5, 17, 40, 70, 2]
+    ids = torch.cat([torch.full((c,), i, dtype=torch.int32) for i, c in enumerate(counts)])
+    ids = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(0))]
+    inp = make_multi_inputs(len(ids), 40, 48, 8, 32, torch.bfloat16, ranks=[32, 1, 9, 16, 24, 3, 32, 17])
+    inp.token_adapter = ids
+    for item_m in (16, 64):
+        lengths = piece_lengths(inp.index(), item_m)
+        assert min(lengths) <= GEMV_MAX_ROWS < max(lengths)
+    t = check_shrink(emulator, inp, 16)
+    check_shrink(emulator, inp, 64)
+    check_expand(emulator, inp, t, 64)
+    check_expand(emulator, inp, t, 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ranks_1_to_128_in_one_batch(emulator, dtype):
+    """Every rank chunk of the shrink (16 and 64 wide) and every rank chunk of the expand; columns
+    past each rank NaN in the stacks (never read) and in t (never read by the expand)."""
+    ranks = [1, 2, 7, 16, 33, 64, 100, 128]
+    inp = make_multi_inputs(60, 24, 24, 8, 128, dtype, dist="zipf", ranks=ranks, seed=5)
+    inp.token_adapter[:8] = torch.arange(8, dtype=torch.int32)
+    inp.token_adapter[8:20] = 7  # rank 128 on a long (tensor-core) piece
+    inp.token_adapter[20:27] = 0  # rank 1 on a long piece
+    t = check_shrink(emulator, inp, 16)
+    check_shrink(emulator, inp, 64)
+    t_poisoned = t.clone()
+    keep = reference.rank_keep(inp.ranks, 8, 128, "cpu")[inp.token_adapter.long()]
+    t_poisoned[~keep] = float("nan")
+    check_expand(emulator, inp, t_poisoned, 64)
+
+
+@pytest.mark.parametrize("L", [1, 256])
+def test_one_and_many_slots(emulator, L):
+    inp = make_multi_inputs(40, 20, 16, L, 8, torch.bfloat16, dist="none10", ranks="mixed", seed=L)
+    check_both(emulator, inp)
+
+
+def test_one_token(emulator):
+    inp = make_multi_inputs(1, 33, 24, 4, 16, torch.float16, dist="decode", ranks="mixed", seed=3)
+    check_both(emulator, inp)
+    check_shrink(emulator, inp, 64)
+
+
+def test_all_tokens_without_adapter(emulator):
+    inp = make_multi_inputs(30, 20, 24, 4, 8, torch.bfloat16, dist="none", ranks="mixed")
+    t = check_shrink(emulator, inp, 16)
+    assert (t == 0).all()
+    check_expand(emulator, inp, t)
+
+
+def test_empty_segments_and_rank_zero_slot(emulator):
+    """Slots with no tokens cost nothing; a loaded slot of rank 0 behaves as no adapter."""
+    ids = torch.tensor([4, 4, 0, -1, 4, 0, 7, 2, 2, 2, 2, 2, 2, -1], dtype=torch.int32)
+    inp = make_multi_inputs(len(ids), 18, 20, 8, 8, torch.float16, ranks=[8, 5, 0, 3, 8, 1, 2, 6])
+    inp.token_adapter = ids
+    t = check_shrink(emulator, inp, 16)
+    assert (t[ids == 2] == 0).all()
+    check_expand(emulator, inp, t)
+
+
+def test_odd_sizes_no_ranks_tensor(emulator):
+    """K and N not multiples of 8 (element loads of x, the row tails of every tile), no ranks."""
+    inp = make_multi_inputs(45, 33, 37, 3, 5, torch.bfloat16, dist="prefill", seed=2)
+    assert inp.ranks is None
+    check_both(emulator, inp, 16, 64)
+    check_shrink(emulator, inp, 64)
+
+
+def test_long_k_runs_the_pipeline(emulator):
+    """K spans several K slices of both tiles (4+ stages of the cp.async pipeline) with a tail."""
+    inp = make_multi_inputs(24, 16, 600, 3, 16, torch.float16, dist="prefill", ranks="mixed", seed=4)
+    check_shrink(emulator, inp, 16)
+    check_shrink(emulator, inp, 64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fp32_adapters(emulator, dtype):
+    """PEFT's default: fp32 adapters over a 16-bit base. Shrink: fp32 FMAs on CUDA cores, A split
+    into two 16-bit halves on tensor cores; expand: 3xTF32."""
+    inp = make_multi_inputs(50, 40, 56, 4, 16, dtype, dist="zipf", adapter_dtype=torch.float32, ranks="mixed",
+                            seed=6)
+    inp.token_adapter[:3] = 3  # (and zipf leaves short pieces on the rare slots)
+    t = check_shrink(emulator, inp, 16)
+    check_shrink(emulator, inp, 64)
+    check_expand(emulator, inp, t)
+
+
+def test_strided_and_misaligned_operands(emulator):
+    """x rows padded and x starting off 16-byte alignment (element loads); the A stack in [L, K, R]
+    storage is copied by the launcher, so here: A rows padded; t written into a wider buffer; y a
+    column-major view; t read with strides; B stored [N, L, R] and transposed along the rank."""
+    M, N, K, L, R = 30, 24, 32, 4, 8
+    inp = make_multi_inputs(M, N, K, L, R, torch.float16, dist="zipf", ranks="mixed", seed=7)
+    inp.x = rand(M, K + 8, dtype=torch.float16)[:, :K]
+    inp.lora_a = torch.cat([inp.lora_a, rand(L, R, 8, dtype=torch.float16)], dim=2)[:, :, :K]
+    t_buf = torch.full((M, R + 3), float("nan"))
+    t = check_shrink(emulator, inp, 16, t_out=t_buf[:, :R])
+    check_shrink(emulator, inp, 16, leads={"x": 1, "a": 3})
+    y0 = rand(N, M, dtype=torch.float16).t()
+    t_strided = t.t().contiguous().t()
+    inp.lora_b = inp.lora_b.permute(1, 0, 2).contiguous().permute(1, 0, 2)
+    check_expand(emulator, inp, t_strided, y0=y0)
+    inp.lora_b = inp.lora_b.transpose(1, 2).contiguous().transpose(1, 2)  # unit stride along N
+    check_expand(emulator, inp, t, y0=rand(M, N, dtype=torch.float16), leads={"b": 1})
+
+
+def test_every_schedule_gives_the_same_bits(emulator):
+    """Fixed summation order whatever the thread schedule and cp.async timing: bitwise equal."""
+    inp = make_multi_inputs(40, 20, 136, 4, 16, torch.bfloat16, dist="zipf", ranks="mixed", seed=8)
+    index = inp.index()
+    y0 = rand(40, 20, dtype=torch.bfloat16)
+    runs = []
+    for seed in (1, 2, 3):
+        t = multi_driver.run_shrink(emulator, inp.x, inp.lora_a, inp.scales, inp.ranks, index, 16, seed=seed).out
+        y = multi_driver.run_expand(emulator, y0, t, inp.lora_b, inp.ranks, index, 64, seed=seed).out
+        runs.append((t, y))
+    for t, y in runs[1:]:
+        assert torch.equal(_bits(t), _bits(runs[0][0]))
+        assert torch.equal(_bits(y), _bits(runs[0][1]))
+
+
+def test_out_of_range_rank_is_clamped_not_read_out_of_bounds(emulator):
+    """The op reports ranks > r_max asynchronously on a GPU; the kernels clamp, so nothing past the
+    stack is read (the emulator faults on any out-of-bounds access)."""
+    inp = make_multi_inputs(20, 12, 16, 3, 8, torch.bfloat16, dist="decode", seed=9, poison_padding=False)
+    inp.ranks = torch.tensor([8, 200, -5], dtype=torch.int32)
+    index = inp.index()
+    run = multi_driver.run_shrink(emulator, inp.x, inp.lora_a, inp.scales, inp.ranks, index, 16)
+    clamped = inp.ranks.clamp(0, 8)
+    expected = reference.lora_shrink(inp.x.double(), inp.lora_a.double(), inp.token_adapter, inp.scales.double(),
+                                     clamped)
+    assert_close(run.out, expected, torch.float32, what="t")
+    y0 = rand(20, 12, dtype=torch.bfloat16)
+    y = multi_driver.run_expand(emulator, y0, run.out, inp.lora_b, inp.ranks, index, 64).out
+    assert_close(y, reference.lora_expand_(y0.double(), run.out.double(), inp.lora_b.double(), inp.token_adapter,
+                                           clamped), torch.bfloat16)
+
+
+def test_index_is_shared_with_triton():
+    """The CUDA kernels read AdapterIndex.work(16 | 64) and sorted_tokens: the same views the
+    Triton launchers pass (a regression guard on the layout both rely on)."""
+    index = AdapterIndex.from_token_adapters(torch.tensor([2, -1, 0, 2, 2], dtype=torch.int32), 3)
+    assert index.work(16).dtype == torch.int32 and index.work(16).is_contiguous()
+    assert index.work(64).tolist()[:3] == [[0, 0, 1], [2, 1, 3], [-1, 4, 1]]
+    assert index.sorted_tokens.tolist() == [2, 0, 3, 4, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# multi_lora_linear: the segmented shrink, then the base GEMM over the sorted token order with
+# the per-segment expand in its epilogue (csrc/multi_lora_linear.cuh)
+# ---------------------------------------------------------------------------------------------
+
+SMALL, LARGE = 1, 2  # csrc/lora_linear_plan.h tile kinds: 16x32 (decode), 128x128
+
+
+def check_linear(exe, inp, seed=0, **kw):
+    """y from the CUDA source (shrink, then the fused kernel) vs float64; every element stored once."""
+    t = check_shrink(exe, inp, 16, seed=seed)
+    run = multi_driver.run_linear(exe, inp.x, inp.weight, inp.lora_b, inp.bias, t, inp.ranks, inp.index(), seed=seed,
+                                  **kw)
+    mixed_bias = inp.bias is not None and inp.bias.dtype != inp.x.dtype  # no plain-torch yardstick for it
+    assert_close(run.out, inp.linear64(), inp.x.dtype,
+                 torch_out=None if mixed_bias or inp.lora_a.dtype != inp.x.dtype else inp.linear_torch_expression())
+    assert run.stores.numel() == 0 or (int(run.stores.min()) == 1 and int(run.stores_max.max()) == 1), \
+        "every y element is stored exactly once"
+    assert run.stray_stores == 0, "no store outside y's elements"
+    return run
+
+
+@pytest.mark.parametrize("dist", DISTS)
+@pytest.mark.parametrize("tile_kind", [SMALL, LARGE], ids=["small-tile", "large-tile"])
+def test_linear_distributions(emulator, dist, tile_kind):
+    dtype = torch.float16 if len(dist) % 2 else torch.bfloat16
+    inp = make_multi_inputs(45, 40, 36, 6, 16, dtype, dist=dist, ranks="mixed", seed=len(dist))
+    check_linear(emulator, inp, tile_kind=tile_kind, tiles_per_cta=2)
+
+
+def test_linear_blocks_across_segments_grouped_order(emulator):
+    """Row blocks inside one segment, blocks straddling segments and the no-adapter tail; several
+    row blocks and N tiles per CTA in the grouped order, uneven runs; both tiles."""
+    ids = torch.cat([torch.full((n,), s, dtype=torch.int32) for s, n in ((2, 140), (0, 9), (-1, 5), (1, 3))])
+    inp = make_multi_inputs(len(ids), 300, 40, 3, 8, torch.bfloat16, ranks=[8, 3, 5])
+    inp.token_adapter = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(1))]
+    check_linear(emulator, inp, tile_kind=LARGE, tiles_per_cta=2, group_m=2)
+    check_linear(emulator, inp, tile_kind=SMALL, tiles_per_cta=3, group_m=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_linear_ranks_1_to_128(emulator, dtype):
+    ranks = [1, 2, 7, 16, 33, 64, 100, 128]
+    inp = make_multi_inputs(40, 24, 32, 8, 128, dtype, dist="zipf", ranks=ranks, seed=11)
+    inp.token_adapter[:8] = torch.arange(8, dtype=torch.int32)
+    check_linear(emulator, inp, tile_kind=SMALL)
+    check_linear(emulator, inp, tile_kind=LARGE)
+
+
+def test_linear_fp32_adapters_and_bias(emulator):
+    inp = make_multi_inputs(36, 40, 48, 4, 16, torch.bfloat16, dist="none10", adapter_dtype=torch.float32,
+                            ranks="mixed", seed=12)
+    inp.bias = inp.bias.float()
+    check_linear(emulator, inp, tile_kind=SMALL)
+    check_linear(emulator, inp, tile_kind=LARGE)
+
+
+def test_linear_odd_sizes_layouts_no_bias(emulator):
+    """K % 8 != 0 (element loads), x off 16-byte alignment, y rows padded to an odd stride (no
+    paired stores), t with strides, B transposed along the rank, no bias, no ranks tensor."""
+    inp = make_multi_inputs(21, 33, 37, 3, 5, torch.float16, dist="zipf", bias=False, seed=13)
+    check_linear(emulator, inp, tile_kind=SMALL, ldy=35)
+    inp.lora_b = inp.lora_b.transpose(1, 2).contiguous().transpose(1, 2)
+    run = check_linear(emulator, inp, tile_kind=LARGE, leads={"x": 1})
+    assert run.plan["aligned16"] == 0
+
+
+def test_linear_all_tokens_without_adapter_and_one_token(emulator):
+    inp = make_multi_inputs(20, 24, 16, 4, 8, torch.bfloat16, dist="none", ranks="mixed")
+    run = check_linear(emulator, inp, tile_kind=SMALL)
+    base = inp.x.double() @ inp.weight.double().t() + inp.bias.double()
+    assert_close(run.out, base, torch.bfloat16)
+    check_linear(emulator, make_multi_inputs(1, 40, 24, 256, 4, torch.float16, ranks="mixed", seed=3))
+
+
+def test_linear_every_schedule_gives_the_same_bits(emulator):
+    inp = make_multi_inputs(40, 40, 136, 4, 16, torch.bfloat16, dist="zipf", ranks="mixed", seed=8)
+    t = inp.t64().float()
+    outs = [multi_driver.run_linear(emulator, inp.x, inp.weight, inp.lora_b, inp.bias, t, inp.ranks, inp.index(),
+                                    tile_kind=SMALL, seed=s).out for s in (1, 2)]
+    assert torch.equal(_bits(outs[0]), _bits(outs[1]))
