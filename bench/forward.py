@@ -14,13 +14,6 @@ NOTE = ("Time of each method / time of the base GEMM `F.linear(x, W0)` in the sa
         "(decode rows, M <= 16, timed under CUDA graphs on a GPU).")
 
 
-def default_grid(quick: bool, on_gpu: bool):
-    if quick:
-        layers = suites.QUICK_GPU_LAYERS if on_gpu else suites.QUICK_CPU_LAYERS
-        return layers, (suites.QUICK_GPU_TOKENS if on_gpu else suites.QUICK_CPU_TOKENS), [16]
-    return suites.LAYERS, suites.TOKENS, suites.RANKS
-
-
 def run_case(layer, K, N, M, r, dtype, device, backends, rep_ms) -> Dict:
     rnd = seeded_randn(device, dtype, M * 7919 + K * 31 + N + r)
     x, weight = rnd(M, K), rnd(N, K, scale=K ** -0.5)
@@ -55,15 +48,10 @@ def summarize(cases: List[Dict], backends: List[str]) -> Dict:
 
 
 def run(args, device, dtype, backends, rep_ms, log) -> Dict:
-    layers, tokens, ranks = default_grid(args.quick, device.type == "cuda")
-    if args.layers:
-        layers = [l for l in suites.LAYERS + suites.QUICK_CPU_LAYERS if l[0] in args.layers]
     cases = []
-    for (name, K, N) in layers:
-        for r in (args.ranks or ranks):
-            for M in (args.tokens or tokens):
-                cases.append(run_case(name, K, N, M, r, dtype, device, backends, rep_ms))
-                log(cases[-1])
+    for name, K, N, r, M in suites.layer_grid(args, device.type == "cuda"):
+        cases.append(run_case(name, K, N, M, r, dtype, device, backends, rep_ms))
+        log(cases[-1])
     return {"cases": cases, "summary": summarize(cases, backends)}
 
 

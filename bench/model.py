@@ -20,7 +20,7 @@ import contextlib
 import copy
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import torch
 

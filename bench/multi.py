@@ -23,7 +23,6 @@ matching rows (copied below), not measurements of this run.
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, List
 
 import torch

@@ -61,3 +61,19 @@ def token_adapters(dist: str, M: int, L: int, seed: int = 0):
     else:
         raise ValueError(f"unknown token distribution {dist!r}")
     return ids.to(torch.int32)
+
+
+def layer_grid(args, on_gpu: bool):
+    """(layer name, K, N, r, M) of the single-layer suites: the full grid, or `--quick`'s, narrowed
+    by --layers / --ranks / --tokens."""
+    if args.quick:
+        layers = QUICK_GPU_LAYERS if on_gpu else QUICK_CPU_LAYERS
+        tokens, ranks = (QUICK_GPU_TOKENS if on_gpu else QUICK_CPU_TOKENS), [16]
+    else:
+        layers, tokens, ranks = LAYERS, TOKENS, RANKS
+    if args.layers:
+        layers = [layer for layer in LAYERS + QUICK_CPU_LAYERS if layer[0] in args.layers]
+    for name, K, N in layers:
+        for r in args.ranks or ranks:
+            for M in args.tokens or tokens:
+                yield name, K, N, r, M

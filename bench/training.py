@@ -44,13 +44,6 @@ class TrainMethod(NamedTuple):
     run_with_mask: Optional[Callable[[], Tuple[tuple, Optional[torch.Tensor]]]] = None
 
 
-def default_grid(quick: bool, on_gpu: bool):
-    if quick:
-        layers = suites.QUICK_GPU_LAYERS if on_gpu else suites.QUICK_CPU_LAYERS
-        return layers, (suites.QUICK_GPU_TOKENS if on_gpu else suites.QUICK_CPU_TOKENS), [16]
-    return suites.LAYERS, suites.TOKENS, suites.RANKS
-
-
 def _autograd_method(forward_y, x, params, dy, run_with_mask=None) -> TrainMethod:
     def backward(y):
         return (y,) + torch.autograd.grad(y, [x, *params], dy)
@@ -213,15 +206,10 @@ def summarize(cases: List[Dict], backends: List[str]) -> Dict:
 
 
 def run(args, device, dtype, backends, rep_ms, log) -> Dict:
-    layers, tokens, ranks = default_grid(args.quick, device.type == "cuda")
-    if args.layers:
-        layers = [l for l in suites.LAYERS + suites.QUICK_CPU_LAYERS if l[0] in args.layers]
     cases = []
-    for (name, K, N) in layers:
-        for r in (args.ranks or ranks):
-            for M in (args.tokens or tokens):
-                cases.append(run_case(name, K, N, M, r, dtype, device, backends, rep_ms))
-                log(cases[-1])
+    for name, K, N, r, M in suites.layer_grid(args, device.type == "cuda"):
+        cases.append(run_case(name, K, N, M, r, dtype, device, backends, rep_ms))
+        log(cases[-1])
     return {"cases": cases, "summary": summarize(cases, backends)}
 
 

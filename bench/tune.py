@@ -11,7 +11,6 @@ import json
 from dataclasses import asdict, replace
 from typing import Dict, List
 
-import torch
 
 from . import suites
 from .common import CHECK_TOL, check_rows, geomean, rel_error, seeded_randn, time_us

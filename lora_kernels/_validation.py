@@ -6,7 +6,6 @@ that the same bad input gets the same sentence everywhere (the README's bad-inpu
 """
 from __future__ import annotations
 
-import math
 import weakref
 from typing import Optional, Sequence
 

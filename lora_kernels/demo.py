@@ -23,7 +23,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # random weights from a config: nothing may 
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import argparse  # noqa: E402
-import copy  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402

@@ -5,9 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-import lora_kernels
 from lora_kernels import FusedLoRALinear
-from tolerances import REL_TOL, assert_close, rand
+from tolerances import assert_close, rand
 
 peft = pytest.importorskip("peft")
 

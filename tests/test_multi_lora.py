@@ -122,7 +122,7 @@ def test_index_traces_with_no_data_dependent_op():
 def _per_token_loop(inp):
     """y, t in float64 by the definition, one token at a time (slicing to each rank)."""
     x, w, a, b = (v.double() for v in (inp.x, inp.weight, inp.lora_a, inp.lora_b))
-    M, L, R = x.shape[0], a.shape[0], a.shape[1]
+    M, R = x.shape[0], a.shape[1]
     y = x @ w.t() + (0 if inp.bias is None else inp.bias.double())
     t = torch.zeros(M, R, dtype=torch.float64)
     for m, i in enumerate(inp.token_adapter.tolist()):

@@ -8,7 +8,7 @@ import lora_kernels
 from lora_kernels import FusedLoRALinear, reference
 from lora_kernels.ops.lora_linear import draw_dropout_seed, dropout_mask
 from cases import lora_linear_with_grads, make_lora_inputs, reference_with_grads
-from tolerances import REL_TOL, assert_close, rand
+from tolerances import assert_close, rand
 
 GRAD_NAMES = ("x", "lora_a", "lora_b", "bias")
 

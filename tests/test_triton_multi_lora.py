@@ -58,7 +58,7 @@ def check_shrink_expand(inp, cfg=None, dtype=None, conditioned=False):
     ml = _ml()
     dtype = dtype or inp.x.dtype
     index = inp.index()
-    M, (L, R, K), N = inp.x.shape[0], inp.lora_a.shape, inp.lora_b.shape[1]
+    M, R, N = inp.x.shape[0], inp.lora_a.shape[1], inp.lora_b.shape[1]
     t = poison_(torch.empty(M, R))
     ml.lora_shrink(inp.x, inp.lora_a, index, inp.scales, inp.ranks, cfg, out=t)
     if conditioned:
