@@ -26,25 +26,9 @@
 #include <stdint.h>
 
 #include "lora_linear_plan.h"
-#ifndef LORA_KERNELS_HOST_EMULATION
-#include "ptx.cuh"
-#endif
+#include "tile_common.cuh"  // Fp16 / Bf16 and the tile pieces shared with the multi-adapter kernels
 
 namespace lora_kernels {
-
-// ------------------------------------------------------------------------------------------------
-// 16-bit element types.
-// ------------------------------------------------------------------------------------------------
-struct Fp16 {
-  static constexpr bool kBf16 = false;
-  LK_DEVICE static float to_f32(uint16_t v) { return ptx::f16_to_f32(v); }
-  LK_DEVICE static uint16_t from_f32(float v) { return ptx::f32_to_f16(v); }
-};
-struct Bf16 {
-  static constexpr bool kBf16 = true;
-  LK_DEVICE static float to_f32(uint16_t v) { return ptx::bf16_to_f32(v); }
-  LK_DEVICE static uint16_t from_f32(float v) { return ptx::f32_to_bf16(v); }
-};
 
 // ------------------------------------------------------------------------------------------------
 // The CTA body. `pid` = blockIdx.x, `tid` = threadIdx.x, `smem` = dynamic shared memory.
@@ -59,7 +43,6 @@ struct LoraLinearCta {
   static constexpr int RTILES = RB / 8;                                       // n8 tiles of t
   static constexpr int TPW = (RTILES + Cfg::WARPS_N - 1) / Cfg::WARPS_N;      // t tiles per warp
   static_assert(RB % 16 == 0 && RB <= 128, "rank block");
-  static_assert(NT % 2 == 0, "W fragments load two n8 tiles at a time");
 
   const LoraLinearParams& p;
   unsigned char* smem;
@@ -68,10 +51,7 @@ struct LoraLinearCta {
 
   LK_DEVICE LoraLinearCta(const LoraLinearParams& p_, unsigned char* smem_, int tid_)
       : p(p_), smem(smem_), tid(tid_), lane(tid_ % 32), m0(0) {
-    const int warp = tid_ / 32;
-    warp_k = warp / Cfg::WARPS_MN;
-    warp_m = (warp % Cfg::WARPS_MN) / Cfg::WARPS_N;
-    warp_n = warp % Cfg::WARPS_N;
+    tile::warp_coords<Cfg>(tid_ / 32, warp_m, warp_n, warp_k);
   }
 
   LK_DEVICE uint16_t* xs(int slot) const { return reinterpret_cast<uint16_t*>(smem + L::xs_off) + slot * BM * LDS; }
@@ -115,63 +95,29 @@ struct LoraLinearCta {
   // One K slice held in `slot`: acc += x.W^T and (with_lora) tacc += x.A^T for this warp's tiles.
   LK_DEVICE void compute_stage(int slot, bool with_lora, float (&acc)[MT][NT][4],
                                float (&tacc)[MT][TPW][4]) const {
-    const uint16_t* x_tile = xs(slot);
-    const uint16_t* w_tile = ws(slot);
     const uint16_t* a_tile = as(slot);
+    tile::mma_k_slice<Ty, Cfg>(xs(slot), ws(slot), warp_m, warp_n, warp_k, lane, acc,
+                               [&](int kk, const uint32_t (&af)[MT][4]) {
+      if (!with_lora) return;
 #pragma unroll
-    for (int i = 0; i < Cfg::KSTEPS / Cfg::WARPS_K; ++i) {
-      const int kk = (i * Cfg::WARPS_K + warp_k) * 16;
-      uint32_t af[MT][4];
+      for (int tp = 0; tp < TPW; ++tp) {
+        const int j = warp_n + tp * Cfg::WARPS_N;  // t tile j covers rank columns [8j, 8j + 8)
+        if (j < RTILES) {
+          uint32_t bf[2];
+          ptx::ldmatrix_x2(bf, a_tile + (j * 8 + (lane & 7)) * LDS + kk + ((lane >> 3) & 1) * 8);
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt)  // rows lane%16, k half lane/16 (matrices a0..a3)
-        ptx::ldmatrix_x4(af[mt], x_tile + (warp_m * WM + mt * 16 + (lane & 15)) * LDS + kk + (lane >> 4) * 8);
-#pragma unroll
-      for (int nt = 0; nt < NT; nt += 2) {
-        // Two n8 tiles per ldmatrix.x4: matrix q = lane/8 is (n8 tile nt + q/2, k half q%2), so
-        // registers 0, 1 are b0, b1 of tile nt and registers 2, 3 those of tile nt + 1.
-        uint32_t bq[4];
-        ptx::ldmatrix_x4(bq, w_tile + (warp_n * WN + nt * 8 + ((lane >> 4) << 3) + (lane & 7)) * LDS + kk +
-                                 ((lane >> 3) & 1) * 8);
-        const uint32_t b0[2] = {bq[0], bq[1]}, b1[2] = {bq[2], bq[3]};
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          ptx::mma_m16n8k16<Ty::kBf16>(acc[mt][nt], af[mt], b0);
-          ptx::mma_m16n8k16<Ty::kBf16>(acc[mt][nt + 1], af[mt], b1);
+          for (int mt = 0; mt < MT; ++mt) ptx::mma_m16n8k16<Ty::kBf16>(tacc[mt][tp], af[mt], bf);
         }
       }
-      if (with_lora) {
-#pragma unroll
-        for (int tp = 0; tp < TPW; ++tp) {
-          const int j = warp_n + tp * Cfg::WARPS_N;  // t tile j covers rank columns [8j, 8j + 8)
-          if (j < RTILES) {
-            uint32_t bf[2];
-            ptx::ldmatrix_x2(bf, a_tile + (j * 8 + (lane & 7)) * LDS + kk + ((lane >> 3) & 1) * 8);
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) ptx::mma_m16n8k16<Ty::kBf16>(tacc[mt][tp], af[mt], bf);
-          }
-        }
-      }
-    }
+    });
   }
 
   // The multistage K loop over one output tile (columns [n0, n0 + BN)).
   LK_DEVICE void main_loop(int64_t n0, bool with_lora, float (&acc)[MT][NT][4],
                            float (&tacc)[MT][TPW][4]) const {
-    const int64_t num_k_tiles = ceil_div(p.K, BK);
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-      if (s < num_k_tiles) load_stage(s, s, n0, with_lora);
-      ptx::cp_async_commit();  // one group per stage, empty or not: the wait count stays exact
-    }
-    for (int64_t kt = 0; kt < num_k_tiles; ++kt) {
-      ptx::cp_async_wait<STAGES - 2>();  // K tile kt has landed (this thread's copies) ...
-      ptx::cta_sync();                   // ... everyone's, and everyone is done with slot kt-1
-      const int64_t next = kt + STAGES - 1;
-      if (next < num_k_tiles) load_stage(int(next % STAGES), next, n0, with_lora);
-      ptx::cp_async_commit();
-      compute_stage(int(kt % STAGES), with_lora, acc, tacc);
-    }
-    ptx::cp_async_wait<0>();
+    tile::k_pipeline<STAGES>(
+        ceil_div(p.K, BK), [&](int slot, int64_t kt) { load_stage(slot, kt, n0, with_lora); },
+        [&](int slot) { compute_stage(slot, with_lora, acc, tacc); });
     ptx::cta_sync();  // pipeline buffers free again
   }
 
@@ -216,147 +162,34 @@ struct LoraLinearCta {
     }
   }
 
-  // K-splitting warps (WARPS_K > 1): warps with warp_k > 0 hand their partial sums to warp_k == 0
-  // through shared memory, in the fragment layout (slot per lane), summed in warp_k order.
-  LK_DEVICE void reduce_acc(float (&acc)[MT][NT][4]) const {
-    if constexpr (Cfg::WARPS_K > 1) {
-      float* r = red();
-      const int wmn = warp_m * Cfg::WARPS_N + warp_n;
-      auto at = [&](int wk, int mt, int nt, int e) {
-        return r + ((((wk - 1) * Cfg::WARPS_MN + wmn) * MT * NT + mt * NT + nt) * 4 + e) * 32 + lane;
-      };
-      if (warp_k > 0) {
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) ptx::st_shared_f32(at(warp_k, mt, nt, e), acc[mt][nt][e]);
-      }
-      ptx::cta_sync();
-      if (warp_k == 0) {
-        for (int wk = 1; wk < Cfg::WARPS_K; ++wk)
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-              for (int e = 0; e < 4; ++e) acc[mt][nt][e] += ptx::ld_shared_f32(at(wk, mt, nt, e));
-      }
-    }
-  }
-
-  LK_DEVICE float load_b(int64_t n, int j) const {
-    const int64_t off = n * p.ldb_n + int64_t(j) * p.ldb_r;
-    return p.b_fp32 ? ptx::ld_global_f32(static_cast<const float*>(p.b) + off)
-                    : Ty::to_f32(ptx::ld_global_u16(static_cast<const uint16_t*>(p.b) + off));
-  }
-
-  LK_DEVICE float load_bias(int64_t n) const {
-    return p.bias_fp32 ? ptx::ld_global_f32(static_cast<const float*>(p.bias) + n)
-                       : Ty::to_f32(ptx::ld_global_u16(static_cast<const uint16_t*>(p.bias) + n));
-  }
-
-  LK_DEVICE static void split_tf32(float v, uint32_t& hi, uint32_t& lo) {
-    hi = ptx::f32_to_tf32(v);
-    lo = ptx::f32_to_tf32(v - ptx::tf32_to_f32(hi));
-  }
-
   // acc += scale * t[rows, :rank] . B[cols, :rank]^T (tf32 m16n8k8, rank chunks of 8), + bias,
   // rounded to 16 bits and stored once. Called by the warp_k == 0 warps only.
   LK_DEVICE void epilogue(int64_t n0, float (&acc)[MT][NT][4]) const {
     const float* t_s = ts();
-    const int g = lane >> 2, c = lane & 3;
-    const int rank_chunks = (p.rank + 7) / 8;
-    for (int kc = 0; kc < rank_chunks; ++kc) {
-      uint32_t bhi[NT][2], blo[NT][2];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const int64_t n = n0 + warp_n * WN + nt * 8 + g;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {  // b0: k = c, b1: k = c + 4
-          const int j = kc * 8 + c + 4 * h;
-          split_tf32((n < p.N && j < p.rank) ? load_b(n, j) : 0.0f, bhi[nt][h], blo[nt][h]);
-        }
-      }
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        const int row = warp_m * WM + mt * 16 + g;
-        uint32_t ahi[4], alo[4];  // a0 (g, c), a1 (g+8, c), a2 (g, c+4), a3 (g+8, c+4)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float v = p.scale * ptx::ld_shared_f32(t_s + (row + (e & 1) * 8) * L::TPITCH + kc * 8 + c + (e >> 1) * 4);
-          split_tf32(v, ahi[e], alo[e]);
-        }
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          ptx::mma_m16n8k8_tf32(acc[mt][nt], alo, bhi[nt]);
-          if (p.b_fp32) ptx::mma_m16n8k8_tf32(acc[mt][nt], ahi, blo[nt]);
-          ptx::mma_m16n8k8_tf32(acc[mt][nt], ahi, bhi[nt]);
-        }
-      }
-    }
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const int64_t col = n0 + warp_n * WN + nt * 8 + 2 * c;  // even
-      float bias0 = 0.0f, bias1 = 0.0f;
-      if (p.bias != nullptr) {
-        if (col < p.N) bias0 = load_bias(col);
-        if (col + 1 < p.N) bias1 = load_bias(col + 1);
-      }
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {  // rows g and g + 8
-          const int64_t row = m0 + warp_m * WM + mt * 16 + g + 8 * h;
-          if (row >= p.M) continue;
-          const uint16_t v0 = Ty::from_f32(acc[mt][nt][2 * h] + bias0);
-          const uint16_t v1 = Ty::from_f32(acc[mt][nt][2 * h + 1] + bias1);
-          uint16_t* dst = p.y + row * p.ldy + col;
-          if (p.y_pairs && col + 1 < p.N) {
-            ptx::st_global_u32(reinterpret_cast<uint32_t*>(dst), uint32_t(v0) | (uint32_t(v1) << 16));
-          } else {
-            if (col < p.N) ptx::st_global_u16(dst, v0);
-            if (col + 1 < p.N) ptx::st_global_u16(dst + 1, v1);
-          }
-        }
-      }
-    }
+    tile::add_rank_product<WM, WN>(
+        p, acc, p.rank, n0, warp_m, warp_n, lane,
+        [&](int64_t n, int j) { return tile::load_f32<Ty>(p.b_fp32, p.b, n * p.ldb_n + int64_t(j) * p.ldb_r); },
+        [](int) { return false; },  // every row tile of the block holds rows of t
+        [&](int r, int j) { return p.scale * ptx::ld_shared_f32(t_s + r * L::TPITCH + j); });
+    tile::store_tile<Ty, Cfg>(p, acc, m0, n0, warp_m, warp_n, lane, [&](int64_t row) { return row < p.M; },
+                              [&](int64_t row) { return p.y + row * p.ldy; });
   }
 
   LK_DEVICE void run(int pid) {
-    const int64_t num_m_blocks = ceil_div(p.M, BM);
-    const int64_t num_n_tiles = ceil_div(p.N, BN);
-    const int64_t num_runs = ceil_div(num_n_tiles, p.tiles_per_cta);
-    // Grouped order: group_m row blocks sweep the same column runs together.
-    const int64_t per_group = int64_t(p.group_m) * num_runs;
-    const int64_t first_m_block = (pid / per_group) * p.group_m;
-    const int64_t rows_in_group = num_m_blocks - first_m_block < p.group_m ? num_m_blocks - first_m_block : p.group_m;
-    const int64_t m_block = first_m_block + (pid % per_group) % rows_in_group;
-    const int64_t run = (pid % per_group) / rows_in_group;
-    m0 = m_block * BM;
-    const int64_t first_tile = run * p.tiles_per_cta;
-    const int64_t end_tile = first_tile + p.tiles_per_cta < num_n_tiles ? first_tile + p.tiles_per_cta : num_n_tiles;
+    const tile::TileRun<BM, BN> tr(p, pid);
+    m0 = tr.m_block * BM;
+    const int64_t first_tile = tr.first_tile(p), end_tile = tr.end_tile(p), run = tr.run;
 
-    for (int64_t tile = first_tile; tile < end_tile; ++tile) {
-      const int64_t n0 = tile * BN;
-      const bool with_lora = tile == first_tile;
+    for (int64_t n_tile = first_tile; n_tile < end_tile; ++n_tile) {
+      const int64_t n0 = n_tile * BN;
+      const bool with_lora = n_tile == first_tile;
       float acc[MT][NT][4];
       float tacc[MT][TPW][4];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.0f;
-#pragma unroll
-        for (int tp = 0; tp < TPW; ++tp)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) tacc[mt][tp][e] = 0.0f;
-      }
+      tile::zero(acc);
+      tile::zero(tacc);
       main_loop(n0, with_lora, acc, tacc);
       if (with_lora) gather_t(tacc, p.save_t && run == 0);
-      reduce_acc(acc);
+      tile::reduce_k_split<Cfg>(red(), warp_m, warp_n, warp_k, lane, acc);
       if (warp_k == 0) epilogue(n0, acc);
       // Not required today (main_loop ends with a barrier and the epilogue reads no pipeline
       // buffer; red is rewritten only after the next K loop's barriers); kept so that an epilogue

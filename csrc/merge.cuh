@@ -197,7 +197,14 @@ struct MergeCta {
     else ptx::st_global_cs_u32(a, v);
   }
 
-  LK_DEVICE void load_w(Regs& r, int64_t p0, int64_t q0) const {
+  // For each of this thread's vectors v (VE consecutive columns from q = col(q0, v)) on its rows
+  // h inside W (row pp): whole(h, v, pp, q) where `vec` and the vector lies inside W (one access
+  // of the whole vector), else element(h, i, pp, q + e) for each of its columns inside W, with
+  // i = v * VE + e this thread's element index. Fully unrolled: h, v and i are constants. `vec`
+  // is the parameter itself (a reference), read where it is tested as before: a copy taken up
+  // front changes nvcc's register allocation of the sm_80 kernels.
+  template <class Whole, class Element>
+  LK_DEVICE void for_each_vector(int64_t p0, int64_t q0, const bool& vec, Whole&& whole, Element&& element) const {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int64_t pp = row(p0, h);
@@ -205,51 +212,45 @@ struct MergeCta {
 #pragma unroll
       for (int v = 0; v < NV; ++v) {
         const int64_t q = col(q0, v);
-        if (p.w_vec && q + VE <= p.Q) {
-          const ptx::Vec16 x = ptx::ld_global_cs_v4(w_at(pp, q));
-#pragma unroll
-          for (int k = 0; k < 4; ++k) r.w[h][v * 4 + k] = x.w[k];
+        if (vec && q + VE <= p.Q) {
+          whole(h, v, pp, q);
         } else {
 #pragma unroll
           for (int e = 0; e < VE; ++e)
-            if (q + e < p.Q) set_w(r, h, v * VE + e, ld_scalar(w_at(pp, q + e)));
+            if (q + e < p.Q) element(h, v * VE + e, pp, q + e);
         }
       }
     }
   }
 
+  LK_DEVICE void load_w(Regs& r, int64_t p0, int64_t q0) const {
+    for_each_vector(
+        p0, q0, p.w_vec,
+        [&](int h, int v, int64_t pp, int64_t q) {
+          const ptx::Vec16 x = ptx::ld_global_cs_v4(w_at(pp, q));
+#pragma unroll
+          for (int k = 0; k < 4; ++k) r.w[h][v * 4 + k] = x.w[k];
+        },
+        [&](int h, int i, int64_t pp, int64_t q) { set_w(r, h, i, ld_scalar(w_at(pp, q))); });
+  }
+
   LK_DEVICE void store_w(const Regs& r, int64_t p0, int64_t q0) const {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t pp = row(p0, h);
-      if (pp >= p.P) continue;
-#pragma unroll
-      for (int v = 0; v < NV; ++v) {
-        const int64_t q = col(q0, v);
-        if (p.w_vec && q + VE <= p.Q) {
+    for_each_vector(
+        p0, q0, p.w_vec,
+        [&](int h, int v, int64_t pp, int64_t q) {
           ptx::Vec16 x;
 #pragma unroll
           for (int k = 0; k < 4; ++k) x.w[k] = r.w[h][v * 4 + k];
           ptx::st_global_cs_v4(w_at(pp, q), x);
-        } else {
-#pragma unroll
-          for (int e = 0; e < VE; ++e)
-            if (q + e < p.Q) st_scalar(w_at(pp, q + e), get_w(r, h, v * VE + e));
-        }
-      }
-    }
+        },
+        [&](int h, int i, int64_t pp, int64_t q) { st_scalar(w_at(pp, q), get_w(r, h, i)); });
   }
 
   // Codes: VE of them per vector (8 bytes for a 16-bit weight, 4 for fp32).
   LK_DEVICE void load_codes(Codes& r, int64_t p0, int64_t q0) const {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t pp = row(p0, h);
-      if (pp >= p.P) continue;
-#pragma unroll
-      for (int v = 0; v < NV; ++v) {
-        const int64_t q = col(q0, v);
-        if (p.c_vec && q + VE <= p.Q) {
+    for_each_vector(
+        p0, q0, p.c_vec,
+        [&](int h, int v, int64_t pp, int64_t q) {
           if constexpr (VE == 8) {
             const uint64_t x = ptx::ld_global_cs_u64(reinterpret_cast<const uint64_t*>(code_at(pp, q)));
             r.code[h][2 * v] = uint32_t(x);
@@ -257,37 +258,22 @@ struct MergeCta {
           } else {
             r.code[h][v] = ptx::ld_global_cs_u32(reinterpret_cast<const uint32_t*>(code_at(pp, q)));
           }
-        } else {
-#pragma unroll
-          for (int e = 0; e < VE; ++e)
-            if (q + e < p.Q) set_code(r, h, v * VE + e, ptx::ld_global_cs_s8(code_at(pp, q + e)));
-        }
-      }
-    }
+        },
+        [&](int h, int i, int64_t pp, int64_t q) { set_code(r, h, i, ptx::ld_global_cs_s8(code_at(pp, q))); });
   }
 
   LK_DEVICE void store_codes(const Codes& r, int64_t p0, int64_t q0) const {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t pp = row(p0, h);
-      if (pp >= p.P) continue;
-#pragma unroll
-      for (int v = 0; v < NV; ++v) {
-        const int64_t q = col(q0, v);
-        if (p.c_vec && q + VE <= p.Q) {
+    for_each_vector(
+        p0, q0, p.c_vec,
+        [&](int h, int v, int64_t pp, int64_t q) {
           if constexpr (VE == 8) {
             const uint64_t x = uint64_t(r.code[h][2 * v]) | (uint64_t(r.code[h][2 * v + 1]) << 32);
             ptx::st_global_cs_u64(reinterpret_cast<uint64_t*>(code_at(pp, q)), x);
           } else {
             ptx::st_global_cs_u32(reinterpret_cast<uint32_t*>(code_at(pp, q)), r.code[h][v]);
           }
-        } else {
-#pragma unroll
-          for (int e = 0; e < VE; ++e)
-            if (q + e < p.Q) ptx::st_global_cs_s8(code_at(pp, q + e), int8_t(get_code(r, h, v * VE + e)));
-        }
-      }
-    }
+        },
+        [&](int h, int i, int64_t pp, int64_t q) { ptx::st_global_cs_s8(code_at(pp, q), int8_t(get_code(r, h, i))); });
   }
 
   // ---- adapters: global -> shared -------------------------------------------------------------

@@ -25,8 +25,8 @@
 
 #include <stdint.h>
 
-#include "lora_linear.cuh"  // Fp16 / Bf16 element types
 #include "multi_lora_plan.h"
+#include "tile_common.cuh"  // Fp16 / Bf16 and the tile pieces shared with the fused forward
 
 namespace lora_kernels {
 namespace multi {
@@ -91,12 +91,6 @@ LK_DEVICE void load8(const float* row, int64_t k, int64_t limit, bool vec, int64
   }
 }
 
-// v = hi + lo with hi, lo tf32 (hi exact in tf32, lo = the rest, itself rounded to tf32).
-LK_DEVICE void split_tf32(float v, uint32_t& hi, uint32_t& lo) {
-  hi = ptx::f32_to_tf32(v);
-  lo = ptx::f32_to_tf32(v - ptx::tf32_to_f32(hi));
-}
-
 LK_DEVICE float warp_sum(float v) {
 #pragma unroll
   for (int offset = 16; offset >= 1; offset >>= 1) v += ptx::shfl_xor_f32(v, offset);
@@ -121,9 +115,7 @@ struct MultiShrinkCta {
 
   LK_DEVICE MultiShrinkCta(const MultiShrinkParams& p_, unsigned char* smem_, int tid_)
       : p(p_), smem(smem_), tid(tid_), lane(tid_ % 32), warp(tid_ / 32) {
-    warp_k = warp / Cfg::WARPS_MN;
-    warp_m = (warp % Cfg::WARPS_MN) / Cfg::WARPS_N;
-    warp_n = warp % Cfg::WARPS_N;
+    tile::warp_coords<Cfg>(warp, warp_m, warp_n, warp_k);
   }
 
   LK_DEVICE int32_t* tok_s() const { return reinterpret_cast<int32_t*>(smem + Cfg::tok_off); }
@@ -200,29 +192,6 @@ struct MultiShrinkCta {
   }
 
   // ---- tensor-core path ------------------------------------------------------------------------
-  // Rows [0, ROWS) of a 16-bit tile, columns [k0, k0 + BK): row r from row_ptr(r) (null = zeros).
-  template <int ROWS, class RowPtr>
-  LK_DEVICE void load_tile(uint16_t* tile, RowPtr row_ptr, int64_t k0, bool vec, const void* aligned_base) const {
-    if (vec) {
-      constexpr int CHUNKS = BK / 8;
-      for (int c = tid; c < ROWS * CHUNKS; c += NTHREADS) {
-        const int r = c / CHUNKS, kc = c % CHUNKS;
-        const int64_t gk = k0 + kc * 8;
-        const uint16_t* row = row_ptr(r);
-        const bool valid = row != nullptr && gk < p.K;
-        const int bytes = valid ? int(2 * (p.K - gk < 8 ? p.K - gk : 8)) : 0;
-        ptx::cp_async_16(tile + r * LDS + kc * 8, valid ? static_cast<const void*>(row + gk) : aligned_base, bytes);
-      }
-    } else {
-      for (int e = tid; e < ROWS * BK; e += NTHREADS) {
-        const int r = e / BK, k = e % BK;
-        const int64_t gk = k0 + k;
-        const uint16_t* row = row_ptr(r);
-        ptx::st_shared_u16(tile + r * LDS + k, row != nullptr && gk < p.K ? ptx::ld_global_u16(row + gk) : uint16_t(0));
-      }
-    }
-  }
-
   // An fp32 A tile, split as it is staged: A = hi + lo with hi = A rounded to 16 bits and lo the
   // remainder rounded to 16 bits (about 16 significant bits of A for bf16, 22 for fp16).
   LK_DEVICE void load_a_split(int s, int64_t k0) const {
@@ -239,14 +208,16 @@ struct MultiShrinkCta {
 
   LK_DEVICE void load_stage(int s, int64_t kt) const {
     const int64_t k0 = kt * BK;
-    load_tile<BM>(xs(s), [&](int r) { return r < length ? x_row(r) : static_cast<const uint16_t*>(nullptr); },
-                  k0, p.x_vec, p.x);
+    tile::load_tile<BM, Cfg>(
+        xs(s), [&](int r) { return r < length ? x_row(r) : static_cast<const uint16_t*>(nullptr); }, k0, p.K,
+        p.x_vec, p.x, tid);
     if (p.a_fp32) {
       load_a_split(s, k0);
     } else {
       const uint16_t* a = static_cast<const uint16_t*>(p.a);
-      load_tile<RB>(as(s), [&](int j) { return r0 + j < used_end ? a + a_row_offset(r0 + j) : static_cast<const uint16_t*>(nullptr); },
-                    k0, p.a_vec, p.a);
+      tile::load_tile<RB, Cfg>(
+          as(s), [&](int j) { return r0 + j < used_end ? a + a_row_offset(r0 + j) : static_cast<const uint16_t*>(nullptr); },
+          k0, p.K, p.a_vec, p.a, tid);
     }
   }
 
@@ -280,53 +251,10 @@ struct MultiShrinkCta {
 
   LK_DEVICE void mma() {
     float tacc[MT][NT][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) tacc[mt][nt][e] = 0.0f;
-    const int64_t num_k_tiles = ceil_div(p.K, BK);
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-      if (s < num_k_tiles) load_stage(s, s);
-      ptx::cp_async_commit();  // one group per stage, empty or not: the wait count stays exact
-    }
-    for (int64_t kt = 0; kt < num_k_tiles; ++kt) {
-      ptx::cp_async_wait<STAGES - 2>();
-      ptx::cta_sync();  // K tile kt has landed for everyone; everyone is done with slot kt - 1
-      const int64_t next = kt + STAGES - 1;
-      if (next < num_k_tiles) load_stage(int(next % STAGES), next);
-      ptx::cp_async_commit();
-      compute_stage(int(kt % STAGES), tacc);
-    }
-    ptx::cp_async_wait<0>();
-    // K-splitting warps hand their sums to warp_k == 0 in the fragment layout, summed in order.
-    if constexpr (Cfg::WARPS_K > 1) {
-      float* r = red();
-      const int wmn = warp_m * Cfg::WARPS_N + warp_n;
-      auto at = [&](int wk, int mt, int nt, int e) {
-        return r + ((((wk - 1) * Cfg::WARPS_MN + wmn) * MT * NT + mt * NT + nt) * 4 + e) * 32 + lane;
-      };
-      if (warp_k > 0) {
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) ptx::st_shared_f32(at(warp_k, mt, nt, e), tacc[mt][nt][e]);
-      }
-      ptx::cta_sync();
-      if (warp_k == 0) {
-        for (int wk = 1; wk < Cfg::WARPS_K; ++wk)
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-              for (int e = 0; e < 4; ++e) tacc[mt][nt][e] += ptx::ld_shared_f32(at(wk, mt, nt, e));
-      }
-    }
+    tile::zero(tacc);
+    tile::k_pipeline<STAGES>(ceil_div(p.K, BK), [&](int s, int64_t kt) { load_stage(s, kt); },
+                             [&](int s) { compute_stage(s, tacc); });
+    tile::reduce_k_split<Cfg>(red(), warp_m, warp_n, warp_k, lane, tacc);
     if (warp_k != 0) return;
     const int g = lane >> 2, c2 = (lane & 3) * 2;
 #pragma unroll
@@ -389,12 +317,6 @@ struct MultiExpandCta {
   LK_DEVICE float* ts() const { return reinterpret_cast<float*>(smem + C::ts_off); }
   LK_DEVICE int64_t tok(int i) const { return ptx::ld_shared_s32(tok_s() + i); }
 
-  LK_DEVICE float load_b(int64_t n, int j) const {
-    const int64_t off = int64_t(slot) * p.ldb_l + n * p.ldb_n + int64_t(j) * p.ldb_r;
-    return p.b_fp32 ? ptx::ld_global_f32(static_cast<const float*>(p.b) + off)
-                    : Ty::to_f32(ptx::ld_global_u16(static_cast<const uint16_t*>(p.b) + off));
-  }
-
   // y[tok(row), n] = round(y + delta): read and written by this thread only.
   LK_DEVICE void update_y(int row, int64_t n, float delta) const {
     uint16_t* dst = p.y + tok(row) * p.ldy_m + n * p.ldy_n;
@@ -436,40 +358,14 @@ struct MultiExpandCta {
     const int g = lane >> 2, c = lane & 3;
     const int mtiles = (length + 15) / 16;
     float acc[MT][NT][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.0f;
-    const int rank_chunks = (rank + 7) / 8;
-    for (int kc = 0; kc < rank_chunks; ++kc) {
-      uint32_t bhi[NT][2], blo[NT][2];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const int64_t n = n0 + warp * WN + nt * 8 + g;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {  // b0: k = c, b1: k = c + 4
-          const int j = kc * 8 + c + 4 * h;
-          split_tf32(n < p.N && j < rank ? load_b(n, j) : 0.0f, bhi[nt][h], blo[nt][h]);
-        }
-      }
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        if (mt >= mtiles) continue;
-        uint32_t ahi[4], alo[4];  // a0 (g, c), a1 (g+8, c), a2 (g, c+4), a3 (g+8, c+4)
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          split_tf32(ptx::ld_shared_f32(t_s + (mt * 16 + g + (e & 1) * 8) * TPITCH + kc * 8 + c + (e >> 1) * 4),
-                     ahi[e], alo[e]);
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          ptx::mma_m16n8k8_tf32(acc[mt][nt], alo, bhi[nt]);
-          if (p.b_fp32) ptx::mma_m16n8k8_tf32(acc[mt][nt], ahi, blo[nt]);
-          ptx::mma_m16n8k8_tf32(acc[mt][nt], ahi, bhi[nt]);
-        }
-      }
-    }
+    tile::zero(acc);
+    tile::add_rank_product<0, WN>(
+        p, acc, rank, n0, 0, warp, lane,
+        [&](int64_t n, int j) {
+          const int64_t off = int64_t(slot) * p.ldb_l + n * p.ldb_n + int64_t(j) * p.ldb_r;
+          return tile::load_f32<Ty>(p.b_fp32, p.b, off);
+        },
+        [&](int mt) { return mt >= mtiles; }, [&](int r, int j) { return ptx::ld_shared_f32(t_s + r * TPITCH + j); });
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
       if (mt >= mtiles) continue;
