@@ -3,15 +3,21 @@
 The JIT's specialisation is reproduced from example argument values (ints equal to 1 become
 constants, multiples of 16 and pointers get the divisibility hint), so the compiled kernel is the
 one a launch with such arguments would build. Used by the CPU lane to check that kernels compile
-for sm_90a and fit in an H100/H200's shared memory."""
+for sm_90a and fit in an H100/H200's shared memory.
+
+A compile-test module lists its cases as (name, kernel, args, constexprs, num_warps, num_stages),
+gets their reports from a fixture returning compiled_in_subprocess(__file__, timeout), and runs
+print_compile_report(cases) as its __main__ (what that subprocess executes)."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
-from typing import Dict, Optional
+from typing import Dict, Iterable, Optional
 
 SM90_MAX_SHARED_BYTES = 232448  # 227 KiB: the most one block may use on an H100/H200
 
@@ -63,3 +69,32 @@ def ptxas_report(kernel, arch: str = "sm_90a") -> Dict[str, int]:
     regs = re.search(r"Used (\d+) registers", out)
     spill = re.search(r"(\d+) bytes spill stores", out)
     return {"registers": int(regs.group(1)) if regs else -1, "spill_bytes": int(spill.group(1)) if spill else -1}
+
+
+def compile_report(cases: Iterable) -> Dict[str, Dict[str, int]]:
+    """name -> {"shared": bytes, "registers": n, "spill_bytes": n} of each case compiled for sm_90a."""
+    out = {}
+    for name, fn, args, constexprs, warps, stages in cases:
+        kernel = compile_for(fn, args, constexprs, warps, stages)
+        out[name] = {"shared": kernel.metadata.shared, **ptxas_report(kernel)}
+    return out
+
+
+def print_compile_report(cases: Iterable) -> None:
+    """A compile-test module's __main__: its report as one JSON line on stdout."""
+    print(json.dumps(compile_report(cases)))
+
+
+def compiled_in_subprocess(test_file: str, timeout: int) -> Dict[str, Dict[str, int]]:
+    """Runs `test_file` as a script and returns the report it prints; skips the calling test when
+    there is no ptxas. The test lane imports the kernels under TRITON_INTERPRET=1, which replaces
+    every @triton.jit function by an interpreted one: the compile runs in a fresh process without it."""
+    import pytest
+    if ptxas_path() is None:
+        pytest.skip("no ptxas (bundled with triton's nvidia backend) to compile for sm_90a")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    here = os.path.dirname(os.path.abspath(test_file))
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(here), here, env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, test_file], capture_output=True, text=True, env=env, timeout=timeout)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])

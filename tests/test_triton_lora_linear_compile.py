@@ -2,14 +2,9 @@
 machine at the configurations the launchers choose, fit in a block's shared memory there, and do
 not spill more than a little (ptxas -v). The interpreter accepts constructs the compiler rejects
 and cannot see registers or shared memory: this is the CPU lane's only check of those."""
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-from aot import SM90_MAX_SHARED_BYTES, compile_for, ptxas_path, ptxas_report
+from aot import SM90_MAX_SHARED_BYTES, compiled_in_subprocess, print_compile_report
 
 pytestmark = pytest.mark.slow
 NUM_SMS = 132
@@ -65,25 +60,9 @@ def _cases():
                     BLOCK_C=wc.block_c, BLOCK_R=wc.block_r, PRECISION="tf32x3"), wc.num_warps, wc.num_stages)
 
 
-def _compile_all() -> dict:
-    out = {}
-    for name, fn, args, constexprs, warps, stages in _cases():
-        kernel = compile_for(fn, args, constexprs, warps, stages)
-        out[name] = {"shared": kernel.metadata.shared, **ptxas_report(kernel)}
-    return out
-
-
 @pytest.fixture(scope="module")
 def compiled():
-    if ptxas_path() is None:
-        pytest.skip("no ptxas (bundled with triton's nvidia backend) to compile for sm_90a")
-    # The test lane imports kernels under TRITON_INTERPRET=1: compile in a fresh process without it.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    here = os.path.dirname(os.path.abspath(__file__))
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(here), here, env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=1800)
-    assert run.returncode == 0, run.stderr[-4000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return compiled_in_subprocess(__file__, timeout=1800)
 
 
 @pytest.mark.parametrize("name", [c[0] for c in _cases()])
@@ -95,4 +74,4 @@ def test_compiles_for_sm90_fits_and_barely_spills(compiled, name):
 
 
 if __name__ == "__main__":
-    print(json.dumps(_compile_all()))
+    print_compile_report(_cases())

@@ -4,14 +4,9 @@ configurations the launchers choose, and fit in the shared memory a block may us
 The interpreter accepts constructs the compiler rejects, and it cannot see shared memory or
 registers: this is the CPU lane's only check of those. (It caught the tf32x3 t @ B product
 needing 256 KiB at rank 128.)"""
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-from aot import SM90_MAX_SHARED_BYTES, compile_for, ptxas_path, ptxas_report
+from aot import SM90_MAX_SHARED_BYTES, compiled_in_subprocess, print_compile_report
 
 pytestmark = pytest.mark.slow
 K, N, L, NUM_SMS = 4096, 4096, 128, 132
@@ -58,27 +53,9 @@ def _cases():
                     LORA_PRECISION="tf32x2"), tiles.num_warps, tiles.num_stages)
 
 
-def _compile_all() -> dict:
-    """name -> {"shared": bytes, "registers": n, "spill_bytes": n}; runs without the interpreter."""
-    out = {}
-    for name, fn, args, constexprs, warps, stages in _cases():
-        kernel = compile_for(fn, args, constexprs, warps, stages)
-        out[name] = {"shared": kernel.metadata.shared, **ptxas_report(kernel)}
-    return out
-
-
 @pytest.fixture(scope="module")
 def compiled():
-    if ptxas_path() is None:
-        pytest.skip("no ptxas (bundled with triton's nvidia backend) to compile for sm_90a")
-    # The test lane imports the kernels under TRITON_INTERPRET=1, which replaces every
-    # @triton.jit function by an interpreted one: compile in a fresh process without it.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    here = os.path.dirname(os.path.abspath(__file__))
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(here), here, env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=1200)
-    assert run.returncode == 0, run.stderr[-4000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return compiled_in_subprocess(__file__, timeout=1200)
 
 
 @pytest.mark.parametrize("name", [c[0] for c in _cases()])
@@ -92,4 +69,4 @@ def test_compiles_for_sm90_and_fits_shared_memory(compiled, name):
 
 
 if __name__ == "__main__":
-    print(json.dumps(_compile_all()))
+    print_compile_report(_cases())

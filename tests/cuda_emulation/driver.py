@@ -7,34 +7,20 @@ byte's store count comes back, so "each output element stored exactly once" is c
 """
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-CSRC = HERE.parent.parent / "csrc"
-
-
-def compiler() -> Optional[str]:
-    return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+from . import emulator
+from .emulator import compiler  # noqa: F401  (the emulation tests skip when driver.compiler() is None)
 
 
 def build(out_dir: Path) -> Path:
     """Compile the emulator (about 10 s); returns the executable."""
-    exe = out_dir / "run_lora_linear"
-    # _Float16 (the fp16 conversions) needs GCC >= 12 or Clang >= 15 on x86-64.
-    cmd = [compiler(), "-std=c++17", "-O1", "-Wall", "-Wno-unknown-pragmas",
-           f"-I{CSRC}", "-o", str(exe), str(HERE / "run_lora_linear.cpp")]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise AssertionError(f"building the emulator failed: {' '.join(cmd)}\n{proc.stderr[-4000:]}")
-    return exe
+    return emulator.build("run_lora_linear", out_dir)
 
 
 def _pack(t: torch.Tensor, lead: int = 0) -> tuple[bytes, int]:
@@ -49,11 +35,6 @@ def _pack(t: torch.Tensor, lead: int = 0) -> tuple[bytes, int]:
     if t.numel():
         flat[lead:].as_strided((rows, cols), (sr, sc)).copy_(t)
     return flat.view(torch.uint8).numpy().tobytes(), lead
-
-
-def _read(path: Path, dtype: torch.dtype) -> torch.Tensor:
-    data = path.read_bytes()
-    return torch.frombuffer(bytearray(data), dtype=dtype) if data else torch.empty(0, dtype=dtype)
 
 
 @dataclass
@@ -110,13 +91,9 @@ def run(exe: Path, x, weight, lora_a, lora_b, scale: float, bias=None, *, a_spli
         }
         if group_m is not None:
             params["group_m"] = group_m
-        (d / "params.txt").write_text("".join(f"{k} {v}\n" for k, v in params.items()))
-        proc = subprocess.run([str(exe), str(d)], capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0:
-            raise AssertionError(f"emulator exit {proc.returncode}:\n{proc.stderr[-4000:]}")
-        plan = {k: int(v) for k, v in (line.split() for line in (d / "plan.txt").read_text().splitlines())}
-        y_all, t_all = _read(d / "y.bin", dtype), _read(d / "t.bin", torch.float32)
-        yc, tc = _read(d / "y_counts.bin", torch.uint8), _read(d / "t_counts.bin", torch.uint8)
+        plan = emulator.run(exe, d, params, timeout=600)
+        y_all, t_all = emulator.read(d / "y.bin", dtype), emulator.read(d / "t.bin", torch.float32)
+        yc, tc = emulator.read(d / "y_counts.bin", torch.uint8), emulator.read(d / "t_counts.bin", torch.uint8)
 
     def logical(flat, lead, rows, cols, ld):
         """[rows, cols] view at element offset `lead` with row stride `ld` (flat is 1-D)."""

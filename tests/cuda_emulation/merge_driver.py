@@ -8,7 +8,6 @@ The launch parameters come from the launcher's own make_merge_params (csrc/merge
 """
 from __future__ import annotations
 
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,8 @@ from typing import Dict, Optional
 
 import torch
 
-from .driver import CSRC, HERE, _pack, _read, compiler
+from . import emulator
+from .driver import _pack
 
 MODE_APPLY, MODE_COUNT_NONFINITE, MODE_MERGE_EXACT, MODE_UNMERGE_EXACT = 0, 1, 2, 3  # csrc/merge_plan.h
 WTYPE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
@@ -25,13 +25,7 @@ WTYPE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 def build(out_dir: Path) -> Path:
     """Compile the emulator (about 10 s); returns the executable. -ffp-contract=off: the host
     compiler must not fuse what the kernel rounds separately (the GPU code uses _rn intrinsics)."""
-    exe = out_dir / "run_merge"
-    cmd = [compiler(), "-std=c++17", "-O1", "-Wall", "-Wno-unknown-pragmas", "-ffp-contract=off",
-           f"-I{CSRC}", "-o", str(exe), str(HERE / "run_merge.cpp")]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise AssertionError(f"building the emulator failed: {' '.join(cmd)}\n{proc.stderr[-4000:]}")
-    return exe
+    return emulator.build("run_merge", out_dir, ["-ffp-contract=off"])
 
 
 @dataclass
@@ -110,23 +104,19 @@ def run(exe: Path, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Ten
             "scale": repr(float(scale)), "mode": mode, "subtract": int(subtract), "gated": int(gated),
             "num_sms": num_sms, "ctas_per_sm": ctas_per_sm, "seed": seed,
         }
-        (d / "params.txt").write_text("".join(f"{k} {v}\n" for k, v in params.items()))
-        proc = subprocess.run([str(exe), str(d)], capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0:
-            raise AssertionError(f"emulator exit {proc.returncode}:\n{proc.stderr[-4000:]}")
-        plan = {k: int(v) for k, v in (line.split() for line in (d / "plan.txt").read_text().splitlines())}
+        plan = emulator.run(exe, d, params, timeout=600)
         w_lead = blobs["w"][1]
-        out_weight = _view(_read(d / "w_out.bin", weight.dtype), w_lead, weight)
-        w_stores = _counts(_read(d / "w_stores.bin", torch.uint8), w_lead, weight)
-        w_reads = _counts(_read(d / "w_reads.bin", torch.uint8), w_lead, weight)
+        out_weight = _view(emulator.read(d / "w_out.bin", weight.dtype), w_lead, weight)
+        w_stores = _counts(emulator.read(d / "w_stores.bin", torch.uint8), w_lead, weight)
+        w_reads = _counts(emulator.read(d / "w_reads.bin", torch.uint8), w_lead, weight)
         out_codes = code_stores = code_reads = None
         if codes is not None:
             c_lead = blobs["codes"][1]
-            out_codes = _view(_read(d / "codes_out.bin", torch.int8), c_lead, codes)
-            code_stores = _counts(_read(d / "codes_stores.bin", torch.uint8), c_lead, codes)
-            code_reads = _counts(_read(d / "codes_reads.bin", torch.uint8), c_lead, codes)
-        out_index = _read(d / "esc_index_out.bin", torch.int64) if escape_index is not None else None
-        out_value = _read(d / "esc_value_out.bin", weight.dtype) if escape_value is not None else None
-        out_status = _read(d / "status_out.bin", torch.int32) if status is not None else None
+            out_codes = _view(emulator.read(d / "codes_out.bin", torch.int8), c_lead, codes)
+            code_stores = _counts(emulator.read(d / "codes_stores.bin", torch.uint8), c_lead, codes)
+            code_reads = _counts(emulator.read(d / "codes_reads.bin", torch.uint8), c_lead, codes)
+        out_index = emulator.read(d / "esc_index_out.bin", torch.int64) if escape_index is not None else None
+        out_value = emulator.read(d / "esc_value_out.bin", weight.dtype) if escape_value is not None else None
+        out_status = emulator.read(d / "status_out.bin", torch.int32) if status is not None else None
     return MergeRun(out_weight, out_codes, out_index, out_value, out_status, w_stores, w_reads,
                     code_stores, code_reads, plan)

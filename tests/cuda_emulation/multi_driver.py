@@ -8,7 +8,6 @@ stored exactly once" and "rows without an adapter never stored" are checked dire
 """
 from __future__ import annotations
 
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,18 +15,12 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .driver import CSRC, HERE, compiler
+from . import emulator
 
 
 def build(out_dir: Path) -> Path:
     """Compile the emulator (about 10-20 s); returns the executable."""
-    exe = out_dir / "run_multi_lora"
-    cmd = [compiler(), "-std=c++17", "-O1", "-Wall", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized",
-           f"-I{CSRC}", "-o", str(exe), str(HERE / "run_multi_lora.cpp")]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise AssertionError(f"building the emulator failed: {' '.join(cmd)}\n{proc.stderr[-4000:]}")
-    return exe
+    return emulator.build("run_multi_lora", out_dir, ["-Wno-maybe-uninitialized"])
 
 
 def _span(t: torch.Tensor) -> int:
@@ -51,11 +44,6 @@ def pack(t: torch.Tensor, lead: int = 0, never_read: Optional[torch.Tensor] = No
     return flat.view(torch.uint8).numpy().tobytes(), noread.numpy().tobytes()
 
 
-def _read(path: Path, dtype: torch.dtype) -> torch.Tensor:
-    data = path.read_bytes()
-    return torch.frombuffer(bytearray(data), dtype=dtype) if data else torch.empty(0, dtype=dtype)
-
-
 @dataclass
 class MultiRun:
     out: torch.Tensor          # t [M, R] (shrink) or y [M, N] (expand), with the launch's strides
@@ -77,13 +65,9 @@ def _run(exe: Path, params: Dict, inputs: Dict[str, torch.Tensor], never_read: D
         out_lead = leads.get("out", 0)
         (d / "out_init.bin").write_bytes(pack(out, out_lead)[0])
         params["out_off"] = out_lead
-        (d / "params.txt").write_text("".join(f"{k} {v}\n" for k, v in params.items()))
-        proc = subprocess.run([str(exe), str(d)], capture_output=True, text=True, timeout=900)
-        if proc.returncode != 0:
-            raise AssertionError(f"emulator exit {proc.returncode}:\n{proc.stderr[-4000:]}")
-        plan = {k: int(v) for k, v in (line.split() for line in (d / "plan.txt").read_text().splitlines())}
-        flat = _read(d / "out.bin", out.dtype)
-        counts = _read(d / "out_counts.bin", torch.uint8)
+        plan = emulator.run(exe, d, params, timeout=900)
+        flat = emulator.read(d / "out.bin", out.dtype)
+        counts = emulator.read(d / "out_counts.bin", torch.uint8)
     eb = out.element_size()
     if out.numel() == 0:
         empty = torch.zeros(out.shape, dtype=torch.uint8)

@@ -3,73 +3,27 @@
 //
 //   run_merge DIR
 //
-// DIR/params.txt holds "key value" lines (see `need` below); DIR/{w,a,b}.bin and, when present,
+// DIR/params.txt holds "key value" lines (see `in.I(...)` below); DIR/{w,a,b}.bin and, when present,
 // DIR/{codes,esc_index,esc_value,status}.bin hold each allocation's raw bytes (the tensor starts
 // *_off elements in). Writes every writable allocation back as DIR/<name>_out.bin, per-byte store
 // and read counts of W and the codes (DIR/{w,codes}_{stores,reads}.bin) and DIR/plan.txt.
-// Exit status 0 = ran clean; 3 = a checked fault (message on stderr); 4 = shared-memory races.
+// Exit status: runner_io.h.
 #include "host_stream_primitives.h"
 #include "merge.cuh"
-
-#include <fstream>
-#include <iostream>
-#include <map>
-#include <memory>
+#include "runner_io.h"
 
 using namespace lora_kernels;
-
-namespace {
-
-struct Blob {
-  std::unique_ptr<unsigned char, void (*)(void*)> mem{nullptr, std::free};
-  size_t bytes = 0;
-  unsigned char* data() { return mem.get(); }
-};
-
-Blob read_blob(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) emu::fatal("cannot read " + path);
-  std::string s((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  Blob b;
-  b.bytes = s.size();
-  // 256-byte aligned storage, as torch's allocator gives; the registered size is the exact size.
-  b.mem.reset(static_cast<unsigned char*>(std::aligned_alloc(256, ((s.size() + 255) / 256 + 1) * 256)));
-  std::memcpy(b.data(), s.data(), s.size());
-  return b;
-}
-
-void write_file(const std::string& path, const void* data, size_t bytes) {
-  std::ofstream f(path, std::ios::binary);
-  f.write(static_cast<const char*>(data), std::streamsize(bytes));
-}
-
-}  // namespace
+using runner::Blob;
 
 int main(int argc, char** argv) {
-  if (argc != 2) {
-    std::cerr << "usage: run_merge DIR\n";
-    return 2;
-  }
-  const std::string dir = argv[1];
-  std::map<std::string, std::string> kv;
-  {
-    std::ifstream f(dir + "/params.txt");
-    std::string k, v;
-    while (f >> k >> v) kv[k] = v;
-  }
-  auto need = [&](const char* k) -> const std::string& {
-    auto it = kv.find(k);
-    if (it == kv.end()) emu::fatal(std::string("params.txt lacks ") + k);
-    return it->second;
-  };
-  auto I = [&](const char* k) { return int64_t(std::stoll(need(k))); };
-
-  const int wtype = int(I("wtype"));  // 0 fp16, 1 bf16, 2 fp32
-  const bool adapter_fp32 = I("adapter_fp32") != 0;
-  const bool has_codes = I("has_codes") != 0, has_escapes = I("has_escapes") != 0, has_status = I("has_status") != 0;
+  const runner::RunDir in = runner::open_run_dir(argc, argv, "run_merge");
+  const int wtype = int(in.I("wtype"));  // 0 fp16, 1 bf16, 2 fp32
+  const bool adapter_fp32 = in.I("adapter_fp32") != 0;
+  const bool has_codes = in.I("has_codes") != 0, has_escapes = in.I("has_escapes") != 0;
+  const bool has_status = in.I("has_status") != 0;
   const int w_bytes = wtype == 2 ? 4 : 2, a_bytes = adapter_fp32 ? 4 : 2;
 
-  Blob w = read_blob(dir + "/w.bin"), a = read_blob(dir + "/a.bin"), b = read_blob(dir + "/b.bin");
+  Blob w = in.read("w.bin"), a = in.read("a.bin"), b = in.read("b.bin");
   Blob codes, esc_index, esc_value, status;
   std::vector<uint8_t> w_stores(w.bytes, 0), w_reads(w.bytes, 0), c_stores, c_reads, ei_stores, ev_stores, st_stores;
   emu::register_allocation("weight", w.data(), w.bytes, &w_stores);
@@ -77,38 +31,38 @@ int main(int argc, char** argv) {
   emu::register_allocation("lora_a", a.data(), a.bytes, nullptr);
   emu::register_allocation("lora_b", b.data(), b.bytes, nullptr);
   if (has_codes) {
-    codes = read_blob(dir + "/codes.bin");
+    codes = in.read("codes.bin");
     c_stores.assign(codes.bytes, 0);
     c_reads.assign(codes.bytes, 0);
     emu::register_allocation("codes", codes.data(), codes.bytes, &c_stores);
     emu::count_reads(codes.data(), codes.bytes, &c_reads);
   }
   if (has_escapes) {
-    esc_index = read_blob(dir + "/esc_index.bin");
-    esc_value = read_blob(dir + "/esc_value.bin");
+    esc_index = in.read("esc_index.bin");
+    esc_value = in.read("esc_value.bin");
     ei_stores.assign(esc_index.bytes, 0);
     ev_stores.assign(esc_value.bytes, 0);
     emu::register_allocation("escape_index", esc_index.data(), esc_index.bytes, &ei_stores);
     emu::register_allocation("escape_value", esc_value.data(), esc_value.bytes, &ev_stores);
   }
   if (has_status) {
-    status = read_blob(dir + "/status.bin");
+    status = in.read("status.bin");
     st_stores.assign(status.bytes, 0);
     emu::register_allocation("status", status.data(), status.bytes, &st_stores);
   }
 
   MergeArgs x{};
-  x.w = w.data() + I("w_off") * w_bytes;
-  x.rows = I("rows"); x.cols = I("cols"); x.s0 = I("s0"); x.s1 = I("s1");
-  x.fan_in_fan_out = I("fan_in_fan_out") != 0;
+  x.w = w.data() + in.I("w_off") * w_bytes;
+  x.rows = in.I("rows"); x.cols = in.I("cols"); x.s0 = in.I("s0"); x.s1 = in.I("s1");
+  x.fan_in_fan_out = in.I("fan_in_fan_out") != 0;
   x.w_bytes = w_bytes;
-  x.a = a.data() + I("a_off") * a_bytes; x.a_s0 = I("a_s0"); x.a_s1 = I("a_s1");
-  x.b = b.data() + I("b_off") * a_bytes; x.b_s0 = I("b_s0"); x.b_s1 = I("b_s1");
-  x.rank = int(I("rank"));
+  x.a = a.data() + in.I("a_off") * a_bytes; x.a_s0 = in.I("a_s0"); x.a_s1 = in.I("a_s1");
+  x.b = b.data() + in.I("b_off") * a_bytes; x.b_s0 = in.I("b_s0"); x.b_s1 = in.I("b_s1");
+  x.rank = int(in.I("rank"));
   x.adapter_fp32 = adapter_fp32;
   if (has_codes) {
-    x.codes = reinterpret_cast<int8_t*>(codes.data()) + I("c_off");
-    x.c_s0 = I("c_s0"); x.c_s1 = I("c_s1");
+    x.codes = reinterpret_cast<int8_t*>(codes.data()) + in.I("c_off");
+    x.c_s0 = in.I("c_s0"); x.c_s1 = in.I("c_s1");
   }
   if (has_escapes) {
     x.esc_index = reinterpret_cast<int64_t*>(esc_index.data());
@@ -116,16 +70,16 @@ int main(int argc, char** argv) {
     x.esc_capacity = int64_t(esc_index.bytes / 8);
   }
   x.status = has_status ? reinterpret_cast<int32_t*>(status.data()) : nullptr;
-  x.scale = std::stof(need("scale"));
-  x.mode = int(I("mode"));
-  x.subtract = I("subtract") != 0;
-  x.gated = I("gated") != 0;
+  x.scale = std::stof(in.need("scale"));
+  x.mode = int(in.I("mode"));
+  x.subtract = in.I("subtract") != 0;
+  x.gated = in.I("gated") != 0;
   const MergeParams p = make_merge_params(x);
-  const int64_t grid = merge_grid(p.P, p.Q, int(I("num_sms")), int(I("ctas_per_sm")));
+  const int64_t grid = merge_grid(p.P, p.Q, int(in.I("num_sms")), int(in.I("ctas_per_sm")));
   const size_t smem = merge_smem_bytes(p.pitch, adapter_fp32);
-  emu::machine().rng.seed(uint64_t(I("seed")));
+  emu::machine().rng.seed(uint64_t(in.I("seed")));
   {
-    std::ofstream f(dir + "/plan.txt");
+    std::ofstream f(in.path("plan.txt"));
     f << "P " << p.P << "\nQ " << p.Q << "\ntransposed " << int(merge_layout_of(x).transposed)
       << "\ngrid " << grid << "\ntiles " << merge_num_tiles(p.P, p.Q) << "\nsmem_bytes " << smem
       << "\nrank_chunk " << p.rank_chunk << "\npitch " << p.pitch << "\nw_vec " << p.w_vec << "\nc_vec " << p.c_vec
@@ -151,22 +105,18 @@ int main(int argc, char** argv) {
     adapter_fp32 ? run_all(MergeFp16{}, T{}) : run_all(MergeFp16{}, F{});
   }
 
-  write_file(dir + "/w_out.bin", w.data(), w.bytes);
-  write_file(dir + "/w_stores.bin", w_stores.data(), w_stores.size());
-  write_file(dir + "/w_reads.bin", w_reads.data(), w_reads.size());
+  in.write("w_out.bin", w.data(), w.bytes);
+  in.write("w_stores.bin", w_stores.data(), w_stores.size());
+  in.write("w_reads.bin", w_reads.data(), w_reads.size());
   if (has_codes) {
-    write_file(dir + "/codes_out.bin", codes.data(), codes.bytes);
-    write_file(dir + "/codes_stores.bin", c_stores.data(), c_stores.size());
-    write_file(dir + "/codes_reads.bin", c_reads.data(), c_reads.size());
+    in.write("codes_out.bin", codes.data(), codes.bytes);
+    in.write("codes_stores.bin", c_stores.data(), c_stores.size());
+    in.write("codes_reads.bin", c_reads.data(), c_reads.size());
   }
   if (has_escapes) {
-    write_file(dir + "/esc_index_out.bin", esc_index.data(), esc_index.bytes);
-    write_file(dir + "/esc_value_out.bin", esc_value.data(), esc_value.bytes);
+    in.write("esc_index_out.bin", esc_index.data(), esc_index.bytes);
+    in.write("esc_value_out.bin", esc_value.data(), esc_value.bytes);
   }
-  if (has_status) write_file(dir + "/status_out.bin", status.data(), status.bytes);
-  if (!emu::machine().races.empty()) {
-    for (auto& r : emu::machine().races) std::cerr << "RACE: " << r << "\n";
-    return 4;
-  }
-  return 0;
+  if (has_status) in.write("status_out.bin", status.data(), status.bytes);
+  return runner::exit_status();
 }

@@ -2,7 +2,7 @@
 //
 //   run_multi_lora DIR
 //
-// DIR/params.txt holds "key value" lines (see `I(...)` below); `mode` is "shrink", "expand" or
+// DIR/params.txt holds "key value" lines (see `in.I(...)` below); `mode` is "shrink", "expand" or
 // "linear". Inputs are raw allocations DIR/<name>.bin (the tensor starts <name>_off elements in),
 // DIR/<name>.noread optionally marks bytes that must never be read; the output allocation is
 // prefilled by DIR/out_init.bin:
@@ -10,42 +10,16 @@
 //   expand: t, b, ranks, work, sorted; output y (updated in place)
 //   linear: x, w, b, bias (if has_bias), t, ranks, sorted, sorted_adapter, slot_start; output y
 // Writes DIR/out.bin (the output allocation after the run) and DIR/out_counts.bin (stores per
-// byte). Exit status 0 = ran clean; 3 = a checked fault (message on stderr); 4 = races.
+// byte). Exit status: runner_io.h.
 #include "host_primitives.h"
 #include "multi_lora.cuh"
 #include "multi_lora_linear.cuh"
-
-#include <fstream>
-#include <iostream>
-#include <map>
-#include <memory>
+#include "runner_io.h"
 
 using namespace lora_kernels;
+using runner::Blob;
 
 namespace {
-
-struct Blob {
-  std::unique_ptr<unsigned char, void (*)(void*)> mem{nullptr, std::free};
-  size_t bytes = 0;
-  unsigned char* data() { return mem.get(); }
-};
-
-Blob read_blob(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) emu::fatal("cannot read " + path);
-  std::string s((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  Blob b;
-  b.bytes = s.size();
-  // 256-byte aligned storage, as torch's allocator gives; the registered size is the exact size.
-  b.mem.reset(static_cast<unsigned char*>(std::aligned_alloc(256, ((s.size() + 255) / 256 + 1) * 256)));
-  std::memcpy(b.data(), s.data(), s.size());
-  return b;
-}
-
-void write_file(const std::string& path, const void* data, size_t bytes) {
-  std::ofstream f(path, std::ios::binary);
-  f.write(static_cast<const char*>(data), std::streamsize(bytes));
-}
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 bool rows_aligned16(const void* base, int64_t elem, std::initializer_list<int64_t> strides) {
@@ -56,23 +30,14 @@ bool rows_aligned16(const void* base, int64_t elem, std::initializer_list<int64_
 }
 
 // What a run reads: params.txt's values and the input allocations (registered with the emulator).
-struct Inputs {
-  std::string dir;
-  std::map<std::string, std::string> kv;
+struct Inputs : runner::RunDir {
   std::map<std::string, Blob> blobs;
   std::map<std::string, std::vector<uint8_t>> unreadable;  // DIR/<name>.noread: 1 per byte never to be read
 
-  const std::string& need(const std::string& k) const {
-    auto it = kv.find(k);
-    if (it == kv.end()) emu::fatal("params.txt lacks " + k);
-    return it->second;
-  }
-  int64_t I(const std::string& k) const { return int64_t(std::stoll(need(k))); }
-
   // The allocation DIR/<name>.bin, registered; returns the tensor's start (<name>_off elements in).
   unsigned char* input(const std::string& name, size_t elem) {
-    blobs[name] = read_blob(dir + "/" + name + ".bin");
-    std::ifstream mask(dir + "/" + name + ".noread", std::ios::binary);
+    blobs[name] = read(name + ".bin");
+    std::ifstream mask(path(name + ".noread"), std::ios::binary);
     if (mask) {
       std::string m((std::istreambuf_iterator<char>(mask)), std::istreambuf_iterator<char>());
       if (m.size() != blobs[name].bytes) emu::fatal(name + ".noread does not match " + name + ".bin");
@@ -173,7 +138,7 @@ void run_linear(Inputs& in, unsigned char* out, std::ofstream& plan_file) {
   const LaunchPlan plan = plan_multi_linear(p.M, p.N, p.R, int(in.I("tile_kind")), int(in.I("tiles_per_cta")));
   if (plan.error) emu::fatal(std::string("plan: ") + plan.error);
   p.tiles_per_cta = plan.tiles_per_cta;
-  p.group_m = int(in.kv.count("group_m") ? in.I("group_m") : plan.group_m);
+  p.group_m = int(in.has("group_m") ? in.I("group_m") : plan.group_m);
   plan_file << "tile_kind " << plan.tile_kind << "\ngrid " << plan.grid << "\ntiles_per_cta " << plan.tiles_per_cta
             << "\naligned16 " << p.aligned16 << "\ny_pairs " << p.y_pairs << "\n";
   for (int64_t pid = 0; pid < plan.grid; ++pid)
@@ -192,23 +157,13 @@ void run_linear(Inputs& in, unsigned char* out, std::ofstream& plan_file) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 2) {
-    std::cerr << "usage: run_multi_lora DIR\n";
-    return 2;
-  }
-  Inputs in;
-  in.dir = argv[1];
-  {
-    std::ifstream f(in.dir + "/params.txt");
-    std::string k, v;
-    while (f >> k >> v) in.kv[k] = v;
-  }
+  Inputs in{runner::open_run_dir(argc, argv, "run_multi_lora")};
   emu::machine().rng.seed(uint64_t(in.I("seed")));
-  Blob out = read_blob(in.dir + "/out_init.bin");
+  Blob out = in.read("out_init.bin");
   std::vector<uint8_t> counts(out.bytes, 0);
   emu::register_allocation("out", out.data(), out.bytes, &counts);
   unsigned char* out_start = out.data() + in.I("out_off") * (in.need("mode") == "shrink" ? 4 : 2);
-  std::ofstream plan_file(in.dir + "/plan.txt");
+  std::ofstream plan_file(in.path("plan.txt"));
   const std::string& mode = in.need("mode");
   if (mode == "shrink") run_shrink(in, out_start, plan_file);
   else if (mode == "expand") run_expand(in, out_start, plan_file);
@@ -216,11 +171,7 @@ int main(int argc, char** argv) {
   else emu::fatal("unknown mode " + mode);
   plan_file.close();
 
-  write_file(in.dir + "/out.bin", out.data(), out.bytes);
-  write_file(in.dir + "/out_counts.bin", counts.data(), counts.size());
-  if (!emu::machine().races.empty()) {
-    for (auto& r : emu::machine().races) std::cerr << "RACE: " << r << "\n";
-    return 4;
-  }
-  return 0;
+  in.write("out.bin", out.data(), out.bytes);
+  in.write("out_counts.bin", counts.data(), counts.size());
+  return runner::exit_status();
 }
