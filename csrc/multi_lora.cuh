@@ -359,13 +359,15 @@ struct MultiExpandCta {
     const int mtiles = (length + 15) / 16;
     float acc[MT][NT][4];
     tile::zero(acc);
+    // The warps split the columns only: every warp is warp row 0 and walks all the row tiles.
     tile::add_rank_product<0, WN>(
-        p, acc, rank, n0, 0, warp, lane,
+        p, acc, rank, n0, /*warp_m=*/0, /*warp_n=*/warp, lane,
         [&](int64_t n, int j) {
           const int64_t off = int64_t(slot) * p.ldb_l + n * p.ldb_n + int64_t(j) * p.ldb_r;
           return tile::load_f32<Ty>(p.b_fp32, p.b, off);
         },
-        [&](int mt) { return mt >= mtiles; }, [&](int r, int j) { return ptx::ld_shared_f32(t_s + r * TPITCH + j); });
+        [&](int mt) { return mt >= mtiles; },  // past the piece's rows
+        [&](int r, int j) { return ptx::ld_shared_f32(t_s + r * TPITCH + j); });
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
       if (mt >= mtiles) continue;
