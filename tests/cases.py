@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_kernels import reference
-from tolerances import rand
+from tolerances import assert_close, rand
 
 
 @dataclass
@@ -244,3 +244,39 @@ def make_exact_merge_inputs(N, K, r, dtype=torch.float32, device="cpu", *, layou
     inp.lora_a = odd_sixteenths(r, K).to(device=device, dtype=adapter_dtype)
     inp.lora_b = (odd_sixteenths(N, r) * 2.0 ** e).to(device=device, dtype=adapter_dtype)
     return inp
+
+
+def assert_lora_linear_and_grads_match_float64(inp: LoraInputs, dtype: torch.dtype, backend: str = "auto") -> None:
+    """lora_linear on `backend` -- y and the gradients of x, lora_a, lora_b -- equals the float64
+    torch backend on the same values (y also within 2x the plain-torch expression's error)."""
+    import lora_kernels
+    x, a, b = (t.detach().clone().requires_grad_(True) for t in (inp.x, inp.lora_a, inp.lora_b))
+    y = lora_kernels.lora_linear(x, inp.weight, a, b, inp.scale, inp.bias, backend=backend)
+    assert_close(y, inp.reference64(), dtype, torch_out=inp.torch_expression())
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x64, a64, b64 = (t.detach().double().requires_grad_(True) for t in (inp.x, inp.lora_a, inp.lora_b))
+    bias64 = None if inp.bias is None else inp.bias.double()
+    y64 = lora_kernels.lora_linear(x64, inp.weight.double(), a64, b64, inp.scale, bias64, backend="torch")
+    y64.backward(dy.double())
+    for g, g64, name in ((x.grad, x64.grad, "x"), (a.grad, a64.grad, "A"), (b.grad, b64.grad, "B")):
+        assert_close(g, g64, dtype, what=f"grad {name}")
+
+
+# (dist, M, N, K, L, r_max, ranks) for the GPU lane's multi-adapter tests (Triton and CUDA): every
+# distribution, decode and prefill sizes of the bench suite, odd sizes, L = 1 and 256, ranks mixed
+# -- a curated list, not a product, to keep the GPU lane's compile and run time to a minute or two.
+GPU_MULTI_CASES = [
+    ("decode", 1, 4096, 4096, 8, 16, None),
+    ("decode", 16, 1024, 4096, 128, 16, None),
+    ("decode", 64, 4096, 4096, 128, 64, "mixed"),
+    ("decode", 1024, 4096, 4096, 8, 64, None),
+    ("prefill", 4096, 4096, 4096, 128, 16, "mixed"),
+    ("prefill", 1024, 1024, 4096, 8, 64, None),
+    ("zipf", 1024, 4096, 4096, 128, 16, "mixed"),
+    ("zipf", 333, 1000, 1234, 7, 7, "mixed"),
+    ("one", 2048, 1024, 1024, 128, 64, None),
+    ("none10", 256, 4096, 4096, 8, 16, None),
+    ("none10", 200, 96, 80, 256, 4, "mixed"),
+    ("none", 130, 64, 96, 1, 128, None),
+]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lora_kernels
-from cases import make_lora_inputs
+from cases import assert_lora_linear_and_grads_match_float64, make_lora_inputs
 from tolerances import assert_close, poison_, rand
 
 pytestmark = pytest.mark.gpu
@@ -113,16 +113,7 @@ def test_empty_shapes():
 def test_public_op_with_gradients_and_opcheck():
     dtype = torch.bfloat16
     inp = make_lora_inputs(None, 256, 192, 8, dtype, device="cuda", lead=(3, 50), x_layout="strided")
-    x, a, b = (t.detach().clone().requires_grad_(True) for t in (inp.x, inp.lora_a, inp.lora_b))
-    y = lora_kernels.lora_linear(x, inp.weight, a, b, inp.scale, inp.bias, backend="cuda")
-    assert_close(y, inp.reference64(), dtype, torch_out=inp.torch_expression())
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    x64, a64, b64 = (t.detach().double().requires_grad_(True) for t in (inp.x, inp.lora_a, inp.lora_b))
-    y64 = lora_kernels.lora_linear(x64, inp.weight.double(), a64, b64, inp.scale, inp.bias.double(), backend="torch")
-    y64.backward(dy.double())
-    for g, g64, name in ((x.grad, x64.grad, "x"), (a.grad, a64.grad, "A"), (b.grad, b64.grad, "B")):
-        assert_close(g, g64, dtype, what=f"grad {name}")
+    assert_lora_linear_and_grads_match_float64(inp, dtype, backend="cuda")
     for save_t in (False, True):
         args = (inp.x.reshape(-1, 192), inp.weight, inp.lora_a.requires_grad_(save_t),
                 inp.lora_b.requires_grad_(save_t), inp.scale, inp.bias, "cuda", save_t)

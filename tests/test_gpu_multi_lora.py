@@ -9,28 +9,12 @@ import torch
 import lora_kernels
 from lora_kernels import AdapterIndex, MultiLoRALinear, reference
 from bench.suites import token_adapters
-from cases import make_multi_inputs
+from cases import GPU_MULTI_CASES, make_multi_inputs
 from tolerances import assert_close, poison_, rand
 
 pytestmark = pytest.mark.gpu
 
-# (dist, M, N, K, L, r_max, ranks): every distribution, decode and prefill sizes of the bench
-# suite, odd sizes, L = 1 and 256, ranks mixed -- a curated list, not a product, to keep the GPU
-# lane's compile and run time to a minute or two.
-CASES = [
-    ("decode", 1, 4096, 4096, 8, 16, None),
-    ("decode", 16, 1024, 4096, 128, 16, None),
-    ("decode", 64, 4096, 4096, 128, 64, "mixed"),
-    ("decode", 1024, 4096, 4096, 8, 64, None),
-    ("prefill", 4096, 4096, 4096, 128, 16, "mixed"),
-    ("prefill", 1024, 1024, 4096, 8, 64, None),
-    ("zipf", 1024, 4096, 4096, 128, 16, "mixed"),
-    ("zipf", 333, 1000, 1234, 7, 7, "mixed"),
-    ("one", 2048, 1024, 1024, 128, 64, None),
-    ("none10", 256, 4096, 4096, 8, 16, None),
-    ("none10", 200, 96, 80, 256, 4, "mixed"),
-    ("none", 130, 64, 96, 1, 128, None),
-]
+CASES = GPU_MULTI_CASES
 FP32_CASES = [CASES[1], CASES[5], CASES[7]]
 
 
