@@ -15,7 +15,7 @@ The extension must be compiled against the torch it runs with. pyproject.toml li
 build requirement, so an isolated build (plain ``pip install``) compiles against the torch that
 pip resolves for the build environment -- the same release as the runtime one when the
 environment pins it; ``pip install --no-build-isolation`` compiles against the installed torch.
-lora_kernels/cuda.py reads the torch version recorded in the library and refuses (with a reason,
+lora_kernels/cuda/loader.py reads the torch version recorded in the library and refuses (with a reason,
 and a JIT rebuild where possible) to load a build made for another torch.
 """
 import json

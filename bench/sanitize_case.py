@@ -19,7 +19,7 @@ os.environ.setdefault("PYTORCH_NO_CUDA_MEMORY_CACHING", "1")  # one cudaMalloc p
 
 import torch  # noqa: E402
 
-from lora_kernels.cuda import lora_linear_fwd  # noqa: E402
+from lora_kernels.cuda.lora_linear import lora_linear_fwd  # noqa: E402
 
 # (M, N, K, r, dtype, adapter dtype, tile_kind, tiles_per_cta, what it reaches)
 CASES = [
@@ -71,7 +71,7 @@ def merge_cases(rnd) -> int:
     """Every mode of the CUDA merge on each case: a safe merge (count pass + gated merge), a
     plain unmerge, then an exact merge with a too-small escape table (PENDING elements), its
     undo, and a full exact cycle, which must restore the weight bit for bit."""
-    from lora_kernels import cuda_merge
+    from lora_kernels.cuda import merge as cuda_merge
     bits = lambda t: t.contiguous().view(torch.int32 if t.element_size() == 4 else torch.int16)  # noqa: E731
     failures = 0
     for N, K, r, dtype, adapter_dtype, layout, what in MERGE_CASES:
@@ -135,7 +135,7 @@ def main_multi() -> int:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
     from cases import make_multi_inputs  # noqa: E402
     from lora_kernels import AdapterIndex, reference  # noqa: E402
-    from lora_kernels.cuda import multi_lora_expand_, multi_lora_linear, multi_lora_shrink  # noqa: E402
+    from lora_kernels.cuda.multi_lora import multi_lora_expand_, multi_lora_linear, multi_lora_shrink  # noqa: E402
     failures = 0
     for i, (dist, M, N, K, L, R, dtype, adapter_dtype, item_m, what) in enumerate(MULTI_CASES):
         inp = make_multi_inputs(M, N, K, L, R, dtype, dist=dist, ranks="mixed", adapter_dtype=adapter_dtype, seed=i)

@@ -1,5 +1,5 @@
 // The one file that registers the CUDA ops with torch (namespace lora_kernels), and the build
-// record that lora_kernels/cuda.py reads from the shared library's bytes before loading it.
+// record that lora_kernels/cuda/loader.py reads from the shared library's bytes before loading it.
 #include <Python.h>
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
@@ -12,7 +12,7 @@
 
 // The torch and CUDA runtime this library was compiled against. Read as bytes (no dlopen), so a
 // mismatched build is reported instead of loaded; keep the "lora_kernels_build_info:" prefix and
-// the ";end" suffix in step with lora_kernels/cuda.py.
+// the ";end" suffix in step with lora_kernels/cuda/loader.py.
 extern "C" __attribute__((visibility("default"), used)) const char lora_kernels_build_info[] =
     "lora_kernels_build_info:torch=" LK_STR(TORCH_VERSION_MAJOR) "." LK_STR(TORCH_VERSION_MINOR) "." LK_STR(
         TORCH_VERSION_PATCH) ";cudart=" LK_STR(CUDART_VERSION) ";end";

@@ -2,7 +2,7 @@
 // sentence naming the argument, what was expected and what was given), fills the kernel
 // parameters and launches on the current CUDA stream, then checks the launch error.
 //
-// Input contract (the Python launcher lora_kernels/cuda.py arranges it): x [M, K], weight [N, K],
+// Input contract (the Python launcher lora_kernels/cuda/lora_linear.py arranges it): x [M, K], weight [N, K],
 // lora_a [r, K] (or [2r, K] when a_split) in float16/bfloat16 with unit stride along K (any row
 // stride); lora_b [N, r] in x's dtype or float32, any strides; bias [N] contiguous, x's dtype or
 // float32; y [M, N] x's dtype with unit column stride; t [M, r] float32 with unit column stride.

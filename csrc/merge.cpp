@@ -2,7 +2,7 @@
 // the argument, what was expected and what was given), builds the kernel parameters with the
 // torch-free make_merge_params (merge_plan.h) and launches on the current CUDA stream.
 //
-// Input contract (lora_kernels/cuda_merge.py passes the op layer's validated tensors as they are):
+// Input contract (lora_kernels/cuda/merge.py passes the op layer's validated tensors as they are):
 // weight [N, K] ([K, N] when fan_in_fan_out) float16/bfloat16/float32 with any non-overlapping
 // strides; lora_a [r, K] and lora_b [N, r] in the weight's dtype or float32 (float32 for a float32
 // weight), any strides; codes int8 with the weight's shape, any strides; escape_index int64 [C],

@@ -21,7 +21,7 @@
 //    unmerge scatters (index, value) pairs and does not depend on it. Past the table's end an
 //    element is left unmerged with code PENDING (the op layer undoes the merge and retries).
 //  * kUnmergeExact: W0 = key^-1(key(round(W1 - delta)) + code) for codes >= kCodeMinRestored; the
-//    escaped elements are scattered afterwards (lora_kernels/cuda_merge.py), pending ones untouched.
+//    escaped elements are scattered afterwards (lora_kernels/cuda/merge.py), pending ones untouched.
 // `gated`: the whole launch returns before touching W when status[1] != 0 (a failed count pass),
 // so a safe merge needs no host sync between its two kernels.
 //

@@ -3,7 +3,7 @@
 // parameters and launch on the current CUDA stream (graph-capturable: no synchronisation, no
 // allocation), then check the launch error.
 //
-// Input contract (lora_kernels/cuda.py arranges it from the public ops' validated inputs):
+// Input contract (lora_kernels/cuda/multi_lora.py arranges it from the public ops' validated inputs):
 // x [M, K] float16/bfloat16 with unit stride along K; lora_a_stack [L, R, K] in x's dtype or
 // float32 with unit stride along K; lora_b_stack [L, N, R] in y's dtype or float32, any strides;
 // y [M, N] float16/bfloat16, any non-overlapping strides; t [M, R] float32 (unit column stride for

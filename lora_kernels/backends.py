@@ -22,12 +22,12 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .errors import BackendUnavailable
+
+__all__ = ["BACKENDS", "BackendUnavailable", "explain", "resolve", "unavailable_reason"]
+
 BACKENDS = ("auto", "triton", "cuda", "torch")
 ENV_VAR = "LORA_KERNELS_BACKEND"
-
-
-class BackendUnavailable(RuntimeError):
-    """The requested backend cannot run these inputs; the message says why."""
 
 
 def _interpreter_requested() -> bool:
@@ -55,8 +55,8 @@ def cuda_unavailable_reason(device: torch.device) -> Optional[str]:
     """None when the C++ extension can run on `device`, else why not."""
     if device.type != "cuda":
         return f"cuda: the CUDA C++ kernels need CUDA tensors, got tensors on {device}"
-    from . import cuda as _cuda  # local: loading the extension is not free
-    return _cuda.unavailable_reason()
+    from .cuda import loader  # local: loading the extension is not free
+    return loader.unavailable_reason()
 
 
 def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:

@@ -2,7 +2,7 @@
 
 Uses the ahead-of-time build from ``pip install`` when it matches the running torch; otherwise (or
 with ``--jit``) compiles ``csrc/`` with ``torch.utils.cpp_extension.load`` into the JIT cache
-(``lora_kernels.cuda.jit_build_dir()``), so that the first CUDA call does not pay for the compile.
+(``lora_kernels.cuda.loader.jit_build_dir()``), so that the first CUDA call does not pay for the compile.
 ``TORCH_CUDA_ARCH_LIST`` picks the targets (e.g. ``9.0a``; default: the visible GPUs).
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ def main(argv=None) -> int:
     p.add_argument("--verbose", action="store_true", help="show the compiler commands")
     args = p.parse_args(argv)
 
-    from . import cuda
+    from .cuda import loader as cuda
     if not args.jit:
         problem = cuda.aot_problem()
         if problem is None:

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import lora_kernels
-from lora_kernels import BackendUnavailable, cuda
+from lora_kernels import BackendUnavailable
+from lora_kernels.cuda import loader as cuda
+from lora_kernels.cuda import lora_linear as cuda_lora_linear
 from lora_kernels.ops.lora_linear import choose_backend
 
 OPS = ("cuda_lora_linear_fwd",)
@@ -54,18 +56,18 @@ def test_public_api_on_cpu_says_cuda_needs_cuda_tensors():
 
 
 def test_input_reasons():
-    assert cuda.input_reason(torch.bfloat16, torch.bfloat16, 128) is None
-    assert cuda.input_reason(torch.float16, torch.float32, 64) is None
-    assert cuda.input_reason(torch.float32, torch.float32, 16) == (
+    assert cuda_lora_linear.input_reason(torch.bfloat16, torch.bfloat16, 128) is None
+    assert cuda_lora_linear.input_reason(torch.float16, torch.float32, 64) is None
+    assert cuda_lora_linear.input_reason(torch.float32, torch.float32, 16) == (
         "cuda: dtype float32 is not supported by the CUDA kernel (float16, bfloat16); float32 runs on backend='triton'")
-    assert cuda.input_reason(torch.bfloat16, torch.bfloat16, 129) == "cuda: rank 129 exceeds the CUDA kernel's limit of 128"
-    assert cuda.input_reason(torch.bfloat16, torch.float32, 65).startswith(
+    assert cuda_lora_linear.input_reason(torch.bfloat16, torch.bfloat16, 129) == "cuda: rank 129 exceeds the CUDA kernel's limit of 128"
+    assert cuda_lora_linear.input_reason(torch.bfloat16, torch.float32, 65).startswith(
         "cuda: rank 65 exceeds the CUDA kernel's limit of 64 for float32 adapters")
 
 
 @pytest.fixture
 def loader(monkeypatch):
-    """lora_kernels.cuda with nothing loaded yet (restored afterwards)."""
+    """lora_kernels.cuda.loader with nothing loaded yet (restored afterwards)."""
     monkeypatch.setattr(cuda, "_loaded", None)
     monkeypatch.setattr(cuda, "_load_error", None)
     monkeypatch.setattr(cuda, "_ops_registered", lambda: False)

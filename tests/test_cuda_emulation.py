@@ -12,7 +12,7 @@ import torch
 
 from cases import LoraInputs, make_lora_inputs
 from cuda_emulation import driver
-from lora_kernels.cuda import split_fp32_adapter
+from lora_kernels.cuda.lora_linear import split_fp32_adapter
 from tolerances import REL_TOL, assert_close, rand
 
 pytestmark = pytest.mark.skipif(driver.compiler() is None, reason="no host C++ compiler (g++) to build the emulator")
@@ -24,7 +24,7 @@ def emulator(tmp_path_factory):
 
 
 def _run(exe, inp: LoraInputs, **kw):
-    """Emulate the launcher's path: fp32 adapters go in split, as lora_kernels.cuda does."""
+    """Emulate the launcher's path: fp32 adapters go in split, as lora_kernels.cuda.lora_linear does."""
     a = inp.lora_a
     a_split = a.dtype == torch.float32
     if a_split:

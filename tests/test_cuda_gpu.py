@@ -22,7 +22,7 @@ SHAPES = [  # (M, N, K, r): the suite's layer shapes at a few token counts, plus
 
 @pytest.fixture(scope="module", autouse=True)
 def extension():
-    from lora_kernels import cuda
+    from lora_kernels.cuda import loader as cuda
     reason = cuda.unavailable_reason()
     if reason is not None:
         pytest.fail(f"the CUDA extension is not usable on this GPU machine: {reason}")
@@ -31,7 +31,7 @@ def extension():
 
 
 def _fwd(inp, save_t=True, **kw):
-    from lora_kernels.cuda import lora_linear_fwd
+    from lora_kernels.cuda.lora_linear import lora_linear_fwd
     M, N, r = inp.x.shape[0], inp.weight.shape[0], inp.lora_a.shape[0]
     out = poison_(torch.empty(M, N, dtype=inp.x.dtype, device="cuda"))
     t_out = poison_(torch.empty(M if save_t else 0, r, dtype=torch.float32, device="cuda"))
@@ -99,7 +99,7 @@ def test_without_t_and_without_bias():
 
 
 def test_empty_shapes():
-    from lora_kernels.cuda import lora_linear_fwd
+    from lora_kernels.cuda.lora_linear import lora_linear_fwd
     inp = make_lora_inputs(0, 64, 32, 4, torch.bfloat16, device="cuda")
     y, t = lora_linear_fwd(*inp.args(), save_t=True)
     assert y.shape == (0, 64) and t.shape == (0, 4)

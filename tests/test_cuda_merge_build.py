@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import lora_kernels
-from lora_kernels import BackendUnavailable, cuda, cuda_merge
+from lora_kernels import BackendUnavailable
+from lora_kernels.cuda import loader as cuda
+from lora_kernels.cuda import merge as cuda_merge
 from lora_kernels.ops.merge import choose_backend
 
 

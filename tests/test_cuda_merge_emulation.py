@@ -64,7 +64,7 @@ def _merge_exact(exe, inp, weight=None, capacity=64, **kw):
 
 
 def _unmerge_exact(exe, inp, merged, num_escapes=None, **kw):
-    """The kernel pass, then the launcher's scatter of the escape table (lora_kernels.cuda_merge)."""
+    """The kernel pass, then the launcher's scatter of the escape table (lora_kernels.cuda.merge)."""
     run = md.run(exe, merged.weight, inp.lora_a, inp.lora_b, inp.scale, mode=md.MODE_UNMERGE_EXACT,
                  fan_in_fan_out=inp.fan_in_fan_out, codes=merged.codes, **kw)
     n = int(merged.status[0]) if num_escapes is None else num_escapes
@@ -379,7 +379,7 @@ def test_strided_codes(emulator):
 # ---------------------------------------------------------------------------------------------
 
 class _EmulatedCudaMerge:
-    """lora_kernels.cuda_merge's launchers, each launch run on the emulator (CPU tensors)."""
+    """lora_kernels.cuda.merge's launchers, each launch run on the emulator (CPU tensors)."""
 
     def __init__(self, exe):
         self.exe = exe

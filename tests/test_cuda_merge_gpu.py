@@ -28,7 +28,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 @pytest.fixture(scope="module", autouse=True)
 def extension():
-    from lora_kernels import cuda, cuda_merge
+    from lora_kernels.cuda import loader as cuda
+    from lora_kernels.cuda import merge as cuda_merge
     reason = cuda.unavailable_reason()
     if reason is not None:
         pytest.fail(f"the CUDA extension is not usable on this GPU machine: {reason}")
@@ -150,7 +151,7 @@ def _exact_run(inp, backend, capacity):
         from lora_kernels.triton import merge as launcher
         launcher.merge_exact_(w, inp.lora_a, inp.lora_b, inp.scale, **kw)
     else:
-        from lora_kernels import cuda_merge as launcher
+        from lora_kernels.cuda import merge as launcher
         launcher.merge_exact_(w, inp.lora_a, inp.lora_b, inp.scale, **kw)
     n = int(status[0])
     escapes = sorted(zip(index[:n].tolist(), _bits(value[:n]).tolist()))

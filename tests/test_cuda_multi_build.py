@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from cases import make_multi_inputs
-from lora_kernels import cuda
+from lora_kernels.cuda import loader as cuda
+from lora_kernels.cuda import multi_lora as cuda_multi
 
 OPS = {
     "cuda_lora_shrink": "lora_kernels::cuda_lora_shrink(Tensor x, Tensor lora_a_stack, Tensor scales, Tensor? ranks, "
@@ -55,21 +56,21 @@ def test_multi_ops_on_cpu_tensors_raise_a_sentence(extension):
 
 
 def test_input_reasons():
-    assert cuda.multi_input_reason(torch.bfloat16, 128) is None
-    assert cuda.multi_input_reason(torch.float16, 1, torch.float32) is None
-    assert cuda.multi_input_reason(torch.float32, 16) == (
+    assert cuda_multi.multi_input_reason(torch.bfloat16, 128) is None
+    assert cuda_multi.multi_input_reason(torch.float16, 1, torch.float32) is None
+    assert cuda_multi.multi_input_reason(torch.float32, 16) == (
         "cuda: dtype float32 is not supported by the CUDA multi-adapter kernels (float16, bfloat16); "
         "float32 runs on backend='triton'")
-    assert cuda.multi_input_reason(torch.bfloat16, 129) == "cuda: r_max 129 exceeds the CUDA multi-adapter kernels' limit of 128"
-    assert cuda.multi_input_reason(torch.bfloat16, 8, torch.float64) == "cuda: t must be float32, got float64"
+    assert cuda_multi.multi_input_reason(torch.bfloat16, 129) == "cuda: r_max 129 exceeds the CUDA multi-adapter kernels' limit of 128"
+    assert cuda_multi.multi_input_reason(torch.bfloat16, 8, torch.float64) == "cuda: t must be float32, got float64"
 
 
 def test_shrink_work_list_choice(monkeypatch):
     """64-token pieces only with at least 2 per SM (as the Triton launcher), else 16."""
-    monkeypatch.setattr(cuda, "_num_sms", lambda device: 132)
-    assert cuda.shrink_item_m(1, torch.device("cuda")) == 16
-    assert cuda.shrink_item_m(64 * 263, torch.device("cuda")) == 16
-    assert cuda.shrink_item_m(64 * 263 + 1, torch.device("cuda")) == 64
+    monkeypatch.setattr(cuda_multi, "_num_sms", lambda device: 132)
+    assert cuda_multi.shrink_item_m(1, torch.device("cuda")) == 16
+    assert cuda_multi.shrink_item_m(64 * 263, torch.device("cuda")) == 16
+    assert cuda_multi.shrink_item_m(64 * 263 + 1, torch.device("cuda")) == 64
 
 
 def test_auto_keeps_triton_first():

@@ -20,7 +20,7 @@ CASES = GPU_MULTI_CASES
 
 @pytest.fixture(scope="module", autouse=True)
 def extension():
-    from lora_kernels import cuda
+    from lora_kernels.cuda import loader as cuda
     reason = cuda.unavailable_reason()
     if reason is not None:
         pytest.fail(f"the CUDA extension is not usable on this GPU machine: {reason}")
@@ -39,7 +39,7 @@ def _untouched(inp):
 
 
 def _check(inp, item_ms=(0,)):
-    from lora_kernels.cuda import multi_lora_expand_, multi_lora_linear, multi_lora_shrink
+    from lora_kernels.cuda.multi_lora import multi_lora_expand_, multi_lora_linear, multi_lora_shrink
     dtype = inp.x.dtype
     index = inp.index()
     M, R, N = inp.x.shape[0], inp.lora_a.shape[1], inp.lora_b.shape[1]
@@ -112,7 +112,7 @@ def test_public_ops_with_backend_cuda_and_layouts():
 def test_deterministic():
     inp = make_multi_inputs(1024, 1024, 2048, 16, 64, torch.bfloat16, "cuda", dist="zipf", ranks="mixed")
     index = inp.index()
-    from lora_kernels.cuda import multi_lora_expand_, multi_lora_linear, multi_lora_shrink
+    from lora_kernels.cuda.multi_lora import multi_lora_expand_, multi_lora_linear, multi_lora_shrink
     runs = []
     for _ in range(3):
         t = multi_lora_shrink(inp.x, inp.lora_a, index, inp.scales, inp.ranks)

@@ -76,8 +76,8 @@ def _input_reason(x: Tensor, lora_a: Tensor, dropout: bool = False):
             if dropout:
                 return ("cuda: the CUDA C++ kernel has no dropout (training with dropout_p > 0); "
                         "backend='triton' has it")
-            from .. import cuda
-            return cuda.input_reason(x.dtype, lora_a.dtype, lora_a.shape[0])
+            from ..cuda import lora_linear as cuda_lora_linear
+            return cuda_lora_linear.input_reason(x.dtype, lora_a.dtype, lora_a.shape[0])
         return None
     return reason
 
@@ -187,7 +187,7 @@ def lora_linear_fwd(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, s
     elif backend == "cuda":
         if dropout_seed is not None:
             raise backends.BackendUnavailable(f"{OP}: {_input_reason(x, lora_a, True)('cuda')}")
-        from ..cuda import lora_linear_fwd as launch
+        from ..cuda.lora_linear import lora_linear_fwd as launch
         y, t = launch(x2, weight, lora_a, lora_b, scale, bias, save_t)
     else:
         with _no_autocast(x):

@@ -1,7 +1,7 @@
 """In-place merge / unmerge: ``weight += scale * lora_b @ lora_a`` and its inverse.
 
 Layers: kernel + launchers (``lora_kernels/triton/merge.py``; the CUDA C++ kernel
-``csrc/merge.cuh`` with its launchers in ``lora_kernels/cuda_merge.py``) -> the registered ops
+``csrc/merge.cuh`` with its launchers in ``lora_kernels/cuda/merge.py``) -> the registered ops
 ``torch.ops.lora_kernels.{merge_, unmerge_, merge_exact_, unmerge_exact_}`` (here, with fake
 impls) -> the public ``merge_`` / ``unmerge_`` (validation, safe merge, exact unmerge) ->
 ``FusedLoRALinear.merge()/unmerge()``.
@@ -86,7 +86,7 @@ from .._validation import (check_adapter_dtype, check_no_internal_overlap, check
 
 TensorOrList = Union[Tensor, Sequence[Tensor]]
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-CUDA_DTYPES = TRITON_DTYPES  # lora_kernels.cuda_merge.DTYPES (not imported here: import stays light)
+CUDA_DTYPES = TRITON_DTYPES  # lora_kernels.cuda.merge.DTYPES (not imported here: import stays light)
 # backend="auto" on CUDA tensors: Triton first, then CUDA C++. Both kernels are one streaming pass
 # over W with delta on tensor cores; which is faster per shape is to be measured (bench/merge.py
 # times both) -- until then the order is the one the merge shipped with.
@@ -176,7 +176,7 @@ def _compiled_backend(backend: str):
         from ..triton import merge as launcher
         return launcher
     if backend == "cuda":
-        from .. import cuda_merge as launcher
+        from ..cuda import merge as launcher
         return launcher
     raise AssertionError(f"no compiled merge backend {backend!r}")  # resolve() never returns it
 

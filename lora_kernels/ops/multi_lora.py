@@ -1,7 +1,7 @@
 """Multi-adapter (segmented) LoRA ops: validation, backend dispatch and the registered ops.
 
 Layers: kernels (Triton: ``lora_kernels/triton/multi_lora.py``; CUDA C++: ``csrc/multi_lora.cuh``
-and ``csrc/multi_lora_linear.cuh``) -> launchers (the Triton file; ``lora_kernels/cuda.py``) -> the
+and ``csrc/multi_lora_linear.cuh``) -> launchers (the Triton file; ``lora_kernels/cuda/multi_lora.py``) -> the
 custom ops ``torch.ops.lora_kernels.{lora_shrink, lora_expand, multi_lora_linear}`` (here) ->
 ``MultiLoRALinear`` (layers.py). Per-batch metadata comes from ``AdapterIndex`` (serving.py); both
 compiled backends read the same index.
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
-from ..backends import BackendUnavailable
+from ..errors import BackendUnavailable
 from .._validation import (check_adapter_dtype, check_index, check_ranks, check_same_device,
                            check_shape, check_tensor, fail)
 from ..serving import AdapterIndex
@@ -110,8 +110,8 @@ def _validate_linear(op, x, weight, lora_a_stack, lora_b_stack, index, scales, b
 def _input_reason(dtype: torch.dtype, r_max: int, t_dtype: Optional[torch.dtype] = None):
     def reason(backend: str) -> Optional[str]:
         if backend == "cuda":
-            from .. import cuda
-            return cuda.multi_input_reason(dtype, r_max, t_dtype)
+            from ..cuda import multi_lora as cuda_multi
+            return cuda_multi.multi_input_reason(dtype, r_max, t_dtype)
         if backend == "triton":
             if dtype not in TRITON_DTYPES:
                 return f"triton: dtype {dtype} is not supported (float16, bfloat16, float32)"
@@ -168,7 +168,7 @@ def lora_shrink_op(x: Tensor, lora_a_stack: Tensor, scales: Tensor, ranks: Optio
         from ..triton.multi_lora import lora_shrink as launch
         return launch(x, lora_a_stack, index, *_triton_vectors(scales, ranks))
     if backend == "cuda":
-        from ..cuda import multi_lora_shrink as launch
+        from ..cuda.multi_lora import multi_lora_shrink as launch
         return launch(x, lora_a_stack, index, scales, ranks)
     _check_torch(backend)
     return reference.lora_shrink(x, lora_a_stack, index.token_adapter, scales, ranks)
@@ -189,7 +189,7 @@ def lora_expand_op(y: Tensor, t: Tensor, lora_b_stack: Tensor, ranks: Optional[T
         launch(y, t, lora_b_stack, index, _triton_vectors(None, ranks)[1])
         return
     if backend == "cuda":
-        from ..cuda import multi_lora_expand_ as launch
+        from ..cuda.multi_lora import multi_lora_expand_ as launch
         launch(y, t, lora_b_stack, index, ranks)
         return
     _check_torch(backend)
@@ -212,7 +212,7 @@ def multi_lora_linear_op(x: Tensor, weight: Tensor, lora_a_stack: Tensor, lora_b
         scales32, ranks = _triton_vectors(scales, ranks)
         return launch(x, weight, lora_a_stack, lora_b_stack, index, scales32, bias, ranks)
     if backend == "cuda":
-        from ..cuda import multi_lora_linear as launch
+        from ..cuda.multi_lora import multi_lora_linear as launch
         return launch(x, weight, lora_a_stack, lora_b_stack, index, scales, bias, ranks)
     _check_torch(backend)
     return reference.multi_lora_linear(x, weight, lora_a_stack, lora_b_stack, index.token_adapter, scales, bias, ranks)

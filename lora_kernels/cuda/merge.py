@@ -9,7 +9,7 @@ packed into one fp32 pair by the op layer). Nothing is copied. The kernel forms 
 cores in fp32 (16-bit adapters: exact products; fp32 adapters: 3xTF32) and rounds once, as the
 Triton kernel does; the exact-unmerge codes are ``reference.py``'s.
 
-Loading the extension (AOT build or a JIT build on first use) is ``lora_kernels.cuda``'s job.
+Loading the extension (AOT build or a JIT build on first use) is ``loader``'s job.
 """
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from typing import Optional
 
 import torch
 
-from . import cuda, reference
-from .backends import BackendUnavailable
+from .. import reference
+from ..errors import BackendUnavailable
+from . import loader
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MODE_APPLY, MODE_COUNT_NONFINITE, MODE_MERGE_EXACT, MODE_UNMERGE_EXACT = 0, 1, 2, 3  # csrc/merge_plan.h
@@ -38,7 +39,7 @@ def registered() -> bool:
 
 
 def _op():
-    cuda.load()
+    loader.load()
     if not registered():
         raise BackendUnavailable(
             "cuda: the loaded lora_kernels._C has no merge kernel (it was built before csrc/merge.cu existed); "
