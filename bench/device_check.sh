@@ -15,6 +15,14 @@
 # install runs every time (a warm machine keeps the build, so a second call is quick). E.g.
 #   STAGES="tests sanitize" bench/device_check.sh $OUT                  # correctness first
 #   STAGES="forward merge multi training" bench/device_check.sh $OUT    # then the numbers
+#
+# Packages the GPU machine lacks (it has no internet) travel as wheels in .whl/ (git-ignored; fill
+# it with bench/device_wheels.sh and name .whl in the device tool's `carry`): they are installed
+# first, e.g. nvidia-cutlass, whose CUTLASS/CuTe headers the sm90 CUDA kernels compile against.
+# The GPU lane runs on 8 workers when pytest-xdist is there (Triton compiles dominate it); a red
+# test never stops the run: every later stage still runs, and pytest prints a one-line summary per
+# failure. Rehearsal off the GPU machine: INSTALL=0 QUICK=1 BUDGET_S=300 bench/device_check.sh /tmp/x
+# (QUICK=1 gives every benchmark --quick: tiny shapes, whatever device is here).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-bench/results}
@@ -46,7 +54,9 @@ bench() {
     wanted "$name" || return 0
     in_budget "$name" || return 0
     local start=$SECONDS
-    timeout "$(left)" $PY -m bench "$@" --rep-ms "$REP" --out "$RAW" >>"$LOG" 2>&1
+    local quick=()
+    [ "${QUICK:-0}" = 1 ] && quick=(--quick)
+    timeout "$(left)" $PY -m bench "$@" "${quick[@]}" --rep-ms "$REP" --out "$RAW" >>"$LOG" 2>&1
     local rc=$?
     [ $rc -eq 0 ] || failures=$((failures + 1))
     say "bench $name: exit code $rc in $((SECONDS - start)) s"
@@ -60,6 +70,10 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 if [ "${INSTALL:-1}" = 1 ]; then  # INSTALL=0: use the package as it is (a dry run off the GPU machine)
     say "== install"
     start=$SECONDS
+    if ls .whl/*.whl >/dev/null 2>&1; then
+        $PY -m pip install -q --no-index --no-deps --no-compile .whl/*.whl >>"$LOG" 2>&1 \
+            && say "installed wheels: $(cd .whl && ls *.whl | tr '\n' ' ')" || say "wheel install FAILED"
+    fi
     if ! $PY -m pip install --no-deps --no-build-isolation -e . >>"$LOG" 2>&1; then
         say "install FAILED (see $LOG)"; tail -40 "$LOG"; exit 1
     fi
@@ -69,7 +83,10 @@ fi
 if wanted tests && in_budget tests; then
     say "== pytest -m gpu"
     start=$SECONDS
-    timeout "$(left)" $PY -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25
+    WORKERS=()
+    $PY -c "import xdist" 2>/dev/null && WORKERS=(-n "${PYTEST_WORKERS:-8}")
+    timeout "$(left)" $PY -m pytest -m gpu -q -p no:cacheprovider -rfEs --tb=short "${WORKERS[@]}" 2>&1 \
+        | tee "$OUT/pytest_gpu.log" | tail -40
     tests_rc=${PIPESTATUS[0]}
     say "pytest -m gpu exit code $tests_rc in $((SECONDS - start)) s"
 fi
