@@ -60,7 +60,8 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 if [ "${INSTALL:-1}" = 1 ]; then  # INSTALL=0: use the package as it is (a dry run off the GPU machine)
     say "== install"
     start=$SECONDS
-    if ! $PY -m pip install --no-deps --no-build-isolation -e . >>"$LOG" 2>&1; then
+    # REQUIRE_CUDA: a failed CUDA build fails here, instead of installing pure Python (setup.py)
+    if ! LORA_KERNELS_REQUIRE_CUDA=1 $PY -m pip install --no-deps --no-build-isolation -e . >>"$LOG" 2>&1; then
         say "install FAILED (see $LOG)"; tail -40 "$LOG"; exit 1
     fi
     say "installed in $((SECONDS - start)) s"
