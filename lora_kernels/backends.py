@@ -82,29 +82,32 @@ def triton_unavailable_reason(device: torch.device) -> Optional[str]:
 
 # The Triton interpreter keeps bfloat16 values as their uint16 bit patterns, and its tl.dot
 # (InterpreterBuilder.create_dot, triton 3.6 and 3.8) hands them to np.matmul as integers: a 16x16
-# bfloat16 dot comes out ~1e10 off. A patch that fixes it (the test lane's, tests/interpreter_fixes.py)
-# marks its create_dot with this attribute; without it, bfloat16 is refused under the interpreter.
-BF16_DOT_FIX_FLAG = "lora_kernels_bf16_dot_fixed"
+# bfloat16 dot comes out ~1e10 off; its float32 -> bfloat16 cast truncates where a GPU rounds to
+# nearest even. A patch that fixes both (the test lane's, tests/interpreter_fixes.py) marks its
+# create_dot with this attribute; without it, bfloat16 is refused under the interpreter.
+BF16_FIX_FLAG = "lora_kernels_bf16_fixed"
 
 
 @_never_traced  # a fact about the process (module docstring)
-def interpreter_bf16_dot_fixed() -> bool:
-    """True when the loaded Triton interpreter's tl.dot has been fixed for bfloat16 operands."""
+def interpreter_bf16_fixed() -> bool:
+    """True when the loaded Triton interpreter's bfloat16 dot and casts have been fixed."""
     interpreter = sys.modules.get("triton.runtime.interpreter")
     create_dot = getattr(getattr(interpreter, "InterpreterBuilder", None), "create_dot", None)
-    return bool(getattr(create_dot, BF16_DOT_FIX_FLAG, False))
+    return bool(getattr(create_dot, BF16_FIX_FLAG, False))
 
 
 def interpreter_dtype_reason(dtype: torch.dtype) -> Optional[str]:
     """Why backend="triton" cannot take `dtype` under the interpreter (None if it can, or if the
-    interpreter is not in use): bfloat16 while the interpreter's dot is unfixed. The ops whose
-    kernels hand bfloat16 operands to tl.dot (lora_linear, the multi-adapter ops) call it with x's
-    dtype, which bfloat16 adapters share; the merge kernels widen the adapters to fp32 before
-    their dot and pass in bfloat16 under the unfixed interpreter (tests/test_merge.py, measured)."""
-    if dtype != torch.bfloat16 or not _interpreter_requested() or interpreter_bf16_dot_fixed():
+    interpreter is not in use): bfloat16 while the interpreter is unfixed. The ops whose kernels
+    hand bfloat16 operands to tl.dot (lora_linear, the multi-adapter ops) call it with x's dtype,
+    which bfloat16 adapters share; the merge kernels widen the adapters to fp32 before their dot
+    and round to bfloat16 themselves, and pass in bfloat16 under the unfixed interpreter
+    (tests/test_merge.py, measured)."""
+    if dtype != torch.bfloat16 or not _interpreter_requested() or interpreter_bf16_fixed():
         return None
     return ("triton: bfloat16 is refused under the Triton interpreter (TRITON_INTERPRET=1): its tl.dot "
-            "multiplies bfloat16 bit patterns as integers, so the results would be wrong; use float16 or "
+            "multiplies bfloat16 bit patterns as integers (and its casts to bfloat16 truncate), so the "
+            "results would be wrong; use float16 or "
             "float32 there, or backend='torch' (the test lane patches the interpreter: "
             "tests/interpreter_fixes.py)")
 

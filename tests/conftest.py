@@ -36,8 +36,8 @@ if INTERPRETER:
     _problem = _interpreter_numpy_problem()
     if _problem:
         raise pytest.UsageError(_problem)
-    from interpreter_fixes import fix_bf16_dot  # noqa: E402
-    fix_bf16_dot()
+    from interpreter_fixes import fix_bf16  # noqa: E402
+    fix_bf16()
 
 # The interpreter is slow and the CPU lane runs on 2 cores: keep hypothesis's example counts small
 # and its deadline off (interpreter first calls take a second). The default CPU profile draws from

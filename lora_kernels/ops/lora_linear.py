@@ -108,7 +108,7 @@ def choose_backend(x: Tensor, lora_a: Tensor, backend: str = "auto", dropout: bo
         return backends.resolve(OP, backend, x.device, AUTO_PREFERENCE, _input_reason(x, lora_a, dropout))
     key = (backend, x.device, x.dtype, lora_a.dtype, lora_a.shape[0], dropout,
            os.environ.get(backends.ENV_VAR), os.environ.get("TRITON_INTERPRET"),
-           backends.interpreter_bf16_dot_fixed())
+           backends.interpreter_bf16_fixed())
     chosen = _BACKEND_CACHE.get(key)
     if chosen is None:
         chosen = backends.resolve(OP, backend, x.device, AUTO_PREFERENCE, _input_reason(x, lora_a, dropout))
