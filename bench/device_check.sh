@@ -74,7 +74,8 @@ if [ "${INSTALL:-1}" = 1 ]; then  # INSTALL=0: use the package as it is (a dry r
         $PY -m pip install -q --no-index --no-deps --no-compile .whl/*.whl >>"$LOG" 2>&1 \
             && say "installed wheels: $(cd .whl && ls *.whl | tr '\n' ' ')" || say "wheel install FAILED"
     fi
-    if ! $PY -m pip install --no-deps --no-build-isolation -e . >>"$LOG" 2>&1; then
+    # REQUIRE_CUDA: a failed CUDA build fails here, instead of installing pure Python (setup.py)
+    if ! LORA_KERNELS_REQUIRE_CUDA=1 $PY -m pip install --no-deps --no-build-isolation -e . >>"$LOG" 2>&1; then
         say "install FAILED (see $LOG)"; tail -40 "$LOG"; exit 1
     fi
     say "installed in $((SECONDS - start)) s"

@@ -13,30 +13,59 @@ The rule is small enough to state here in full:
 
 A backend that cannot run raises :class:`BackendUnavailable` with the reason; :func:`explain`
 returns the same reasons without raising.
+
+Facts about the process (is triton installed, is the extension loadable, is the interpreter's
+bfloat16 dot fixed) are computed in plain Python, never traced: under ``torch.compile`` the
+functions that compute them are marked as ``torch.compiler.assume_constant_result`` marks them
+(:func:`_never_traced`), so dynamo calls them at trace time and bakes the answer into the graph.
+torch 2.11's dynamo cannot trace ``importlib.util.find_spec`` (fullgraph=True raised
+``Unsupported``); torch 2.14's can, but nothing here should depend on what a torch release's
+dynamo happens to trace.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from typing import Callable, Optional, Sequence
 
 import torch
 
 from .errors import BackendUnavailable
 
-__all__ = ["BACKENDS", "BackendUnavailable", "explain", "resolve", "unavailable_reason"]
+__all__ = ["BACKENDS", "BackendUnavailable", "explain", "interpreter_dtype_reason", "resolve",
+           "unavailable_reason"]
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
 ENV_VAR = "LORA_KERNELS_BACKEND"
+
+
+def _never_traced(fn):
+    """Mark `fn` the way ``torch.compiler.assume_constant_result`` does (the attribute its
+    torch._dynamo implementation sets, torch 2.6 to 2.14), without calling it: that would import
+    torch._dynamo at ``import lora_kernels`` (3.6 s on the CPU machine). tests/test_versions.py
+    checks that torch's decorator still sets this attribute."""
+    fn._dynamo_marked_constant = True
+    return fn
 
 
 def _interpreter_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_triton_installed: Optional[bool] = None  # looked up once (find_spec costs ~0.4 ms, CPU machine)
+
+
+def triton_installed() -> bool:
+    global _triton_installed
+    if _triton_installed is None:
+        _triton_installed = importlib.util.find_spec("triton") is not None
+    return _triton_installed
+
+
 def triton_unavailable_reason(device: torch.device) -> Optional[str]:
     """None when Triton can run on `device`, else a sentence saying why not."""
-    if importlib.util.find_spec("triton") is None:
+    if not triton_installed():
         return "triton: the triton package is not installed (pip install triton)"
     if device.type == "cuda":
         if _interpreter_requested():
@@ -51,6 +80,38 @@ def triton_unavailable_reason(device: torch.device) -> Optional[str]:
     return f"triton: unsupported device type {device.type!r}"
 
 
+# The Triton interpreter keeps bfloat16 values as their uint16 bit patterns, and its tl.dot
+# (InterpreterBuilder.create_dot, triton 3.6 and 3.8) hands them to np.matmul as integers: a 16x16
+# bfloat16 dot comes out ~1e10 off; its float32 -> bfloat16 cast truncates where a GPU rounds to
+# nearest even. A patch that fixes both (the test lane's, tests/interpreter_fixes.py) marks its
+# create_dot with this attribute; without it, bfloat16 is refused under the interpreter.
+BF16_FIX_FLAG = "lora_kernels_bf16_fixed"
+
+
+@_never_traced  # a fact about the process (module docstring)
+def interpreter_bf16_fixed() -> bool:
+    """True when the loaded Triton interpreter's bfloat16 dot and casts have been fixed."""
+    interpreter = sys.modules.get("triton.runtime.interpreter")
+    create_dot = getattr(getattr(interpreter, "InterpreterBuilder", None), "create_dot", None)
+    return bool(getattr(create_dot, BF16_FIX_FLAG, False))
+
+
+def interpreter_dtype_reason(dtype: torch.dtype) -> Optional[str]:
+    """Why backend="triton" cannot take `dtype` under the interpreter (None if it can, or if the
+    interpreter is not in use): bfloat16 while the interpreter is unfixed. The ops whose kernels
+    hand bfloat16 operands to tl.dot (lora_linear, the multi-adapter ops) call it with x's dtype,
+    which bfloat16 adapters share; the merge kernels widen the adapters to fp32 before their dot
+    and round to bfloat16 themselves, and pass in bfloat16 under the unfixed interpreter
+    (tests/test_merge.py, measured)."""
+    if dtype != torch.bfloat16 or not _interpreter_requested() or interpreter_bf16_fixed():
+        return None
+    return ("triton: bfloat16 is refused under the Triton interpreter (TRITON_INTERPRET=1): its tl.dot "
+            "multiplies bfloat16 bit patterns as integers (and its casts to bfloat16 truncate), so the "
+            "results would be wrong; use float16 or "
+            "float32 there, or backend='torch' (the test lane patches the interpreter: "
+            "tests/interpreter_fixes.py)")
+
+
 def cuda_unavailable_reason(device: torch.device) -> Optional[str]:
     """None when the C++ extension can run on `device`, else why not."""
     if device.type != "cuda":
@@ -59,7 +120,9 @@ def cuda_unavailable_reason(device: torch.device) -> Optional[str]:
     return loader.unavailable_reason()
 
 
+@_never_traced  # a fact about the process (module docstring)
 def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
+    """None when `backend` can run on `device` at all (whatever the inputs), else why not."""
     if backend == "torch":
         return None
     if backend == "triton":

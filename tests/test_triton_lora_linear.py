@@ -6,7 +6,7 @@ from hypothesis import given, strategies as st
 from cases import make_lora_inputs
 from tolerances import assert_close, assert_close_to_magnitude, poison_
 
-DTYPES = [torch.float32, torch.float16]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 SHAPES = [  # (M, N, K, r): M = 1 (decode), odd sizes, rank 1, ranks up to 128, tall and wide
     (1, 33, 47, 1),

@@ -11,7 +11,7 @@ from lora_kernels import reference
 from cases import make_lora_inputs
 from tolerances import assert_close, assert_close_to_magnitude, poison_, rand
 
-DTYPES = [torch.float32, torch.float16]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SEED = 0x5DEECE66D1234
 
 

@@ -18,7 +18,7 @@ from lora_kernels.triton.lora_linear import _tf32_split
 from cases import make_multi_inputs
 from tolerances import assert_close, assert_close_to_magnitude, poison_, rand
 
-DTYPES = [torch.float32, torch.float16]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DISTS = ["decode", "prefill", "zipf", "one", "none10", "none"]
 
 

@@ -13,7 +13,9 @@ Where the extension comes from, in this order:
    folder per torch version; ``python -m lora_kernels.build`` runs it ahead of time.
 
 Otherwise :func:`unavailable_reason` says why in one sentence, e.g. ``"cuda: extension not built
-(nvcc not found at install time), and no JIT build is possible: nvcc not found (set CUDA_HOME)"``.
+(LORA_KERNELS_SKIP_CUDA was set at install time), and no JIT build is possible: nvcc not found
+(...); set CUDA_HOME to a CUDA toolkit"``. The toolkit is found as the install finds it
+(lora_kernels/_toolkit.py: CUDA_HOME, else what the nvcc on PATH reports, wrappers included).
 
 Nothing here runs at ``import lora_kernels``: this module is imported on first use of the CUDA
 backend, and the library is loaded on first launch (or first availability query).
@@ -32,6 +34,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from .._toolkit import find_toolkit
 from ..errors import BackendUnavailable
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # lora_kernels/
@@ -113,9 +116,9 @@ def jit_problem() -> Optional[str]:
     missing = [s for s in SOURCES if not (CSRC_DIR / s).exists()]
     if missing:
         return f"the CUDA sources are not part of this install ({CSRC_DIR} lacks {', '.join(missing)})"
-    from torch.utils.cpp_extension import CUDA_HOME  # deferred: importing it is not free
-    if CUDA_HOME is None or not (Path(CUDA_HOME) / "bin" / "nvcc").exists():
-        return "nvcc not found (set CUDA_HOME to a CUDA toolkit)"
+    home, how = find_toolkit()
+    if home is None:
+        return how
     if shutil.which("ninja") is None and not (Path(sys.executable).parent / "ninja").exists():
         return "ninja not found (pip install ninja)"
     return None
@@ -138,12 +141,24 @@ def _with_venv_on_path():
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
 
 
+def _use_toolkit() -> None:
+    """Point torch's cpp_extension at the toolkit _toolkit.py finds (the install's choice too):
+    torch's own guess, from the folder of the nvcc on PATH, is wrong for a wrapper script."""
+    from torch.utils import cpp_extension
+    home, how = find_toolkit()
+    if home is None:
+        raise BackendUnavailable(f"cuda: no JIT build is possible: {how}")
+    os.environ["CUDA_HOME"] = str(home)
+    cpp_extension.CUDA_HOME = str(home)
+
+
 def jit_build(verbose: bool = False, why: str = "") -> Path:
     """Compile csrc/ with torch.utils.cpp_extension.load (cached) and register the ops."""
     global _loaded
     from torch.utils.cpp_extension import load
 
     _with_venv_on_path()
+    _use_toolkit()
     build_dir = jit_build_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or "the visible GPUs' architectures"

@@ -72,6 +72,7 @@ def _input_reason(x: Tensor, lora_a: Tensor, dropout: bool = False):
                 return f"triton: dtype {x.dtype} is not supported (float16, bfloat16, float32)"
             if lora_a.shape[0] > TRITON_MAX_RANK:
                 return f"triton: rank {lora_a.shape[0]} exceeds the kernel's limit of {TRITON_MAX_RANK}"
+            return backends.interpreter_dtype_reason(x.dtype)
         if backend == "cuda":
             if dropout:
                 return ("cuda: the CUDA C++ kernel has no dropout (training with dropout_p > 0); "
@@ -97,7 +98,8 @@ def choose_backend(x: Tensor, lora_a: Tensor, backend: str = "auto", dropout: bo
     draws a dropout mask (training with dropout_p > 0).
 
     Eager calls memoise the answer on everything the rule reads (the requested backend, the
-    device, x's and the adapters' dtypes, the rank, dropout, and the two environment variables),
+    device, x's and the adapters' dtypes, the rank, dropout, the two environment variables and
+    whether the interpreter's bfloat16 dot is fixed),
     so a decode step does not re-derive it hundreds of times. A backend whose reasons read
     anything else must add it to the key."""
     if backend == "torch":
@@ -105,7 +107,8 @@ def choose_backend(x: Tensor, lora_a: Tensor, backend: str = "auto", dropout: bo
     if torch.compiler.is_compiling():
         return backends.resolve(OP, backend, x.device, AUTO_PREFERENCE, _input_reason(x, lora_a, dropout))
     key = (backend, x.device, x.dtype, lora_a.dtype, lora_a.shape[0], dropout,
-           os.environ.get(backends.ENV_VAR), os.environ.get("TRITON_INTERPRET"))
+           os.environ.get(backends.ENV_VAR), os.environ.get("TRITON_INTERPRET"),
+           backends.interpreter_bf16_fixed())
     chosen = _BACKEND_CACHE.get(key)
     if chosen is None:
         chosen = backends.resolve(OP, backend, x.device, AUTO_PREFERENCE, _input_reason(x, lora_a, dropout))
@@ -175,9 +178,9 @@ def lora_linear_fwd(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, s
     """(y, t): y = x @ weight.T + bias + scale * t @ lora_b.T with t = drop(x) @ lora_a.T in fp32.
 
     x [..., K], weight [N, K], lora_a [r, K], lora_b [N, r], bias [N] | None; y [..., N] in
-    x.dtype; t [M, r] float32 (M = x.numel() // K) when save_t (kept for the backward), else an
-    empty [0, r]. drop(x) = x * keep / (1 - dropout_p), keep drawn from dropout_seed (int64 [1];
-    None = no dropout)."""
+    x.dtype; t [M, r] float32 (float64 for float64 inputs, see _t_dtype; M = x.numel() // K) when
+    save_t (kept for the backward), else an empty [0, r]. drop(x) = x * keep / (1 - dropout_p),
+    keep drawn from dropout_seed (int64 [1]; None = no dropout)."""
     flat = x.dim() == 2
     x2 = x if flat else x.reshape(-1, x.shape[-1])
     if backend == "triton":
@@ -193,18 +196,24 @@ def lora_linear_fwd(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, s
         with _no_autocast(x):
             y, t = reference.lora_linear_forward(x2, weight, lora_a, lora_b, scale, bias,
                                                  _keep_mask(x2, dropout_p, dropout_seed), dropout_p)
-        t = t.float() if save_t else x.new_empty((0, lora_a.shape[0]), dtype=torch.float32)
+        t = t if save_t else x.new_empty((0, lora_a.shape[0]), dtype=t.dtype)  # acc dtype: fp64 for fp64
     return (y if flat else y.reshape(*x.shape[:-1], weight.shape[0])), t
 
 
 _fwd_op = torch.library.custom_op("lora_kernels::lora_linear_fwd", mutates_args=())(lora_linear_fwd)
 
 
+def _t_dtype(x: Tensor, lora_a: Tensor) -> torch.dtype:
+    """t's dtype: the accumulation dtype (float32; float64 for float64 inputs, which only the torch
+    backend takes), so that float64 gradients of the adapters stay float64-exact."""
+    return reference.acc_dtype(x.dtype, lora_a.dtype)
+
+
 @_fwd_op.register_fake
 def _(x, weight, lora_a, lora_b, scale, bias, backend, save_t, dropout_p=0.0, dropout_seed=None):
     M = math.prod(x.shape[:-1])
     return (x.new_empty((*x.shape[:-1], weight.shape[0])),
-            x.new_empty((M if save_t else 0, lora_a.shape[0]), dtype=torch.float32))
+            x.new_empty((M if save_t else 0, lora_a.shape[0]), dtype=_t_dtype(x, lora_a)))
 
 
 def lora_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
@@ -226,7 +235,6 @@ def lora_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_
         with _no_autocast(x):
             _, t = reference.lora_linear_forward(x2, weight, lora_a, lora_b, scale, None,
                                                  _keep_mask(x2, dropout_p, dropout_seed), dropout_p)
-        t = t.float()
     if backend == "triton":
         from ..triton.lora_linear_backward import lora_linear_bwd as launch
         dx, da, db, dbias = launch(dy2, x2, weight, lora_a, lora_b, t, scale, dropout_p, dropout_seed,
@@ -400,7 +408,8 @@ def lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale
 
     Under ``torch.autocast`` x and weight are cast to the autocast dtype, and float32 adapters and
     bias stay float32 (see ``_autocast_inputs``). Saved for the backward: x, the parameters,
-    t = drop(x) @ lora_a.T [M, r] in fp32 (when lora_b requires grad) and the dropout seed.
+    t = drop(x) @ lora_a.T [M, r] in fp32 (fp64 for fp64 inputs; when lora_b requires grad) and the
+    dropout seed.
 
     Returns: y [..., N] in x's dtype. Differentiable in x, lora_a, lora_b, bias (and weight when
     it requires grad); each gradient in its tensor's dtype.

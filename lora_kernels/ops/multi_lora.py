@@ -119,6 +119,7 @@ def _input_reason(dtype: torch.dtype, r_max: int, t_dtype: Optional[torch.dtype]
                 return f"triton: r_max {r_max} exceeds the kernels' limit of {TRITON_MAX_RANK}"
             if t_dtype is not None and t_dtype != torch.float32:
                 return f"triton: t must be float32, got {t_dtype}"
+            return backends.interpreter_dtype_reason(dtype)
         return None
     return reason
 
