@@ -116,17 +116,42 @@ def _byte_range(t: torch.Tensor):
 def check_no_shared_memory(op: str, name: str, value: torch.Tensor, other_name: str,
                            other: torch.Tensor) -> None:
     """`value` (read) and `other` (written in place) do not share memory, so no kernel program
-    reads an element that another one is rewriting. Skipped while torch.compile traces (fake
-    tensors have no memory)."""
+    reads an element that another one is rewriting (and no non-coherent load, ``ld.global.nc``,
+    reads a stale one). Byte ranges are compared, so disjoint slices of one buffer pass. Skipped
+    while torch.compile traces and for tensors without memory (fake, meta, functorch-wrapped)."""
     if torch.compiler.is_compiling() or value.device != other.device or value.device.type == "meta":
         return
     if value.numel() == 0 or other.numel() == 0:
         return
-    if value.untyped_storage().data_ptr() != other.untyped_storage().data_ptr():
+    try:
+        same_storage = value.untyped_storage().data_ptr() == other.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a tensor with no storage of its own
+        return
+    if not same_storage:
         return
     (lo, hi), (olo, ohi) = _byte_range(value), _byte_range(other)
     if lo < ohi and olo < hi:
         fail(op, f"{name} shares memory with {other_name}, which is updated in place; pass a copy")
+
+
+def check_no_overlap(op: str, out_name: str, out: torch.Tensor, **inputs) -> None:
+    """The one aliasing check of every in-place / out= path: `out` (written) has its own memory
+    for each element (check_no_internal_overlap) and shares none with any of `inputs` (read),
+    given by name; an input may be None (skipped) or a list/tuple of tensors (named ``name[i]``).
+
+        check_no_overlap("lora_expand_", "y", y, t=t, lora_b_stack=b_stacks, ranks=ranks)
+
+    Raises ValueError naming the argument; costs a few hundred ns per input (storage pointers)."""
+    check_no_internal_overlap(op, out_name, out)
+    for name, value in inputs.items():
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                if item is not None:
+                    check_no_shared_memory(op, f"{name}[{i}]", item, out_name, out)
+        else:
+            check_no_shared_memory(op, name, value, out_name, out)
 
 
 def check_count(op: str, name: str, value, minimum: int = 1) -> int:
