@@ -6,6 +6,7 @@ that the same bad input gets the same sentence everywhere (the README's bad-inpu
 """
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Optional, Sequence
 
@@ -59,15 +60,29 @@ def check_same_device(op: str, **tensors: Optional[torch.Tensor]) -> torch.devic
     return device
 
 
+def _as_float(op: str, name: str, value, expected: str, bound: str = "finite") -> float:
+    """float(value) for a real Python number (not bool), naming `name` when it is none or too
+    large for a float (10**400 is an int Python cannot convert)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        fail(op, f"{name} must be {expected}, got {type(value).__name__}", TypeError)
+    try:
+        return float(value)
+    except OverflowError:
+        fail(op, f"{name} must be {bound}, got an int too large for a float ({str(value)[:12]}...)")
+
+
 def check_scale(op: str, name: str, value) -> float:
     """A finite Python number (a 0-d tensor is read once, which syncs a CUDA device)."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             fail(op, f"{name} must be a number, got a tensor of shape {_fmt_shape(value.shape)}", TypeError)
+        if value.is_meta:
+            fail(op, f"{name} must be a number, got a meta tensor (it has no value to read)", TypeError)
+        if value.is_complex() or value.dtype == torch.bool:
+            fail(op, f"{name} must be a real number, got a {str(value.dtype).replace('torch.', '')} tensor",
+                 TypeError)
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        fail(op, f"{name} must be a float, got {type(value).__name__}", TypeError)
-    value = float(value)
+    value = _as_float(op, name, value, "a float")
     # finite <=> value - value == 0 (inf and nan give nan); unlike math.isfinite this also traces
     # when torch.compile(dynamic=True) makes the float symbolic
     if not value - value == 0.0:
@@ -76,11 +91,24 @@ def check_scale(op: str, name: str, value) -> float:
 
 
 def check_probability(op: str, name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        fail(op, f"{name} must be a float in [0, 1), got {type(value).__name__}", TypeError)
-    if not 0.0 <= float(value) < 1.0:
+    value = _as_float(op, name, value, "a float in [0, 1)", "in [0, 1)")
+    if not 0.0 <= value < 1.0:  # also refuses nan
         fail(op, f"{name} must be in [0, 1), got {value}")
-    return float(value)
+    return value
+
+
+MAX_STORAGE_BYTES = 2 ** 63 - 1  # torch's storage sizes are int64 byte counts
+
+
+def check_allocatable(op: str, name: str, value: int, shape: Sequence[int], dtype: torch.dtype,
+                      meaning: str) -> None:
+    """A buffer of `shape` and `dtype` (sized by the argument `name` = value) has a byte count
+    torch can represent; else ValueError naming the argument, not torch's "Storage size
+    calculation overflowed"."""
+    nbytes = math.prod(int(s) for s in shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes > MAX_STORAGE_BYTES:
+        fail(op, f"{name}={value} is too large: {meaning} would need {nbytes} bytes, more than any "
+                 f"tensor can hold (2**63 - 1)")
 
 
 def check_adapter_dtype(op: str, name: str, adapter: torch.Tensor, x_dtype: torch.dtype,

@@ -103,7 +103,7 @@ def choose_backend(x: Tensor, lora_a: Tensor, backend: str = "auto", dropout: bo
     anything else must add it to the key."""
     if backend == "torch":
         return backend  # always runs; nothing to look up
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or type(backend) is not str:  # resolve() names a bad backend
         return backends.resolve(OP, backend, x.device, AUTO_PREFERENCE, _input_reason(x, lora_a, dropout))
     key = (backend, x.device, x.dtype, lora_a.dtype, lora_a.shape[0], dropout,
            os.environ.get(backends.ENV_VAR), os.environ.get("TRITON_INTERPRET"))
@@ -180,7 +180,7 @@ def lora_linear_fwd(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, s
     empty [0, r]. drop(x) = x * keep / (1 - dropout_p), keep drawn from dropout_seed (int64 [1];
     None = no dropout)."""
     flat = x.dim() == 2
-    x2 = x if flat else x.reshape(-1, x.shape[-1])
+    x2 = x if flat else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: K may be 0
     if backend == "triton":
         from ..triton.lora_linear import lora_linear_fwd as launch
         y, t = launch(x2, weight, lora_a, lora_b, scale, bias, save_t, dropout_p=dropout_p,
@@ -222,7 +222,8 @@ def lora_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_
     x's / lora_a's / lora_b's / bias_dtype; one not needed (need_* False, bias_dtype None) comes
     back as an empty [0] tensor."""
     K, N = x.shape[-1], weight.shape[0]
-    x2, dy2 = x.reshape(-1, K), dy.reshape(-1, N)
+    M = math.prod(x.shape[:-1])  # explicit, not -1: K or N may be 0
+    x2, dy2 = x.reshape(M, K), dy.reshape(M, N)
     if need_b and t is None:  # lora_b started requiring grad after the forward: recompute t
         with _no_autocast(x):
             _, t = reference.lora_linear_forward(x2, weight, lora_a, lora_b, scale, None,
@@ -288,7 +289,8 @@ def _grads(ctx, dy: Tensor, bwd) -> tuple:
                                 need_b)
     if need_w:  # a trainable base weight: one plain GEMM (the base sees x, never drop(x))
         K, N = x.shape[-1], weight.shape[0]
-        dw = (dy.reshape(-1, N).t() @ x.reshape(-1, K)).to(weight.dtype)
+        M = math.prod(x.shape[:-1])
+        dw = (dy.reshape(M, N).t() @ x.reshape(M, K)).to(weight.dtype)
     return (dx if need_x else None, dw, da if need_a else None, db if need_b else None,
             dbias if need_bias else None)
 
