@@ -121,11 +121,11 @@ def _freeze_all_but_lora(model: nn.Module) -> None:
         p.requires_grad_(id(p) in lora)
 
 
-def _check_target(op: str, name: str, module: nn.Module) -> None:
+def _check_target(op: str, name: str, module: nn.Module, why: str = "matches target_modules") -> None:
     if isinstance(module, FusedLoRALinear):
         fail(op, f"module {name!r} already holds a LoRA adapter (FusedLoRALinear)")
     if type(module) is not nn.Linear:  # a subclass may compute something else in its forward
-        fail(op, f"module {name!r} matches target_modules but is an instance of {type(module).__name__}, not nn.Linear")
+        fail(op, f"module {name!r} {why} but is an instance of {type(module).__name__}, not nn.Linear")
 
 
 def _new_layer(op: str, name: str, module: nn.Module, r: int, lora_alpha: float, lora_dropout: float,
@@ -289,19 +289,17 @@ def _read_config(op: str, cfg_path: str) -> Dict:
 
 def _config_value(op: str, cfg_path: str, key: str, value, kind: str):
     """One config number, checked as the layer will use it: r a positive int, lora_alpha a finite
-    number, lora_dropout in [0, 1); the error names the file and the field."""
-    where = f"{cfg_path}: {key}"
+    number, lora_dropout in [0, 1); the error names the file and the field (`key`)."""
     try:
         if kind == "r":
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                fail(op, f"must be a positive int, got {value!r}")
+                fail(op, f"{key} must be a positive int, got {value!r}")
         elif kind == "alpha":
-            check_scale(op, "lora_alpha", value)
+            check_scale(op, key, value)
         else:
-            check_probability(op, "lora_dropout", value)
+            check_probability(op, key, value)
     except (TypeError, ValueError) as e:
-        msg = str(e).split(": ", 1)[-1]
-        raise type(e)(f"{op}: {where}: {msg}") from None
+        raise type(e)(f"{op}: {cfg_path}: {str(e)[len(op) + 2:]}") from None
     return value
 
 
@@ -405,7 +403,7 @@ def load_adapter(model: nn.Module, path: str, *, backend: str = "auto") -> nn.Mo
             if module.r != r:
                 fail(op, f"module {name!r} is a FusedLoRALinear of rank {module.r}, the adapter's is {r}")
         else:
-            _check_target(op, name, module)
+            _check_target(op, name, module, "has weights in the adapter")
             _check_hparams(op, r, alpha, dropout, use_rslora, None, backend, module.in_features,
                            module.out_features)
         shape_a, shape_b = (r, module.in_features), (module.out_features, r)
