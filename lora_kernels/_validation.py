@@ -73,6 +73,8 @@ def _as_float(op: str, name: str, value, expected: str, bound: str = "finite") -
 
 def check_scale(op: str, name: str, value) -> float:
     """A finite Python number (a 0-d tensor is read once, which syncs a CUDA device)."""
+    if type(value) is float and value - value == 0.0:  # the hot path: every call of every op
+        return value
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             fail(op, f"{name} must be a number, got a tensor of shape {_fmt_shape(value.shape)}", TypeError)
@@ -91,6 +93,8 @@ def check_scale(op: str, name: str, value) -> float:
 
 
 def check_probability(op: str, name: str, value) -> float:
+    if type(value) is float and 0.0 <= value < 1.0:  # the hot path
+        return value
     value = _as_float(op, name, value, "a float in [0, 1)", "in [0, 1)")
     if not 0.0 <= value < 1.0:  # also refuses nan
         fail(op, f"{name} must be in [0, 1), got {value}")
