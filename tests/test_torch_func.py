@@ -171,3 +171,23 @@ def test_vmap_forward_over_weights_too():
     out = vmap(lambda a: lora_kernels.lora_linear(inp.x, inp.weight, a, inp.lora_b, inp.scale, inp.bias))(a)
     for i in range(3):
         assert_close(out[i], _plain(inp.x, inp.weight, a[i], inp.lora_b, inp.scale, inp.bias), torch.float64)
+
+
+def test_per_sample_gradients_through_a_peft_fused_model():
+    """vmap(grad) over a PEFT model after lora_kernels.peft.fuse equals PEFT's own (unfused)."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+    base = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4)).double()
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"], init_lora_weights=False))
+    params = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    x, y = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+
+    def loss(p, xi, yi):
+        return ((functional_call(model, p, (xi[None],)) - yi[None]) ** 2).sum()
+
+    want = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    lora_kernels.peft.fuse(model)
+    got = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    assert len(params) == 4
+    for k in params:
+        assert_close(got[k], want[k], torch.float64)
