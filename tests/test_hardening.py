@@ -517,6 +517,26 @@ def test_failed_load_keeps_earlier_layers_adapters(tmp_path):
     assert model.q_proj.weight.requires_grad and model.v_proj.weight.requires_grad
 
 
+PEFT_FUSE = [
+    ("fuse backend list", lambda m: lora_kernels.peft.fuse(m, backend=["torch"]), ValueError, "backend"),
+    ("fuse backend 'gpu'", lambda m: lora_kernels.peft.fuse(m, backend="gpu"), ValueError, "backend"),
+    ("fuse model a string", lambda m: lora_kernels.peft.fuse("model"), TypeError, "model"),
+    ("unfuse model None", lambda m: lora_kernels.peft.unfuse(None), TypeError, "model"),
+    ("fuse_report of an unfused model", lambda m: lora_kernels.peft.fuse_report(m), ValueError, "fuse"),
+    ("fuse_report model a dict", lambda m: lora_kernels.peft.fuse_report({}), TypeError, "model"),
+]
+
+
+@pytest.mark.parametrize("call,exc,arg", [c[1:] for c in PEFT_FUSE], ids=[c[0] for c in PEFT_FUSE])
+def test_peft_fuse_bad_arguments_change_nothing(call, exc, arg):
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+    model = get_peft_model(nn.Sequential(nn.Linear(6, 5)), LoraConfig(r=2, target_modules=["0"]))
+    classes = [type(m) for m in model.modules()]
+    _raises(lambda: call(model), exc, arg, watched=[model])
+    assert [type(m) for m in model.modules()] == classes
+
+
 # ---------------------------------------------------------------------------------------------
 # explain, the CUDA launchers' checks (run before the extension loads), torch.func
 # ---------------------------------------------------------------------------------------------
@@ -640,6 +660,7 @@ def distinct_bad_inputs():
     pairs |= {("inject", c[0]) for c in INJECT} | {("inject", "model not a module")}
     pairs |= {("load_adapter", c[0]) for c in LOAD} | {("load_adapter", c[0]) for c in LOAD_ARGS}
     pairs |= {("explain", c[0]) for c in EXPLAIN}
+    pairs |= {("peft.fuse", c[0]) for c in PEFT_FUSE}
     pairs |= {("cuda lora_linear launcher", c[0]) for c in CUDA_LAUNCH}
     pairs |= {("cuda merge launcher", c[0]) for c in CUDA_MERGE}
     pairs |= {("lora_linear under vmap", "dropout, randomness='different'")}
