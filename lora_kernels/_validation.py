@@ -6,6 +6,7 @@ that the same bad input gets the same sentence everywhere (the README's bad-inpu
 """
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Optional, Sequence
 
@@ -59,15 +60,31 @@ def check_same_device(op: str, **tensors: Optional[torch.Tensor]) -> torch.devic
     return device
 
 
+def _as_float(op: str, name: str, value, expected: str, bound: str = "finite") -> float:
+    """float(value) for a real Python number (not bool), naming `name` when it is none or too
+    large for a float (10**400 is an int Python cannot convert)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        fail(op, f"{name} must be {expected}, got {type(value).__name__}", TypeError)
+    try:
+        return float(value)
+    except OverflowError:
+        fail(op, f"{name} must be {bound}, got an int too large for a float ({str(value)[:12]}...)")
+
+
 def check_scale(op: str, name: str, value) -> float:
     """A finite Python number (a 0-d tensor is read once, which syncs a CUDA device)."""
+    if type(value) is float and value - value == 0.0:  # the hot path: every call of every op
+        return value
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             fail(op, f"{name} must be a number, got a tensor of shape {_fmt_shape(value.shape)}", TypeError)
+        if value.is_meta:
+            fail(op, f"{name} must be a number, got a meta tensor (it has no value to read)", TypeError)
+        if value.is_complex() or value.dtype == torch.bool:
+            fail(op, f"{name} must be a real number, got a {str(value.dtype).replace('torch.', '')} tensor",
+                 TypeError)
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        fail(op, f"{name} must be a float, got {type(value).__name__}", TypeError)
-    value = float(value)
+    value = _as_float(op, name, value, "a float")
     # finite <=> value - value == 0 (inf and nan give nan); unlike math.isfinite this also traces
     # when torch.compile(dynamic=True) makes the float symbolic
     if not value - value == 0.0:
@@ -76,11 +93,26 @@ def check_scale(op: str, name: str, value) -> float:
 
 
 def check_probability(op: str, name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        fail(op, f"{name} must be a float in [0, 1), got {type(value).__name__}", TypeError)
-    if not 0.0 <= float(value) < 1.0:
+    if type(value) is float and 0.0 <= value < 1.0:  # the hot path
+        return value
+    value = _as_float(op, name, value, "a float in [0, 1)", "in [0, 1)")
+    if not 0.0 <= value < 1.0:  # also refuses nan
         fail(op, f"{name} must be in [0, 1), got {value}")
-    return float(value)
+    return value
+
+
+MAX_STORAGE_BYTES = 2 ** 63 - 1  # torch's storage sizes are int64 byte counts
+
+
+def check_allocatable(op: str, name: str, value: int, shape: Sequence[int], dtype: torch.dtype,
+                      meaning: str) -> None:
+    """A buffer of `shape` and `dtype` (sized by the argument `name` = value) has a byte count
+    torch can represent; else ValueError naming the argument, not torch's "Storage size
+    calculation overflowed"."""
+    nbytes = math.prod(int(s) for s in shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes > MAX_STORAGE_BYTES:
+        fail(op, f"{name}={value} is too large: {meaning} would need {nbytes} bytes, more than any "
+                 f"tensor can hold (2**63 - 1)")
 
 
 def check_adapter_dtype(op: str, name: str, adapter: torch.Tensor, x_dtype: torch.dtype,
@@ -116,17 +148,42 @@ def _byte_range(t: torch.Tensor):
 def check_no_shared_memory(op: str, name: str, value: torch.Tensor, other_name: str,
                            other: torch.Tensor) -> None:
     """`value` (read) and `other` (written in place) do not share memory, so no kernel program
-    reads an element that another one is rewriting. Skipped while torch.compile traces (fake
-    tensors have no memory)."""
+    reads an element that another one is rewriting (and no non-coherent load, ``ld.global.nc``,
+    reads a stale one). Byte ranges are compared, so disjoint slices of one buffer pass. Skipped
+    while torch.compile traces and for tensors without memory (fake, meta, functorch-wrapped)."""
     if torch.compiler.is_compiling() or value.device != other.device or value.device.type == "meta":
         return
     if value.numel() == 0 or other.numel() == 0:
         return
-    if value.untyped_storage().data_ptr() != other.untyped_storage().data_ptr():
+    try:
+        same_storage = value.untyped_storage().data_ptr() == other.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a tensor with no storage of its own
+        return
+    if not same_storage:
         return
     (lo, hi), (olo, ohi) = _byte_range(value), _byte_range(other)
     if lo < ohi and olo < hi:
         fail(op, f"{name} shares memory with {other_name}, which is updated in place; pass a copy")
+
+
+def check_no_overlap(op: str, out_name: str, out: torch.Tensor, **inputs) -> None:
+    """The one aliasing check of every in-place / out= path: `out` (written) has its own memory
+    for each element (check_no_internal_overlap) and shares none with any of `inputs` (read),
+    given by name; an input may be None (skipped) or a list/tuple of tensors (named ``name[i]``).
+
+        check_no_overlap("lora_expand_", "y", y, t=t, lora_b_stack=b_stacks, ranks=ranks)
+
+    Raises ValueError naming the argument; costs a few hundred ns per input (storage pointers)."""
+    check_no_internal_overlap(op, out_name, out)
+    for name, value in inputs.items():
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                if item is not None:
+                    check_no_shared_memory(op, f"{name}[{i}]", item, out_name, out)
+        else:
+            check_no_shared_memory(op, name, value, out_name, out)
 
 
 def check_count(op: str, name: str, value, minimum: int = 1) -> int:

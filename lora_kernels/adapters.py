@@ -18,6 +18,7 @@ reason, never loaded partially.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -27,8 +28,9 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from ._validation import fail
-from .layers import FusedLoRALinear, lora_scaling
+from ._validation import FLOAT_DTYPES, check_probability, check_scale, fail
+from .backends import BACKENDS
+from .layers import FusedLoRALinear, _check_hparams, lora_scaling
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -41,12 +43,65 @@ _16BIT = (torch.float16, torch.bfloat16)
 # inject
 # ---------------------------------------------------------------------------------------------
 
+ALL_LINEAR = "all-linear"  # PEFT's shorthand (peft.utils.constants.INCLUDE_LINEAR_LAYERS_SHORTHAND)
+
+
 def _matches(name: str, target_modules: Union[str, Sequence[str]]) -> bool:
     """PEFT's rule: a string is a regex that must match the whole module name; a list matches a
     name equal to an entry or ending in "." + entry."""
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
     return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def _check_regex(op: str, what: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        fail(op, f"{what} {pattern!r} is not a valid regular expression ({e})")
+
+
+def _all_linear(model: nn.Module) -> List[str]:
+    """PEFT's "all-linear" (tuners_utils._maybe_include_all_linear_layers): every linear layer
+    except the output head -- the module ``model.get_output_embeddings()`` returns, when the model
+    has that method (transformers models). Here "linear" means exactly ``nn.Linear`` (PEFT also
+    takes transformers' Conv1D and nn.Linear subclasses, which FusedLoRALinear cannot replace);
+    layers that already hold an adapter are skipped."""
+    head = None
+    get_head = getattr(model, "get_output_embeddings", None)
+    if callable(get_head):
+        head = get_head()
+    return [n for n, m in model.named_modules() if n and type(m) is nn.Linear and m is not head]
+
+
+def _target_names(op: str, model: nn.Module, target_modules) -> List[str]:
+    """The module names `target_modules` selects (PEFT's rules), after checking its type and regexes."""
+    if isinstance(target_modules, str):
+        if target_modules.lower() == ALL_LINEAR:
+            return _all_linear(model)
+        _check_regex(op, "target_modules", target_modules)
+        return [n for n, _ in model.named_modules() if n and _matches(n, target_modules)]
+    if isinstance(target_modules, (bytes, dict)) or not isinstance(target_modules, Iterable):
+        fail(op, f"target_modules must be a regex string, 'all-linear' or a non-empty list of names, "
+                 f"got {type(target_modules).__name__}", TypeError)
+    target_modules = list(target_modules)
+    if not target_modules or not all(isinstance(t, str) for t in target_modules):
+        fail(op, f"target_modules must be a regex string, 'all-linear' or a non-empty list of names, "
+                 f"got {target_modules!r}", TypeError)
+    return [n for n, _ in model.named_modules() if n and _matches(n, target_modules)]
+
+
+@contextlib.contextmanager
+def _restore_requires_grad_on_error(model: nn.Module):
+    """Building FusedLoRALinear layers freezes the weights they share: if anything fails before
+    the model is changed, every parameter gets its requires_grad back."""
+    before = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    except BaseException:
+        for p, flag in before:
+            p.requires_grad_(flag)
+        raise
 
 
 def _default_adapter_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -66,12 +121,16 @@ def _freeze_all_but_lora(model: nn.Module) -> None:
         p.requires_grad_(id(p) in lora)
 
 
-def _new_layer(op: str, name: str, module: nn.Module, r: int, lora_alpha: float, lora_dropout: float,
-               use_rslora: bool, adapter_dtype: Optional[torch.dtype], backend: str) -> FusedLoRALinear:
+def _check_target(op: str, name: str, module: nn.Module, why: str = "matches target_modules") -> None:
     if isinstance(module, FusedLoRALinear):
         fail(op, f"module {name!r} already holds a LoRA adapter (FusedLoRALinear)")
     if type(module) is not nn.Linear:  # a subclass may compute something else in its forward
-        fail(op, f"module {name!r} matches target_modules but is an instance of {type(module).__name__}, not nn.Linear")
+        fail(op, f"module {name!r} {why} but is an instance of {type(module).__name__}, not nn.Linear")
+
+
+def _new_layer(op: str, name: str, module: nn.Module, r: int, lora_alpha: float, lora_dropout: float,
+               use_rslora: bool, adapter_dtype: Optional[torch.dtype], backend: str) -> FusedLoRALinear:
+    _check_target(op, name, module)
     return FusedLoRALinear.from_linear(module, r, lora_alpha, lora_dropout, use_rslora,
                                        adapter_dtype=adapter_dtype or _default_adapter_dtype(module.weight),
                                        backend=backend)
@@ -88,22 +147,29 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int, 
         y = x @ weight.T + bias + s * (dropout(x) @ lora_A.T) @ lora_B.T
         s = lora_alpha / r                 (lora_alpha / sqrt(r) with use_rslora)
 
-    target_modules: PEFT's rule -- a regex string matched against the whole module name, or a
-    list of names matched exactly or as the name's last dotted components ("q_proj" matches
-    "model.layers.0.self_attn.q_proj"). A matching module that is not an ``nn.Linear`` is an
-    error, and so is matching nothing. adapter_dtype: default float32 over a float16/bfloat16 base
-    (PEFT's default), else the base's dtype. Returns `model`.
+    target_modules: PEFT's rule -- a regex string matched against the whole module name, a list
+    of names matched exactly or as the name's last dotted components ("q_proj" matches
+    "model.layers.0.self_attn.q_proj"), or PEFT's "all-linear": every ``nn.Linear`` except the
+    output head (``model.get_output_embeddings()``). A matching module that is not an
+    ``nn.Linear`` is an error, and so is matching nothing. adapter_dtype: default float32 over a
+    float16/bfloat16 base (PEFT's default), else the base's dtype. Every argument and every
+    matched module is checked before the model changes; on an error the model (modules,
+    parameters' requires_grad) is as it was. Returns `model`.
     """
     op = "inject"
-    if not isinstance(target_modules, str):
-        target_modules = list(target_modules)
-        if not target_modules or not all(isinstance(t, str) for t in target_modules):
-            fail(op, f"target_modules must be a regex string or a non-empty list of names, got {target_modules!r}", TypeError)
-    names = [n for n, _ in model.named_modules() if n and _matches(n, target_modules)]
+    if not isinstance(model, nn.Module):
+        fail(op, f"model must be an nn.Module, got {type(model).__name__}", TypeError)
+    names = _target_names(op, model, target_modules)
     if not names:
         fail(op, f"target_modules {target_modules!r} matched no module of {type(model).__name__}")
-    new = {n: _new_layer(op, n, model.get_submodule(n), r, lora_alpha, lora_dropout, use_rslora,
-                         adapter_dtype, backend) for n in names}  # every check before any change
+    for n in names:
+        module = model.get_submodule(n)
+        _check_target(op, n, module)
+        _check_hparams(op, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype, backend,
+                       module.in_features, module.out_features)
+    with _restore_requires_grad_on_error(model):  # building layers freezes their weights
+        new = {n: _new_layer(op, n, model.get_submodule(n), r, lora_alpha, lora_dropout, use_rslora,
+                             adapter_dtype, backend) for n in names}
     for n, layer in new.items():
         _replace(model, n, layer)
     _freeze_all_but_lora(model)
@@ -172,6 +238,7 @@ def save_adapter(model: nn.Module, path: str) -> None:
     ([r, in]) and ``...lora_B.weight`` ([out, r]), in the adapters' dtype."""
     from safetensors.torch import save_file
 
+    path = _check_path("save_adapter", path)
     config = peft_config(model)
     tensors = {}
     for name, m in lora_layers(model).items():
@@ -203,17 +270,60 @@ def _pattern_value(patterns: Dict, name: str, default):
     return default
 
 
+def _check_path(op: str, path) -> str:
+    if isinstance(path, bytes) or not isinstance(path, (str, os.PathLike)):
+        fail(op, f"path must be a directory path (str or os.PathLike), got {type(path).__name__}", TypeError)
+    return os.fspath(path)
+
+
+def _read_config(op: str, cfg_path: str) -> Dict:
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        fail(op, f"{cfg_path} is not valid JSON ({e})")
+    if not isinstance(config, dict):
+        fail(op, f"{cfg_path} must hold a JSON object (PEFT's LoraConfig), got a JSON {type(config).__name__}")
+    return config
+
+
+def _config_value(op: str, cfg_path: str, key: str, value, kind: str):
+    """One config number, checked as the layer will use it: r a positive int, lora_alpha a finite
+    number, lora_dropout in [0, 1); the error names the file and the field (`key`)."""
+    try:
+        if kind == "r":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                fail(op, f"{key} must be a positive int, got {value!r}")
+        elif kind == "alpha":
+            check_scale(op, key, value)
+        else:
+            check_probability(op, key, value)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{op}: {cfg_path}: {str(e)[len(op) + 2:]}") from None
+    return value
+
+
+def _check_patterns(op: str, cfg_path: str, config: Dict, key: str, kind: str) -> Dict:
+    patterns = config.get(key) or {}
+    if not isinstance(patterns, dict):
+        fail(op, f"{cfg_path}: {key} must be a JSON object (module pattern -> value), got {type(patterns).__name__}")
+    for p, v in patterns.items():
+        _check_regex(op, f"{cfg_path}: {key} key", p)
+        _config_value(op, cfg_path, f"{key}[{p!r}]", v, kind)
+    return patterns
+
+
 def _read(path: str):
     from safetensors.torch import load_file
 
     op = "load_adapter"
+    path = _check_path(op, path)
     cfg_path, w_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
     for p in (cfg_path, w_path):
         if not os.path.isfile(p):
             fail(op, f"{p} not found (a PEFT adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME})",
                  FileNotFoundError)
-    with open(cfg_path) as f:
-        config = json.load(f)
+    config = _read_config(op, cfg_path)
     if config.get("peft_type") != "LORA":
         fail(op, f"{cfg_path}: peft_type must be 'LORA', got {config.get('peft_type')!r}")
     for key in _MUST_BE_OFF:
@@ -221,13 +331,30 @@ def _read(path: str):
             fail(op, f"{cfg_path}: {key}={config[key]!r} is not supported without PEFT (load it with PEFT)")
     if config.get("bias", "none") != "none":
         fail(op, f"{cfg_path}: bias={config['bias']!r} (trained base biases) is not supported without PEFT")
-    tensors = load_file(w_path)
+    # every number the layers will take, checked now (PEFT's defaults where a field is absent)
+    hp = {"r": _config_value(op, cfg_path, "r", config.get("r", 8), "r"),
+          "lora_alpha": _config_value(op, cfg_path, "lora_alpha", config.get("lora_alpha", 8), "alpha"),
+          "lora_dropout": float(_config_value(op, cfg_path, "lora_dropout", config.get("lora_dropout", 0.0),
+                                              "dropout")),
+          "rank_pattern": _check_patterns(op, cfg_path, config, "rank_pattern", "r"),
+          "alpha_pattern": _check_patterns(op, cfg_path, config, "alpha_pattern", "alpha")}
+    use_rslora = config.get("use_rslora", False)
+    if not isinstance(use_rslora, bool):
+        fail(op, f"{cfg_path}: use_rslora must be true or false, got {use_rslora!r}")
+    hp["use_rslora"] = use_rslora
+    try:
+        tensors = load_file(w_path)
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError) on bad files
+        fail(op, f"{w_path} is not a readable safetensors file ({type(e).__name__}: {e})")
     per_module: Dict[str, Dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = _KEY.match(key)
         if m is None:
             fail(op, f"{w_path}: key {key!r} is not a plain LoRA weight "
                      f"(expected {PREFIX}<module path>.lora_A.weight / .lora_B.weight)")
+        if t.dtype not in FLOAT_DTYPES:
+            fail(op, f"{w_path}: {key} has dtype {str(t.dtype).replace('torch.', '')}, not a float dtype",
+                 TypeError)
         per_module.setdefault(m["path"], {})[m["which"]] = t
     for name, pair in per_module.items():
         if set(pair) != {"lora_A", "lora_B"}:
@@ -236,7 +363,9 @@ def _read(path: str):
         if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
             fail(op, f"{w_path}: module {name!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} "
                      f"are not [r, in] and [out, r]")
-    return config, per_module
+    if not per_module:
+        fail(op, f"{w_path} holds no LoRA weights")
+    return hp, per_module
 
 
 def load_adapter(model: nn.Module, path: str, *, backend: str = "auto") -> nn.Module:
@@ -246,20 +375,24 @@ def load_adapter(model: nn.Module, path: str, *, backend: str = "auto") -> nn.Mo
     is a ``FusedLoRALinear`` of that rank) a LoRA layer, and receives the file's lora_A [r, in] and
     lora_B [out, r]; its scaling comes from the config (``lora_alpha`` / ``alpha_pattern``,
     ``use_rslora``), as PEFT computes it. As with ``inject``, only LoRA parameters train afterwards.
-    Everything is checked (keys, shapes, config) before the model is changed. Returns `model`.
+    Everything (the files, every config value, keys, shapes, the modules) is checked before the
+    model is changed: on an error no module, adapter or requires_grad has changed. Returns `model`.
     """
     op = "load_adapter"
-    config, per_module = _read(path)
-    r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
-    use_rslora, dropout = bool(config.get("use_rslora", False)), float(config.get("lora_dropout", 0.0))
+    if not isinstance(model, nn.Module):
+        fail(op, f"model must be an nn.Module, got {type(model).__name__}", TypeError)
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        fail(op, f"backend must be one of {BACKENDS}, got {backend!r}")
+    hp, per_module = _read(path)
+    use_rslora, dropout = hp["use_rslora"], hp["lora_dropout"]
     plan = {}
     for name, pair in per_module.items():
         a, b = pair["lora_A"], pair["lora_B"]
         r = a.shape[0]
-        r_config = _pattern_value(config.get("rank_pattern") or {}, name, r_default)
+        r_config = _pattern_value(hp["rank_pattern"], name, hp["r"])
         if r != r_config:
             fail(op, f"module {name!r}: the file's lora_A has rank {r} but the config says r={r_config}")
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, name, alpha_default)
+        alpha = _pattern_value(hp["alpha_pattern"], name, hp["lora_alpha"])
         try:
             module = model.get_submodule(name)
         except AttributeError:
@@ -269,21 +402,27 @@ def load_adapter(model: nn.Module, path: str, *, backend: str = "auto") -> nn.Mo
                 fail(op, f"module {name!r} is merged; unmerge it before loading another adapter into it")
             if module.r != r:
                 fail(op, f"module {name!r} is a FusedLoRALinear of rank {module.r}, the adapter's is {r}")
-            layer = None
         else:
-            layer = _new_layer(op, name, module, r, alpha, dropout, use_rslora, None, backend)
-            module = layer
+            _check_target(op, name, module, "has weights in the adapter")
+            _check_hparams(op, r, alpha, dropout, use_rslora, None, backend, module.in_features,
+                           module.out_features)
         shape_a, shape_b = (r, module.in_features), (module.out_features, r)
         if tuple(a.shape) != shape_a or tuple(b.shape) != shape_b:
             fail(op, f"module {name!r}: the file's lora_A {list(a.shape)} / lora_B {list(b.shape)} do not fit "
                      f"the layer ([r, in] = {list(shape_a)}, [out, r] = {list(shape_b)})")
-        plan[name] = (module, layer, a, b, alpha)
-    for name, (module, layer, a, b, alpha) in plan.items():
-        if layer is not None:
-            _replace(model, name, layer)
+        plan[name] = (module, a, b, alpha, lora_scaling(r, alpha, use_rslora))
+    # Everything is checked: build the new layers (restoring requires_grad if that fails) ...
+    with _restore_requires_grad_on_error(model):
+        layers = {name: _new_layer(op, name, module, a.shape[0], alpha, dropout, use_rslora, None, backend)
+                  for name, (module, a, b, alpha, _) in plan.items() if not isinstance(module, FusedLoRALinear)}
+    # ... then change the model, with nothing left that can fail.
+    for name, (module, a, b, alpha, scaling) in plan.items():
+        if name in layers:
+            module = layers[name]
+            _replace(model, name, module)
         else:  # an existing layer takes the file's hyper-parameters, as PEFT's load would
             module.lora_alpha, module.use_rslora, module.lora_dropout = alpha, use_rslora, dropout
-            module.scaling = lora_scaling(module.r, alpha, use_rslora)
+            module.scaling = scaling
         with torch.no_grad():
             module.lora_A.copy_(a)
             module.lora_B.copy_(b)

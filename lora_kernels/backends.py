@@ -149,7 +149,7 @@ def resolve(op: str, backend: str, device: torch.device, prefer: Sequence[str] =
     `prefer` is the op's order of compiled backends for this input under ``"auto"``;
     `input_reason(backend)` says why a backend cannot take these particular inputs (a dtype or a
     rank it does not support), or None."""
-    if backend not in BACKENDS:
+    if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         backend = os.environ.get(ENV_VAR, "auto") or "auto"
@@ -170,7 +170,17 @@ def resolve(op: str, backend: str, device: torch.device, prefer: Sequence[str] =
 
 def explain(op: str, device: torch.device, prefer: Sequence[str] = ("triton",),
             input_reason: Optional[InputReason] = None) -> str:
-    """A human-readable account of what ``backend="auto"`` picks for `op` on `device`, and why."""
+    """A human-readable account of what ``backend="auto"`` picks for `op` on `device` (a
+    ``torch.device`` or a string such as ``"cuda:0"`` / ``"cpu"``), and why."""
+    if not isinstance(op, str):
+        raise TypeError(f"explain: op must be an op name (str), got {type(op).__name__}")
+    if not isinstance(device, torch.device):
+        if not isinstance(device, (str, int)) or isinstance(device, bool):
+            raise TypeError(f"explain: device must be a torch.device or a device string, got {type(device).__name__}")
+        try:
+            device = torch.device(device)
+        except RuntimeError as e:
+            raise ValueError(f"explain: device {device!r} is not a device ({e})") from None
     lines = [f"{op} on {device}: auto -> {resolve(op, 'auto', device, prefer, input_reason)}"]
     for b in ("triton", "cuda", "torch"):
         reason = _reason(b, device, input_reason)

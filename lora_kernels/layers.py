@@ -9,7 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._validation import check_count, check_probability, check_scale, check_shape, check_tensor, fail
+from ._validation import (FLOAT_DTYPES, check_allocatable, check_count, check_probability, check_scale, check_shape,
+                          check_tensor, fail)
+from .backends import BACKENDS
 from .ops.lora_linear import lora_linear
 from .ops.merge import MergeResidual, merge_, unmerge_
 from .ops.multi_lora import multi_lora_linear
@@ -21,10 +23,25 @@ def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
-def _check_hparams(op: str, r, lora_dropout) -> None:
+def _check_hparams(op: str, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype, backend,
+                   in_features: int, out_features: int) -> None:
+    """Every hyper-parameter of a FusedLoRALinear, checked before anything is built or changed, so
+    a bad one fails here, naming the argument, and not at the first forward."""
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise ValueError(f"{op}: r must be a positive int, got {r!r}")
+    check_scale(op, "lora_alpha", lora_alpha)  # a finite real number (not a string, bool or nan)
     check_probability(op, "lora_dropout", lora_dropout)
+    if not isinstance(use_rslora, bool):
+        fail(op, f"use_rslora must be a bool, got {type(use_rslora).__name__}", TypeError)
+    if adapter_dtype is not None and adapter_dtype not in FLOAT_DTYPES:
+        fail(op, f"adapter_dtype must be None or one of "
+                 f"({', '.join(str(d).replace('torch.', '') for d in FLOAT_DTYPES)}), got {adapter_dtype!r}",
+             TypeError)
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        fail(op, f"backend must be one of {BACKENDS}, got {backend!r}")
+    dtype = adapter_dtype or torch.float32
+    check_allocatable(op, "r", r, (r, in_features), dtype, f"lora_A [r, in_features = {in_features}]")
+    check_allocatable(op, "r", r, (out_features, r), dtype, f"lora_B [out_features = {out_features}, r]")
 
 
 class FusedLoRALinear(nn.Module):
@@ -46,7 +63,11 @@ class FusedLoRALinear(nn.Module):
                  device=None, dtype=None, *, adapter_dtype: Optional[torch.dtype] = None,
                  backend: str = "auto"):
         super().__init__()
-        _check_hparams("FusedLoRALinear", r, lora_dropout)
+        op = "FusedLoRALinear"
+        check_count(op, "in_features", in_features, 0)
+        check_count(op, "out_features", out_features, 0)
+        _check_hparams(op, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype, backend, in_features,
+                       out_features)
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.weight = nn.Parameter(base.weight.detach(), requires_grad=False)
         self.bias = None if base.bias is None else nn.Parameter(base.bias.detach(), requires_grad=False)
@@ -82,15 +103,17 @@ class FusedLoRALinear(nn.Module):
         them as PEFT does."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"FusedLoRALinear.from_linear: linear must be an nn.Linear, got {type(linear).__name__}")
-        _check_hparams("FusedLoRALinear.from_linear", r, lora_dropout)
+        _check_hparams("FusedLoRALinear.from_linear", r, lora_alpha, lora_dropout, use_rslora, adapter_dtype,
+                       backend, linear.in_features, linear.out_features)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.weight = linear.weight
-        self.weight.requires_grad_(False)
         self.bias = linear.bias
+        self._init_adapter(r, lora_alpha, lora_dropout, use_rslora, adapter_dtype, backend)
+        # frozen last: if anything above fails (an allocation), linear is left as it was
+        self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        self._init_adapter(r, lora_alpha, lora_dropout, use_rslora, adapter_dtype, backend)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

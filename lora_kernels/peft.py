@@ -131,7 +131,10 @@ def fuse(model: nn.Module, verbose: bool = False, *, backend: str = "auto") -> n
     reason. `backend` is passed to every op ("auto" | "triton" | "cuda" | "torch"). Calling ``fuse``
     again fuses layers added since (e.g. by ``add_adapter`` on new target modules). Returns `model`.
     """
-    if backend not in BACKENDS:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fuse: model must be an nn.Module (a PeftModel or a module holding PEFT LoRA layers), "
+                        f"got {type(model).__name__}")
+    if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"fuse: backend must be one of {BACKENDS}, got {backend!r}")
     report = FuseReport()
     for name, module in _lora_layers(model):
@@ -150,6 +153,8 @@ def fuse(model: nn.Module, verbose: bool = False, *, backend: str = "auto") -> n
 
 def fuse_report(model: nn.Module) -> FuseReport:
     """The report of the last ``fuse(model)``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fuse_report: model must be an nn.Module, got {type(model).__name__}")
     report = model.__dict__.get("_lora_kernels_fuse_report")
     if report is None:
         raise ValueError("fuse_report: this model has not been fused (call lora_kernels.peft.fuse first)")
@@ -159,6 +164,8 @@ def fuse_report(model: nn.Module) -> FuseReport:
 def unfuse(model: nn.Module) -> nn.Module:
     """In place: every fused layer of `model` is PEFT's ``lora.Linear`` again (same objects and
     parameters; merged adapters stay merged, as PEFT would keep them). Returns `model`."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"unfuse: model must be an nn.Module, got {type(model).__name__}")
     for _, module in _lora_layers(model):
         if isinstance(module, FusedLinear):
             module.__class__ = PeftLinear

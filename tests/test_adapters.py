@@ -187,3 +187,13 @@ def test_unsupported_adapters_are_refused_and_change_nothing(tmp_path):
     with pytest.raises(ValueError, match="do not fit the layer"):
         lora_kernels.load_adapter(other, tmp_path / "r4")
     assert fused_count(other) == 0
+
+
+def test_inject_all_linear_selects_what_peft_selects():
+    """PEFT's "all-linear": every linear layer except the output head (lm_head)."""
+    ours = lora_kernels.inject(tiny_llama(), "all-linear", r=2)
+    theirs = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules="all-linear"))
+    peft_names = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+                  if hasattr(m, "lora_A") and isinstance(m.lora_A, nn.ModuleDict)}
+    assert set(lora_layers(ours)) == peft_names
+    assert "lm_head" not in peft_names and len(peft_names) == 2 * 7

@@ -6,6 +6,7 @@ import torch
 
 import lora_kernels
 from cases import make_lora_inputs
+from unchanged import assert_unchanged, snapshot
 
 
 def _inputs():
@@ -54,19 +55,31 @@ LORA_LINEAR_BAD = [
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_lora_linear_rejects(build, exc, match, backend):
     args = build()
+    tensors = [v for v in args.values() if isinstance(v, torch.Tensor)]
+    before = [snapshot(t) for t in tensors]
     with pytest.raises(exc, match=match) as info:
         lora_kernels.lora_linear(**args, backend=backend)
     assert str(info.value).startswith("lora_linear: ")
+    for t, s in zip(tensors, before):
+        assert_unchanged(t, s)
 
 
-@pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
-    (dict(dropout_p=-0.1), ValueError, r"dropout_p must be in \[0, 1\)"),
-    (dict(backend="cudnn"), ValueError, r"backend must be one of"),
-])
+LORA_LINEAR_OPTIONS_BAD = [
+    ("dropout_p 1", dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
+    ("dropout_p < 0", dict(dropout_p=-0.1), ValueError, r"dropout_p must be in \[0, 1\)"),
+    ("backend cudnn", dict(backend="cudnn"), ValueError, r"backend must be one of"),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [c[1:] for c in LORA_LINEAR_OPTIONS_BAD],
+                         ids=[c[0] for c in LORA_LINEAR_OPTIONS_BAD])
 def test_lora_linear_rejects_options(kwargs, exc, match):
+    args = _inputs().args()
+    before = [snapshot(t) for t in args if isinstance(t, torch.Tensor)]
     with pytest.raises(exc, match=match):
-        lora_kernels.lora_linear(*_inputs().args(), **kwargs)
+        lora_kernels.lora_linear(*args, **kwargs)
+    for t, s in zip([t for t in args if isinstance(t, torch.Tensor)], before):
+        assert_unchanged(t, s)
 
 
 MERGE_BAD = [
@@ -98,11 +111,13 @@ MERGE_BAD = [
 def test_merge_rejects_and_leaves_weight_unchanged(make, exc, match, op):
     inp = _inputs()
     w, a, b, s = make(inp.weight, inp.lora_a, inp.lora_b)
-    before = w.clone()
+    watched = [inp.weight, inp.lora_a, inp.lora_b, w]
+    before = [snapshot(t) for t in watched]
     with pytest.raises(exc, match=match) as info:
         getattr(lora_kernels, op)(w, a, b, s)
     assert str(info.value).startswith(op + ": ")
-    assert torch.equal(w, before)
+    for t, snap in zip(watched, before):
+        assert_unchanged(t, snap)
 
 
 @pytest.mark.parametrize("backend,weight_dtype,match", [
@@ -119,10 +134,16 @@ def test_merge_backend_unavailable_says_why(backend, weight_dtype, match, monkey
     assert torch.equal(w, before)
 
 
-def test_fused_lora_linear_rejects_bad_hparams():
-    with pytest.raises(ValueError, match="r must be a positive int"):
-        lora_kernels.FusedLoRALinear(8, 8, r=0)
-    with pytest.raises(ValueError, match="lora_dropout must be in"):
-        lora_kernels.FusedLoRALinear(8, 8, r=2, lora_dropout=1.5)
-    with pytest.raises(TypeError, match="must be an nn.Linear"):
-        lora_kernels.FusedLoRALinear.from_linear(torch.nn.Conv1d(2, 2, 1), r=2)
+LAYER_BAD = [
+    ("r 0", lambda: lora_kernels.FusedLoRALinear(8, 8, r=0), ValueError, "r must be a positive int"),
+    ("lora_dropout 1.5", lambda: lora_kernels.FusedLoRALinear(8, 8, r=2, lora_dropout=1.5), ValueError,
+     "lora_dropout must be in"),
+    ("from_linear of a Conv1d", lambda: lora_kernels.FusedLoRALinear.from_linear(torch.nn.Conv1d(2, 2, 1), r=2),
+     TypeError, "linear must be an nn.Linear"),
+]
+
+
+@pytest.mark.parametrize("make,exc,match", [c[1:] for c in LAYER_BAD], ids=[c[0] for c in LAYER_BAD])
+def test_fused_lora_linear_rejects_bad_hparams(make, exc, match):
+    with pytest.raises(exc, match=match):
+        make()

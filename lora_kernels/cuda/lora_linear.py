@@ -8,6 +8,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .._validation import check_no_overlap
 from ..errors import BackendUnavailable
 from . import loader
 
@@ -62,6 +63,15 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
     unit-stride (a transposed weight, a column-major x) is copied first -- on every call, which
     for the weight costs a pass over N x K: keep weights row-major. Row strides are free. An fp32
     lora_a is split into 16-bit halves (two small extra kernels per call)."""
+    # The kernel reads x, weight and the adapters with non-coherent loads (ld.global.nc): an
+    # output sharing their memory would be read stale or half-written. Checked before the
+    # extension loads, so the check runs (and is tested) anywhere.
+    if out is not None:
+        check_no_overlap("lora_linear", "out", out, x=x, weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias,
+                         t_out=t_out)
+    if t_out is not None:
+        check_no_overlap("lora_linear", "t_out", t_out, x=x, weight=weight, lora_a=lora_a, lora_b=lora_b,
+                         bias=bias)
     loader.load()
     M, K = x.shape
     N, r = weight.shape[0], lora_a.shape[0]
@@ -73,6 +83,10 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
     if M == 0 or N == 0:
         if save_t and M > 0:
             t.copy_(x.float() @ lora_a.float().t())
+        return y, t
+    if K == 0:  # empty sums: y = bias, t = 0 (no kernel needed)
+        y.copy_(bias.expand(M, N) if bias is not None else torch.zeros((), dtype=y.dtype, device=y.device))
+        t.zero_()
         return y, t
     a_split = lora_a.dtype == torch.float32
     a = split_fp32_adapter(lora_a, x.dtype) if a_split else unit_stride_along_k(lora_a)

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from .. import reference
+from .._validation import check_no_overlap
 from ..errors import BackendUnavailable
 from . import loader
 
@@ -53,6 +54,10 @@ def _launch(mode: int, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch
             escape_index: Optional[torch.Tensor] = None, escape_value: Optional[torch.Tensor] = None) -> None:
     if weight.numel() == 0:
         return
+    # weight is written in place; the kernel reads the adapters (and the residual's buffers) with
+    # plain loads that another CTA's writes to weight would race: none may share its memory.
+    check_no_overlap("merge_", "weight", weight, lora_a=lora_a, lora_b=lora_b, status=status, codes=codes,
+                     escape_index=escape_index, escape_value=escape_value)
     _op()(weight, lora_a, lora_b, float(scale), fan_in_fan_out, mode, subtract, gated, status, codes,
        escape_index, escape_value)
 

@@ -22,6 +22,7 @@ import os
 from typing import Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from .. import backends, reference
@@ -104,7 +105,7 @@ def choose_backend(x: Tensor, lora_a: Tensor, backend: str = "auto", dropout: bo
     anything else must add it to the key."""
     if backend == "torch":
         return backend  # always runs; nothing to look up
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or type(backend) is not str:  # resolve() names a bad backend
         return backends.resolve(OP, backend, x.device, AUTO_PREFERENCE, _input_reason(x, lora_a, dropout))
     key = (backend, x.device, x.dtype, lora_a.dtype, lora_a.shape[0], dropout,
            os.environ.get(backends.ENV_VAR), os.environ.get("TRITON_INTERPRET"),
@@ -182,7 +183,7 @@ def lora_linear_fwd(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, s
     save_t (kept for the backward), else an empty [0, r]. drop(x) = x * keep / (1 - dropout_p),
     keep drawn from dropout_seed (int64 [1]; None = no dropout)."""
     flat = x.dim() == 2
-    x2 = x if flat else x.reshape(-1, x.shape[-1])
+    x2 = x if flat else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: K may be 0
     if backend == "triton":
         from ..triton.lora_linear import lora_linear_fwd as launch
         y, t = launch(x2, weight, lora_a, lora_b, scale, bias, save_t, dropout_p=dropout_p,
@@ -230,7 +231,8 @@ def lora_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_
     x's / lora_a's / lora_b's / bias_dtype; one not needed (need_* False, bias_dtype None) comes
     back as an empty [0] tensor."""
     K, N = x.shape[-1], weight.shape[0]
-    x2, dy2 = x.reshape(-1, K), dy.reshape(-1, N)
+    M = math.prod(x.shape[:-1])  # explicit, not -1: K or N may be 0
+    x2, dy2 = x.reshape(M, K), dy.reshape(M, N)
     if need_b and t is None:  # lora_b started requiring grad after the forward: recompute t
         with _no_autocast(x):
             _, t = reference.lora_linear_forward(x2, weight, lora_a, lora_b, scale, None,
@@ -295,7 +297,8 @@ def _grads(ctx, dy: Tensor, bwd) -> tuple:
                                 need_b)
     if need_w:  # a trainable base weight: one plain GEMM (the base sees x, never drop(x))
         K, N = x.shape[-1], weight.shape[0]
-        dw = (dy.reshape(-1, N).t() @ x.reshape(-1, K)).to(weight.dtype)
+        M = math.prod(x.shape[:-1])
+        dw = (dy.reshape(M, N).t() @ x.reshape(M, K)).to(weight.dtype)
     return (dx if need_x else None, dw, da if need_a else None, db if need_b else None,
             dbias if need_bias else None)
 
@@ -330,6 +333,109 @@ class _LoRALinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         dx, dw, da, db, dbias = _grads(ctx, dy, lora_linear_bwd)
         return dx, dw, da, db, None, dbias, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.func (grad, vmap, jvp, jacrev, hessian, ...) and forward-mode AD
+# ---------------------------------------------------------------------------------------------
+
+def _is_batched(*tensors) -> bool:
+    return any(t is not None and torch._C._functorch.is_batchedtensor(t) for t in tensors)
+
+
+def _transform_keep_mask(x2: Tensor, p: float, seed: Optional[Tensor]) -> Optional[Tensor]:
+    if seed is None:
+        return None
+    if _is_batched(seed):  # vmap(randomness="different") drew one seed per sample
+        fail(OP, "dropout under torch.func.vmap(randomness='different') is not supported (one Philox "
+                 "key per call); use randomness='same', dropout_p=0 or training=False", NotImplementedError)
+    return reference.dropout_keep_mask(int(seed.item()), x2.shape[0], x2.shape[1], p, x2.device)
+
+
+class _LoRALinearTransformFunction(torch.autograd.Function):
+    """lora_linear under torch.func transforms and forward-mode AD.
+
+    forward: the chosen backend's kernel where the inputs are plain tensors (``torch.func.grad``,
+    ``jvp``), else -- under ``vmap`` the inputs are batched, which no kernel takes -- the torch
+    reference (plain batchable torch ops; ``generate_vmap_rule`` runs it per sample).
+    backward and jvp: plain torch ops (they run on functorch-wrapped tensors), differentiable
+    again, so ``vmap(grad(...))`` (per-sample gradients), ``jacrev``, ``hessian`` and ``jvp`` all
+    give the true derivatives. Formulas (t = drop(x) @ lora_a.T, fp32/fp64)::
+
+        backward: lora_linear_bwd's, and dW = dy.T @ x
+        jvp:      dy = dx @ W.T + x @ dW.T + s * ((drop(dx) @ A.T + drop(x) @ dA.T) @ B.T + t @ dB.T) + dbias
+    """
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, lora_a, lora_b, scale, bias, backend, dropout_p, seed):
+        if _is_batched(x, weight, lora_a, lora_b, bias):
+            backend = "torch"
+        if backend == "torch":
+            K = x.shape[-1]
+            x2 = x.reshape(math.prod(x.shape[:-1]), K)
+            keep = _transform_keep_mask(x2, dropout_p, seed)
+            with _no_autocast(x):
+                y, _ = reference.lora_linear_forward(x2, weight, lora_a, lora_b, scale, bias, keep, dropout_p)
+            return y.reshape(*x.shape[:-1], weight.shape[0])
+        return lora_linear_fwd(x, weight, lora_a, lora_b, scale, bias, backend, False, dropout_p, seed)[0]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, lora_a, lora_b, scale, bias, _backend, dropout_p, seed = inputs
+        ctx.scale, ctx.dropout_p = scale, dropout_p
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(x, weight, lora_a, lora_b, seed)
+        ctx.save_for_forward(x, weight, lora_a, lora_b, seed)
+
+    @staticmethod
+    def _flat(ctx):
+        x, weight, lora_a, lora_b, seed = ctx.saved_tensors
+        K = x.shape[-1]
+        x2 = x.reshape(math.prod(x.shape[:-1]), K)
+        return x, x2, weight, lora_a, lora_b, _transform_keep_mask(x2, ctx.dropout_p, seed)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, x2, weight, lora_a, lora_b, keep = _LoRALinearTransformFunction._flat(ctx)
+        need_x, need_w, need_a, need_b, _, need_bias = ctx.needs_input_grad[:6]
+        N = weight.shape[0]
+        dy2 = dy.reshape(x2.shape[0], N)
+        t = None
+        if need_b:
+            acc = reference.acc_dtype(x.dtype, lora_a.dtype)
+            t = reference.lora_input(x2, ctx.dropout_p, dropout_mask=keep).to(acc) @ lora_a.to(acc).t()
+        dx, da, db, dbias = reference.lora_linear_backward(
+            dy2, x2, weight, lora_a, lora_b, t, ctx.scale, keep, ctx.dropout_p, need_x, need_a, need_b,
+            ctx.bias_dtype if need_bias else None)
+        dw = (dy2.t() @ x2).to(weight.dtype) if need_w else None
+        return (dx.reshape(x.shape) if need_x else None), dw, da, db, None, dbias, None, None, None
+
+    @staticmethod
+    def jvp(ctx, dx, dw, da, db, _dscale, dbias, *_):
+        x, x2, weight, lora_a, lora_b, keep = _LoRALinearTransformFunction._flat(ctx)
+        acc = reference.acc_dtype(x.dtype, weight.dtype, lora_a.dtype, lora_b.dtype)
+        M, N = x2.shape[0], weight.shape[0]
+        drop = (lambda v: reference.lora_input(v.to(acc), ctx.dropout_p, dropout_mask=keep))
+        out = torch.zeros((M, N), dtype=acc, device=x.device)
+        dt = None  # tangent of t = drop(x) @ A.T
+        if dx is not None:
+            dx2 = dx.reshape(M, x2.shape[1]).to(acc)
+            out = out + dx2 @ weight.to(acc).t()
+            dt = drop(dx2) @ lora_a.to(acc).t()
+        if dw is not None:
+            out = out + x2.to(acc) @ dw.to(acc).t()
+        if da is not None:
+            term = drop(x2) @ da.to(acc).t()
+            dt = term if dt is None else dt + term
+        if dt is not None:
+            out = out + ctx.scale * (dt @ lora_b.to(acc).t())
+        if db is not None:
+            t = drop(x2) @ lora_a.to(acc).t()
+            out = out + ctx.scale * (t @ db.to(acc).t())
+        if dbias is not None:
+            out = out + dbias.to(acc)
+        return out.to(x.dtype).reshape(*x.shape[:-1], N)
 
 
 _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
@@ -427,9 +533,15 @@ def lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale
                                         or lora_b.requires_grad or (bias is not None and bias.requires_grad))
     save_t = grad and lora_b.requires_grad
     if _eager_fast_path(x, weight, lora_a, lora_b, bias):
+        if _forward_ad._current_level >= 0:  # inside forward_ad.dual_level(): the formula with a jvp
+            return _LoRALinearTransformFunction.apply(x, weight, lora_a, lora_b, scale, bias, chosen,
+                                                      dropout_p, seed)
         if grad:
             return _LoRALinearFunction.apply(x, weight, lora_a, lora_b, scale, bias, chosen, save_t,
                                              dropout_p, seed)
         return lora_linear_fwd(x, weight, lora_a, lora_b, scale, bias, chosen, False, dropout_p, seed)[0]
+    if not torch.compiler.is_compiling() and (torch._C._are_functorch_transforms_active()
+                                              or _forward_ad._current_level >= 0):
+        return _LoRALinearTransformFunction.apply(x, weight, lora_a, lora_b, scale, bias, chosen, dropout_p, seed)
     return torch.ops.lora_kernels.lora_linear_fwd(x, weight, lora_a, lora_b, scale, bias, chosen, save_t,
                                                   dropout_p, seed)[0]

@@ -81,7 +81,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
-from .._validation import (check_adapter_dtype, check_no_internal_overlap, check_no_shared_memory,
+from .._validation import (check_adapter_dtype, check_allocatable, check_count, check_no_overlap,
                            check_same_device, check_scale, check_shape, check_tensor, fail)
 
 TensorOrList = Union[Tensor, Sequence[Tensor]]
@@ -131,11 +131,10 @@ def _validate(op, weight, lora_a, lora_b, scale, fan_in_fan_out):
             fail(op, f"lora_b{sfx} must have lora_a{sfx}'s dtype ({a.dtype}), got {b.dtype}", TypeError)
         check_same_device(op, weight=weight, **{"lora_a" + sfx: a, "lora_b" + sfx: b})
     # In place: each element must have its own memory, and no adapter may be read while W is written.
-    check_no_internal_overlap(op, "weight", weight)
-    for i, (a, b) in enumerate(zip(a_list, b_list)):
-        sfx = f"[{i}]" if len(a_list) > 1 else ""
-        check_no_shared_memory(op, "lora_a" + sfx, a, "weight", weight)
-        check_no_shared_memory(op, "lora_b" + sfx, b, "weight", weight)
+    if len(a_list) == 1:
+        check_no_overlap(op, "weight", weight, lora_a=a_list[0], lora_b=b_list[0])
+    else:
+        check_no_overlap(op, "weight", weight, lora_a=a_list, lora_b=b_list)
     return a_list, b_list, s_list
 
 
@@ -282,8 +281,10 @@ class MergeResidual:
     """
 
     def __init__(self, escape_capacity: Optional[int] = None):
-        if escape_capacity is not None and (not isinstance(escape_capacity, int) or escape_capacity < 0):
-            raise ValueError(f"MergeResidual: escape_capacity must be an int >= 0, got {escape_capacity!r}")
+        if escape_capacity is not None:
+            check_count("MergeResidual", "escape_capacity", escape_capacity, 0)
+            check_allocatable("MergeResidual", "escape_capacity", escape_capacity, (escape_capacity,), torch.int64,
+                              "the escape table's int64 index [escape_capacity]")
         self.escape_capacity = escape_capacity
         self.codes: Optional[Tensor] = None
         self.escape_index: Optional[Tensor] = None
@@ -308,6 +309,7 @@ class MergeResidual:
             # empty_like keeps a dense weight's strides, so codes are walked in W's memory order
             self.codes = torch.empty_like(weight, dtype=torch.int8)
         capacity = self.escape_capacity if self.escape_capacity is not None else max(1024, weight.numel() // 2048)
+        capacity = min(capacity, weight.numel())  # never more escapes than elements
         if (self.escape_index is None or self.escape_value.dtype != weight.dtype
                 or self.escape_index.device != weight.device):
             self._grow(weight, capacity)
