@@ -40,9 +40,10 @@ Gradients come back as DTensors with their parameters' placements (the sums abov
 ``DTensor.to_local``'s backward wraps them), so an optimizer steps each parameter on its own
 shard. Parameter names, ``requires_grad``, ``scaling``, ``r``, ``in_features`` / ``out_features``
 (the full sizes) are unchanged; the module's class becomes :class:`ColwiseFusedLoRALinear` /
-:class:`RowwiseFusedLoRALinear`, subclasses of ``FusedLoRALinear`` that override ``forward``,
-``merge`` and ``unmerge`` only. ``merge()`` is local too: W_i += s B_i A (colwise) and
-W_i += s B A_i (rowwise) are exactly this rank's block of W + s B A.
+:class:`RowwiseFusedLoRALinear`, subclasses of ``FusedLoRALinear`` that override ``forward`` only.
+``merge()`` / ``unmerge()`` are local (``merge_sharded``): W_i += s B_i A (colwise) and
+W_i += s B A_i (rowwise) are exactly this rank's block of W + s B A, with no communication; the
+merged forward is the base layer's (one all-reduce for the row-wise one).
 
 Dropout (``lora_dropout > 0`` in training) is drawn by each rank's fused op from torch's
 generator, as on one device. Give every rank of the mesh the same seed (as torch's tensor
@@ -69,7 +70,8 @@ from .layers import FusedLoRALinear
 from .ops.lora_linear import draw_dropout_seed, lora_linear
 from .ops.merge import MergeResidual, merge_, unmerge_
 
-__all__ = ["ColwiseLoRAParallel", "RowwiseLoRAParallel", "ColwiseFusedLoRALinear", "RowwiseFusedLoRALinear"]
+__all__ = ["ColwiseLoRAParallel", "RowwiseLoRAParallel", "ColwiseFusedLoRALinear", "RowwiseFusedLoRALinear",
+           "merge_sharded", "unmerge_sharded"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,6 +97,91 @@ class _SumGradOverRanks(torch.autograd.Function):
 
 def _sum_grad_over_ranks(t: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
     return _SumGradOverRanks.apply(t, mesh) if t.requires_grad and torch.is_grad_enabled() else t
+
+
+# ---------------------------------------------------------------------------------------------
+# Merge / unmerge of a sharded FusedLoRALinear (FSDP2, tensor parallelism, both): each rank updates
+# its own block of W in place, W_blk += s * B_rows @ A_cols. FusedLoRALinear.merge/unmerge call these
+# when its parameters are DTensors.
+# ---------------------------------------------------------------------------------------------
+
+def _local_merge_operands(layer: FusedLoRALinear):
+    """(W_local, A_cols, B_rows): this rank's block of W (a view of its shard: written in place)
+    and the A columns / B rows that block needs. A and B are redistributed to W's sharding --
+    along K for A, along N for B, replicated elsewhere -- which is a no-op for this package's
+    tensor-parallel styles (their shards already match) and an all-gather of A [r, K] under FSDP2
+    (which shards A along r)."""
+    w, a, b = layer.weight, layer.lora_A, layer.lora_B
+    name = type(layer).__name__
+    if not all(isinstance(t, DTensor) for t in (w, a, b)):
+        raise TypeError(f"{name}: weight, lora_A and lora_B must all be DTensors or none, got "
+                        f"{type(w).__name__}, {type(a).__name__}, {type(b).__name__}")
+    mesh = w.device_mesh
+    if a.device_mesh != mesh or b.device_mesh != mesh:
+        raise ValueError(f"{name}: weight, lora_A and lora_B must live on one device mesh to merge")
+    if not all(p.is_replicate() or p.is_shard(0) or p.is_shard(1) for p in w.placements):
+        raise ValueError(f"{name}: cannot merge into a weight with placements {w.placements}")
+    a_cols = a.redistribute(mesh, [p if p.is_shard(1) else Replicate() for p in w.placements]).to_local()
+    b_rows = b.redistribute(mesh, [p if p.is_shard(0) else Replicate() for p in w.placements]).to_local()
+    return w.to_local(), a_cols, b_rows
+
+
+def _any_rank(flag: bool, mesh: DeviceMesh) -> bool:
+    """Whether `flag` holds on any rank of `mesh` (one small all-reduce per mesh dimension)."""
+    t = torch.tensor([float(flag)], device=mesh.device_type)
+    for dim in range(mesh.ndim):
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=mesh.get_group(dim))
+    return bool(t.item() > 0)
+
+
+@torch.no_grad()
+def merge_sharded(layer: FusedLoRALinear, *, safe_merge: bool = False, exact_unmerge: bool = False) -> None:
+    """``FusedLoRALinear.merge`` for DTensor parameters; every rank of the mesh calls it (SPMD).
+    With ``safe_merge`` the ranks agree (one all-reduced flag): if any block would hold inf/NaN,
+    every rank raises ValueError with its weight unchanged."""
+    w, a, b = _local_merge_operands(layer)
+    residual = MergeResidual() if (exact_unmerge or safe_merge) else None
+    failed = False
+    try:
+        merge_(w, a, b, layer.scaling, safe_merge=safe_merge, residual=residual, backend=layer.backend)
+    except ValueError:
+        if not safe_merge:
+            raise
+        failed = True
+    if safe_merge and _any_rank(failed, layer.weight.device_mesh):
+        if not failed:  # this rank merged: take it back, bit for bit
+            unmerge_(w, a, b, layer.scaling, residual=residual)
+        raise ValueError(f"{type(layer).__name__}.merge: safe_merge: the merged weight would hold inf or NaN "
+                         f"on at least one rank; weight unchanged on every rank")
+    layer._merge_residual = residual if exact_unmerge else None
+    # the residual recognises the adapter by its tensors: keep the operands merge_ saw (gathered
+    # copies under FSDP2, r x K and N x r) so that the exact unmerge can pass the same ones
+    layer._merge_operands = (a, b) if exact_unmerge else None
+    layer.merged = True
+
+
+@torch.no_grad()
+def unmerge_sharded(layer: FusedLoRALinear, *, exact: Optional[bool] = None) -> None:
+    """``FusedLoRALinear.unmerge`` for DTensor parameters (every rank of the mesh calls it)."""
+    name = type(layer).__name__
+    w, a, b = _local_merge_operands(layer)
+    residual = getattr(layer, "_merge_residual", None)
+    kept = layer.__dict__.pop("_merge_operands", None)
+    if exact and residual is None:
+        raise RuntimeError(f"{name}.unmerge: exact=True needs merge(exact_unmerge=True)")
+    if residual is not None and exact is not False:
+        if kept is not None and torch.equal(kept[0], a) and torch.equal(kept[1], b):
+            a, b = kept  # the adapter is unchanged: the very tensors the residual recorded
+        reason = residual.mismatch(w, a, b, layer.scaling)
+        if reason is not None:
+            layer._merge_operands = kept
+            raise RuntimeError(f"{name}.unmerge: cannot restore the weight exactly: {reason}; "
+                               f"unmerge(exact=False) subtracts the current adapter instead")
+        unmerge_(w, a, b, layer.scaling, residual=residual)
+    else:
+        unmerge_(w, a, b, layer.scaling, backend=layer.backend)
+    layer._merge_residual = None
+    layer.merged = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,60 +239,6 @@ class _TensorParallelLoRA(FusedLoRALinear):
         """(W_i, A_i, B_i): this rank's blocks, as plain tensors whose gradients come back as
         DTensors with the parameters' placements."""
         return self.weight.to_local(), self.lora_A.to_local(), self.lora_B.to_local()
-
-    # ---- merge / unmerge: W_i += s * B_i @ A_i is this rank's block of W + s * B @ A ------------
-
-    @torch.no_grad()
-    def merge(self, *, safe_merge: bool = False, exact_unmerge: bool = False) -> None:
-        """``FusedLoRALinear.merge`` on this rank's shards (no communication, except one
-        all-reduced flag with ``safe_merge``: if any rank's block would hold inf/NaN, every rank
-        raises ValueError with its weight unchanged)."""
-        if self.merged:
-            import warnings
-            warnings.warn(f"{type(self).__name__}.merge: already merged; nothing to do")
-            return
-        w, a, b = (t.detach() for t in self._local())
-        residual = MergeResidual() if (exact_unmerge or safe_merge) else None
-        failed = False
-        try:
-            merge_(w, a, b, self.scaling, safe_merge=safe_merge, residual=residual, backend=self.backend)
-        except ValueError:
-            if not safe_merge:
-                raise
-            failed = True
-        if safe_merge:
-            flag = torch.tensor([float(failed)], device=w.device)
-            torch.distributed.all_reduce(flag, group=self._tp_mesh.get_group())
-            if flag.item() > 0:
-                if not failed:  # this rank merged: take it back exactly
-                    unmerge_(w, a, b, self.scaling, residual=residual)
-                raise ValueError(f"{type(self).__name__}.merge: safe_merge: the merged weight would hold "
-                                 f"inf or NaN on at least one rank; weight unchanged on every rank")
-        self._merge_residual = residual if exact_unmerge else None
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self, *, exact: Optional[bool] = None) -> None:
-        """``FusedLoRALinear.unmerge`` on this rank's shards (exact after
-        ``merge(exact_unmerge=True)``)."""
-        if not self.merged:
-            import warnings
-            warnings.warn(f"{type(self).__name__}.unmerge: not merged; nothing to do")
-            return
-        w, a, b = (t.detach() for t in self._local())
-        residual = getattr(self, "_merge_residual", None)
-        if exact and residual is None:
-            raise RuntimeError(f"{type(self).__name__}.unmerge: exact=True needs merge(exact_unmerge=True)")
-        if residual is not None and exact is not False:
-            reason = residual.mismatch(w, a, b, self.scaling)
-            if reason is not None:
-                raise RuntimeError(f"{type(self).__name__}.unmerge: cannot restore the weight exactly: {reason}; "
-                                   f"unmerge(exact=False) subtracts the current adapter instead")
-            unmerge_(w, a, b, self.scaling, residual=residual)
-        else:
-            unmerge_(w, a, b, self.scaling, backend=self.backend)
-        self._merge_residual = None
-        self.merged = False
 
 
 class ColwiseFusedLoRALinear(_TensorParallelLoRA):

@@ -292,7 +292,7 @@ def _injected_model():
     return model
 
 
-def _llama():
+def _llama(fuse=True):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -303,11 +303,18 @@ def _llama():
     base = LlamaForCausalLM(config)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
                                             init_lora_weights=False))  # random B: non-trivial first step
-    report = lora_kernels.peft.fuse(model)
-    assert len(report.fused) == 6 and not report.kept, str(report)
+    if fuse:
+        _fuse_all(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
+
+
+def _fuse_all(model):
+    import lora_kernels.peft
+    lora_kernels.peft.fuse(model)
+    report = lora_kernels.peft.fuse_report(model)
+    assert len(report.fused) == 6 and not report.kept, str(report)
 
 
 def _trainable(model):
@@ -413,6 +420,9 @@ def check_fsdp2_inject(rank, world, out):
     losses = _steps(model, [_split(rank, world, *b) for b in data], _mse)
     errors, more = _compare_training(ref, model, ref_losses, losses, strip="_checkpoint_wrapped_module.")
     facts.update(more)
+    merge_errors, merge_facts = _fsdp2_merge(model, ref)
+    errors.update(merge_errors)
+    facts.update(merge_facts)
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     path = os.path.join(out, "fsdp2_inject_adapter")
     if rank == 0:
@@ -422,6 +432,29 @@ def check_fsdp2_inject(rank, world, out):
         facts["saved 4 layers x (A, B)"] = count == 8
     dist.barrier()
     return {"errors": errors, "facts": facts}
+
+
+def _fsdp2_merge(model, ref):
+    """Merge (exact) every sharded layer: the merged model's output is the reference's merged
+    output, and the unmerge restores each rank's weight shard bit for bit."""
+    import torch
+    import lora_kernels
+    layers, ref_layers = lora_kernels.adapters.lora_layers(model), lora_kernels.adapters.lora_layers(ref)
+    x = torch.randn(4, 3, 16)
+    with torch.no_grad():
+        shards = {n: m.weight.to_local().clone() for n, m in layers.items()}
+        for m in list(layers.values()) + list(ref_layers.values()):
+            m.merge(exact_unmerge=True)
+        y, y_ref = model(x), ref(x)
+        merged = {n: m.weight.full_tensor() for n, m in layers.items()}
+        ref_merged = {n: m.weight.clone() for n, m in ref_layers.items()}
+        for m in list(layers.values()) + list(ref_layers.values()):
+            m.unmerge()
+    errors = {"merged output": _rel(y, y_ref)}
+    errors.update({f"merged {n}.weight": _rel(merged[n], ref_merged[n]) for n in layers})
+    facts = {f"{n}.weight shard restored bit for bit": torch.equal(m.weight.to_local(), shards[n])
+             for n, m in layers.items()}
+    return errors, facts
 
 
 def check_ddp_inject(rank, world, out):
@@ -464,13 +497,15 @@ def check_fsdp2_llama(rank, world, out):
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(5)
-    model = _llama()
+    model = _llama(fuse=False)
     ref = copy.deepcopy(model)
+    _fuse_all(ref)
     data = _llama_data()
     ref_losses = _steps(ref, data, _lm_loss)
     for layer in model.base_model.model.model.layers:
         fully_shard(layer)
     fully_shard(model)
+    _fuse_all(model)  # after sharding: the weights are DTensors now, plain again inside forward
     losses = _steps(model, [_split(rank, world, b)[0] for b in data], _lm_loss)
     errors, facts = _compare_training(ref, model, ref_losses, losses)
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
