@@ -107,6 +107,10 @@ def test_tensor_parallel_merge_on_shards(results):
     _check(results, "tp_merge")
 
 
+def test_tensor_parallel_dropout(results):
+    _check(results, "tp_dropout")
+
+
 def test_fsdp2_injected_two_steps_and_saved_adapter(results):
     _check(results, "fsdp2_inject")
 
@@ -159,7 +163,7 @@ class _OpCounter:
         self.mod.lora_linear_fwd, self.mod.lora_linear_bwd = self.orig
 
 
-def _mlp(backend):
+def _mlp(backend, lora_dropout=0.0):
     import torch
     import torch.nn as nn
     from lora_kernels import FusedLoRALinear
@@ -168,8 +172,8 @@ def _mlp(backend):
         def __init__(self):
             super().__init__()
             # N = 9 of the up layer splits 5 + 4 over two ranks: uneven shards on both layers
-            self.up = FusedLoRALinear(12, 9, r=3, lora_alpha=6, backend=backend)
-            self.down = FusedLoRALinear(9, 7, r=3, lora_alpha=6, backend=backend)
+            self.up = FusedLoRALinear(12, 9, r=3, lora_alpha=6, lora_dropout=lora_dropout, backend=backend)
+            self.down = FusedLoRALinear(9, 7, r=3, lora_alpha=6, lora_dropout=lora_dropout, backend=backend)
 
         def forward(self, x):
             return self.down(torch.nn.functional.gelu(self.up(x)))
@@ -254,6 +258,50 @@ def check_tp_merge(mesh):
     errors = {"merged output": _rel(y, y_ref), "merged vs unmerged output": _rel(y, y_unmerged)}
     errors.update({f"merged {n}": _rel(merged_weights[n], ref.get_parameter(n)) for n in weights})
     facts = {f"{n} restored bit for bit": torch.equal(restored[n], weights[n]) for n in weights}
+    return {"errors": errors, "facts": facts}
+
+
+def check_tp_dropout(mesh):
+    """Training with LoRA dropout: the column-wise layer draws the one mask of its replicated input
+    (its output block is the unsharded layer's, from the same generator state); row-wise rank i
+    draws the i-th of ws seeds for its column block; the generators stay in step."""
+    import copy
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.tensor.parallel import parallelize_module
+    from lora_kernels.distributed import ColwiseLoRAParallel, RowwiseLoRAParallel
+    from lora_kernels.ops.lora_linear import draw_dropout_seed, dropout_mask
+
+    torch.manual_seed(8)
+    model = _mlp("torch", lora_dropout=0.5).train()
+    ref = copy.deepcopy(model)
+    parallelize_module(model, mesh, {"up": ColwiseLoRAParallel(), "down": RowwiseLoRAParallel()})
+    rank, size = mesh.get_local_rank(), mesh.size()
+    x = torch.randn(6, 12)
+    state = torch.get_rng_state()
+    up_ref = ref.up(x)
+    torch.set_rng_state(state)
+    up = model.up(x)
+    errors = {"colwise output with dropout": _rel(up, up_ref.tensor_split(size, -1)[rank])}
+
+    h = torch.randn(6, 9).tensor_split(size, -1)[rank]  # this rank's block of the row-wise input
+    state = torch.get_rng_state()
+    seeds = [draw_dropout_seed(h.device) for _ in range(size)]
+    torch.set_rng_state(state)
+    y = model.down(h)
+    after = torch.randint(1 << 62, (1,))
+    d = model.down
+    keep = dropout_mask(seeds[rank], h.shape, 0.5).to(h.dtype) / 0.5
+    a, w = d.lora_A.to_local(), d.weight.to_local()
+    partial = h @ w.T + d.scaling * ((h * keep) @ a.T) @ d.lora_B.to_local().T
+    dist.all_reduce(partial)
+    errors["rowwise output with per-rank dropout seeds"] = _rel(y, partial + d.bias.to_local())
+    gathered = [torch.zeros_like(after) for _ in range(size)]
+    dist.all_gather(gathered, after)
+    facts = {"generators in step after a row-wise dropout": all(torch.equal(g, after) for g in gathered),
+             "row-wise ranks drew distinct seeds": len({int(s) for s in seeds}) == size}
+    (model(x).square().sum()).backward()  # the backward regenerates each rank's mask
+    facts["dropout gradients finite"] = all(torch.isfinite(p.grad.full_tensor()).all() for p in model.parameters())
     return {"errors": errors, "facts": facts}
 
 
@@ -549,6 +597,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         "tp_torch": lambda: check_tp(mesh, "torch"),
         "tp_triton": lambda: check_tp(mesh, "triton"),
         "tp_merge": lambda: check_tp_merge(mesh),
+        "tp_dropout": lambda: check_tp_dropout(mesh),
         "fsdp2_inject": lambda: check_fsdp2_inject(rank, world, out),
         "ddp_inject": lambda: check_ddp_inject(rank, world, out),
         "fsdp2_llama": lambda: check_fsdp2_llama(rank, world, out),
