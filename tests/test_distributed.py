@@ -61,11 +61,11 @@ def results(tmp_path_factory):
                                            str(port), str(out)], cwd=ROOT, env=env, stdout=log,
                                           stderr=subprocess.STDOUT))
         deadline = time.monotonic() + WORKER_TIMEOUT_S
-        for p in procs:
-            try:
-                p.wait(timeout=max(deadline - time.monotonic(), 1))
-            except subprocess.TimeoutExpired:
+        # until all exit, one fails (the others would wait for it in a collective), or time is up
+        while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+            if any(p.poll() not in (None, 0) for p in procs):
                 break
+            time.sleep(0.2)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -441,45 +441,61 @@ def _saved_adapter_errors(path, ref):
     return errors, len(tensors)
 
 
-def check_fsdp2_inject(rank, world, out):
+def _train_injected(rank, world, seed, wrap):
+    """An injected model and its unsharded copy: the copy trains two steps on the whole batch,
+    the model (checkpointed blocks, then `wrap`) on this rank's half."""
     import copy
     import torch
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor
-    import lora_kernels
-
-    torch.manual_seed(3)
+    torch.manual_seed(seed)
     model = _injected_model()
     ref = copy.deepcopy(model)
     data = _inject_data()
     ref_losses = _steps(ref, data, _mse)
     _checkpoint_blocks(model)
-    for block in model.blocks:
-        fully_shard(block)
-    fully_shard(model)
-    facts = {"LoRA parameters sharded (DTensor)": all(isinstance(p, DTensor) for p in _trainable(model).values())}
-    try:
-        lora_kernels.save_adapter(model, os.path.join(out, "never"))
-        facts["save_adapter refuses DTensors without state_dict"] = False
-    except ValueError as e:
-        facts["save_adapter refuses DTensors without state_dict"] = "state_dict=" in str(e)
-    losses = _steps(model, [_split(rank, world, *b) for b in data], _mse)
+    wrapped, facts = wrap(model)
+    losses = _steps(wrapped, [_split(rank, world, *b) for b in data], _mse)
     errors, more = _compare_training(ref, model, ref_losses, losses, strip="_checkpoint_wrapped_module.")
     facts.update(more)
-    merge_errors, merge_facts = _fsdp2_merge(model, ref)
-    errors.update(merge_errors)
-    facts.update(merge_facts)
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    path = os.path.join(out, "fsdp2_inject_adapter")
+    return wrapped, ref, errors, facts
+
+
+def _save_on_rank0(rank, path, ref, errors, facts, save):
+    """Rank 0 writes the adapter (save(path)); its files hold the reference's trained tensors."""
+    import torch.distributed as dist
     if rank == 0:
-        lora_kernels.save_adapter(model, path, state_dict=sd)
+        save(path)
         saved, count = _saved_adapter_errors(path, ref)
         errors.update(saved)
         facts["saved 4 layers x (A, B)"] = count == 8
     dist.barrier()
     return {"errors": errors, "facts": facts}
+
+
+def check_fsdp2_inject(rank, world, out):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    import lora_kernels
+
+    def shard(model):
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        facts = {"LoRA parameters sharded (DTensor)": all(isinstance(p, DTensor) for p in _trainable(model).values())}
+        try:
+            lora_kernels.save_adapter(model, os.path.join(out, "never"))
+            facts["save_adapter refuses DTensors without state_dict"] = False
+        except ValueError as e:
+            facts["save_adapter refuses DTensors without state_dict"] = "state_dict=" in str(e)
+        return model, facts
+
+    model, ref, errors, facts = _train_injected(rank, world, 3, shard)
+    merge_errors, merge_facts = _fsdp2_merge(model, ref)
+    errors.update(merge_errors)
+    facts.update(merge_facts)
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return _save_on_rank0(rank, os.path.join(out, "fsdp2_inject_adapter"), ref, errors, facts,
+                          lambda path: lora_kernels.save_adapter(model, path, state_dict=sd))
 
 
 def _fsdp2_merge(model, ref):
@@ -506,29 +522,13 @@ def _fsdp2_merge(model, ref):
 
 
 def check_ddp_inject(rank, world, out):
-    import copy
-    import torch
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
     import lora_kernels
 
-    torch.manual_seed(4)
-    model = _injected_model()
-    ref = copy.deepcopy(model)
-    data = _inject_data()
-    ref_losses = _steps(ref, data, _mse)
-    _checkpoint_blocks(model)
-    ddp = DDP(model)
-    losses = _steps(ddp, [_split(rank, world, *b) for b in data], _mse)
-    errors, facts = _compare_training(ref, model, ref_losses, losses, strip="_checkpoint_wrapped_module.")
-    path = os.path.join(out, "ddp_inject_adapter")
-    if rank == 0:
-        lora_kernels.save_adapter(ddp, path)  # the DDP wrapper itself: PEFT's names, no "module."
-        saved, count = _saved_adapter_errors(path, ref)
-        errors.update(saved)
-        facts["saved 4 layers x (A, B)"] = count == 8
-    dist.barrier()
-    return {"errors": errors, "facts": facts}
+    ddp, ref, errors, facts = _train_injected(rank, world, 4, lambda model: (DDP(model), {}))
+    # the DDP wrapper itself: PEFT's names, without "module." or the checkpoint wrapper's component
+    return _save_on_rank0(rank, os.path.join(out, "ddp_inject_adapter"), ref, errors, facts,
+                          lambda path: lora_kernels.save_adapter(ddp, path))
 
 
 def _llama_data():
