@@ -30,7 +30,10 @@ order). Compared with all-reducing t [M, r] separately and expanding after it:
 * the price is in the backward: dB = s dyᵀ t needs the full t, and each rank's fused backward
   gives s dyᵀ t_i, so the [N, r] dB is all-reduced (N·r values, against the M·r the separate
   scheme would move in its forward). dx_i = dy W_i + s (dy B) A_i and dA_i = s (dy B)ᵀ x_i are
-  this rank's blocks of the full gradients with no communication.
+  this rank's blocks of the full gradients with no communication;
+* and it runs through the fused op as it is: ``lora_linear`` has no entry point taking a
+  precomputed t, so the separate scheme would compute the base partial and the expand outside
+  the fused kernel.
 
 Column-wise needs no communication in the forward; its backward all-reduces what a replicated
 input and a replicated A imply: dx (the [M, K] all-reduce torch's ColwiseParallel issues too) and
@@ -52,8 +55,9 @@ the replicated x; row-wise ranks draw distinct masks for their distinct column b
 the i-th of ws seeds drawn, so the generators stay in step).
 
 Limits: a 1-D device mesh; module type exactly ``FusedLoRALinear`` (a subclass may compute
-something else); parameters not already DTensors; the output layouts of torch's styles (colwise:
-Shard(-1) or anything it redistributes to, rowwise: Replicate or Shard(d)).
+something else); parameters not already DTensors. ``input_layouts`` / ``output_layouts`` are taken
+as torch's styles take them (e.g. sequence-parallel ``Shard(1)``), but only the defaults are
+tested (tests/test_distributed.py).
 """
 from __future__ import annotations
 
@@ -207,7 +211,7 @@ def _contiguous_stride(shape) -> Tuple[int, ...]:
 
 
 class _TensorParallelLoRA(FusedLoRALinear):
-    """What the two styles share: the mesh and layouts, the input conversion, the local merge."""
+    """What the two styles share: the mesh and layouts, the input and output conversions."""
 
     _tp_mesh: DeviceMesh
     _tp_input_layouts: Tuple[Placement, ...]
