@@ -124,11 +124,19 @@ def _local_merge_operands(layer: FusedLoRALinear):
     mesh = w.device_mesh
     if a.device_mesh != mesh or b.device_mesh != mesh:
         raise ValueError(f"{name}: weight, lora_A and lora_B must live on one device mesh to merge")
-    if not all(p.is_replicate() or p.is_shard(0) or p.is_shard(1) for p in w.placements):
+    dims = [_sharded_dim(p) for p in w.placements]
+    if not all(p.is_replicate() or d in (0, 1) for p, d in zip(w.placements, dims)):
         raise ValueError(f"{name}: cannot merge into a weight with placements {w.placements}")
-    a_cols = a.redistribute(mesh, [p if p.is_shard(1) else Replicate() for p in w.placements]).to_local()
-    b_rows = b.redistribute(mesh, [p if p.is_shard(0) else Replicate() for p in w.placements]).to_local()
+    # B keeps W's row sharding and A its column sharding (same placement objects, so the same
+    # rows / columns land on this rank: Shard or FSDP2-over-TP's _StridedShard alike)
+    a_cols = a.redistribute(mesh, [p if d == 1 else Replicate() for p, d in zip(w.placements, dims)]).to_local()
+    b_rows = b.redistribute(mesh, [p if d == 0 else Replicate() for p, d in zip(w.placements, dims)]).to_local()
     return w.to_local(), a_cols, b_rows
+
+
+def _sharded_dim(p: Placement) -> Optional[int]:
+    """The tensor dim a Shard-like placement splits (Shard, _StridedShard), else None."""
+    return None if p.is_replicate() or p.is_partial() else getattr(p, "dim", None)
 
 
 def _any_rank(flag: bool, mesh: DeviceMesh) -> bool:
@@ -142,6 +150,8 @@ def _any_rank(flag: bool, mesh: DeviceMesh) -> bool:
 @torch.no_grad()
 def merge_sharded(layer: FusedLoRALinear, *, safe_merge: bool = False, exact_unmerge: bool = False) -> None:
     """``FusedLoRALinear.merge`` for DTensor parameters; every rank of the mesh calls it (SPMD).
+    Under FSDP2 the parameters must be in their sharded state (the shards are what persists;
+    ``model.reshard()`` after a forward that left the root unsharded).
     With ``safe_merge`` the ranks agree (one all-reduced flag): if any block would hold inf/NaN,
     every rank raises ValueError with its weight unchanged."""
     w, a, b = _local_merge_operands(layer)

@@ -9,6 +9,7 @@ seed, in fp32:
   unsharded model's; gradients are DTensors with their parameters' placements; names and
   requires_grad unchanged; forward and backward ran through lora_linear on the local shards; a
   merge / exact unmerge on the shards matches;
+* TP composed with FSDP2 on a (dp, tp) mesh (dp = 1 with two processes): gradients, merge;
 * FSDP2 (fully_shard per block and at the root) and DDP, with activation checkpointing, over an
   injected model and a PEFT-fused tiny Llama: two optimizer steps on a batch split over the
   ranks equal one process on the whole batch; the adapter saved from rank 0 in PEFT's format
@@ -109,6 +110,10 @@ def test_tensor_parallel_merge_on_shards(results):
 
 def test_tensor_parallel_dropout(results):
     _check(results, "tp_dropout")
+
+
+def test_tensor_parallel_under_fsdp2_2d_mesh(results):
+    _check(results, "tp_fsdp2")
 
 
 def test_fsdp2_injected_two_steps_and_saved_adapter(results):
@@ -258,6 +263,43 @@ def check_tp_merge(mesh):
     errors = {"merged output": _rel(y, y_ref), "merged vs unmerged output": _rel(y, y_unmerged)}
     errors.update({f"merged {n}": _rel(merged_weights[n], ref.get_parameter(n)) for n in weights})
     facts = {f"{n} restored bit for bit": torch.equal(restored[n], weights[n]) for n in weights}
+    return {"errors": errors, "facts": facts}
+
+
+def check_tp_fsdp2(world):
+    """Tensor parallelism composed with FSDP2 on a 2-D (dp, tp) = (1, 2) mesh (parameters become
+    DTensors over both dims, FSDP2's _StridedShard on the column-wise rows): gradients and the
+    merged output equal the unsharded model's; the exact unmerge restores every shard."""
+    import copy
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import parallelize_module
+    from lora_kernels.distributed import ColwiseLoRAParallel, RowwiseLoRAParallel
+
+    torch.manual_seed(9)
+    model = _mlp("torch")
+    ref = copy.deepcopy(model)
+    mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "tp"))
+    parallelize_module(model, mesh["tp"], {"up": ColwiseLoRAParallel(), "down": RowwiseLoRAParallel()})
+    fully_shard(model, mesh=mesh["dp"])
+    x, g = torch.randn(2, 5, 12), torch.randn(2, 5, 7)
+    y, y_ref = model(x), ref(x)
+    (y * g).sum().backward()
+    (y_ref * g).sum().backward()
+    errors = {"output": _rel(y, y_ref)}
+    errors.update({f"grad {n}": _rel(_full(p.grad), ref.get_parameter(n).grad) for n, p in model.named_parameters()})
+    layers, ref_layers = (model.up, model.down), (ref.up, ref.down)
+    with torch.no_grad():
+        shards = [m.weight.to_local().clone() for m in layers]
+        for m in layers + ref_layers:
+            m.merge(exact_unmerge=True)
+        errors["merged output"] = _rel(model(x), ref(x))
+        model.reshard()  # the root keeps its parameters unsharded after a forward: merge state lives in the shards
+        for m in layers:
+            m.unmerge()
+    facts = {f"{n} shard restored bit for bit": torch.equal(m.weight.to_local(), w)
+             for n, m, w in zip(("up", "down"), layers, shards)}
     return {"errors": errors, "facts": facts}
 
 
@@ -598,6 +640,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         "tp_triton": lambda: check_tp(mesh, "triton"),
         "tp_merge": lambda: check_tp_merge(mesh),
         "tp_dropout": lambda: check_tp_dropout(mesh),
+        "tp_fsdp2": lambda: check_tp_fsdp2(world),
         "fsdp2_inject": lambda: check_fsdp2_inject(rank, world, out),
         "ddp_inject": lambda: check_ddp_inject(rank, world, out),
         "fsdp2_llama": lambda: check_fsdp2_llama(rank, world, out),
