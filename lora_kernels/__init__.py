@@ -13,10 +13,11 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    # lora_kernels.peft imports PEFT and transformers: loaded on first use, not with the package
-    if name == "peft":
+    # lora_kernels.peft imports PEFT and transformers, lora_kernels.distributed torch's DTensor
+    # and tensor-parallel modules: loaded on first use, not with the package
+    if name in ("peft", "distributed"):
         import importlib
-        return importlib.import_module(".peft", __name__)
+        return importlib.import_module("." + name, __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

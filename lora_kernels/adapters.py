@@ -23,7 +23,7 @@ import json
 import os
 import re
 from collections import Counter
-from typing import Dict, Iterable, List, Optional, Sequence, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -176,9 +176,29 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int, 
     return model
 
 
+# Module-path components that wrappers insert and that PEFT's (and torch's state_dict) names omit:
+# torch's checkpoint_wrapper (activation checkpointing) and torch.compile's OptimizedModule.
+_WRAPPER_COMPONENTS = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _clean_path(name: str) -> str:
+    for component in _WRAPPER_COMPONENTS:
+        name = name.replace(component, "")
+    return name
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model a DistributedDataParallel (or DataParallel) wrapper holds, else `model`."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
 def lora_layers(model: nn.Module) -> Dict[str, FusedLoRALinear]:
-    """Module path -> FusedLoRALinear, for every adapter layer of `model`."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, FusedLoRALinear)}
+    """Module path -> FusedLoRALinear, for every adapter layer of `model` (paths as PEFT and
+    ``state_dict`` name them: without DDP's ``module.``, checkpoint_wrapper's or torch.compile's
+    components)."""
+    return {_clean_path(n): m for n, m in _unwrap(model).named_modules() if isinstance(m, FusedLoRALinear)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +216,7 @@ def _target_modules(model: nn.Module, layers: Sequence[str]) -> List[str]:
     """The layers' last name components, when those select exactly these layers in PEFT's
     matching; the full paths otherwise."""
     leaves = sorted({n.rsplit(".", 1)[-1] for n in layers})
-    selected = {n for n, _ in model.named_modules() if n and _matches(n, leaves)}
+    selected = {_clean_path(n) for n, _ in _unwrap(model).named_modules() if n and _matches(n, leaves)}
     return leaves if selected == set(layers) else sorted(layers)
 
 
@@ -232,18 +252,55 @@ def peft_config(model: nn.Module) -> Dict:
     }
 
 
-def save_adapter(model: nn.Module, path: str) -> None:
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor"  # no torch.distributed import for the common case
+
+
+def _adapter_tensor(op: str, key: str, param: torch.Tensor, state_dict: Optional[Mapping]) -> torch.Tensor:
+    if state_dict is not None:
+        if key not in state_dict:
+            fail(op, f"state_dict has no entry {key!r} (pass the model's full state dict, e.g. "
+                     f"torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
+                     f"options=StateDictOptions(full_state_dict=True, cpu_offload=True)))", KeyError)
+        t = state_dict[key]
+        if _is_dtensor(t):
+            fail(op, f"state_dict[{key!r}] is a sharded DTensor; pass a full state dict "
+                     f"(StateDictOptions(full_state_dict=True))")
+        if tuple(t.shape) != tuple(param.shape):
+            fail(op, f"state_dict[{key!r}] has shape {list(t.shape)}, the layer's parameter {list(param.shape)}")
+        return t.detach().contiguous().cpu()
+    if _is_dtensor(param):
+        fail(op, f"{key} is a DTensor (sharded by FSDP2 or tensor parallelism): gather it on every rank with "
+                 f"sd = torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
+                 f"options=StateDictOptions(full_state_dict=True, cpu_offload=True)), then call "
+                 f"save_adapter(model, path, state_dict=sd) on rank 0")
+    return param.detach().contiguous().cpu()
+
+
+def save_adapter(model: nn.Module, path: str, *, state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> None:
     """Write the LoRA layers of `model` to directory `path` in PEFT's format: ``adapter_config.json``
     and ``adapter_model.safetensors`` with keys ``base_model.model.<module path>.lora_A.weight``
-    ([r, in]) and ``...lora_B.weight`` ([out, r]), in the adapters' dtype."""
+    ([r, in]) and ``...lora_B.weight`` ([out, r]), in the adapters' dtype.
+
+    `model` may be wrapped (DDP, activation checkpointing, torch.compile: PEFT's paths omit the
+    wrappers). Its parameters may be sharded (FSDP2, tensor parallelism): then pass `state_dict`, the
+    model's full state dict (keys ``<module path>.lora_A`` / ``.lora_B``, as ``state_dict()`` and
+    torch's ``get_model_state_dict`` name them), gathered on every rank, and call this on one rank::
+
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            lora_kernels.save_adapter(model, "out/", state_dict=sd)
+    """
     from safetensors.torch import save_file
 
-    path = _check_path("save_adapter", path)
+    op = "save_adapter"
+    path = _check_path(op, path)
     config = peft_config(model)
     tensors = {}
     for name, m in lora_layers(model).items():
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().contiguous().cpu()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().contiguous().cpu()
+        for which in ("lora_A", "lora_B"):
+            tensors[f"{PREFIX}{name}.{which}.weight"] = _adapter_tensor(op, f"{name}.{which}", getattr(m, which),
+                                                                        state_dict)
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(path, CONFIG_NAME), "w") as f:

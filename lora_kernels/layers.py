@@ -44,6 +44,15 @@ def _check_hparams(op: str, r, lora_alpha, lora_dropout, use_rslora, adapter_dty
     check_allocatable(op, "r", r, (out_features, r), dtype, f"lora_B [out_features = {out_features}, r]")
 
 
+def _is_dtensor(t) -> bool:
+    """A DTensor parameter (FSDP2 or tensor parallelism), without importing torch.distributed for
+    plain tensors."""
+    if type(t) in (torch.Tensor, nn.Parameter) or not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
 class FusedLoRALinear(nn.Module):
     """A frozen ``nn.Linear`` plus a trainable LoRA adapter, computed by the fused kernels::
 
@@ -128,10 +137,15 @@ class FusedLoRALinear(nn.Module):
 
         safe_merge: raise ValueError, weight unchanged, if the result would hold inf or NaN.
         exact_unmerge: keep a ``MergeResidual`` (1 byte per weight element plus a small escape
-        table; not part of the state_dict) so that ``unmerge()`` restores weight bit for bit."""
+        table; not part of the state_dict) so that ``unmerge()`` restores weight bit for bit.
+        Sharded parameters (DTensors: FSDP2, lora_kernels.distributed): every rank calls this and
+        merges its own block of the weight (``lora_kernels.distributed.merge_sharded``)."""
         if self.merged:
             warnings.warn("FusedLoRALinear.merge: already merged; nothing to do")
             return
+        if _is_dtensor(self.weight):  # FSDP2 / tensor parallelism: each rank merges its own block
+            from .distributed import merge_sharded
+            return merge_sharded(self, safe_merge=safe_merge, exact_unmerge=exact_unmerge)
         residual = MergeResidual() if exact_unmerge else None
         merge_(self.weight, self.lora_A, self.lora_B, self.scaling, safe_merge=safe_merge,
                residual=residual, backend=self.backend)
@@ -149,6 +163,9 @@ class FusedLoRALinear(nn.Module):
         if not self.merged:
             warnings.warn("FusedLoRALinear.unmerge: not merged; nothing to do")
             return
+        if _is_dtensor(self.weight):
+            from .distributed import unmerge_sharded
+            return unmerge_sharded(self, exact=exact)
         residual = getattr(self, "_merge_residual", None)
         if exact and residual is None:
             raise RuntimeError("FusedLoRALinear.unmerge: exact=True needs merge(exact_unmerge=True)")

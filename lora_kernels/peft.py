@@ -63,15 +63,23 @@ _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # What a layer can run fused
 # ---------------------------------------------------------------------------------------------
 
-def _base_reason(layer: PeftLinear) -> Optional[str]:
-    """Why this layer's base layer cannot run fused (None when it can)."""
+def _sharded(weight) -> bool:
+    """A DTensor: FSDP2 keeps parameters sharded outside forward and hands the layers plain
+    unsharded tensors during it."""
+    return type(weight).__name__ == "DTensor"
+
+
+def _base_reason(layer: PeftLinear, *, sharded_ok: bool = False) -> Optional[str]:
+    """Why this layer's base layer cannot run fused (None when it can). `sharded_ok` (at fuse
+    time): a DTensor weight passes, since each call checks again what it is given."""
     base = layer.base_layer
     if base is not layer.get_base_layer():
         return f"nested base layer ({type(base).__name__})"
     if type(base) not in BASE_TYPES:
         return f"base layer type {type(base).__module__}.{type(base).__name__}"
     weight = getattr(base, "weight", None)
-    if type(weight) not in _PLAIN_PARAM_TYPES or weight.dtype not in _FLOAT:
+    plain = type(weight) in _PLAIN_PARAM_TYPES or (sharded_ok and _sharded(weight))
+    if not plain or weight.dtype not in _FLOAT:
         return f"quantised or non-float base weight ({type(weight).__name__}, {getattr(weight, 'dtype', None)})"
     if base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__:
         return "the base layer has forward hooks (e.g. accelerate offloading)"
@@ -93,7 +101,7 @@ def layer_reason(module: nn.Module) -> Optional[str]:
         return None
     if type(module) is not PeftLinear:
         return f"layer kind {type(module).__module__}.{type(module).__name__}"
-    return _base_reason(module) or _variant_reason(module, module.lora_A.keys())
+    return _base_reason(module, sharded_ok=True) or _variant_reason(module, module.lora_A.keys())
 
 
 @dataclass
@@ -232,6 +240,8 @@ class FusedLinear(PeftLinear):
                 return False  # PEFT would feed x uncast to lora_A; keep its behaviour (and error)
             if a.device != x.device or b.device != x.device:
                 return False
+            if type(a) not in _PLAIN_PARAM_TYPES or type(b) not in _PLAIN_PARAM_TYPES:
+                return False  # sharded adapters (DTensors) outside FSDP2's unsharded forward
         return _variant_reason(self, names) is None
 
     def _fusable(self, x, args, kwargs, names) -> Optional[torch.dtype]:
