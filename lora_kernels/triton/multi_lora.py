@@ -104,7 +104,8 @@ def _work_item(work_ptr, item):
 
 @triton.jit
 def _slice_pick(s, v0, v1, v2, v3):
-    """v_s for slice s in 0..3 of a launch (scalar selects: no branch, any int widths)."""
+    """v_s for slice s in 0..3 of a launch (scalar selects, no branch: ints of any width, or
+    pointers of one type)."""
     v = tl.where(s == 1, v1, v0)
     v = tl.where(s == 2, v2, v)
     return tl.where(s == 3, v3, v)
@@ -119,14 +120,14 @@ def _scale_of(scales_ptr, slot, scale, HAS_SCALES: tl.constexpr):
 
 @triton.jit
 def lora_shrink_kernel(
-    x_ptr, a_ptr, scales_ptr, ranks_ptr, work_ptr, tok_ptr, t_ptr,
-    K, R, scale, a_off1, a_off2, a_off3,
+    x_ptr, a_ptr0, a_ptr1, a_ptr2, a_ptr3, scales_ptr, ranks_ptr, work_ptr, tok_ptr, t_ptr,
+    K, R, scale,
     stride_xm, stride_xk, stride_al, stride_ar, stride_ak, stride_ts, stride_tm, stride_tr,
     HAS_SCALES: tl.constexpr, HAS_RANKS: tl.constexpr, SPLIT_A: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """t[s, tok, r0:r0+BLOCK_R] for the tokens of one work-list piece, one rank chunk and one
-    slice s (whose stack starts a_off_s elements after slice 0's)."""
+    slice s (stack a_ptr_s; the slices of a launch share the stacks' strides)."""
     slot, start, length = _work_item(work_ptr, tl.program_id(0))
     r0 = tl.program_id(1) * BLOCK_R
     s = tl.program_id(2)
@@ -138,7 +139,7 @@ def lora_shrink_kernel(
         rank = _rank_of(ranks_ptr, slot, R, HAS_RANKS)
         t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         if r0 < rank:  # chunks wholly past the rank (and the no-adapter group) only store zeros
-            a_base = (a_ptr + _slice_pick(s, 0, a_off1, a_off2, a_off3).to(tl.int64)
+            a_base = (_slice_pick(s, a_ptr0, a_ptr1, a_ptr2, a_ptr3)
                       + tl.maximum(slot, 0).to(tl.int64) * stride_al)
             for k0 in range(0, K, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -152,15 +153,15 @@ def lora_shrink_kernel(
 
 @triton.jit
 def lora_expand_kernel(
-    y_ptr, t_ptr, b_ptr, ranks_ptr, work_ptr, tok_ptr,
-    R, n0, n1, n2, n3, col0, col1, col2, col3, b_off1, b_off2, b_off3, sbl0, sbl1, sbl2, sbl3,
+    y_ptr, t_ptr, b_ptr0, b_ptr1, b_ptr2, b_ptr3, ranks_ptr, work_ptr, tok_ptr,
+    R, n0, n1, n2, n3, col0, col1, col2, col3, sbl0, sbl1, sbl2, sbl3,
     stride_ym, stride_yn, stride_ts, stride_tm, stride_tr, stride_bn, stride_br,
     HAS_RANKS: tl.constexpr,
     ITEM_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     RANK_CHUNKED: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """y[tok, col_s + n-tile] += t[s, tok, :rank] @ B_s[slot, n-tile, :rank].T for one piece, one
-    N tile and one slice s (N_s columns starting at col_s; B_s starts b_off_s elements after B_0).
+    N tile and one slice s (N_s columns starting at col_s; stack b_ptr_s with slot stride sbl_s).
 
     Ranks up to BLOCK_R: the B tile is loaded once and reused over the piece's rows, which are
     visited in BLOCK_M-row sub-tiles only as far as the piece's length (a 64-token piece of a
@@ -177,7 +178,7 @@ def lora_expand_kernel(
         offs_r = tl.arange(0, BLOCK_R)
         y_base = y_ptr + _slice_pick(s, col0, col1, col2, col3).to(tl.int64) * stride_yn
         t_base = t_ptr + s.to(tl.int64) * stride_ts
-        b_base = (b_ptr + _slice_pick(s, 0, b_off1, b_off2, b_off3).to(tl.int64)
+        b_base = (_slice_pick(s, b_ptr0, b_ptr1, b_ptr2, b_ptr3)
                   + slot.to(tl.int64) * _slice_pick(s, sbl0, sbl1, sbl2, sbl3).to(tl.int64))
         if RANK_CHUNKED:
             for i0 in range(0, tl.minimum(length, ITEM_M), BLOCK_M):
@@ -580,25 +581,23 @@ MAX_SLICES = 4  # slices per launch (q/k/v, gate/up, SGLang's qkvz): the kernels
 
 
 def _slice_groups(stacks: List[torch.Tensor], uniform_strides) -> List[Tuple[int, int]]:
-    """[start, end) runs of at most MAX_SLICES stacks that one launch can address from the first
-    one's pointer: equal `uniform_strides(stack)`, one dtype, element-aligned offsets. Stacks
-    that fail this (rare: views with other strides) get launches of their own."""
+    """[start, end) runs of at most MAX_SLICES stacks with equal `uniform_strides(stack)`: one
+    launch each (the kernels take one set of strides). Stacks that differ (rare: views with
+    other strides) get launches of their own."""
     groups, start = [], 0
     while start < len(stacks):
-        first, end = stacks[start], start + 1
-        while (end < len(stacks) and end - start < MAX_SLICES and uniform_strides(stacks[end]) == uniform_strides(first)
-               and (stacks[end].data_ptr() - first.data_ptr()) % first.element_size() == 0):
+        end = start + 1
+        while (end < len(stacks) and end - start < MAX_SLICES
+               and uniform_strides(stacks[end]) == uniform_strides(stacks[start])):
             end += 1
         groups.append((start, end))
         start = end
     return groups
 
 
-def _element_offsets(stacks: List[torch.Tensor]) -> List[int]:
-    """Element offsets of stacks[1:] from stacks[0] (padded with 0 to MAX_SLICES - 1 entries)."""
-    base, size = stacks[0].data_ptr(), stacks[0].element_size()
-    offs = [(s.data_ptr() - base) // size for s in stacks[1:]]
-    return offs + [0] * (MAX_SLICES - 1 - len(offs))
+def _pointers4(group: List[torch.Tensor]) -> List[torch.Tensor]:
+    """The group's stacks padded to MAX_SLICES pointer arguments (unused ones repeat the first)."""
+    return list(group) + [group[0]] * (MAX_SLICES - len(group))
 
 
 def _pad4(values: List[int]) -> List[int]:
@@ -627,8 +626,8 @@ def shrink_slices(x: torch.Tensor, a_stacks: List[torch.Tensor], index: AdapterI
         group, t = a_stacks[start:end], out[start:end]
         grid = (work.shape[0], triton.cdiv(R, block_r), end - start)
         lora_shrink_kernel[grid](
-            x, group[0], scales_t, ranks_t, work, index.sorted_tokens, t,
-            K, R, float(scale), *_element_offsets(group),
+            x, *_pointers4(group), scales_t, ranks_t, work, index.sorted_tokens, t,
+            K, R, float(scale),
             x.stride(0), x.stride(1), *group[0].stride(), *t.stride(),
             HAS_SCALES=scales is not None, HAS_RANKS=has_ranks, SPLIT_A=split_a,
             BLOCK_M=cfg.item_m, BLOCK_K=cfg.shrink_block_k, BLOCK_R=block_r, PRECISION=precision,
@@ -660,8 +659,8 @@ def expand_slices_(y: torch.Tensor, t: torch.Tensor, b_stacks: List[torch.Tensor
         grid = (work.shape[0], triton.cdiv(max(widths[start:end]), cfg.expand_block_n), end - start)
         ts = t[start:end]
         lora_expand_kernel[grid](
-            y, ts, group[0], ranks_t, work, index.sorted_tokens,
-            R, *_pad4(widths[start:end]), *_pad4(cols[start:end]), *_element_offsets(group),
+            y, ts, *_pointers4(group), ranks_t, work, index.sorted_tokens,
+            R, *_pad4(widths[start:end]), *_pad4(cols[start:end]),
             *_pad4([b.stride(0) for b in group]),
             y.stride(0), y.stride(1), *ts.stride(), group[0].stride(1), group[0].stride(2),
             HAS_RANKS=has_ranks,
