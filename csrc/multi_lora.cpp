@@ -157,6 +157,8 @@ void cuda_lora_shrink(const at::Tensor& x, const at::Tensor& lora_a_stack, const
   p.t = t.data_ptr<float>();
   p.M = M; p.K = K; p.num_items = work.size(0);
   p.R = int(R);
+  p.L = int(L);
+  p.bad_slot = nullptr;  // the index sanitises ids (serving.py); the clamp is the kernel's own guard
   p.item_m = int(item_m);
   p.ldx = x.stride(0);
   p.lda_l = lora_a_stack.stride(0); p.lda_r = lora_a_stack.stride(1);
@@ -217,6 +219,8 @@ void cuda_lora_expand(const at::Tensor& y, const at::Tensor& t, const at::Tensor
   p.sorted_tokens = sorted_tokens.data_ptr<int32_t>();
   p.M = M; p.N = N; p.num_items = work.size(0);
   p.R = int(R);
+  p.L = int(L);
+  p.bad_slot = nullptr;
   p.item_m = int(item_m);
   p.ldy_m = y.stride(0); p.ldy_n = y.stride(1);
   p.ldt_m = t.stride(0); p.ldt_r = t.stride(1);

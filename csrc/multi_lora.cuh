@@ -37,9 +37,17 @@ struct Piece {
   int length;
 };
 
-LK_DEVICE Piece load_piece(const int32_t* work, int64_t item) {
+// A slot outside [-1, L) (a work list not built by AdapterIndex) is read as -1, the no-adapter
+// group, as the Triton kernels treat invalid ids: ranks, scales, A and B are never indexed with
+// it. It is reported through `bad_slot` (when given) with a plain store of 1: every writer
+// stores the same value, so the race is benign.
+LK_DEVICE Piece load_piece(const int32_t* work, int64_t item, int L, int32_t* bad_slot) {
   Piece pc;
   pc.slot = ptx::ld_global_s32(work + item * 3);
+  if (pc.slot < -1 || pc.slot >= L) {
+    if (bad_slot != nullptr) *bad_slot = 1;
+    pc.slot = -1;
+  }
   pc.start = ptx::ld_global_s32(work + item * 3 + 1);
   pc.length = ptx::ld_global_s32(work + item * 3 + 2);
   return pc;
@@ -270,7 +278,7 @@ struct MultiShrinkCta {
   }
 
   LK_DEVICE void run(int64_t item, int chunk) {
-    const Piece pc = load_piece(p.work, item);
+    const Piece pc = load_piece(p.work, item, p.L, p.bad_slot);
     length = min_int(min_int(pc.length, BM), p.item_m);
     if (length <= 0) return;  // padding row of the work list
     slot = pc.slot;
@@ -384,7 +392,7 @@ struct MultiExpandCta {
   }
 
   LK_DEVICE void run(int64_t item, int ntile) {
-    const Piece pc = load_piece(p.work, item);
+    const Piece pc = load_piece(p.work, item, p.L, p.bad_slot);
     length = min_int(min_int(pc.length, BM), p.item_m);
     slot = pc.slot;
     rank = rank_of(p.ranks, slot, p.R);

@@ -29,6 +29,8 @@ struct MultiShrinkParams {
   float* t;                      // [M, R] fp32, unit column stride
   int64_t M, K, num_items;
   int R;                         // r_max (<= kMultiMaxRank)
+  int L;                         // slots: a work-list slot outside [-1, L) is read as -1
+  int32_t* bad_slot;             // set to 1 when such a slot is seen; null = not reported
   int item_m;                    // the work list's piece size (the tile's BM bounds it)
   int64_t ldx;                   // x row stride (elements)
   int64_t lda_l, lda_r;          // A stack strides (elements)
@@ -47,6 +49,8 @@ struct MultiExpandParams {
   const int32_t* sorted_tokens;  // [M]
   int64_t M, N, num_items;
   int R;
+  int L;                         // slots: a work-list slot outside [-1, L) is read as -1
+  int32_t* bad_slot;             // set to 1 when such a slot is seen; null = not reported
   int item_m;
   int64_t ldy_m, ldy_n;
   int64_t ldt_m, ldt_r;

@@ -228,14 +228,20 @@ def check_index(op: str, index, num_tokens: int) -> None:
 _VALUES_CHECKED: dict = {}
 
 
+def _version_of(t: torch.Tensor):
+    """t._version, or None for an inference tensor (made under torch.inference_mode(), which
+    keeps no version counter: reading it raises)."""
+    return None if t.is_inference() else t._version
+
+
 def _already_checked(t: torch.Tensor, bound) -> bool:
     entry = _VALUES_CHECKED.get(id(t))
-    return entry is not None and entry[0]() is t and entry[1:] == (t._version, bound)
+    return entry is not None and entry[0]() is t and entry[1:] == (_version_of(t), bound)
 
 
 def _remember_checked(t: torch.Tensor, bound) -> None:
     key = id(t)
-    _VALUES_CHECKED[key] = (weakref.ref(t, lambda _, key=key: _VALUES_CHECKED.pop(key, None)), t._version, bound)
+    _VALUES_CHECKED[key] = (weakref.ref(t, lambda _, key=key: _VALUES_CHECKED.pop(key, None)), _version_of(t), bound)
 
 
 def check_ranks(op: str, ranks: Optional[torch.Tensor], num_adapters: int, r_max: int) -> None:
@@ -243,8 +249,11 @@ def check_ranks(op: str, ranks: Optional[torch.Tensor], num_adapters: int, r_max
 
     Values are checked without a host sync (check_values), once per tensor version: the check is
     issued again only after the tensor is modified in place (its ``_version`` moves) or with
-    another r_max. Kernels clamp ranks to [0, r_max] besides, so a bad value is reported and is
-    never read out of bounds."""
+    another r_max. Two changes are not seen, since no version counter records them: writes
+    through ``ranks.data`` and in-place writes to an inference tensor (made under
+    ``torch.inference_mode()``; checked once per tensor). Detecting them would mean reading the
+    values on every call (a few kernels per call on a GPU). Kernels clamp ranks to [0, r_max]
+    besides, so such a bad value is never read out of bounds: it acts as the clamped rank."""
     if ranks is None:
         return
     check_tensor(op, "ranks", ranks, dtypes=INT_INDEX_DTYPES, ndim=1)

@@ -15,7 +15,7 @@ from .backends import BACKENDS
 from .ops.lora_linear import lora_linear
 from .ops.merge import MergeResidual, merge_, unmerge_
 from .ops.multi_lora import multi_lora_linear
-from .serving import AdapterIndex
+from .serving import MAX_INDEX_SIZE, AdapterIndex
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
@@ -209,6 +209,14 @@ class MultiLoRALinear(nn.Module):
             fail(op, f"base must be an nn.Linear, got {type(base).__name__}", TypeError)
         check_count(op, "max_adapters", max_adapters)
         check_count(op, "max_rank", max_rank)
+        if max_adapters > MAX_INDEX_SIZE:  # AdapterIndex slots are int32
+            fail(op, f"max_adapters must be at most 2**31 - 2 (int32 slot ids), got {max_adapters}")
+        if max_rank > MAX_INDEX_SIZE:
+            fail(op, f"max_rank must be at most 2**31 - 2, got {max_rank}")
+        stack_elems = max_adapters * max_rank * max(base.in_features, base.out_features)
+        if stack_elems >= 2 ** 48:  # 256 TiB of bf16: past any device, and past torch's size arithmetic soon after
+            fail(op, f"max_adapters * max_rank * max(in_features, out_features) = {stack_elems} elements is too "
+                     f"large for one adapter stack (max_adapters={max_adapters}, max_rank={max_rank})")
         self.base_layer = base
         base.weight.requires_grad_(False)
         if base.bias is not None:
@@ -247,10 +255,19 @@ class MultiLoRALinear(nn.Module):
         check_shape(op, "lora_a", lora_a, (r, self.in_features), "rank r, in_features")
         check_shape(op, "lora_b", lora_b, (self.out_features, r), "out_features, rank r = lora_a.shape[0]")
         scale = check_scale(op, "scale", scale)
+        # Convert before touching the slot: a copy that fails (a meta tensor, a device that
+        # cannot be reached) must leave the adapter that was there intact.
+        converted = {}
+        for name, value, stack in (("lora_a", lora_a, self.lora_a_stack), ("lora_b", lora_b, self.lora_b_stack)):
+            try:
+                converted[name] = value.to(device=stack.device, dtype=stack.dtype)
+            except (RuntimeError, NotImplementedError) as err:
+                fail(op, f"{name} cannot be copied to the stacks' {stack.device} / "
+                         f"{str(stack.dtype).replace('torch.', '')}: {err}")
         self.lora_a_stack[slot].zero_()
         self.lora_b_stack[slot].zero_()
-        self.lora_a_stack[slot, :r].copy_(lora_a)
-        self.lora_b_stack[slot, :, :r].copy_(lora_b)
+        self.lora_a_stack[slot, :r].copy_(converted["lora_a"])
+        self.lora_b_stack[slot, :, :r].copy_(converted["lora_b"])
         self.scales[slot] = scale
         self.ranks[slot] = r
 

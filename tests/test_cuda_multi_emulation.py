@@ -329,3 +329,35 @@ def test_linear_every_schedule_gives_the_same_bits(emulator):
     outs = [multi_driver.run_linear(emulator, inp.x, inp.weight, inp.lora_b, inp.bias, t, inp.ranks, inp.index(),
                                     tile_kind=SMALL, seed=s).out for s in (1, 2)]
     assert torch.equal(_bits(outs[0]), _bits(outs[1]))
+
+
+@pytest.mark.parametrize("bad_slot", [6, 2 ** 30, -7])
+def test_work_list_slots_outside_the_stacks_read_as_no_adapter(emulator, bad_slot):
+    """Issue 11: a work list whose slot values lie outside [-1, L) (not built by AdapterIndex, or
+    corrupted) must not index ranks, scales, A or B with them: the kernels read such a slot as -1
+    (t = 0, y untouched), as the Triton kernels treat invalid ids."""
+    L = 4
+    inp = make_multi_inputs(40, 24, 32, L, 16, torch.float16, dist="decode", ranks="mixed", seed=3)
+    good = inp.index()
+    data = good.data.clone()
+    index = AdapterIndex.from_data(data, good.num_tokens, L)
+    for item_m in (16, 64):
+        work = index.work(item_m)
+        first = int((work[:, 2] > 0).nonzero()[0])
+        start, length = int(work[first, 1]), int(work[first, 2])
+        work[first, 0] = bad_slot
+        hit = index.sorted_tokens[start:start + length].long()
+        ids = inp.token_adapter.clone()
+        ids[hit] = -1
+        expected_t = reference.lora_shrink(inp.x, inp.lora_a, ids, inp.scales, inp.ranks)
+        if item_m == 16:
+            run = multi_driver.run_shrink(emulator, inp.x, inp.lora_a, inp.scales, inp.ranks, index, 16)
+            assert_close(run.out, expected_t.double(), torch.float32, what="t")
+            assert (run.out[hit] == 0).all()
+        else:
+            y0 = rand(40, 24, dtype=torch.float16)
+            t = expected_t.float()
+            run = multi_driver.run_expand(emulator, y0.clone(), t, inp.lora_b, inp.ranks, index, 64)
+            expected = reference.lora_expand_(y0.double(), t.double(), inp.lora_b.double(), ids, inp.ranks)
+            assert_close(run.out, expected, torch.float16, what="expand")
+            assert torch.equal(_bits(run.out[hit]), _bits(y0[hit])), "rows of the bad piece were written"

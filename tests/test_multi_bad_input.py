@@ -62,7 +62,11 @@ BAD = [
      r"scales must have shape \[3\]"),
     ("scales int", ["lora_shrink", "multi_lora_linear"], dict(scales=lambda a: torch.ones(L, dtype=torch.int32)),
      TypeError, r"scales must have a dtype in"),
-    ("scales float", ["lora_shrink", "multi_lora_linear"], dict(scales=2.0), TypeError, r"scales must be a torch.Tensor"),
+    ("scales string", ["lora_shrink", "multi_lora_linear"], dict(scales="2.0"), TypeError,
+     r"scales must be a \[L\] float tensor, a float or None, got str"),
+    ("scales inf", ["lora_shrink", "multi_lora_linear"], dict(scales=float("inf")), ValueError, r"scales must be finite"),
+    ("scales 0-d tensor", ["lora_shrink", "multi_lora_linear"], dict(scales=lambda a: torch.tensor(2.0)), ValueError,
+     r"scales must be 1-D"),
     ("ranks > r_max", list(OPS), dict(ranks=lambda a: torch.tensor([4, 5, 1])), ValueError,
      r"ranks must lie in \[0, r_max = 4\]"),
     ("ranks < 0", list(OPS), dict(ranks=lambda a: torch.tensor([4, -1, 1])), ValueError, r"ranks must lie in"),
@@ -113,8 +117,8 @@ def test_bad_backend_and_unsupported_triton_inputs(interpreter_device):
     with pytest.raises(lora_kernels.BackendUnavailable, match="float64 is not supported"):
         _shrink(a, "triton")
     assert _shrink(a, "torch").dtype == torch.float64
-    big = make_multi_inputs(3, 4, 5, 2, 129)
-    with pytest.raises(lora_kernels.BackendUnavailable, match="r_max 129 exceeds"):
+    big = make_multi_inputs(3, 4, 5, 2, 513)
+    with pytest.raises(lora_kernels.BackendUnavailable, match="r_max 513 exceeds the kernels' limit of 512"):
         lora_kernels.lora_shrink(big.x, big.lora_a, big.index(), big.scales, backend="triton")
     with pytest.raises(lora_kernels.BackendUnavailable, match="t must be float32"):
         _expand(_args(t=lambda a: a["t"].double()), "triton")

@@ -201,14 +201,17 @@ def test_opcheck(backend, interpreter_device):
     inp = make_multi_inputs(18, 10, 12, 3, 4, ranks=[4, 1, 0], dist="none10", poison_padding=False)
     index, L = inp.index(), 3
     t = reference.lora_shrink(inp.x, inp.lora_a, inp.token_adapter, inp.scales, inp.ranks).float()
-    for ranks in (None, inp.ranks):
+    C = index.capacity
+    for ranks, scales in ((None, None), (inp.ranks, inp.scales)):
         torch.library.opcheck(torch.ops.lora_kernels.lora_shrink.default,
-                              (inp.x, inp.lora_a, inp.scales, ranks, index.data, L, backend))
+                              (inp.x, [inp.lora_a, inp.lora_a.flip(0)], scales, 0.5, ranks, index.data, L, C, False,
+                               backend, torch.empty(2, 18, 4)))
         torch.library.opcheck(torch.ops.lora_kernels.lora_expand.default,
-                              (rand(18, 10), t, inp.lora_b, ranks, index.data, L, backend))
+                              (rand(18, 13), torch.stack([t, t.flip(0)]), [inp.lora_b, inp.lora_b[:, :2]], ranks,
+                               index.data, L, C, 1, backend))
         torch.library.opcheck(torch.ops.lora_kernels.multi_lora_linear.default,
-                              (inp.x, inp.weight, inp.lora_a, inp.lora_b, inp.scales, inp.bias, ranks, index.data,
-                               L, backend))
+                              (inp.x, inp.weight, inp.lora_a, inp.lora_b, scales, 0.5, inp.bias, ranks, index.data,
+                               L, C, backend))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -106,7 +106,9 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a_stack: torch
     y = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out
     if M == 0 or N == 0:
         return y
-    t = multi_lora_shrink(x, lora_a_stack, index, scales, ranks, item_m=item_m)
+    # rows past the index's work lists (an AdapterIndex.padded_to view) must read as zeros
+    t = torch.zeros((M, lora_a_stack.shape[1]), dtype=torch.float32, device=x.device) if index.capacity != M else None
+    t = multi_lora_shrink(x, lora_a_stack, index, scales, ranks, out=t, item_m=item_m)
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
     torch.ops.lora_kernels.cuda_multi_lora_linear(

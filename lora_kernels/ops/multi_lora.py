@@ -15,59 +15,111 @@ so every op here can be captured in a CUDA graph.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from .. import backends, reference
 from ..errors import BackendUnavailable
-from .._validation import (check_adapter_dtype, check_index, check_ranks, check_same_device,
-                           check_shape, check_tensor, fail)
+from .._validation import (check_adapter_dtype, check_count, check_index, check_no_overlap, check_ranks,
+                           check_same_device, check_scale, check_shape, check_tensor, fail)
 from ..serving import AdapterIndex
 
 OPS = ("lora_shrink", "lora_expand_", "multi_lora_linear")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-TRITON_MAX_RANK = 128  # t [BLOCK_M, r_max] fp32 lives in registers beside the accumulator
+# Above 128 the Triton kernels walk the rank in 128-wide chunks (t and B tiles stay [*, 128]);
+# 512 is vLLM's largest max_lora_rank.
+TRITON_MAX_RANK = 512
+
+Stacks = Union[Tensor, Sequence[Tensor]]
 
 
 # ---------------------------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------------------------
 
-def _check_scales(op: str, scales, num_adapters: int) -> None:
-    check_tensor(op, "scales", scales, ndim=1)
-    check_shape(op, "scales", scales, (num_adapters,), "one scale per adapter slot, L = index.num_adapters")
+def _stack_list(op: str, name: str, value) -> Tuple[List[Tensor], bool, List[str]]:
+    """(stacks, given as a list, argument names): one tensor, or a non-empty list/tuple of them."""
+    if isinstance(value, Tensor):
+        return [value], False, [name]
+    if isinstance(value, (list, tuple)) and len(value) > 0:
+        return list(value), True, [f"{name}[{i}]" for i in range(len(value))]
+    fail(op, f"{name} must be a torch.Tensor or a non-empty list of them, got "
+             f"{type(value).__name__}{' (empty)' if isinstance(value, (list, tuple)) else ''}", TypeError)
 
 
-def _validate_shrink(op, x, lora_a_stack, index, scales, ranks) -> None:
+def _scale_args(op: str, scales, num_adapters: int) -> Tuple[Optional[Tensor], float]:
+    """(scales tensor or None, scalar scale): a [L] tensor, a finite float, or None (= 1)."""
+    if scales is None:
+        return None, 1.0
+    if isinstance(scales, Tensor):
+        check_tensor(op, "scales", scales, ndim=1)
+        check_shape(op, "scales", scales, (num_adapters,), "one scale per adapter slot, L = index.num_adapters")
+        return scales, 1.0
+    if isinstance(scales, bool) or not isinstance(scales, (int, float)):
+        fail(op, f"scales must be a [L] float tensor, a float or None, got {type(scales).__name__}", TypeError)
+    return None, check_scale(op, "scales", scales)
+
+
+def _check_same_dtype(op: str, names: List[str], stacks: List[Tensor]) -> None:
+    for name, s in zip(names[1:], stacks[1:]):
+        if s.dtype != stacks[0].dtype:
+            fail(op, f"{name} must have {names[0]}'s dtype ({stacks[0].dtype}), got {s.dtype}", TypeError)
+
+
+def _validate_shrink(op, x, a_stacks, names, as_list, index, scales, ranks, out) -> None:
     check_tensor(op, "x", x, ndim=2)
-    check_tensor(op, "lora_a_stack", lora_a_stack, ndim=3)
+    for name, a in zip(names, a_stacks):
+        check_tensor(op, name, a, ndim=3)
     check_index(op, index, x.shape[0])
-    L, R = index.num_adapters, lora_a_stack.shape[1]
-    check_shape(op, "lora_a_stack", lora_a_stack, (L, R, x.shape[1]),
-                "L = index.num_adapters, r_max, K = x.shape[-1]")
+    L, R = index.num_adapters, a_stacks[0].shape[1]
+    for name, a in zip(names, a_stacks):
+        check_shape(op, name, a, (L, R, x.shape[1]), "L = index.num_adapters, r_max, K = x.shape[-1]")
     if R < 1:
-        fail(op, f"lora_a_stack must have r_max >= 1 rows per adapter, got shape {list(lora_a_stack.shape)}")
-    _check_scales(op, scales, L)
-    check_same_device(op, x=x, lora_a_stack=lora_a_stack, scales=scales, ranks=ranks, index=index.data)
-    check_adapter_dtype(op, "lora_a_stack", lora_a_stack, x.dtype)
+        fail(op, f"{names[0]} must have r_max >= 1 rows per adapter, got shape {list(a_stacks[0].shape)}")
+    _check_same_dtype(op, names, a_stacks)
+    check_same_device(op, x=x, scales=scales, ranks=ranks, index=index.data, out=out, **dict(zip(names, a_stacks)))
+    check_adapter_dtype(op, names[0], a_stacks[0], x.dtype)
+    if out is not None:
+        t_dtype = _t_dtype(x.dtype, a_stacks[0].dtype)
+        check_tensor(op, "out", out, dtypes=(t_dtype,))
+        shape = (len(a_stacks), x.shape[0], R) if as_list else (x.shape[0], R)
+        check_shape(op, "out", out, shape, "[S,] M = x.shape[0], r_max" if as_list else "M = x.shape[0], r_max")
+        if not torch.compiler.is_compiling():  # fake tensors under tracing have no memory
+            check_no_overlap(op, "out", out, x=x, lora_a_stack=a_stacks, scales=scales, ranks=ranks,
+                             index=index.data)
     check_ranks(op, ranks, L, R)
 
 
-def _validate_expand(op, y, t, lora_b_stack, index, ranks) -> None:
+def _validate_expand(op, y, t, b_stacks, names, as_list, index, ranks, offset) -> None:
     check_tensor(op, "y", y, ndim=2)
-    check_tensor(op, "t", t, dtypes=(torch.float32, torch.float64), ndim=2)
-    check_tensor(op, "lora_b_stack", lora_b_stack, ndim=3)
+    check_tensor(op, "t", t, dtypes=(torch.float32, torch.float64), ndim=3 if as_list else 2)
+    for name, b in zip(names, b_stacks):
+        check_tensor(op, name, b, ndim=3)
     check_index(op, index, y.shape[0])
-    L, R = index.num_adapters, t.shape[1]
+    check_count(op, "offset", offset, minimum=0)
+    L, R, S = index.num_adapters, t.shape[-1], len(b_stacks)
     if R < 1:
         fail(op, f"t must have r_max >= 1 columns, got shape {list(t.shape)}")
-    check_shape(op, "t", t, (y.shape[0], R), "M = y.shape[0] rows, r_max columns")
-    check_shape(op, "lora_b_stack", lora_b_stack, (L, y.shape[1], R),
-                "L = index.num_adapters, N = y.shape[1], r_max = t.shape[1]")
-    check_same_device(op, y=y, t=t, lora_b_stack=lora_b_stack, ranks=ranks, index=index.data)
-    check_adapter_dtype(op, "lora_b_stack", lora_b_stack, y.dtype, base_name="y")
+    if as_list:
+        check_shape(op, "t", t, (S, y.shape[0], R), "S = len(lora_b_stack) slices, M = y.shape[0], r_max")
+    else:
+        check_shape(op, "t", t, (y.shape[0], R), "M = y.shape[0] rows, r_max columns")
+    if not as_list and offset == 0:  # one stack over the whole of y, as before slices existed
+        check_shape(op, names[0], b_stacks[0], (L, y.shape[1], R),
+                    "L = index.num_adapters, N = y.shape[1], r_max = t.shape[1]")
+    for name, b in zip(names, b_stacks):
+        check_shape(op, name, b, (L, b.shape[1], R), "L = index.num_adapters, N_i, r_max = t.shape[-1]")
+    width = offset + sum(b.shape[1] for b in b_stacks)
+    if width > y.shape[1]:
+        fail(op, f"offset + the slices' widths ({offset} + {[b.shape[1] for b in b_stacks]} = {width}) "
+                 f"exceed y's {y.shape[1]} columns")
+    _check_same_dtype(op, names, b_stacks)
+    check_same_device(op, y=y, t=t, ranks=ranks, index=index.data, **dict(zip(names, b_stacks)))
+    check_adapter_dtype(op, names[0], b_stacks[0], y.dtype, base_name="y")
+    if not torch.compiler.is_compiling():  # fake tensors under tracing have no memory
+        check_no_overlap(op, "y", y, t=t, lora_b_stack=b_stacks, ranks=ranks, index=index.data)
     check_ranks(op, ranks, L, R)
 
 
@@ -89,7 +141,6 @@ def _validate_linear(op, x, weight, lora_a_stack, lora_b_stack, index, scales, b
                 "L = index.num_adapters, N = weight.shape[0], r_max = lora_a_stack.shape[1]")
     if bias is not None:
         check_shape(op, "bias", bias, (N,), "N = weight.shape[0]")
-    _check_scales(op, scales, L)
     check_same_device(op, x=x, weight=weight, lora_a_stack=lora_a_stack, lora_b_stack=lora_b_stack,
                       scales=scales, bias=bias, ranks=ranks, index=index.data)
     if weight.dtype != x.dtype:
@@ -145,6 +196,13 @@ def _triton_vectors(scales: Optional[Tensor], ranks: Optional[Tensor]):
     return scales, (None if ranks is None else ranks.contiguous())
 
 
+def _scales_tensor(scales: Optional[Tensor], scale: float, num_adapters: int, like: Tensor) -> Tensor:
+    """The [L] scales for the backends that take only a tensor (torch reference, CUDA C++)."""
+    if scales is not None:
+        return scales
+    return torch.full((num_adapters,), scale, dtype=torch.float32, device=like.device)
+
+
 # ---------------------------------------------------------------------------------------------
 # Registered ops: validated inputs, 2-D x / y, the index as its data tensor, a concrete backend.
 # ---------------------------------------------------------------------------------------------
@@ -160,67 +218,93 @@ def _t_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return reference.acc_dtype(*dtypes)
 
 
-@torch.library.custom_op("lora_kernels::lora_shrink", mutates_args=())
-def lora_shrink_op(x: Tensor, lora_a_stack: Tensor, scales: Tensor, ranks: Optional[Tensor],
-                   index_data: Tensor, num_adapters: int, backend: str) -> Tensor:
-    """t [M, r_max] (float32; float64 for float64 inputs on the torch backend)."""
-    index = AdapterIndex.from_data(index_data, x.shape[0], num_adapters)
+@torch.library.custom_op("lora_kernels::lora_shrink", mutates_args=("out",))
+def lora_shrink_op(x: Tensor, lora_a_stacks: List[Tensor], scales: Optional[Tensor], scale: float,
+                   ranks: Optional[Tensor], index_data: Tensor, num_adapters: int, capacity: int, padded: bool,
+                   backend: str, out: Tensor) -> None:
+    """out [S, M, r_max] (float32; float64 for float64 inputs on the torch backend), every element
+    written: out[i] = shrink with lora_a_stacks[i]. ``padded``: rows past the index's last update
+    are not in its work lists (AdapterIndex.padded_to), so they are zeroed first."""
+    index = AdapterIndex.from_data(index_data, x.shape[0], num_adapters, capacity)
+    if padded:
+        out.zero_()
     if backend == "triton":
-        from ..triton.multi_lora import lora_shrink as launch
-        return launch(x, lora_a_stack, index, *_triton_vectors(scales, ranks))
-    if backend == "cuda":
+        from ..triton.multi_lora import shrink_slices as launch
+        scales32, ranks = _triton_vectors(scales, ranks)
+        launch(x, lora_a_stacks, index, scales32, scale, ranks, out)
+        return
+    scales_t = _scales_tensor(scales, scale, num_adapters, x)
+    if backend == "cuda":  # one launch per slice (the C++ kernels take one stack)
         from ..cuda.multi_lora import multi_lora_shrink as launch
-        return launch(x, lora_a_stack, index, scales, ranks)
+        for a, t in zip(lora_a_stacks, out):
+            if t.is_contiguous():
+                launch(x, a, index, scales_t, ranks, out=t)
+            else:  # the C++ kernel writes a contiguous t
+                t.copy_(launch(x, a, index, scales_t, ranks))
+        return
     _check_torch(backend)
-    return reference.lora_shrink(x, lora_a_stack, index.token_adapter, scales, ranks)
+    for a, t in zip(lora_a_stacks, out):
+        t.copy_(reference.lora_shrink(x, a, index.token_adapter, scales_t, ranks))
 
 
 @lora_shrink_op.register_fake
-def _(x, lora_a_stack, scales, ranks, index_data, num_adapters, backend):
-    return x.new_empty((x.shape[0], lora_a_stack.shape[1]), dtype=_t_dtype(x.dtype, lora_a_stack.dtype))
-
-
-@torch.library.custom_op("lora_kernels::lora_expand", mutates_args=("y",))
-def lora_expand_op(y: Tensor, t: Tensor, lora_b_stack: Tensor, ranks: Optional[Tensor],
-                   index_data: Tensor, num_adapters: int, backend: str) -> None:
-    """In place on y [M, N]."""
-    index = AdapterIndex.from_data(index_data, y.shape[0], num_adapters)
-    if backend == "triton":
-        from ..triton.multi_lora import lora_expand_ as launch
-        launch(y, t, lora_b_stack, index, _triton_vectors(None, ranks)[1])
-        return
-    if backend == "cuda":
-        from ..cuda.multi_lora import multi_lora_expand_ as launch
-        launch(y, t, lora_b_stack, index, ranks)
-        return
-    _check_torch(backend)
-    reference.lora_expand_(y, t, lora_b_stack, index.token_adapter, ranks)
-
-
-@lora_expand_op.register_fake
-def _(y, t, lora_b_stack, ranks, index_data, num_adapters, backend):
+def _(x, lora_a_stacks, scales, scale, ranks, index_data, num_adapters, capacity, padded, backend, out):
     return None
 
 
+@torch.library.custom_op("lora_kernels::lora_expand", mutates_args=("y",))
+def lora_expand_op(y: Tensor, t: Tensor, lora_b_stacks: List[Tensor], ranks: Optional[Tensor],
+                   index_data: Tensor, num_adapters: int, capacity: int, offset: int, backend: str) -> None:
+    """In place on y [M, N_y]: slice i adds t[i] @ B_i^T into columns offset + N_0 + ... + N_{i-1} on."""
+    index = AdapterIndex.from_data(index_data, y.shape[0], num_adapters, capacity)
+    if backend == "triton":
+        from ..triton.multi_lora import expand_slices_ as launch
+        launch(y, t, lora_b_stacks, index, _triton_vectors(None, ranks)[1], offset)
+        return
+    if backend == "cuda":  # one launch per slice, each on its column view of y
+        from ..cuda.multi_lora import multi_lora_expand_ as launch
+        for i, (b, col) in enumerate(_slice_columns(lora_b_stacks, offset)):
+            launch(y[:, col:col + b.shape[1]], t[i], b, index, ranks)
+        return
+    _check_torch(backend)
+    for i, (b, col) in enumerate(_slice_columns(lora_b_stacks, offset)):
+        reference.lora_expand_(y[:, col:col + b.shape[1]], t[i], b, index.token_adapter, ranks)
+
+
+@lora_expand_op.register_fake
+def _(y, t, lora_b_stacks, ranks, index_data, num_adapters, capacity, offset, backend):
+    return None
+
+
+def _slice_columns(b_stacks: List[Tensor], offset: int):
+    """(B_i, first column of slice i in y)."""
+    col = offset
+    for b in b_stacks:
+        yield b, col
+        col += b.shape[1]
+
+
 @torch.library.custom_op("lora_kernels::multi_lora_linear", mutates_args=())
-def multi_lora_linear_op(x: Tensor, weight: Tensor, lora_a_stack: Tensor, lora_b_stack: Tensor, scales: Tensor,
-                         bias: Optional[Tensor], ranks: Optional[Tensor], index_data: Tensor, num_adapters: int,
-                         backend: str) -> Tensor:
+def multi_lora_linear_op(x: Tensor, weight: Tensor, lora_a_stack: Tensor, lora_b_stack: Tensor,
+                         scales: Optional[Tensor], scale: float, bias: Optional[Tensor], ranks: Optional[Tensor],
+                         index_data: Tensor, num_adapters: int, capacity: int, backend: str) -> Tensor:
     """y [M, N] in x.dtype."""
-    index = AdapterIndex.from_data(index_data, x.shape[0], num_adapters)
+    index = AdapterIndex.from_data(index_data, x.shape[0], num_adapters, capacity)
     if backend == "triton":
         from ..triton.multi_lora import multi_lora_linear as launch
         scales32, ranks = _triton_vectors(scales, ranks)
-        return launch(x, weight, lora_a_stack, lora_b_stack, index, scales32, bias, ranks)
+        return launch(x, weight, lora_a_stack, lora_b_stack, index, scales32, bias, ranks, scale=scale)
+    scales_t = _scales_tensor(scales, scale, num_adapters, x)
     if backend == "cuda":
         from ..cuda.multi_lora import multi_lora_linear as launch
-        return launch(x, weight, lora_a_stack, lora_b_stack, index, scales, bias, ranks)
+        return launch(x, weight, lora_a_stack, lora_b_stack, index, scales_t, bias, ranks)
     _check_torch(backend)
-    return reference.multi_lora_linear(x, weight, lora_a_stack, lora_b_stack, index.token_adapter, scales, bias, ranks)
+    return reference.multi_lora_linear(x, weight, lora_a_stack, lora_b_stack, index.token_adapter, scales_t, bias,
+                                       ranks)
 
 
 @multi_lora_linear_op.register_fake
-def _(x, weight, lora_a_stack, lora_b_stack, scales, bias, ranks, index_data, num_adapters, backend):
+def _(x, weight, lora_a_stack, lora_b_stack, scales, scale, bias, ranks, index_data, num_adapters, capacity, backend):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
@@ -228,63 +312,99 @@ def _(x, weight, lora_a_stack, lora_b_stack, scales, bias, ranks, index_data, nu
 # Public entry points
 # ---------------------------------------------------------------------------------------------
 
-def lora_shrink(x: Tensor, lora_a_stack: Tensor, index: AdapterIndex, scales: Tensor,
-                ranks: Optional[Tensor] = None, *, backend: str = "auto") -> Tensor:
-    """The shrink half of a multi-adapter LoRA layer: each token times its adapter's A, scaled.
+def lora_shrink(x: Tensor, lora_a_stack: Stacks, index: AdapterIndex, scales: Union[Tensor, float, None] = None,
+                ranks: Optional[Tensor] = None, *, out: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+    """The shrink half of a multi-adapter LoRA layer: each token times its adapter's A, scaled;
+    one launch for every slice (q/k/v, gate/up) on the Triton backend.
 
-    Semantics (plain torch; i = index's token_adapter[m], r_i = ranks[i] or r_max)::
+    Semantics (plain torch; i = index's token_adapter[m], r_i = ranks[i] or r_max, s_i = scales[i]
+    for a tensor, the float itself, or 1 for None; A_0 .. A_{S-1} the stacks)::
 
-        t = zeros(M, r_max, dtype=float32)
+        t = zeros(S, M, r_max, dtype=float32)
         for m in range(M):
             if i >= 0:
-                t[m, :r_i] = scales[i] * lora_a_stack[i, :r_i] @ x[m]
+                for s in range(S):
+                    t[s, m, :r_i] = s_i * A_s[i, :r_i] @ x[m]
+        return t if lora_a_stack is a list else t[0]
 
     Args:
         x: [M, K] float16 / bfloat16 / float32 (float64 on the torch backend), any strides.
-        lora_a_stack: [L, r_max, K], x's dtype or float32; rows at or past ranks[i] are never read.
-        index: AdapterIndex of the batch (M tokens, L = index.num_adapters slots).
-        scales: [L] float tensor (lora_alpha / r per slot).
+        lora_a_stack: [L, r_max, K], or a list of S such stacks (one shape and dtype): x's dtype or
+            float32; rows at or past ranks[i] are never read.
+        index: AdapterIndex of the batch (M tokens, L = index.num_adapters slots), from
+            from_token_adapters, a with_capacity index after update_, or its padded_to(M) view.
+        scales: [L] float tensor (lora_alpha / r per slot), a float for every slot, or None (1:
+            vLLM folds the scale into B).
         ranks: [L] int tensor with 0 <= ranks[i] <= r_max, or None (every slot has rank r_max).
+        out: a buffer for t ([S, M, r_max] for a list, [M, r_max] for one stack; float32, any
+            strides, sharing no memory with the inputs), written and returned: the tensor-parallel
+            path shrinks straight into the buffer it all-reduces.
         backend: "auto" | "triton" | "cuda" | "torch".
 
-    Returns: t [M, r_max] float32 (float64 for float64 inputs): zero for tokens with no adapter
-    and past each adapter's rank. Every element is written.
+    Returns: t (or out): zero for tokens with no adapter and past each adapter's rank. Every
+    element is written.
     """
     op = "lora_shrink"
-    _validate_shrink(op, x, lora_a_stack, index, scales, ranks)
-    chosen = choose_backend(op, x.device, x.dtype, lora_a_stack.shape[1], backend)
-    return torch.ops.lora_kernels.lora_shrink(x, lora_a_stack, scales, ranks, index.data, index.num_adapters, chosen)
+    a_stacks, as_list, names = _stack_list(op, "lora_a_stack", lora_a_stack)
+    if isinstance(index, AdapterIndex):
+        scales, scale = _scale_args(op, scales, index.num_adapters)
+    else:
+        scale = 1.0
+    _validate_shrink(op, x, a_stacks, names, as_list, index, scales, ranks, out)
+    R = a_stacks[0].shape[1]
+    chosen = choose_backend(op, x.device, x.dtype, R, backend)
+    if out is None:
+        out = x.new_empty((len(a_stacks), x.shape[0], R), dtype=_t_dtype(x.dtype, a_stacks[0].dtype))
+        result = out if as_list else out[0]
+    else:
+        result, out = out, (out if as_list else out.unsqueeze(0))
+    torch.ops.lora_kernels.lora_shrink(x, a_stacks, scales, scale, ranks, index.data, index.num_adapters,
+                                       index.capacity, index.padded, chosen, out)
+    return result
 
 
-def lora_expand_(y: Tensor, t: Tensor, lora_b_stack: Tensor, index: AdapterIndex,
-                 ranks: Optional[Tensor] = None, *, backend: str = "auto") -> Tensor:
-    """The expand half, in place: each token's shrink result times its adapter's B, added to y.
+def lora_expand_(y: Tensor, t: Tensor, lora_b_stack: Stacks, index: AdapterIndex,
+                 ranks: Optional[Tensor] = None, offset: int = 0, *, backend: str = "auto") -> Tensor:
+    """The expand half, in place: each token's shrink result times its adapter's B, added to y;
+    one launch for every slice on the Triton backend.
 
-    Semantics (plain torch; i = index's token_adapter[m], r_i = ranks[i] or r_max)::
+    Semantics (plain torch; i = index's token_adapter[m], r_i = ranks[i] or r_max, B_s the stacks
+    [L, N_s, r_max], t [S, M, r_max] for a list of stacks, [M, r_max] for one)::
 
-        for m in range(M):
-            if i >= 0:
-                y[m] += lora_b_stack[i, :, :r_i] @ t[m, :r_i]     # fp32 sum, rounded once
-            # rows with no adapter are not written: their bits stay as they were
+        col = offset
+        for s in range(S):
+            for m in range(M):
+                if i >= 0:
+                    y[m, col:col + N_s] += B_s[i, :, :r_i] @ t[s, m, :r_i]   # fp32 sum, rounded once
+            col += N_s
+        # every other element of y (no-adapter rows, columns outside the slices) keeps its bits
 
     Args:
-        y: [M, N] float16 / bfloat16 / float32 (float64 on the torch backend), any strides;
-            updated in place.
-        t: [M, r_max] float32 (e.g. from lora_shrink); columns at or past ranks[i] are never read.
-        lora_b_stack: [L, N, r_max], y's dtype or float32; columns at or past ranks[i] never read.
+        y: [M, N_y] float16 / bfloat16 / float32 (float64 on the torch backend), any strides
+            with no two elements at one address; updated in place. offset + sum(N_s) <= N_y; one
+            stack at offset 0 must cover y exactly (N_0 = N_y).
+        t: float32 (e.g. from lora_shrink), sharing no memory with y; columns at or past
+            ranks[i] are never read.
+        lora_b_stack: [L, N, r_max] or a list of S stacks [L, N_s, r_max] (one dtype; the widths
+            may differ, as q and k/v do under GQA): y's dtype or float32; columns at or past
+            ranks[i] never read.
+        offset: the first column of y the slices write (tensor-parallel row shards,
+            vLLM's offset_start).
         index, ranks, backend: as in lora_shrink.
 
     Returns: y.
     """
     op = "lora_expand_"
-    _validate_expand(op, y, t, lora_b_stack, index, ranks)
-    chosen = choose_backend(op, y.device, y.dtype, t.shape[1], backend, t_dtype=t.dtype)
-    torch.ops.lora_kernels.lora_expand(y, t, lora_b_stack, ranks, index.data, index.num_adapters, chosen)
+    b_stacks, as_list, names = _stack_list(op, "lora_b_stack", lora_b_stack)
+    _validate_expand(op, y, t, b_stacks, names, as_list, index, ranks, offset)
+    chosen = choose_backend(op, y.device, y.dtype, t.shape[-1], backend, t_dtype=t.dtype)
+    torch.ops.lora_kernels.lora_expand(y, t if as_list else t.unsqueeze(0), b_stacks, ranks, index.data,
+                                       index.num_adapters, index.capacity, offset, chosen)
     return y
 
 
 def multi_lora_linear(x: Tensor, weight: Tensor, lora_a_stack: Tensor, lora_b_stack: Tensor,
-                      index: AdapterIndex, scales: Tensor, bias: Optional[Tensor] = None,
+                      index: AdapterIndex, scales: Union[Tensor, float, None], bias: Optional[Tensor] = None,
                       ranks: Optional[Tensor] = None, *, backend: str = "auto") -> Tensor:
     """A linear layer whose every token adds its own LoRA adapter, in one fused pass.
 
@@ -306,9 +426,15 @@ def multi_lora_linear(x: Tensor, weight: Tensor, lora_a_stack: Tensor, lora_b_st
     Returns: y [..., N] in x's dtype. Inference only (no autograd formula).
     """
     op = "multi_lora_linear"
+    if isinstance(index, AdapterIndex):
+        scales, scale = _scale_args(op, scales, index.num_adapters)
+    else:
+        scale = 1.0
     _validate_linear(op, x, weight, lora_a_stack, lora_b_stack, index, scales, bias, ranks)
     chosen = choose_backend(op, x.device, x.dtype, lora_a_stack.shape[1], backend)
     K, N = x.shape[-1], weight.shape[0]
-    y = torch.ops.lora_kernels.multi_lora_linear(x.reshape(-1, K), weight, lora_a_stack, lora_b_stack, scales,
-                                                 bias, ranks, index.data, index.num_adapters, chosen)
+    M = math.prod(x.shape[:-1])  # not reshape(-1, K): K = 0 would leave -1 undetermined
+    y = torch.ops.lora_kernels.multi_lora_linear(x.reshape(M, K), weight, lora_a_stack, lora_b_stack, scales,
+                                                 scale, bias, ranks, index.data, index.num_adapters,
+                                                 index.capacity, chosen)
     return y.reshape(*x.shape[:-1], N)

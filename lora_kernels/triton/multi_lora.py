@@ -47,7 +47,7 @@ override for that.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -99,20 +99,38 @@ def _work_item(work_ptr, item):
 
 
 # ----------------------------------------------------------------------------------------------
-# Segmented shrink and expand
+# Segmented shrink and expand (several output slices per launch: grid axis 2 is the slice)
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
+def _slice_pick(s, v0, v1, v2, v3):
+    """v_s for slice s in 0..3 of a launch (scalar selects, no branch: ints of any width, or
+    pointers of one type)."""
+    v = tl.where(s == 1, v1, v0)
+    v = tl.where(s == 2, v2, v)
+    return tl.where(s == 3, v3, v)
+
+
+@triton.jit
+def _scale_of(scales_ptr, slot, scale, HAS_SCALES: tl.constexpr):
+    if HAS_SCALES:
+        return tl.load(scales_ptr + tl.maximum(slot, 0)).to(tl.float32)
+    return scale
+
+
+@triton.jit
 def lora_shrink_kernel(
-    x_ptr, a_ptr, scales_ptr, ranks_ptr, work_ptr, tok_ptr, t_ptr,
-    K, R,
-    stride_xm, stride_xk, stride_al, stride_ar, stride_ak, stride_tm, stride_tr,
-    HAS_RANKS: tl.constexpr, SPLIT_A: tl.constexpr,
+    x_ptr, a_ptr0, a_ptr1, a_ptr2, a_ptr3, scales_ptr, ranks_ptr, work_ptr, tok_ptr, t_ptr,
+    K, R, scale,
+    stride_xm, stride_xk, stride_al, stride_ar, stride_ak, stride_ts, stride_tm, stride_tr,
+    HAS_SCALES: tl.constexpr, HAS_RANKS: tl.constexpr, SPLIT_A: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """t[tok, r0:r0+BLOCK_R] for the tokens of one work-list piece and one rank chunk."""
+    """t[s, tok, r0:r0+BLOCK_R] for the tokens of one work-list piece, one rank chunk and one
+    slice s (stack a_ptr_s; the slices of a launch share the stacks' strides)."""
     slot, start, length = _work_item(work_ptr, tl.program_id(0))
     r0 = tl.program_id(1) * BLOCK_R
+    s = tl.program_id(2)
     if (length > 0) & (r0 < R):
         offs_i = tl.arange(0, BLOCK_M)
         row_ok = offs_i < length
@@ -121,47 +139,69 @@ def lora_shrink_kernel(
         rank = _rank_of(ranks_ptr, slot, R, HAS_RANKS)
         t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         if r0 < rank:  # chunks wholly past the rank (and the no-adapter group) only store zeros
-            a_base = a_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_al
+            a_base = (_slice_pick(s, a_ptr0, a_ptr1, a_ptr2, a_ptr3)
+                      + tl.maximum(slot, 0).to(tl.int64) * stride_al)
             for k0 in range(0, K, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 x = _gather_rows(x_ptr, tok, row_ok, offs_k, K, stride_xm, stride_xk)
                 a = _load_tile(a_base, offs_k, offs_r, K, rank, stride_ak, stride_ar)  # A^T [BK, BR]
                 t = _shrink_dot(x, a, t, SPLIT_A, PRECISION)
-            scale = tl.load(scales_ptr + slot).to(tl.float32)
             # where, not a product: a non-finite x must not turn the zero columns into NaN
-            t = tl.where(offs_r[None, :] < rank, t * scale, 0.0)
-        _store_rows(t_ptr, t, tok, row_ok, offs_r, R, stride_tm, stride_tr)
+            t = tl.where(offs_r[None, :] < rank, t * _scale_of(scales_ptr, slot, scale, HAS_SCALES), 0.0)
+        _store_rows(t_ptr + s.to(tl.int64) * stride_ts, t, tok, row_ok, offs_r, R, stride_tm, stride_tr)
 
 
 @triton.jit
 def lora_expand_kernel(
-    y_ptr, t_ptr, b_ptr, ranks_ptr, work_ptr, tok_ptr,
-    N, R,
-    stride_ym, stride_yn, stride_tm, stride_tr, stride_bl, stride_bn, stride_br,
+    y_ptr, t_ptr, b_ptr0, b_ptr1, b_ptr2, b_ptr3, ranks_ptr, work_ptr, tok_ptr,
+    R, n0, n1, n2, n3, col0, col1, col2, col3, sbl0, sbl1, sbl2, sbl3,
+    stride_ym, stride_yn, stride_ts, stride_tm, stride_tr, stride_bn, stride_br,
     HAS_RANKS: tl.constexpr,
     ITEM_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    PRECISION: tl.constexpr,
+    RANK_CHUNKED: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """y[tok, n-tile] += t[tok, :rank] @ B[slot, n-tile, :rank].T for one piece and one N tile.
+    """y[tok, col_s + n-tile] += t[s, tok, :rank] @ B_s[slot, n-tile, :rank].T for one piece, one
+    N tile and one slice s (N_s columns starting at col_s; stack b_ptr_s with slot stride sbl_s).
 
-    The B tile is loaded once and reused over the piece's rows, which are visited in BLOCK_M-row
-    sub-tiles only as far as the piece's length: a 64-token piece of a long segment reuses B over
-    64 rows, a 1-token piece costs one 16-row sub-tile."""
+    Ranks up to BLOCK_R: the B tile is loaded once and reused over the piece's rows, which are
+    visited in BLOCK_M-row sub-tiles only as far as the piece's length (a 64-token piece of a
+    long segment reuses B over 64 rows, a 1-token piece costs one 16-row sub-tile). Larger ranks
+    (RANK_CHUNKED): each sub-tile walks the rank in BLOCK_R chunks, re-reading B's chunks from
+    L1/L2 per sub-tile, so no tile grows past [16, BLOCK_R] x [BLOCK_R, BLOCK_N]."""
     slot, start, length = _work_item(work_ptr, tl.program_id(0))
     rank = _rank_of(ranks_ptr, slot, R, HAS_RANKS)
-    if (length > 0) & (rank > 0):  # no-adapter and rank-0 rows are never stored to
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    s = tl.program_id(2)
+    N = _slice_pick(s, n0, n1, n2, n3)
+    n_start = tl.program_id(1) * BLOCK_N
+    if (length > 0) & (rank > 0) & (n_start < N):  # no-adapter and rank-0 rows are never stored to
+        offs_n = n_start + tl.arange(0, BLOCK_N)
         offs_r = tl.arange(0, BLOCK_R)
-        b = _load_tile(b_ptr + slot.to(tl.int64) * stride_bl, offs_r, offs_n, rank, N,
-                       stride_br, stride_bn)  # B^T tile [BR, BN]
-        for i0 in range(0, tl.minimum(length, ITEM_M), BLOCK_M):
-            offs_i = i0 + tl.arange(0, BLOCK_M)
-            row_ok = offs_i < length
-            tok = tl.load(tok_ptr + start + offs_i, mask=row_ok, other=0)
-            t = _gather_rows(t_ptr, tok, row_ok, offs_r, rank, stride_tm, stride_tr).to(tl.float32)
-            y = _gather_rows(y_ptr, tok, row_ok, offs_n, N, stride_ym, stride_yn).to(tl.float32)
-            y = _lora_dot(t, b, y, PRECISION)
-            _store_rows(y_ptr, y, tok, row_ok, offs_n, N, stride_ym, stride_yn)
+        y_base = y_ptr + _slice_pick(s, col0, col1, col2, col3).to(tl.int64) * stride_yn
+        t_base = t_ptr + s.to(tl.int64) * stride_ts
+        b_base = (_slice_pick(s, b_ptr0, b_ptr1, b_ptr2, b_ptr3)
+                  + slot.to(tl.int64) * _slice_pick(s, sbl0, sbl1, sbl2, sbl3).to(tl.int64))
+        if RANK_CHUNKED:
+            for i0 in range(0, tl.minimum(length, ITEM_M), BLOCK_M):
+                offs_i = i0 + tl.arange(0, BLOCK_M)
+                row_ok = offs_i < length
+                tok = tl.load(tok_ptr + start + offs_i, mask=row_ok, other=0)
+                y = _gather_rows(y_base, tok, row_ok, offs_n, N, stride_ym, stride_yn).to(tl.float32)
+                for r0 in range(0, rank, BLOCK_R):
+                    offs_rc = r0 + offs_r
+                    b = _load_tile(b_base, offs_rc, offs_n, rank, N, stride_br, stride_bn)  # [BR, BN]
+                    t = _gather_rows(t_base, tok, row_ok, offs_rc, rank, stride_tm, stride_tr).to(tl.float32)
+                    y = _lora_dot(t, b, y, PRECISION)
+                _store_rows(y_base, y, tok, row_ok, offs_n, N, stride_ym, stride_yn)
+        else:
+            b = _load_tile(b_base, offs_r, offs_n, rank, N, stride_br, stride_bn)  # B^T tile [BR, BN]
+            for i0 in range(0, tl.minimum(length, ITEM_M), BLOCK_M):
+                offs_i = i0 + tl.arange(0, BLOCK_M)
+                row_ok = offs_i < length
+                tok = tl.load(tok_ptr + start + offs_i, mask=row_ok, other=0)
+                t = _gather_rows(t_base, tok, row_ok, offs_r, rank, stride_tm, stride_tr).to(tl.float32)
+                y = _gather_rows(y_base, tok, row_ok, offs_n, N, stride_ym, stride_yn).to(tl.float32)
+                y = _lora_dot(t, b, y, PRECISION)
+                _store_rows(y_base, y, tok, row_ok, offs_n, N, stride_ym, stride_yn)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,9 +252,9 @@ def _base_and_shrink_rows(x_ptr, w_ptr, a_ptr, tok, row_ok, offs_n, offs_r, N, K
 
 @triton.jit
 def _segments_shrink(x_ptr, a_ptr, scales_ptr, ranks_ptr, sorted_slot_ptr, slot_start_ptr,
-                     tok, offs_p, offs_r, p0, p_end, K, R, L,
+                     tok, offs_p, offs_r, p0, p_end, K, R, L, scale,
                      stride_xm, stride_xk, stride_al, stride_ar, stride_ak,
-                     HAS_RANKS: tl.constexpr, SPLIT_A: tl.constexpr, BLOCK_M: tl.constexpr,
+                     HAS_SCALES: tl.constexpr, HAS_RANKS: tl.constexpr, SPLIT_A: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
     """t for a row block holding several segments: one K loop per segment, over that segment's
     rows only (masked rows fetch nothing; the x rows come back from L2 after the base loop)."""
@@ -232,8 +272,8 @@ def _segments_shrink(x_ptr, a_ptr, scales_ptr, ranks_ptr, sorted_slot_ptr, slot_
                 x = _gather_rows(x_ptr, tok, in_seg, offs_k, K, stride_xm, stride_xk)
                 a = _load_tile(a_base, offs_k, offs_r, K, rank, stride_ak, stride_ar)
                 ts = _shrink_dot(x, a, ts, SPLIT_A, PRECISION)
-            scale = tl.load(scales_ptr + slot).to(tl.float32)
-            t += tl.where(in_seg[:, None] & (offs_r[None, :] < rank), ts * scale, 0.0)
+            t += tl.where(in_seg[:, None] & (offs_r[None, :] < rank),
+                          ts * _scale_of(scales_ptr, slot, scale, HAS_SCALES), 0.0)
         p = seg_end
     return t
 
@@ -268,10 +308,11 @@ def _segments_expand_store(acc, t, b_ptr, bias_ptr, ranks_ptr, sorted_slot_ptr, 
 def multi_lora_linear_kernel(
     x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, scales_ptr, ranks_ptr, t_ptr, y_ptr,
     tok_ptr, sorted_slot_ptr, slot_start_ptr,
-    M, N, K, R, L,
+    M, N, K, R, L, scale,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_al, stride_ar, stride_ak,
     stride_bl, stride_bn, stride_br, stride_tm, stride_tr, stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, HAS_RANKS: tl.constexpr, T_GIVEN: tl.constexpr, SPLIT_A: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_RANKS: tl.constexpr, T_GIVEN: tl.constexpr,
+    SPLIT_A: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     TILES_PER_PROGRAM: tl.constexpr, GROUP_M: tl.constexpr,
     BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
@@ -314,8 +355,7 @@ def multi_lora_linear_kernel(
                 acc, t = _base_and_shrink_rows(x_ptr, w_ptr, a_base, tok, row_ok, offs_n, offs_r, N, K, rank,
                                                stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
                                                BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, SPLIT_A, BASE_PRECISION)
-                scale = tl.load(scales_ptr + first_slot).to(tl.float32)
-                t = tl.where(offs_r[None, :] < rank, t * scale, 0.0)
+                t = tl.where(offs_r[None, :] < rank, t * _scale_of(scales_ptr, first_slot, scale, HAS_SCALES), 0.0)
             else:  # a block of no-adapter (or rank-0) tokens: the base GEMM alone
                 acc = _base_rows(x_ptr, w_ptr, tok, row_ok, offs_n, N, K, stride_xm, stride_xk, stride_wn,
                                  stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, BASE_PRECISION)
@@ -324,9 +364,9 @@ def multi_lora_linear_kernel(
             acc = _base_rows(x_ptr, w_ptr, tok, row_ok, offs_n, N, K, stride_xm, stride_xk, stride_wn,
                              stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, BASE_PRECISION)
             t = _segments_shrink(x_ptr, a_ptr, scales_ptr, ranks_ptr, sorted_slot_ptr, slot_start_ptr,
-                                 tok, offs_p, offs_r, p0, p_end, K, R, L,
+                                 tok, offs_p, offs_r, p0, p_end, K, R, L, scale,
                                  stride_xm, stride_xk, stride_al, stride_ar, stride_ak,
-                                 HAS_RANKS, SPLIT_A, BLOCK_M, BLOCK_K, BLOCK_R, BASE_PRECISION)
+                                 HAS_SCALES, HAS_RANKS, SPLIT_A, BLOCK_M, BLOCK_K, BLOCK_R, BASE_PRECISION)
     _segments_expand_store(acc, t, b_ptr, bias_ptr, ranks_ptr, sorted_slot_ptr, slot_start_ptr, y_ptr,
                            tok, row_ok, offs_p, offs_n, offs_r, p0, p_end, N, R, L,
                            stride_bl, stride_bn, stride_br, stride_ym, stride_yn,
@@ -342,6 +382,76 @@ def multi_lora_linear_kernel(
                                tok, row_ok, offs_p, offs_n, offs_r, p0, p_end, N, R, L,
                                stride_bl, stride_bn, stride_br, stride_ym, stride_yn,
                                HAS_BIAS, HAS_RANKS, LORA_PRECISION)
+
+
+@triton.jit
+def _segments_expand_store_chunked(acc, t_ptr, b_ptr, bias_ptr, ranks_ptr, sorted_slot_ptr, slot_start_ptr, y_ptr,
+                                   tok, row_ok, offs_p, offs_n, offs_r, p0, p_end, N, R, L,
+                                   stride_tm, stride_tr, stride_bl, stride_bn, stride_br, stride_ym, stride_yn,
+                                   HAS_BIAS: tl.constexpr, HAS_RANKS: tl.constexpr, BLOCK_R: tl.constexpr,
+                                   LORA_PRECISION: tl.constexpr):
+    """_segments_expand_store for ranks past the register tile: t [rows, rank] is read from
+    memory (the segmented shrink's output) in BLOCK_R chunks, one rank-chunk dot per segment and
+    chunk, then the single rounding store."""
+    p = p0
+    while p < p_end:
+        slot, seg_end = _segment_bounds(sorted_slot_ptr, slot_start_ptr, p, p_end, L)
+        rank = _rank_of(ranks_ptr, slot, R, HAS_RANKS)
+        if rank > 0:
+            in_seg = row_ok & (offs_p >= p) & (offs_p < seg_end)
+            b_base = b_ptr + slot.to(tl.int64) * stride_bl
+            for r0 in range(0, rank, BLOCK_R):
+                offs_rc = r0 + offs_r
+                ts = _gather_rows(t_ptr, tok, in_seg, offs_rc, rank, stride_tm, stride_tr).to(tl.float32)
+                b = _load_tile(b_base, offs_rc, offs_n, rank, N, stride_br, stride_bn)  # B^T chunk [BR, BN]
+                acc = _lora_dot(ts, b, acc, LORA_PRECISION)
+        p = seg_end
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    _store_rows(y_ptr, acc, tok, row_ok, offs_n, N, stride_ym, stride_yn)
+
+
+@triton.jit
+def multi_lora_linear_chunked_kernel(
+    x_ptr, w_ptr, bias_ptr, b_ptr, ranks_ptr, t_ptr, y_ptr,
+    tok_ptr, sorted_slot_ptr, slot_start_ptr,
+    M, N, K, R, L,
+    stride_xm, stride_xk, stride_wn, stride_wk,
+    stride_bl, stride_bn, stride_br, stride_tm, stride_tr, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, HAS_RANKS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    TILES_PER_PROGRAM: tl.constexpr, GROUP_M: tl.constexpr,
+    BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+):
+    """multi_lora_linear_kernel for r_max > BLOCK_R (ranks 256, 512): t [M, r_max] fp32 comes
+    from the segmented shrink and stays in memory; each N tile's epilogue streams it in rank
+    chunks (_segments_expand_store_chunked). Same grid and row order as the fused kernel."""
+    num_m_blocks = tl.cdiv(M, BLOCK_M)
+    num_n_tiles = tl.cdiv(N, BLOCK_N)
+    num_n_runs = tl.cdiv(num_n_tiles, TILES_PER_PROGRAM)
+    pid = tl.program_id(0)
+    programs_per_group = GROUP_M * num_n_runs
+    first_m_block = (pid // programs_per_group) * GROUP_M
+    group_rows = tl.minimum(num_m_blocks - first_m_block, GROUP_M)
+    m_block = first_m_block + (pid % programs_per_group) % group_rows
+    n_run = (pid % programs_per_group) // group_rows
+    p0 = m_block * BLOCK_M
+    p_end = tl.minimum(p0 + BLOCK_M, M)
+    offs_p = p0 + tl.arange(0, BLOCK_M)
+    row_ok = offs_p < M
+    tok = tl.load(tok_ptr + offs_p, mask=row_ok, other=0)
+    offs_r = tl.arange(0, BLOCK_R)
+    first_tile = n_run * TILES_PER_PROGRAM
+    last_tile = tl.minimum(first_tile + TILES_PER_PROGRAM, num_n_tiles)
+    for tile in range(first_tile, last_tile):
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = _base_rows(x_ptr, w_ptr, tok, row_ok, offs_n, N, K, stride_xm, stride_xk, stride_wn,
+                         stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, BASE_PRECISION)
+        _segments_expand_store_chunked(acc, t_ptr, b_ptr, bias_ptr, ranks_ptr, sorted_slot_ptr, slot_start_ptr,
+                                       y_ptr, tok, row_ok, offs_p, offs_n, offs_r, p0, p_end, N, R, L,
+                                       stride_tm, stride_tr, stride_bl, stride_bn, stride_br, stride_ym, stride_yn,
+                                       HAS_BIAS, HAS_RANKS, BLOCK_R, LORA_PRECISION)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -462,66 +572,133 @@ def _ranks_arg(ranks: Optional[torch.Tensor], fallback: torch.Tensor) -> Tuple[t
     return (ranks, True) if ranks is not None else (fallback, False)
 
 
-def lora_shrink(x: torch.Tensor, lora_a_stack: torch.Tensor, index: AdapterIndex, scales: torch.Tensor,
-                ranks: Optional[torch.Tensor], config: Optional[SegmentConfig] = None,
-                out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """t [M, r_max] fp32 (see reference.lora_shrink). x [M, K], lora_a_stack [L, r_max, K],
-    scales [L] fp32, ranks [L] int | None. Every element of t is written."""
+# The widest rank tile a kernel holds: larger ranks are walked in chunks of this many columns
+# (the expand's and the fused kernel's t and B tiles, the shrink's rank chunk). 128 is the
+# largest padded rank the kernels held before chunking (compile facts in linear_tiles: fp32 t
+# [BM, 128] beside the accumulator is the register limit); not measured on a GPU.
+RANK_CHUNK = 128
+MAX_SLICES = 4  # slices per launch (q/k/v, gate/up, SGLang's qkvz): the kernels select by program id
+
+
+def _slice_groups(stacks: List[torch.Tensor], uniform_strides) -> List[Tuple[int, int]]:
+    """[start, end) runs of at most MAX_SLICES stacks with equal `uniform_strides(stack)`: one
+    launch each (the kernels take one set of strides). Stacks that differ (rare: views with
+    other strides) get launches of their own."""
+    groups, start = [], 0
+    while start < len(stacks):
+        end = start + 1
+        while (end < len(stacks) and end - start < MAX_SLICES
+               and uniform_strides(stacks[end]) == uniform_strides(stacks[start])):
+            end += 1
+        groups.append((start, end))
+        start = end
+    return groups
+
+
+def _pointers4(group: List[torch.Tensor]) -> List[torch.Tensor]:
+    """The group's stacks padded to MAX_SLICES pointer arguments (unused ones repeat the first)."""
+    return list(group) + [group[0]] * (MAX_SLICES - len(group))
+
+
+def _pad4(values: List[int]) -> List[int]:
+    return list(values) + [0] * (MAX_SLICES - len(values))
+
+
+def shrink_slices(x: torch.Tensor, a_stacks: List[torch.Tensor], index: AdapterIndex, scales: Optional[torch.Tensor],
+                  scale: float, ranks: Optional[torch.Tensor], out: torch.Tensor,
+                  config: Optional[SegmentConfig] = None) -> torch.Tensor:
+    """out[s] = shrink of x with a_stacks[s] (see reference.lora_shrink), all slices in one launch
+    (grid axis 2). x [M, K], a_stacks S x [L, r_max, K] (one dtype and shape), scales [L] fp32 or
+    None (then the float `scale` for every slot), ranks [L] int | None, out [S, M, r_max] fp32
+    (any strides). Every element of out[:, rows covered by the index] is written."""
     M, K = x.shape
-    R = lora_a_stack.shape[1]
-    t = torch.empty((M, R), dtype=torch.float32, device=x.device) if out is None else out
+    R = a_stacks[0].shape[1]
     if M == 0:
-        return t
+        return out
     cfg = config or segment_config(M, K, R, x.element_size(), _num_sms(x.device))
+    block_r = min(cfg.shrink_block_r, RANK_CHUNK)
     work = index.work(cfg.item_m)
     precision = base_precision(x.dtype, x.device)
-    ranks_t, has_ranks = _ranks_arg(ranks, scales)
-    grid = (work.shape[0], triton.cdiv(R, cfg.shrink_block_r))
-    lora_shrink_kernel[grid](
-        x, lora_a_stack, scales, ranks_t, work, index.sorted_tokens, t,
-        K, R,
-        x.stride(0), x.stride(1), *lora_a_stack.stride(), t.stride(0), t.stride(1),
-        HAS_RANKS=has_ranks, SPLIT_A=lora_a_stack.dtype == torch.float32 and x.dtype != torch.float32,
-        BLOCK_M=cfg.item_m, BLOCK_K=cfg.shrink_block_k, BLOCK_R=cfg.shrink_block_r, PRECISION=precision,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    ranks_t, has_ranks = _ranks_arg(ranks, work)
+    scales_t = scales if scales is not None else work
+    split_a = a_stacks[0].dtype == torch.float32 and x.dtype != torch.float32
+    for start, end in _slice_groups(a_stacks, lambda a: a.stride()):
+        group, t = a_stacks[start:end], out[start:end]
+        grid = (work.shape[0], triton.cdiv(R, block_r), end - start)
+        lora_shrink_kernel[grid](
+            x, *_pointers4(group), scales_t, ranks_t, work, index.sorted_tokens, t,
+            K, R, float(scale),
+            x.stride(0), x.stride(1), *group[0].stride(), *t.stride(),
+            HAS_SCALES=scales is not None, HAS_RANKS=has_ranks, SPLIT_A=split_a,
+            BLOCK_M=cfg.item_m, BLOCK_K=cfg.shrink_block_k, BLOCK_R=block_r, PRECISION=precision,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return out
+
+
+def expand_slices_(y: torch.Tensor, t: torch.Tensor, b_stacks: List[torch.Tensor], index: AdapterIndex,
+                   ranks: Optional[torch.Tensor], offset: int = 0,
+                   config: Optional[SegmentConfig] = None) -> torch.Tensor:
+    """In place y[m, col_s + n] += B_s[i, n, :rank_i] @ t[s, m, :rank_i] for tokens with an
+    adapter (see reference.lora_expand_), col_s = offset + N_0 + ... + N_{s-1}; all slices in one
+    launch (grid axis 2, N tiles up to the widest slice). y [M, N_y] any strides, t [S, M, r_max]
+    fp32, b_stacks S x [L, N_s, r_max] (one dtype; the N dimension's and rank's strides equal)."""
+    M = y.shape[0]
+    R = t.shape[-1]
+    widths = [b.shape[1] for b in b_stacks]
+    if M == 0 or max(widths) == 0:
+        return y
+    cols = [offset + sum(widths[:i]) for i in range(len(b_stacks))]
+    cfg = config or segment_config(M, max(widths), R, y.element_size(), _num_sms(y.device))
+    work = index.work(cfg.expand_item_m)
+    lora_precision = lora_precision_for(b_stacks[0].dtype, y.device)
+    ranks_t, has_ranks = _ranks_arg(ranks, work)
+    block_r = min(block_r_for(R), RANK_CHUNK)
+    for start, end in _slice_groups(b_stacks, lambda b: b.stride()[1:]):
+        group = b_stacks[start:end]
+        grid = (work.shape[0], triton.cdiv(max(widths[start:end]), cfg.expand_block_n), end - start)
+        ts = t[start:end]
+        lora_expand_kernel[grid](
+            y, ts, *_pointers4(group), ranks_t, work, index.sorted_tokens,
+            R, *_pad4(widths[start:end]), *_pad4(cols[start:end]),
+            *_pad4([b.stride(0) for b in group]),
+            y.stride(0), y.stride(1), *ts.stride(), group[0].stride(1), group[0].stride(2),
+            HAS_RANKS=has_ranks,
+            ITEM_M=cfg.expand_item_m, BLOCK_M=min(EXPAND_BLOCK_M, cfg.expand_item_m), BLOCK_N=cfg.expand_block_n,
+            BLOCK_R=block_r, RANK_CHUNKED=block_r_for(R) > block_r, PRECISION=lora_precision,
+            num_warps=cfg.num_warps, num_stages=1,
+        )
+    return y
+
+
+def lora_shrink(x: torch.Tensor, lora_a_stack: torch.Tensor, index: AdapterIndex, scales: Optional[torch.Tensor],
+                ranks: Optional[torch.Tensor], config: Optional[SegmentConfig] = None,
+                out: Optional[torch.Tensor] = None, scale: float = 1.0) -> torch.Tensor:
+    """One stack: t [M, r_max] fp32 (shrink_slices with S = 1; `out` any strides)."""
+    M, R = x.shape[0], lora_a_stack.shape[1]
+    t = torch.empty((M, R), dtype=torch.float32, device=x.device) if out is None else out
+    shrink_slices(x, [lora_a_stack], index, scales, scale, ranks, t.unsqueeze(0), config)
     return t
 
 
 def lora_expand_(y: torch.Tensor, t: torch.Tensor, lora_b_stack: torch.Tensor, index: AdapterIndex,
-                 ranks: Optional[torch.Tensor], config: Optional[SegmentConfig] = None) -> torch.Tensor:
-    """In place y[m] += B[i, :, :rank_i] @ t[m, :rank_i] for tokens with an adapter (see
-    reference.lora_expand_). y [M, N], t [M, r_max] fp32, lora_b_stack [L, N, r_max]."""
-    M, N = y.shape
-    R = lora_b_stack.shape[2]
-    if M == 0 or N == 0:
-        return y
-    cfg = config or segment_config(M, lora_b_stack.shape[1], R, y.element_size(), _num_sms(y.device))
-    work = index.work(cfg.expand_item_m)
-    lora_precision = lora_precision_for(lora_b_stack.dtype, y.device)
-    ranks_t, has_ranks = _ranks_arg(ranks, t)
-    grid = (work.shape[0], triton.cdiv(N, cfg.expand_block_n))
-    lora_expand_kernel[grid](
-        y, t, lora_b_stack, ranks_t, work, index.sorted_tokens,
-        N, R,
-        y.stride(0), y.stride(1), t.stride(0), t.stride(1), *lora_b_stack.stride(),
-        HAS_RANKS=has_ranks,
-        ITEM_M=cfg.expand_item_m, BLOCK_M=min(EXPAND_BLOCK_M, cfg.expand_item_m), BLOCK_N=cfg.expand_block_n,
-        BLOCK_R=block_r_for(R), PRECISION=lora_precision,
-        num_warps=cfg.num_warps, num_stages=1,
-    )
-    return y
+                 ranks: Optional[torch.Tensor], config: Optional[SegmentConfig] = None, offset: int = 0) -> torch.Tensor:
+    """One stack: y [M, N] += per-token t [M, r_max] @ B^T (expand_slices_ with S = 1)."""
+    return expand_slices_(y, t.unsqueeze(0), [lora_b_stack], index, ranks, offset, config)
 
 
 def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a_stack: torch.Tensor,
-                      lora_b_stack: torch.Tensor, index: AdapterIndex, scales: torch.Tensor,
+                      lora_b_stack: torch.Tensor, index: AdapterIndex, scales: Optional[torch.Tensor],
                       bias: Optional[torch.Tensor], ranks: Optional[torch.Tensor],
-                      config: Optional[LinearConfig] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      config: Optional[LinearConfig] = None, out: Optional[torch.Tensor] = None,
+                      scale: float = 1.0) -> torch.Tensor:
     """y [M, N] = x @ weight.T + bias + each token's adapter (see reference.multi_lora_linear).
 
     x [M, K], weight [N, K], lora_a_stack [L, r_max, K], lora_b_stack [L, N, r_max], scales [L]
-    fp32, bias [N] | None, ranks [L] int | None. `config` overrides the heuristic (tests use it
-    to reach both the fused-shrink and the precomputed-t paths at small sizes)."""
+    fp32 or None (the float `scale` for every slot), bias [N] | None, ranks [L] int | None.
+    `config` overrides the heuristic (tests use it to reach both the fused-shrink and the
+    precomputed-t paths at small sizes). r_max > RANK_CHUNK runs the segmented shrink first and
+    the chunked-epilogue kernel."""
     M, K = x.shape
     N = weight.shape[0]
     L, R, _ = lora_a_stack.shape
@@ -530,26 +707,45 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a_stack: torch
         return y
     cfg = config or linear_config(M, N, K, R, L, x.element_size(), _num_sms(x.device))
     tiles = cfg.tiles
-    if tiles.block_r < block_r_for(R):
+    chunked = block_r_for(R) > RANK_CHUNK
+    if chunked:
+        tiles = replace(tiles, block_r=RANK_CHUNK)
+    elif tiles.block_r < block_r_for(R):
         raise ValueError(f"multi_lora_linear: config block_r {tiles.block_r} < padded rank {block_r_for(R)}")
-    t = None if cfg.fused_shrink else lora_shrink(x, lora_a_stack, index, scales, ranks, cfg.segment)
+    t = None
+    if chunked or not cfg.fused_shrink:
+        # rows past the index's work lists (a padded_to view) must read as zeros
+        alloc = torch.zeros if index.capacity != M else torch.empty
+        t = shrink_slices(x, [lora_a_stack], index, scales, scale, ranks,
+                          alloc((1, M, R), dtype=torch.float32, device=x.device), cfg.segment)[0]
     base_prec = base_precision(x.dtype, x.device)
     lora_precision = lora_precision_for(lora_b_stack.dtype, x.device)
-    ranks_t, has_ranks = _ranks_arg(ranks, scales)
+    ranks_t, has_ranks = _ranks_arg(ranks, index.data)
+    scales_t = scales if scales is not None else index.data
     num_m_blocks = triton.cdiv(M, tiles.block_m)
     num_runs = triton.cdiv(triton.cdiv(N, tiles.block_n), tiles.tiles_per_program)
     t_arg = t if t is not None else y
-    multi_lora_linear_kernel[(num_m_blocks * num_runs,)](
-        x, weight, bias if bias is not None else y, lora_a_stack, lora_b_stack, scales, ranks_t, t_arg, y,
+    bias_arg = bias if bias is not None else y
+    grid = (num_m_blocks * num_runs,)
+    common = dict(BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, BLOCK_R=tiles.block_r,
+                  TILES_PER_PROGRAM=tiles.tiles_per_program, GROUP_M=tiles.group_m,
+                  BASE_PRECISION=base_prec, LORA_PRECISION=lora_precision,
+                  num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    if chunked:
+        multi_lora_linear_chunked_kernel[grid](
+            x, weight, bias_arg, lora_b_stack, ranks_t, t_arg, y,
+            index.sorted_tokens, index.sorted_adapter, index.slot_start,
+            M, N, K, R, L,
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+            *lora_b_stack.stride(), t_arg.stride(0), t_arg.stride(1), y.stride(0), y.stride(1),
+            HAS_BIAS=bias is not None, HAS_RANKS=has_ranks, **common)
+        return y
+    multi_lora_linear_kernel[grid](
+        x, weight, bias_arg, lora_a_stack, lora_b_stack, scales_t, ranks_t, t_arg, y,
         index.sorted_tokens, index.sorted_adapter, index.slot_start,
-        M, N, K, R, L,
+        M, N, K, R, L, float(scale),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), *lora_a_stack.stride(),
         *lora_b_stack.stride(), t_arg.stride(0), t_arg.stride(1), y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, HAS_RANKS=has_ranks, T_GIVEN=t is not None,
-        SPLIT_A=lora_a_stack.dtype == torch.float32 and x.dtype != torch.float32,
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, BLOCK_R=tiles.block_r,
-        TILES_PER_PROGRAM=tiles.tiles_per_program, GROUP_M=tiles.group_m,
-        BASE_PRECISION=base_prec, LORA_PRECISION=lora_precision,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-    )
+        HAS_BIAS=bias is not None, HAS_SCALES=scales is not None, HAS_RANKS=has_ranks, T_GIVEN=t is not None,
+        SPLIT_A=lora_a_stack.dtype == torch.float32 and x.dtype != torch.float32, **common)
     return y

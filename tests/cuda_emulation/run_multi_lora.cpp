@@ -63,6 +63,7 @@ void run_shrink(Inputs& in, unsigned char* out, std::ofstream& plan_file) {
   p.sorted_tokens = in.ints("sorted");
   p.t = reinterpret_cast<float*>(out);
   p.M = in.I("M"); p.K = in.I("K"); p.num_items = in.I("num_items"); p.R = int(in.I("R"));
+  p.L = int(in.I("L"));
   p.item_m = int(in.I("item_m"));
   p.ldx = in.I("ldx"); p.lda_l = in.I("lda_l"); p.lda_r = in.I("lda_r"); p.ldt = in.I("ldt");
   // The same conditions as the CUDA launcher (csrc/multi_lora.cpp).
@@ -97,6 +98,7 @@ void run_expand(Inputs& in, unsigned char* out, std::ofstream& plan_file) {
   p.work = in.ints("work");
   p.sorted_tokens = in.ints("sorted");
   p.M = in.I("M"); p.N = in.I("N"); p.num_items = in.I("num_items"); p.R = int(in.I("R"));
+  p.L = int(in.I("L"));
   p.item_m = int(in.I("item_m"));
   p.ldy_m = in.I("ldy_m"); p.ldy_n = in.I("ldy_n"); p.ldt_m = in.I("ldt_m"); p.ldt_r = in.I("ldt_r");
   p.ldb_l = in.I("ldb_l"); p.ldb_n = in.I("ldb_n"); p.ldb_r = in.I("ldb_r");
