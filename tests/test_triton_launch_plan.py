@@ -112,3 +112,18 @@ def test_bounded_compiled_variants_over_m(name, K, N, r):
                 for c in variants}
     assert len(compiled) <= 8, sorted(compiled)
 
+
+
+MULTI_SHAPES = [(name, K, N, M, L) for (name, K, N), M, L in
+                itertools.product(suites.MULTI_LAYERS, suites.MULTI_TOKENS, suites.MULTI_ADAPTERS)]
+
+
+@pytest.mark.parametrize("r", [16, 64, 128])
+@pytest.mark.parametrize("name,K,N,M,L", MULTI_SHAPES, ids=[f"{s[0]} M={s[3]} L={s[4]}" for s in MULTI_SHAPES])
+def test_multi_adapter_fused_linear_fills_a_wave(name, K, N, M, L, r):
+    """The multi-adapter fused kernel (no K split) over the multi-adapter suite's layers."""
+    import triton
+    from lora_kernels.triton import multi_lora as ml
+    tiles = ml.linear_config(M, N, K, r, L, 2, NUM_SMS).tiles
+    runs = triton.cdiv(triton.cdiv(N, tiles.block_n), tiles.tiles_per_program)
+    assert triton.cdiv(M, tiles.block_m) * runs >= NUM_SMS, tiles
