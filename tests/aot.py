@@ -45,7 +45,12 @@ def compile_for(fn, args: Dict, constexprs: Dict, num_warps: int, num_stages: in
         elif isinstance(value, float):
             signature[name] = "fp32"
         else:
-            kind, spec = native_specialize_impl(BaseBackend, value, False, True, True)
+            # honour @triton.jit(do_not_specialize=...): such ints get neither the "== 1"
+            # constant nor the divisibility hint, as at a launch
+            param = fn.params[i] if hasattr(fn, "params") else None
+            specialize = not (param is not None and param.do_not_specialize)
+            align = not (param is not None and param.do_not_specialize_on_alignment) and specialize
+            kind, spec = native_specialize_impl(BaseBackend, value, False, specialize, align)
             if kind == "constexpr":
                 signature[name], constants[name] = "constexpr", spec
             else:
@@ -71,12 +76,76 @@ def ptxas_report(kernel, arch: str = "sm_90a") -> Dict[str, int]:
     return {"registers": int(regs.group(1)) if regs else -1, "spill_bytes": int(spill.group(1)) if spill else -1}
 
 
+def _loops(ttgir: str):
+    """[(header line, body lines incl. nested regions, has a nested scf.for)] of every scf.for.
+    Regions open on a line ending in "{" and close on a line starting with "}"."""
+    stack, loops = [], []
+    for line in ttgir.splitlines():
+        s = line.strip()
+        if s.startswith("}"):
+            region = stack.pop()
+            if region is not None:
+                loops.append(region)
+            if s.endswith("{"):
+                stack.append(None)
+            continue
+        for region in stack:
+            if region is not None:
+                region[1].append(s)
+        if s.endswith("{"):
+            if "scf.for" in s:
+                for region in stack:
+                    if region is not None:
+                        region[2] = True
+                stack.append([s, [], False])
+            else:
+                stack.append(None)
+    return loops
+
+
+def k_loop_report(ttgir: str):
+    """Per innermost scf.for holding a tensor-core dot (the K loops), what would make it wait:
+
+    * sync_loads_into_dot: values loaded with a synchronous tt.load inside the loop and then put
+      into shared memory for the dot (ttg.local_alloc / local_store of the loaded or converted
+      value): no copy/MMA overlap for them;
+    * async_wait_all: ``ttg.async_wait {num = 0}`` inside the loop (waits for every copy in flight);
+    * mma_wait_all: ``warp_group_dot_wait {pendings = 0}`` inside the loop (no wgmma left in
+      flight across iterations);
+    * local_stores: register -> shared-memory stores inside the loop (a converted operand);
+    * async_copies: pipelined cp.async copies (informative)."""
+    out = []
+    for header, body, nested in _loops(ttgir):
+        if nested or not any(("warp_group_dot " in b or "tt.dot " in b) for b in body):
+            continue
+        loaded = set()
+        for b in body:
+            m = re.match(r"(%[\w#]+)(?::\d+)? = tt\.load ", b)
+            if m:
+                loaded.add(m.group(1))
+        sync_into_dot = 0
+        for b in body:
+            m = re.search(r"ttg\.local_(?:alloc|store) (%[\w#]+)", b)
+            if m and m.group(1) in loaded:
+                sync_into_dot += 1
+        out.append({"loop": header[:120],
+                    "sync_loads_into_dot": sync_into_dot,
+                    "async_wait_all": sum(1 for b in body if "ttg.async_wait" in b and "num = 0 " in b),
+                    "mma_wait_all": sum(1 for b in body if "warp_group_dot_wait" in b and "pendings = 0 " in b),
+                    "local_stores": sum(1 for b in body if "ttg.local_store" in b
+                                        or re.search(r"ttg\.local_alloc %", b) is not None),
+                    "async_copies": sum(1 for b in body if "async_copy_global_to_local" in b)})
+    return out
+
+
 def compile_report(cases: Iterable) -> Dict[str, Dict[str, int]]:
-    """name -> {"shared": bytes, "registers": n, "spill_bytes": n} of each case compiled for sm_90a."""
+    """name -> {"shared": bytes, "registers": n, "spill_bytes": n, "hash": the compiled kernel's
+    cache key, "k_loops": k_loop_report(TTGIR)} of each case compiled for sm_90a."""
     out = {}
     for name, fn, args, constexprs, warps, stages in cases:
         kernel = compile_for(fn, args, constexprs, warps, stages)
-        out[name] = {"shared": kernel.metadata.shared, **ptxas_report(kernel)}
+        out[name] = {"shared": kernel.metadata.shared, **ptxas_report(kernel), "hash": kernel.hash,
+                     "k_loops": k_loop_report(kernel.asm["ttgir"])}
     return out
 
 

@@ -121,3 +121,44 @@ def test_config_heuristic_covers_regimes():
     assert (-(-4096 // prefill.block_n)) % prefill.tiles_per_program == 0
     big_rank = forward_config(4096, 4096, 4096, 128, 2, 132)
     assert big_rank.block_r == 128 and big_rank.block_n == 128
+
+
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float32),
+                                                 (torch.float16, torch.float16)])
+@pytest.mark.parametrize("block_n,split_k,shrink_split,t_reduce", [
+    (16, 3, 4, True),   # K-split partials of y and of t, each summed by a reduce launch
+    (128, 1, 2, False),  # t's partials summed by the fused kernel as it loads them
+    (16, 2, 1, False),  # K-split y, t in one shrink pass
+    (16, 12, 12, True),  # one BLOCK_K tile per split
+])
+@pytest.mark.parametrize("save_t", [False, True])
+def test_split_k_and_precomputed_t(interpreter_device, dtype, adapter_dtype, block_n, split_k, shrink_split,
+                                   t_reduce, save_t):
+    """t from the split-K shrink, y from K-split partials: every path of the launch plan writes
+    every element of y (and t), fp32 adapters split once per call into 16-bit halves."""
+    from lora_kernels.triton.lora_linear import ForwardConfig, ShrinkConfig, plan_forward
+    M, N, K, r = 20, 70, 192, 6
+    inp = make_lora_inputs(M, N, K, r, dtype, adapter_dtype=adapter_dtype, bias=True)
+    cfg = ForwardConfig(16, block_n, 16, 16, 1, 2, 4, 2, split_k=split_k, precompute_t=True)
+    sc = ShrinkConfig(16, 16, 16, 4, 2, split_k=shrink_split)
+    plan = plan_forward(M, N, K, r, inp.x.element_size(), 4, config=cfg, shrink=sc)
+    assert plan.fused_grid[1] == split_k and plan.shrink_grid[1] == shrink_split and plan.t_reduce == t_reduce
+    from lora_kernels.triton.lora_linear import lora_linear_fwd
+    out = poison_(torch.empty(M, N, dtype=dtype))
+    t_out = poison_(torch.empty(M if save_t else 0, r, dtype=torch.float32))
+    y, t = lora_linear_fwd(*inp.args(), save_t=save_t, config=cfg, shrink=sc, out=out, t_out=t_out)
+    assert_close(y, inp.reference64(), dtype)
+    if save_t:
+        assert_close(t, inp.x.double() @ inp.lora_a.double().t(), torch.float32 if dtype == torch.float32 else dtype,
+                     what="t")
+
+
+def test_heuristic_splits_k_when_the_grid_is_short(interpreter_device):
+    """The interpreter's 4 'SMs': a 1-row, 16-column problem has one tile, so the heuristic
+    splits K (and computes t first); the result is still right."""
+    from lora_kernels.triton.lora_linear import forward_config
+    cfg = forward_config(1, 16, 512, 5, 4, 4)
+    assert cfg.split_k >= 4 and cfg.precompute_t
+    inp = make_lora_inputs(1, 16, 512, 5, torch.float32, bias=True)
+    y, _ = _launch(inp)
+    assert_close(y, inp.reference64(), torch.float32)

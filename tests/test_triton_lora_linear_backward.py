@@ -179,3 +179,20 @@ def test_weight_grad_config_heuristic():
     small = weight_grad_config(128, 4096, 4096, 16, 2, 132)
     assert small.split_m == 1  # too few rows to be worth a workspace
     assert weight_grad_config(4096, 4096, 4096, 128, 2, 132).block_r == 128
+
+
+@pytest.mark.parametrize("p", [0.0, 0.4])
+@pytest.mark.parametrize("adapter_dtype", [torch.float16, torch.float32])
+def test_dx_with_k_split_and_precomputed_u(interpreter_device, p, adapter_dtype):
+    """dx from K-split partials with u = dy @ B from the split-K shrink (stored for dA); the dropout
+    epilogue's mask lands only on the first split's LoRA term."""
+    from lora_kernels.triton.lora_linear import ForwardConfig, ShrinkConfig, plan_forward
+    inp = make_lora_inputs(33, 96, 40, 6, torch.float16, adapter_dtype=adapter_dtype)
+    dy = rand(33, 96, dtype=torch.float16)
+    y, t = _forward(inp, p)
+    dx_cfg = ForwardConfig(16, 16, 16, 16, 1, 2, 4, 2, split_k=3, precompute_t=True)
+    u_cfg = ShrinkConfig(16, 16, 16, 4, 2, split_k=2)
+    plan = plan_forward(33, 40, 96, 6, 2, 4, config=dx_cfg, shrink=u_cfg, mask_epilogue=p > 0)
+    assert plan.fused_grid[1] == 3 and plan.shrink_grid[1] == 2
+    grads = _backward(inp, dy, t, p, dx_config=dx_cfg, u_config=u_cfg)
+    _check(grads, _reference(inp, dy, p)[2:], torch.float16, ("dx", "dA", "dB", "dbias"))

@@ -265,7 +265,9 @@ def test_segment_and_linear_heuristics():
     assert ml.segment_config(65536, 4096, 64, 2, 132).shrink_block_r == 64
     assert ml.expected_segments_per_block(1, 128, 16) == 1.0
     assert ml.expected_segments_per_block(16, 128, 16) == 16.0
-    assert ml.linear_config(1, 4096, 4096, 16, 128, 2, 132).fused_shrink        # one token, rank 16
+    # one token, rank 16: 16-wide tiles fill the 132 SMs, so t in the kernel would re-read A per
+    # 16 columns of W; the segmented shrink reads it once
+    assert not ml.linear_config(1, 4096, 4096, 16, 128, 2, 132).fused_shrink
     assert not ml.linear_config(1, 4096, 4096, 64, 128, 2, 132).fused_shrink    # A re-read > W/2
     assert not ml.linear_config(64, 4096, 4096, 16, 128, 2, 132).fused_shrink   # many adapters
     assert ml.linear_config(4096, 4096, 4096, 16, 8, 2, 132).fused_shrink       # long segments

@@ -32,7 +32,7 @@ redraw the mask once per run. The same fused kernel computes the backward's
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
 import torch
@@ -130,30 +130,47 @@ def _shrink_dot(x, a, t, SPLIT_A: tl.constexpr, BASE_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _base_and_shrink_tile(x_ptr, w_ptr, a_ptr, offs_m, offs_n, offs_r, M, N, K, R,
-                          stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
+def _shrink_tile_dot(x, a_ptr, offs_k, offs_r, K, R, stride_ah, stride_ar, stride_ak, t,
+                     A_HALVES: tl.constexpr, PRECISION: tl.constexpr):
+    """t += x @ A[:, offs_k].T. A_HALVES: a_ptr holds an fp32 adapter split once per call into
+    two x-dtype halves (hi at a_ptr, lo at a_ptr + stride_ah; see split_adapter): two native dots
+    on tiles copied straight to shared memory -- no conversion, hence no shared-memory store and
+    no synchronous wait, inside the K loop."""
+    a = _load_tile(a_ptr, offs_k, offs_r, K, R, stride_ak, stride_ar)  # A^T tile [BK, BR]
+    if A_HALVES:
+        t = tl.dot(x, a, t)
+        a_lo = _load_tile(a_ptr + stride_ah, offs_k, offs_r, K, R, stride_ak, stride_ar)
+        t = tl.dot(x, a_lo, t)
+    else:
+        t = tl.dot(x, a.to(x.dtype), t, input_precision=PRECISION)
+    return t
+
+
+@triton.jit
+def _base_and_shrink_tile(x_ptr, w_ptr, a_ptr, offs_m, offs_n, offs_r, M, N, K, R, k_begin, k_end,
+                          stride_xm, stride_xk, stride_wn, stride_wk, stride_ah, stride_ar, stride_ak,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          BLOCK_R: tl.constexpr, SPLIT_A: tl.constexpr, BASE_PRECISION: tl.constexpr):
+                          BLOCK_R: tl.constexpr, A_HALVES: tl.constexpr, BASE_PRECISION: tl.constexpr):
     """(x @ W[offs_n].T, x @ A.T) for one row block, each x tile loaded once for both."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = _load_tile(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk)
         w = _load_tile(w_ptr, offs_k, offs_n, K, N, stride_wk, stride_wn)  # W^T tile [BK, BN]
-        a = _load_tile(a_ptr, offs_k, offs_r, K, R, stride_ak, stride_ar)  # A^T tile [BK, BR]
         acc = tl.dot(x, w, acc, input_precision=BASE_PRECISION)
-        t = _shrink_dot(x, a, t, SPLIT_A, BASE_PRECISION)
+        t = _shrink_tile_dot(x, a_ptr, offs_k, offs_r, K, R, stride_ah, stride_ar, stride_ak, t,
+                             A_HALVES, BASE_PRECISION)
     return acc, t
 
 
 @triton.jit
-def _base_tile(x_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _base_tile(x_ptr, w_ptr, offs_m, offs_n, M, N, K, k_begin, k_end, stride_xm, stride_xk, stride_wn,
+               stride_wk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                BASE_PRECISION: tl.constexpr):
-    """x @ W[offs_n].T for one row block."""
+    """x[:, k_begin:k_end] @ W[offs_n, k_begin:k_end].T for one row block."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = _load_tile(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk)
         w = _load_tile(w_ptr, offs_k, offs_n, K, N, stride_wk, stride_wn)
@@ -163,113 +180,174 @@ def _base_tile(x_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_xk, stri
 
 @triton.jit
 def _lora_epilogue_store(acc, t, b_ptr, bias_ptr, y_ptr, seed_ptr, offs_m, offs_n, offs_r, n_start,
-                         M, N, R, scale, dropout_threshold, stride_bn, stride_br, stride_ym, stride_yn,
-                         HAS_BIAS: tl.constexpr, DROPOUT_OUT: tl.constexpr,
+                         M, N, R, scale, dropout_threshold, add_terms, stride_bn, stride_br, stride_ym,
+                         stride_yn, HAS_BIAS: tl.constexpr, DROPOUT_OUT: tl.constexpr,
                          LORA_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """y[offs_m, offs_n] = acc + scale * (t @ B[offs_n].T) [* keep] + bias, rounded once;
-    offs_n = n_start + arange(BLOCK_N)."""
-    b = _load_tile(b_ptr, offs_r, offs_n, R, N, stride_br, stride_bn)  # B^T tile [BR, BN]
-    if DROPOUT_OUT:  # the backward's dx: the mask of x's element (m, n) drops its LoRA term
-        lora = _lora_dot(t, b, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), LORA_PRECISION)
-        k0, k1 = _philox_key(seed_ptr)
-        keep = _keep_mask(k0, k1, offs_m, n_start, dropout_threshold, BLOCK_M, BLOCK_N)
-        acc += scale * tl.where(keep, lora, 0.0)
-    else:
-        # Accumulate straight into acc: a separate [BLOCK_M, BLOCK_N] fp32 product tile doubles
-        # the epilogue's registers (ptxas: 128x256 tiles spilled ~3 KB per thread with it).
-        acc = _lora_dot(t * scale, b, acc, LORA_PRECISION)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
+    """y[offs_m, offs_n] = acc [+ scale * (t @ B[offs_n].T) [* keep] + bias, if add_terms],
+    rounded once; offs_n = n_start + arange(BLOCK_N). Split-K partials other than the first pass
+    add_terms = False: the LoRA term and the bias are added exactly once."""
+    if add_terms:
+        b = _load_tile(b_ptr, offs_r, offs_n, R, N, stride_br, stride_bn)  # B^T tile [BR, BN]
+        if DROPOUT_OUT:  # the backward's dx: the mask of x's element (m, n) drops its LoRA term
+            lora = _lora_dot(t, b, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), LORA_PRECISION)
+            k0, k1 = _philox_key(seed_ptr)
+            keep = _keep_mask(k0, k1, offs_m, n_start, dropout_threshold, BLOCK_M, BLOCK_N)
+            acc += scale * tl.where(keep, lora, 0.0)
+        else:
+            # Accumulate straight into acc: a separate [BLOCK_M, BLOCK_N] fp32 product tile doubles
+            # the epilogue's registers (ptxas: 128x256 tiles spilled ~3 KB per thread with it).
+            acc = _lora_dot(t * scale, b, acc, LORA_PRECISION)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
     y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :].to(tl.int64) * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
 @triton.jit
+def _load_t_sum(t_ptr, offs_m, offs_r, M, R, t_splits, stride_ts, stride_tm, stride_tr,
+                BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """sum_s t[s, offs_m, offs_r] over the shrink's t_splits K-split partials, in order s = 0, 1,
+    ... (a fixed order: bitwise reproducible)."""
+    t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for _ in range(0, t_splits):
+        t += _load_tile(t_ptr, offs_m, offs_r, M, R, stride_tm, stride_tr).to(tl.float32)
+        t_ptr += stride_ts
+    return t
+
+
+# Runtime ints that vary per call are never specialised (no "== 1" constant, no divisibility
+# variant): one compiled kernel per layer configuration, whatever M is (issue 16, point 6).
+_PER_CALL_INTS = ["M", "tiles_per_program", "k_tiles_per_split", "t_splits"]
+
+
+@triton.jit(do_not_specialize=_PER_CALL_INTS)
 def lora_linear_fwd_kernel(
-    x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, y_ptr, t_ptr, seed_ptr,
-    M, N, K, R, scale, dropout_threshold,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
-    stride_ym, stride_yn, stride_tm, stride_tr,
+    x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, y_ptr, t_ptr, t_store_ptr, seed_ptr,
+    M, N, K, R, scale, dropout_threshold, tiles_per_program, k_tiles_per_split, t_splits,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ah, stride_ar, stride_ak, stride_bn, stride_br,
+    stride_ys, stride_ym, stride_yn, stride_ts, stride_tm, stride_tr, stride_sm, stride_sr,
     HAS_BIAS: tl.constexpr, STORE_T: tl.constexpr, LOAD_T: tl.constexpr, DROPOUT_OUT: tl.constexpr,
-    SPLIT_A: tl.constexpr,
+    A_HALVES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    TILES_PER_PROGRAM: tl.constexpr, GROUP_M: tl.constexpr,
-    BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr, BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
 ):
     """y = x @ W^T + bias + scale * t @ B^T [* keep] with t = x @ A^T (or read from t_ptr: LOAD_T).
+
+    Program (p, s): row block / run of N tiles p, K range [s * k_per_split, (s + 1) * k_per_split)
+    with k_per_split = k_tiles_per_split * BLOCK_K (whole tiles: every K offset stays a known
+    multiple of BLOCK_K, which the compiler needs to vectorise the loads into pipelined cp.async
+    copies). With one K split (grid axis 1 of size 1, k_per_split >= K) it writes y; with several,
+    y_ptr is an fp32 workspace [splits, M, N] (split stride stride_ys), split 0 adds the LoRA term
+    and the bias, and ``splitk_reduce_kernel`` sums the partials in a fixed order. Several K splits need
+    LOAD_T (t over the whole K). LOAD_T reads t as the sum of t_splits partials (stride_ts apart,
+    the split-K shrink's output); STORE_T stores the program's t into t_store_ptr (strides
+    stride_sm, stride_sr) from the programs of the first N run and K split.
 
     The forward runs it as is; the backward's dx runs it with x := dy, W := W0^T, A := B^T,
     B := A^T, t := dy @ B (stored for dA: STORE_T) and DROPOUT_OUT."""
     num_m_blocks = tl.cdiv(M, BLOCK_M)
     num_n_tiles = tl.cdiv(N, BLOCK_N)
-    num_n_runs = tl.cdiv(num_n_tiles, TILES_PER_PROGRAM)
+    num_n_runs = tl.cdiv(num_n_tiles, tiles_per_program)
     # Grouped order (Triton matmul tutorial): GROUP_M row blocks sweep the same N runs together,
     # so a W run is fetched from DRAM once per group and re-read from L2.
     pid = tl.program_id(0)
+    k_split = tl.program_id(1)
     programs_per_group = GROUP_M * num_n_runs
     first_m_block = (pid // programs_per_group) * GROUP_M
     group_rows = tl.minimum(num_m_blocks - first_m_block, GROUP_M)
     m_block = first_m_block + (pid % programs_per_group) % group_rows
     n_run = (pid % programs_per_group) // group_rows
+    k_begin = k_split * k_tiles_per_split * BLOCK_K
+    k_end = tl.minimum(K, k_begin + k_tiles_per_split * BLOCK_K)
+    y_ptr += k_split.to(tl.int64) * stride_ys
+    first_split = k_split == 0
 
     offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
-    first_tile = n_run * TILES_PER_PROGRAM
+    first_tile = n_run * tiles_per_program
     offs_n = first_tile * BLOCK_N + tl.arange(0, BLOCK_N)
 
-    if LOAD_T:  # t precomputed (dropout: lora_shrink_kernel drew each mask bit once)
-        acc = _base_tile(x_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_xk, stride_wn,
-                         stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, BASE_PRECISION)
-        t = _load_tile(t_ptr, offs_m, offs_r, M, R, stride_tm, stride_tr).to(tl.float32)
+    if LOAD_T:  # t precomputed by the (split-K) shrink: A is read once per call, not per N run
+        acc = _base_tile(x_ptr, w_ptr, offs_m, offs_n, M, N, K, k_begin, k_end, stride_xm, stride_xk,
+                         stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, BASE_PRECISION)
+        t = _load_t_sum(t_ptr, offs_m, offs_r, M, R, t_splits, stride_ts, stride_tm, stride_tr,
+                        BLOCK_M, BLOCK_R)
     else:
         acc, t = _base_and_shrink_tile(x_ptr, w_ptr, a_ptr, offs_m, offs_n, offs_r, M, N, K, R,
-                                       stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
-                                       BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, SPLIT_A, BASE_PRECISION)
-        if STORE_T:  # saved for the backward pass; one run per row block writes it
-            if n_run == 0:
-                t_ptrs = t_ptr + offs_m[:, None].to(tl.int64) * stride_tm + offs_r[None, :] * stride_tr
-                tl.store(t_ptrs, t, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
+                                       k_begin, k_end, stride_xm, stride_xk, stride_wn, stride_wk,
+                                       stride_ah, stride_ar, stride_ak, BLOCK_M, BLOCK_N, BLOCK_K,
+                                       BLOCK_R, A_HALVES, BASE_PRECISION)
+    if STORE_T:  # saved for the backward pass; one program per row block writes it
+        if (n_run == 0) & first_split:
+            t_ptrs = t_store_ptr + offs_m[:, None].to(tl.int64) * stride_sm + offs_r[None, :] * stride_sr
+            tl.store(t_ptrs, t, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
     _lora_epilogue_store(acc, t, b_ptr, bias_ptr, y_ptr, seed_ptr, offs_m, offs_n, offs_r,
-                         first_tile * BLOCK_N, M, N, R, scale, dropout_threshold, stride_bn, stride_br,
-                         stride_ym, stride_yn, HAS_BIAS, DROPOUT_OUT, LORA_PRECISION, BLOCK_M, BLOCK_N)
+                         first_tile * BLOCK_N, M, N, R, scale, dropout_threshold, first_split,
+                         stride_bn, stride_br, stride_ym, stride_yn, HAS_BIAS, DROPOUT_OUT,
+                         LORA_PRECISION, BLOCK_M, BLOCK_N)
 
-    last_tile = tl.minimum(first_tile + TILES_PER_PROGRAM, num_n_tiles)
+    last_tile = tl.minimum(first_tile + tiles_per_program, num_n_tiles)
     for tile in range(first_tile + 1, last_tile):
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = _base_tile(x_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_xk, stride_wn,
-                         stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, BASE_PRECISION)
+        acc = _base_tile(x_ptr, w_ptr, offs_m, offs_n, M, N, K, k_begin, k_end, stride_xm, stride_xk,
+                         stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, BASE_PRECISION)
         _lora_epilogue_store(acc, t, b_ptr, bias_ptr, y_ptr, seed_ptr, offs_m, offs_n, offs_r,
-                             tile * BLOCK_N, M, N, R, scale, dropout_threshold, stride_bn, stride_br,
-                             stride_ym, stride_yn, HAS_BIAS, DROPOUT_OUT, LORA_PRECISION, BLOCK_M, BLOCK_N)
+                             tile * BLOCK_N, M, N, R, scale, dropout_threshold, first_split,
+                             stride_bn, stride_br, stride_ym, stride_yn, HAS_BIAS, DROPOUT_OUT,
+                             LORA_PRECISION, BLOCK_M, BLOCK_N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "splits"])
+def splitk_reduce_kernel(ws_ptr, y_ptr, M, N, splits, stride_ws, stride_wm, stride_wn, stride_ym, stride_yn,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y[tile] = sum_s ws[s, tile] in the order s = 0, 1, ... (fp32, rounded once to y's dtype):
+    the fixed-order reduction of the fused kernel's K-split partials. No atomics: every run of the
+    same launch gives the same bits."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for _ in range(0, splits):  # the pointer advances: no int32 product split * stride_ws
+        acc += _load_tile(ws_ptr, offs_m, offs_n, M, N, stride_wm, stride_wn)
+        ws_ptr += stride_ws
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :].to(tl.int64) * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit(do_not_specialize=["M", "k_tiles_per_split"])
 def lora_shrink_kernel(
     x_ptr, a_ptr, t_ptr, seed_ptr,
-    M, K, R, t_scale, dropout_threshold,
-    stride_xm, stride_xk, stride_ar, stride_ak, stride_tm, stride_tr,
-    DROPOUT: tl.constexpr, SPLIT_A: tl.constexpr,
+    M, K, R, t_scale, dropout_threshold, k_tiles_per_split,
+    stride_xm, stride_xk, stride_ah, stride_ar, stride_ak, stride_ts, stride_tm, stride_tr,
+    DROPOUT: tl.constexpr, A_HALVES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """t[m, :] = t_scale * (x[m] [* keep[m]]) @ A^T in fp32, one program per BLOCK_M rows.
+    """t[s, m, :] = t_scale * (x[m, ks] [* keep[m, ks]]) @ A[:, ks]^T in fp32 for the K range
+    ks = [s * k_per_split, (s + 1) * k_per_split), k_per_split = k_tiles_per_split * BLOCK_K, of
+    program (row block, s): one partial per K
+    split (the fused kernel's LOAD_T sums them in order). One split (k_per_split >= K) is t itself.
 
-    The forward's dropout pre-pass (t_scale = 1/(1-p)) and the backward's u = dy @ B when dx is
-    not needed (A := B^T, no dropout)."""
+    The forward's t pre-pass (decode, and wherever the fused kernel would recompute t per N run;
+    with dropout t_scale = 1/(1-p), each mask bit drawn once) and the backward's u = dy @ B when
+    dx is not needed (A := B^T, no dropout)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k_split = tl.program_id(1)
     offs_r = tl.arange(0, BLOCK_R)
+    k_begin = k_split * k_tiles_per_split * BLOCK_K
+    k_end = tl.minimum(K, k_begin + k_tiles_per_split * BLOCK_K)
     if DROPOUT:
         k0, k1 = _philox_key(seed_ptr)
     t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k_start in range(0, K, BLOCK_K):
+    for k_start in range(k_begin, k_end, BLOCK_K):
         offs_k = k_start + tl.arange(0, BLOCK_K)
         x = _load_tile(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk)
         if DROPOUT:
             x = tl.where(_keep_mask(k0, k1, offs_m, k_start, dropout_threshold, BLOCK_M, BLOCK_K),
                          x, tl.zeros_like(x))
-        a = _load_tile(a_ptr, offs_k, offs_r, K, R, stride_ak, stride_ar)  # A^T tile [BK, BR]
-        t = _shrink_dot(x, a, t, SPLIT_A, PRECISION)
-    t_ptrs = t_ptr + offs_m[:, None].to(tl.int64) * stride_tm + offs_r[None, :] * stride_tr
+        t = _shrink_tile_dot(x, a_ptr, offs_k, offs_r, K, R, stride_ah, stride_ar, stride_ak, t,
+                             A_HALVES, PRECISION)
+    t_ptrs = (t_ptr + k_split.to(tl.int64) * stride_ts + offs_m[:, None].to(tl.int64) * stride_tm
+              + offs_r[None, :] * stride_tr)
     tl.store(t_ptrs, t * t_scale, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
 
 
@@ -300,6 +378,18 @@ class ForwardConfig:
     group_m: int
     num_warps: int
     num_stages: int
+    split_k: int = 1  # K splits of the fused kernel (fp32 partials, fixed-order reduction)
+    precompute_t: bool = False  # t by the split-K shrink first; the fused kernel reads it (LOAD_T)
+
+
+@dataclass(frozen=True)
+class ShrinkConfig:
+    block_m: int
+    block_k: int
+    block_r: int
+    num_warps: int
+    num_stages: int
+    split_k: int = 1  # K splits: fp32 partials of t, summed in a fixed order
 
 
 def block_r_for(r: int) -> int:
@@ -314,57 +404,87 @@ def _sm_count(device_index: int) -> int:
 
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
-        return 4  # the interpreter: any small number exercises multi-tile programs
+        return 4  # the interpreter: any small number exercises multi-tile programs and split-K
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def k_split_plan(K: int, block_k: int, want: int) -> Tuple[int, int]:
+    """(splits, k_per_split): K cut into runs of whole BLOCK_K tiles, at least `want` of them when
+    K has that many tiles (the last run may be shorter). One split: k_per_split >= K."""
+    k_tiles = triton.cdiv(max(K, 1), block_k)
+    per = max(1, k_tiles // max(1, want))
+    return triton.cdiv(k_tiles, per), per * block_k
+
+
+def fused_programs(M: int, N: int, cfg: ForwardConfig, K: int) -> int:
+    """Programs of one fused launch: row blocks x N runs x K splits."""
+    runs = triton.cdiv(triton.cdiv(N, cfg.block_n), cfg.tiles_per_program)
+    return triton.cdiv(M, cfg.block_m) * runs * k_split_plan(K, cfg.block_k, cfg.split_k)[0]
+
+
+def _tile_candidates(M: int, block_r: int, fp32: bool, narrow: bool):
+    """(block_m, block_n, block_k, warps, stages) in order of preference for the regime of M.
+
+    Reasoning about Hopper, not measured yet (the tuner measures: bench/tune.py):
+    * Decode (M <= 16): reading W once is the whole cost. BLOCK_M = 16 is the smallest tl.dot
+      tile; BLOCK_K = 128 (16-bit) makes each W row read a 256-byte burst; 4 stages keep ~16-64 KB
+      of loads in flight per program. BLOCK_N 64, then 32, then 16: narrower tiles give more
+      programs, so that the grid covers every SM before K is split.
+    * Mid M (<= 64): 64x128, then 64x64; 4 warps.
+    * M > 64: 128x256x64 with 8 warps (two warpgroups) and 3 stages, the usual best Triton bf16
+      GEMM tile on Hopper (~144 KB of shared memory), unless `narrow`; then 128x128 (8 warps),
+      64x128 and 64x64 (4 warps), each giving twice the programs of the one before.
+    * `narrow` (padded rank >= 64, fp32 operands or adapters, the dropout epilogue): BLOCK_N <= 128
+      (ptxas -v for sm_90a: a 128x256 fp32 accumulator next to the fp32 t or the Philox words
+      spilled KBs per thread; tests/test_triton_lora_linear_compile.py)."""
+    bk = 64 if fp32 else 128
+    if M <= 16:
+        return [(16, bn, bk, 4, 4) for bn in (64, 32, 16)]
+    bk = 32 if fp32 else 64
+    if M <= 64:
+        return [(64, 128, bk, 4, 4), (64, 64, bk, 4, 4)]
+    out = [] if narrow else [(128, 256, bk, 8, 3)]
+    return out + [(128, 128, bk, 8, 3), (64, 128, bk, 4, 4), (64, 64, bk, 4, 4)]
 
 
 @functools.lru_cache(maxsize=4096)  # pure function of ints, called on every launch
 def forward_config(M: int, N: int, K: int, r: int, elem_bytes: int, num_sms: int,
                    mask_epilogue: bool = False, split_adapters: bool = False) -> ForwardConfig:
-    """Tile shapes for the forward kernel, keyed on the problem shape.
+    """The fused kernel's launch for a problem shape: tiles, K splits and where t comes from.
 
-    The reasons below are design reasoning about Hopper (H100/H200); the founding session had no
-    GPU, so none of these is a measured optimum yet -- ``python -m bench --tune`` (issue 2 follow-up)
-    is where they get measured.
+    Tuned table first (lora_kernels/configs/<card>.json, written by ``python -m bench --suite
+    tune``: the nearest measured bucket), else this heuristic:
 
-    * Decode (M <= 16): the work is reading W once (bandwidth-bound). BLOCK_M = 16 is the smallest
-      tl.dot tile; BLOCK_N shrinks to 32 when 64-wide tiles would give fewer than two programs per
-      SM, so that enough loads are in flight; BLOCK_K = 128 (16-bit) makes each W row read a
-      256-byte burst; one tile per program (no reuse to exploit).
-    * Mid M (<= 64): 64x128 tiles, 4 warps.
-    * Prefill/training (M > 64): 128x256x64 with 8 warps (two warpgroups) and 3 stages, the usual
-      best Triton bf16 GEMM tile on Hopper (~144 KB of shared memory at 3 stages); BLOCK_N drops
-      to 128 when the padded rank is >= 64, to keep the fp32 t and accumulator in registers.
-    * TILES_PER_PROGRAM: the largest divisor of the N-tile count that still launches at least one
-      program per SM. t = x.A^T is recomputed once per program, so its extra tensor-core work is
-      BLOCK_R / (BLOCK_N * TILES_PER_PROGRAM) of the base product (16 / (256 * 2) = 3% at 4096^2).
-    * Register pressure (ptxas -v for sm_90a, tests/test_triton_lora_linear_compile.py): 128x256
-      tiles fit 255 registers with a 16-bit rank-16 adapter, but fp32 adapters (the split A in the
-      K loop and a tf32x3 t @ B) spilled ~3.5 KB per thread there, so they take BLOCK_N = 128
-      (split_adapters), as ranks >= 64 do.
-    * mask_epilogue (the backward's dx with dropout): the epilogue draws Philox words for the whole
-      [BLOCK_M, BLOCK_N] tile next to the fp32 accumulator; BLOCK_N <= 128 keeps those four
-      [BLOCK_M, BLOCK_N / 4] uint32 blocks at <= 64 registers per thread (8 warps), not 128.
+    * Fill the machine: the first tile of ``_tile_candidates`` whose grid has at least one
+      program per SM (one full wave). When none has, the tile with the most programs, and K is
+      split into ceil(num_sms / programs) runs: each split writes an fp32 partial of its tile,
+      and ``splitk_reduce_kernel`` sums them in a fixed order (no atomics: bitwise reproducible).
+      The partials cost 2 x splits x M x N x 4 bytes of traffic, small next to W at the M where
+      the grid is short (M <= 128 for the suite's layers).
+    * One tile per program: t never has to be reused across a program's tiles, because
+    * t comes from the split-K shrink (precompute_t) whenever the fused kernel would otherwise
+      recompute it in more than one program per row block (several N tiles, or several K
+      splits): A is then streamed once per row block, as W is, and its traffic stays at its floor
+      r/N of W's. At decode this removes 0.5x (r = 16) to 4x (r = 128) of W's bytes. The cost is
+      one more launch and one more read of x (small next to W at M <= 1024; about one W's worth at
+      M = N: the tuner measures whether the fused t wins there).
     """
+    from .. import configs
+    tuned = configs.lookup("forward", M=M, N=N, K=K, r=r, elem_bytes=elem_bytes, num_sms=num_sms,
+                           mask_epilogue=mask_epilogue, split_adapters=split_adapters)
+    if tuned is not None:  # measured on a nearby shape: its rank tile follows this r
+        return replace(ForwardConfig(**tuned), block_r=block_r_for(r))
     block_r = block_r_for(r)
-    fp32 = elem_bytes >= 4
-    if M <= 16:
-        block_m, block_k, warps, stages = 16, (64 if fp32 else 128), 4, 4
-        block_n = 64 if triton.cdiv(N, 64) >= 2 * num_sms else 32
-        return ForwardConfig(block_m, block_n, block_k, block_r, 1, 1, warps, stages)
-    if M <= 64:
-        block_m, block_n, block_k, warps, stages = 64, 128, (32 if fp32 else 64), 4, 4
-    else:
-        wide = not (block_r >= 64 or fp32 or mask_epilogue or split_adapters)
-        block_m, block_n, block_k, warps, stages = 128, (256 if wide else 128), (32 if fp32 else 64), 8, 3
-    num_m_blocks = triton.cdiv(M, block_m)
-    num_n_tiles = triton.cdiv(N, block_n)
-    tiles = 1
-    for d in range(num_n_tiles, 0, -1):
-        if num_n_tiles % d == 0 and num_m_blocks * (num_n_tiles // d) >= num_sms:
-            tiles = d
-            break
-    return ForwardConfig(block_m, block_n, block_k, block_r, tiles, 8, warps, stages)
+    narrow = block_r >= 64 or elem_bytes >= 4 or mask_epilogue or split_adapters
+    cands = _tile_candidates(M, block_r, elem_bytes >= 4, narrow)
+    programs = [triton.cdiv(M, bm) * triton.cdiv(N, bn) for bm, bn, *_ in cands]
+    full = [i for i, p in enumerate(programs) if p >= num_sms]
+    choice = full[0] if full else max(range(len(cands)), key=lambda i: (programs[i], -i))
+    bm, bn, bk, warps, stages = cands[choice]
+    want = 1 if full else triton.cdiv(num_sms, programs[choice])
+    split_k = k_split_plan(K, bk, want)[0]
+    precompute_t = split_k > 1 or triton.cdiv(N, bn) > 1
+    return ForwardConfig(bm, bn, bk, block_r, 1, 8, warps, stages, split_k, precompute_t)
 
 
 def base_precision(x_dtype: torch.dtype, device: torch.device) -> str:
@@ -385,86 +505,198 @@ def lora_precision_for(b_dtype: torch.dtype, device: torch.device) -> str:
     return "tf32x3" if b_dtype == torch.float32 else "tf32x2"
 
 
-@dataclass(frozen=True)
-class ShrinkConfig:
-    block_m: int
-    block_k: int
-    block_r: int
-    num_warps: int
-    num_stages: int
+# The shrink's t partials are summed by the fused kernel as it loads t when they add at most
+# this fraction of the W bytes each fused program streams; otherwise one small reduce launch sums
+# them first. Reasoning (a launch costs ~2-4 us of GPU time at decode, partial re-reads from L2
+# are cheap), not measured yet: the tuner measures it.
+T_PARTIALS_MAX_W_FRACTION = 1 / 32
 
 
 @functools.lru_cache(maxsize=4096)  # pure function of ints, called on every launch
 def shrink_config(M: int, K: int, r: int, elem_bytes: int, num_sms: int) -> ShrinkConfig:
-    """Tiles for ``lora_shrink_kernel`` (reasoning, not measured: no GPU in the session that wrote it).
+    """Tiles of ``lora_shrink_kernel`` (reasoning about Hopper, not measured yet; the tuner
+    measures). Tuned table first, else:
 
-    It streams x once (bandwidth-bound; the rank-deep dot is tiny), so the goal is enough programs
-    in flight: BLOCK_M is the largest of 64/32/16 that still gives two programs per SM. BLOCK_K =
-    128 (16-bit) / 64 (fp32) reads each row in 256-byte bursts, as the decode forward does."""
-    block_m = 16
-    for candidate in (64, 32):
-        if triton.cdiv(M, candidate) >= 2 * num_sms:
-            block_m = candidate
-            break
-    return ShrinkConfig(block_m, 64 if elem_bytes >= 4 else 128, block_r_for(r), 4, 3)
+    * BLOCK_M = the fused kernel's row block for this M (16 / 64 / 128): A is then read once per
+      row block of the fused kernel (A's floor; issue 16 point 2; a 16-row pre-pass re-read A
+      M/16 times); 8 warps at 128 rows keep the fp32 t [128, <= 128] at <= 64 registers.
+    * BLOCK_K = 128 (16-bit) / 64 (fp32) at <= 64 rows (256-byte bursts of each row), 64 / 32 at
+      128 rows (x and A tiles <= 16 KB each per stage).
+    * K splits: enough for one program per SM (the partials are tiny: splits x M x r x 4 bytes)."""
+    from .. import configs
+    tuned = configs.lookup("shrink", M=M, K=K, r=r, elem_bytes=elem_bytes, num_sms=num_sms)
+    if tuned is not None:
+        return replace(ShrinkConfig(**tuned), block_r=block_r_for(r))
+    fp32 = elem_bytes >= 4
+    if M <= 16:
+        block_m, block_k, warps, stages = 16, (64 if fp32 else 128), 4, 4
+    elif M <= 64:
+        block_m, block_k, warps, stages = 64, (64 if fp32 else 128), 4, 3
+    else:
+        block_m, block_k, warps, stages = 128, (32 if fp32 else 64), 8, 3
+    m_blocks = triton.cdiv(M, block_m)
+    split = k_split_plan(K, block_k, triton.cdiv(num_sms, m_blocks))[0]
+    return ShrinkConfig(block_m, block_k, block_r_for(r), warps, stages, split)
 
 
-def _split_a(x: torch.Tensor, a: torch.Tensor) -> bool:
-    return a.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)
+def split_adapter(a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[2, *a.shape] in `dtype`: a = hi + lo with hi = a rounded to dtype and lo = (a - hi)
+    rounded, once per call (~16 mantissa bits of an fp32 adapter in two 16-bit tensor-core
+    operands; the kernels' A_HALVES)."""
+    hi = a.to(dtype)
+    return torch.stack((hi, (a - hi.to(a.dtype)).to(dtype)))
+
+
+def _adapter_operand(x: torch.Tensor, a: torch.Tensor):
+    """(tensor, stride between halves, A_HALVES) as the kernels take A."""
+    if a.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16):
+        halves = split_adapter(a, x.dtype)
+        return halves[0], halves.stride(0), True
+    return a, 0, False
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything one fused call launches (host-side arithmetic only): the CPU-lane tests read it
+    to check the grid fill and A's traffic over the benchmark suite without a GPU."""
+    fused: ForwardConfig
+    fused_grid: Tuple[int, int]
+    k_per_split: int
+    shrink: Optional[ShrinkConfig]
+    shrink_grid: Optional[Tuple[int, int]]
+    shrink_k_per_split: int
+    t_reduce: bool  # the shrink's partials are summed by a reduce launch (else by the fused loads)
+
+
+def plan_forward(M: int, N: int, K: int, r: int, elem_bytes: int, num_sms: int, *,
+                 dropout: bool = False, mask_epilogue: bool = False, split_adapters: bool = False,
+                 config: Optional[ForwardConfig] = None, shrink: Optional[ShrinkConfig] = None) -> Plan:
+    cfg = config or forward_config(M, N, K, r, elem_bytes, num_sms, mask_epilogue, split_adapters)
+    splits, k_per_split = k_split_plan(K, cfg.block_k, cfg.split_k)
+    runs = triton.cdiv(triton.cdiv(N, cfg.block_n), cfg.tiles_per_program)
+    fused_grid = (triton.cdiv(M, cfg.block_m) * runs, splits)
+    if not (cfg.precompute_t or dropout or splits > 1):
+        return Plan(cfg, fused_grid, k_per_split, None, None, 0, False)
+    sc = shrink or shrink_config(M, K, r, elem_bytes, num_sms)
+    s_splits, s_per = k_split_plan(K, sc.block_k, sc.split_k)
+    w_bytes = cfg.block_n * min(k_per_split, K) * elem_bytes
+    partial_bytes = (s_splits - 1) * cfg.block_m * cfg.block_r * 4
+    t_reduce = s_splits > 1 and partial_bytes > T_PARTIALS_MAX_W_FRACTION * w_bytes
+    return Plan(cfg, fused_grid, k_per_split, sc, (triton.cdiv(M, sc.block_m), s_splits), s_per, t_reduce)
+
+
+REDUCE_BLOCK = (32, 128)  # splitk_reduce_kernel tile: 16 KB of fp32 per partial, coalesced rows
+
+
+def _reduce(ws: torch.Tensor, out: torch.Tensor) -> None:
+    """out = ws.sum(0) in a fixed order (splitk_reduce_kernel). ws [S, M, N] fp32."""
+    S, M, N = ws.shape
+    bm, bn = REDUCE_BLOCK
+    splitk_reduce_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+        ws, out, M, N, S, ws.stride(0), ws.stride(1), ws.stride(2), out.stride(0), out.stride(1),
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+
+
+def launch_shrink(x: torch.Tensor, a: torch.Tensor, t: torch.Tensor, *, t_scale: float = 1.0,
+                  seed: Optional[torch.Tensor] = None, dropout_threshold: int = 0,
+                  config: Optional[ShrinkConfig] = None, reduce: bool = True) -> int:
+    """t = t_scale * (x [* keep]) @ a.T in fp32. x [M, D], a [R, D]; any strides. With one K
+    split (or `reduce`) t is [M, R]; otherwise t is the partials buffer [splits, M, R] the caller
+    allocated from ``shrink_partials_shape``. Returns the number of partials written to t."""
+    M, D = x.shape
+    R = a.shape[0]
+    if M == 0:
+        return 1
+    if config is None:
+        config = shrink_config(M, D, R, x.element_size(), _num_sms(x.device))
+    splits, k_per_split = k_split_plan(D, config.block_k, config.split_k)
+    if t.dim() == 2 and splits > 1:
+        out = t
+        t = torch.empty((splits, M, R), dtype=torch.float32, device=x.device)
+    elif t.dim() == 2:
+        out, t = None, t.unsqueeze(0)
+    else:
+        out = None
+    a_arg, stride_ah, a_halves = _adapter_operand(x, a)
+    precision = base_precision(x.dtype, x.device)
+    lora_shrink_kernel[(triton.cdiv(M, config.block_m), splits)](
+        x, a_arg, t, seed if seed is not None else t,
+        M, D, R, float(t_scale), dropout_threshold, k_per_split // config.block_k,
+        x.stride(0), x.stride(1), stride_ah, a_arg.stride(0), a_arg.stride(1),
+        t.stride(0), t.stride(1), t.stride(2),
+        DROPOUT=seed is not None, A_HALVES=a_halves,
+        BLOCK_M=config.block_m, BLOCK_K=config.block_k, BLOCK_R=config.block_r, PRECISION=precision,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if out is not None:
+        _reduce(t, out)
+        return 1
+    return splits
 
 
 def launch_fused(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                  bias: Optional[torch.Tensor], y: torch.Tensor, t: Optional[torch.Tensor], *,
                  scale: float, store_t: bool = False, load_t: bool = False,
                  seed: Optional[torch.Tensor] = None, dropout_threshold: int = 0,
-                 config: Optional[ForwardConfig] = None) -> None:
+                 config: Optional[ForwardConfig] = None, shrink: Optional[ShrinkConfig] = None,
+                 t_scale: float = 1.0, shrink_seed: Optional[torch.Tensor] = None,
+                 shrink_threshold: int = 0) -> None:
     """y = x @ w.T + bias + scale * t @ b.T [masked, if seed is given] with t = x @ a.T (stored
     into t if store_t) or read from t (load_t). x [M, D], w [C, D], a [R, D], b [C, R], y [M, C],
-    t [M, R] fp32; any strides (the backward passes transposed views)."""
+    t [M, R] fp32; any strides (the backward passes transposed views).
+
+    When the plan says so (plan_forward), t is first computed by the split-K shrink
+    (t_scale * drop(x) @ a.T with shrink_seed's mask: the forward's dropout), and the fused kernel
+    reads it; with several K splits the kernel writes fp32 partials that one reduce launch sums."""
     M, D = x.shape
     C, R = w.shape[0], a.shape[0]
-    if config is None:
-        config = forward_config(M, C, D, R, x.element_size(), _num_sms(x.device), seed is not None,
-                                b.dtype == torch.float32 and x.dtype != torch.float32)
-    base_prec, lora_prec = base_precision(x.dtype, x.device), lora_precision_for(b.dtype, x.device)
-    num_m_blocks = triton.cdiv(M, config.block_m)
-    num_runs = triton.cdiv(triton.cdiv(C, config.block_n), config.tiles_per_program)
-    uses_t = store_t or load_t
-    lora_linear_fwd_kernel[(num_m_blocks * num_runs,)](
-        x, w, a, b, bias if bias is not None else y, y, t if uses_t else y,
-        seed if seed is not None else y,
-        M, C, D, R, float(scale), dropout_threshold,
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), a.stride(0), a.stride(1),
-        b.stride(0), b.stride(1), y.stride(0), y.stride(1),
-        t.stride(0) if uses_t else 0, t.stride(1) if uses_t else 0,
-        HAS_BIAS=bias is not None, STORE_T=store_t, LOAD_T=load_t, DROPOUT_OUT=seed is not None,
-        SPLIT_A=_split_a(x, a),
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        BLOCK_R=config.block_r, TILES_PER_PROGRAM=config.tiles_per_program, GROUP_M=config.group_m,
-        BASE_PRECISION=base_prec, LORA_PRECISION=lora_prec,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
-
-
-def launch_shrink(x: torch.Tensor, a: torch.Tensor, t: torch.Tensor, *, t_scale: float = 1.0,
-                  seed: Optional[torch.Tensor] = None, dropout_threshold: int = 0,
-                  config: Optional[ShrinkConfig] = None) -> None:
-    """t = t_scale * (x [* keep]) @ a.T in fp32. x [M, D], a [R, D], t [M, R]; any strides."""
-    M, D = x.shape
-    R = a.shape[0]
-    if M == 0:
+    if M == 0 or C == 0:
         return
-    if config is None:
-        config = shrink_config(M, D, R, x.element_size(), _num_sms(x.device))
-    precision = base_precision(x.dtype, x.device)
-    lora_shrink_kernel[(triton.cdiv(M, config.block_m),)](
-        x, a, t, seed if seed is not None else t,
-        M, D, R, float(t_scale), dropout_threshold,
-        x.stride(0), x.stride(1), a.stride(0), a.stride(1), t.stride(0), t.stride(1),
-        DROPOUT=seed is not None, SPLIT_A=_split_a(x, a),
-        BLOCK_M=config.block_m, BLOCK_K=config.block_k, BLOCK_R=config.block_r, PRECISION=precision,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+    dev = x.device
+    split_adapters = b.dtype == torch.float32 and x.dtype != torch.float32
+    plan = plan_forward(M, C, D, R, x.element_size(), _num_sms(dev), dropout=shrink_seed is not None,
+                        mask_epilogue=seed is not None, split_adapters=split_adapters, config=config,
+                        shrink=shrink)
+    cfg = plan.fused
+    t_src, t_splits = t, 1
+    if plan.shrink is not None and not load_t:
+        if plan.t_reduce or plan.shrink_grid[1] == 1:
+            t_src = t if store_t else torch.empty((M, R), dtype=torch.float32, device=dev)
+            launch_shrink(x, a, t_src, t_scale=t_scale, seed=shrink_seed, dropout_threshold=shrink_threshold,
+                          config=plan.shrink)
+            store_t = False  # t_src is t itself
+        else:
+            t_src = torch.empty((plan.shrink_grid[1], M, R), dtype=torch.float32, device=dev)
+            t_splits = launch_shrink(x, a, t_src, t_scale=t_scale, seed=shrink_seed,
+                                     dropout_threshold=shrink_threshold, config=plan.shrink)
+        load_t = True
+    if plan.fused_grid[1] > 1 and not load_t:
+        raise ValueError("launch_fused: a K-split config needs t precomputed (precompute_t)")
+    if t_src is not None and t_src.dim() == 2:
+        t_src = t_src.unsqueeze(0)
+    uses_t = store_t or load_t
+    out = y if plan.fused_grid[1] == 1 else torch.empty((plan.fused_grid[1], M, C), dtype=torch.float32,
+                                                         device=dev)
+    out3 = out if out.dim() == 3 else out.unsqueeze(0)
+    a_arg, stride_ah, a_halves = (a, 0, False) if load_t else _adapter_operand(x, a)
+    base_prec, lora_prec = base_precision(x.dtype, dev), lora_precision_for(b.dtype, dev)
+    ts = t_src if load_t else out3
+    st = t if store_t else out3[0]
+    lora_linear_fwd_kernel[plan.fused_grid](
+        x, w, a_arg, b, bias if bias is not None else y, out3, ts, st, seed if seed is not None else y,
+        M, C, D, R, float(scale), dropout_threshold, cfg.tiles_per_program, plan.k_per_split // cfg.block_k,
+        t_splits,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), stride_ah, a_arg.stride(0), a_arg.stride(1),
+        b.stride(0), b.stride(1), out3.stride(0), out3.stride(1), out3.stride(2),
+        ts.stride(0), ts.stride(1), ts.stride(2), st.stride(0), st.stride(1),
+        HAS_BIAS=bias is not None, STORE_T=store_t, LOAD_T=load_t, DROPOUT_OUT=seed is not None,
+        A_HALVES=a_halves,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_r,
+        GROUP_M=cfg.group_m, BASE_PRECISION=base_prec, LORA_PRECISION=lora_prec,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if out is not y:
+        _reduce(out, y)
 
 
 def dropout_mask(seed: torch.Tensor, rows: int, cols: int, p: float) -> torch.Tensor:
@@ -492,7 +724,7 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
     [0, r]), where drop(x) = x * keep / (1 - dropout_p) with keep drawn from `seed` (int64 [1] on
     x's device; None = no dropout). `out` / `t_out` (tests poison them) receive y and t when given;
     `config` / `shrink` override the heuristics (tests use them to reach every code path at small
-    sizes)."""
+    sizes). Dropout always computes t in the shrink first (each mask bit drawn once)."""
     M, K = x.shape
     N, r = weight.shape[0], lora_a.shape[0]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out
@@ -504,12 +736,8 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
         if save_t:
             t.zero_()
         return y, t
-    if seed is None:
-        launch_fused(x, weight, lora_a, lora_b, bias, y, t, scale=scale, store_t=save_t, config=config)
-        return y, t
-    # Dropout: draw each mask bit once in the shrink pre-pass, then the fused GEMM reads t.
-    t_all = t if save_t else torch.empty((M, r), dtype=torch.float32, device=x.device)
-    launch_shrink(x, lora_a, t_all, t_scale=1.0 / (1.0 - dropout_p), seed=seed,
-                  dropout_threshold=dropout_threshold(dropout_p), config=shrink)
-    launch_fused(x, weight, lora_a, lora_b, bias, y, t_all, scale=scale, load_t=True, config=config)
+    dropout = seed is not None
+    launch_fused(x, weight, lora_a, lora_b, bias, y, t if save_t else None, scale=scale, store_t=save_t,
+                 config=config, shrink=shrink, t_scale=1.0 / (1.0 - dropout_p) if dropout else 1.0,
+                 shrink_seed=seed, shrink_threshold=dropout_threshold(dropout_p) if dropout else 0)
     return y, t

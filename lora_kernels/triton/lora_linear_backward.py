@@ -132,16 +132,23 @@ class WeightGradConfig:
 @functools.lru_cache(maxsize=4096)  # pure function of ints and bools, called on every backward
 def weight_grad_config(M: int, N: int, K: int, r: int, elem_bytes: int, num_sms: int,
                        has_da: bool = True, has_db: bool = True) -> WeightGradConfig:
-    """Tiles for ``lora_weight_grads_kernel`` (design reasoning; not yet measured on a GPU).
+    """Tiles for ``lora_weight_grads_kernel`` (design reasoning; not yet measured on a GPU: the
+    tuner measures).
 
     The kernel streams x (for dA) and dy (for dB) once; the rank-deep dots are tiny, so it is
     bandwidth-bound. BLOCK_C = 64 columns keeps the fp32 accumulator [BLOCK_R, 64] at <= 64
     registers per thread (4 warps, r <= 128); BLOCK_M = 64 rows per step (32 for fp32 inputs) keeps
     one x/dy tile at 8 KB. SPLIT_M: enough programs for two per SM, but never fewer than 512 rows
-    per split, so the fp32 partials (SPLIT_M * (r*K + N*r) * 4 bytes) stay small next to x and dy."""
-    block_c, block_m = 64, (32 if elem_bytes >= 4 else 64)
-    tiles = (triton.cdiv(K, block_c) if has_da else 0) + triton.cdiv(N, block_c)
-    split = max(1, min(triton.cdiv(2 * num_sms, max(tiles, 1)), M // 512))
+    per split, so the fp32 partials (SPLIT_M * (r*K + N*r) * 4 bytes) stay small next to x and dy.
+    When that still leaves fewer programs than SMs (few rows: nothing to split), BLOCK_C halves
+    to 32, doubling the column tiles, so that the launch fills one wave."""
+    block_m = 32 if elem_bytes >= 4 else 64
+    max_split = max(1, M // 512)
+    for block_c in (64, 32):
+        tiles = (triton.cdiv(K, block_c) if has_da else 0) + triton.cdiv(N, block_c)
+        split = max(1, min(triton.cdiv(2 * num_sms, max(tiles, 1)), max_split))
+        if tiles * split >= num_sms:
+            break
     return WeightGradConfig(block_m, block_c, block_r_for(r), split, 4, 3)
 
 
@@ -171,7 +178,8 @@ def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
         dx = torch.empty((M, K), dtype=x.dtype, device=dev)
         if M and K:
             launch_fused(dy, weight.t(), lora_b.t(), lora_a.t(), None, dx, u, scale=scale * keep_scale,
-                         store_t=need_a, seed=seed, dropout_threshold=threshold, config=dx_config)
+                         store_t=need_a, seed=seed, dropout_threshold=threshold, config=dx_config,
+                         shrink=u_config)
     elif need_a:
         launch_shrink(dy, lora_b.t(), u, config=u_config)
 

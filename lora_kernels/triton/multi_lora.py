@@ -54,8 +54,8 @@ import triton
 import triton.language as tl
 
 from ..serving import AdapterIndex
-from .lora_linear import (ForwardConfig, _load_tile, _lora_dot, _num_sms, _shrink_dot, base_precision, block_r_for,
-                          forward_config, lora_precision_for)
+from .lora_linear import (ForwardConfig, _load_tile, _lora_dot, _num_sms, _shrink_dot, _tile_candidates,
+                          base_precision, block_r_for, lora_precision_for)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -536,22 +536,38 @@ class LinearConfig:
 
 
 def linear_tiles(M: int, N: int, K: int, R: int, elem_bytes: int, num_sms: int) -> ForwardConfig:
-    """The single-adapter forward's tiles (lora_linear.forward_config: its reasoning holds, this
-    kernel is a base GEMM with a rank-deep side product), with BLOCK_N halved to 64 at padded rank
-    128 above the decode tile. Reason, from compiling for sm_90a on a CPU (ptxas -v, no GPU run):
-    at rank 128 the fp32 t [BM, 128] held next to the accumulator spills at BLOCK_N = 128
-    (~1.5 KB per thread at 128x128, ~0.8 KB at 64x128); 128x64 spills least."""
-    cfg = forward_config(M, N, K, R, elem_bytes, num_sms)
-    if cfg.block_r < 128 or cfg.block_m <= 16:
-        return cfg
-    block_n = 64
-    num_m_blocks, num_n_tiles = triton.cdiv(M, cfg.block_m), triton.cdiv(N, block_n)
+    """Tiles of the fused kernel: fill one wave of SMs where its tiles allow (it has no K split).
+
+    The single-adapter forward's tile candidates (lora_linear._tile_candidates: its reasoning
+    holds, this kernel is a base GEMM with a rank-deep side product), plus 64x32 and 64x16 at
+    mid M, where 64x64 still leaves SMs idle (M = 64, N = 4096: 64 programs on 132 SMs). The first
+    candidate with at least one program per SM wins, else the one with the most programs. Then
+    TILES_PER_PROGRAM: the largest divisor of the N-tile count that still launches one program
+    per SM (t, computed once per program, is reused over its tiles).
+
+    At padded rank 128 above the decode tile, BLOCK_N <= 64. Reason, from compiling for sm_90a on
+    a CPU (ptxas -v, no GPU run): the fp32 t [BM, 128] held next to the accumulator spills at
+    BLOCK_N = 128 (~1.5 KB per thread at 128x128, ~0.8 KB at 64x128); 128x64 spills least.
+    Not measured on a GPU yet: bench/multi.py measures it."""
+    block_r = block_r_for(R)
+    fp32 = elem_bytes >= 4
+    cands = list(_tile_candidates(M, block_r, fp32, block_r >= 64 or fp32))
+    if 16 < M <= 64:
+        cands += [(64, 32) + cands[-1][2:], (64, 16) + cands[-1][2:]]
+    if block_r >= 128 and M > 16:
+        cands = [(bm, min(bn, 64), *rest) for bm, bn, *rest in cands]
+        cands = [c for i, c in enumerate(cands) if c not in cands[:i]]
+    programs = [triton.cdiv(M, bm) * triton.cdiv(N, bn) for bm, bn, *_ in cands]
+    full = [i for i, p in enumerate(programs) if p >= num_sms]
+    choice = full[0] if full else max(range(len(cands)), key=lambda i: (programs[i], -i))
+    bm, bn, bk, warps, stages = cands[choice]
+    num_m_blocks, num_n_tiles = triton.cdiv(M, bm), triton.cdiv(N, bn)
     tiles = 1
-    for d in range(num_n_tiles, 0, -1):  # as forward_config: >= one program per SM
+    for d in range(num_n_tiles, 0, -1):
         if num_n_tiles % d == 0 and num_m_blocks * (num_n_tiles // d) >= num_sms:
             tiles = d
             break
-    return replace(cfg, block_n=block_n, tiles_per_program=tiles)
+    return ForwardConfig(bm, bn, bk, block_r, tiles, 8, warps, stages)
 
 
 def linear_config(M: int, N: int, K: int, R: int, L: int, elem_bytes: int, num_sms: int) -> LinearConfig:
