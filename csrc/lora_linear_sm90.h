@@ -6,8 +6,8 @@
 //   y = x @ w.T + tail_x @ tail_w.T + bias        (fp32 accumulate, one rounding to y's dtype)
 //
 // The LoRA term rides in the tail: tail_x = [t_hi | t_lo] with t = scale * x @ A.T split into two
-// 16-bit halves (t_hi + t_lo carries about 16 significant bits of t: its error is below 2^-16 |t|
-// in bf16), tail_w = [B | B]; for an fp32 B, tail_x = [t_hi | t_lo | t_hi] and tail_w =
+// 16-bit halves (t_hi + t_lo carries twice the 16-bit type's significant bits: its error is below
+// 2^-16 |t| in bf16), tail_w = [B | B]; for an fp32 B, tail_x = [t_hi | t_lo | t_hi] and tail_w =
 // [B_hi | B_hi | B_lo]. lora_kernels/cuda/lora_linear.py builds both.
 #pragma once
 
