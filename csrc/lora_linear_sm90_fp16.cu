@@ -5,7 +5,7 @@
 namespace lora_kernels {
 
 int launch_lora_linear_sm90_fp16(const Sm90TailGemmParams& p, int tile, void* stream) {
-  return sm90::launch<cutlass::float16_t>(p, tile, stream);
+  return sm90::launch<cutlass::half_t>(p, tile, stream);
 }
 
 }  // namespace lora_kernels
