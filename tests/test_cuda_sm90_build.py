@@ -122,3 +122,19 @@ def test_cutlass_pin_matches_the_build_requirement():
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert f'"{sources.CUTLASS_REQUIREMENT}"' in pyproject
 
+
+
+def test_jit_targets_hopper_as_90a(monkeypatch):
+    """torch's own default would compile an H100 for "9.0", which has no wgmma: the JIT says 9.0a."""
+    import torch
+    from lora_kernels.cuda import loader
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: [(9, 0), (8, 0), (9, 0)][i])
+    assert loader.jit_arch_list() == "9.0a;8.0"
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.6")
+    assert loader.jit_arch_list() == "8.6"
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert loader.jit_arch_list() == loader.DEFAULT_ARCH_LIST

@@ -122,16 +122,17 @@ def split16(v: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Te
 
 def lora_tail(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
               t_out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(tail_x [M, L], tail_w [N, L]) in x's dtype with tail_x @ tail_w.T = scale * t @ lora_b.T
+    """(tail_x [M, L8], tail_w [N, L8]) in x's dtype with tail_x @ tail_w.T = scale * t @ lora_b.T
     to fp32-like accuracy, t = x @ lora_a.T in fp32 (written to `t_out` [M, r] when given)::
 
         ts = scale * t;  ts_hi, ts_lo = split16(ts)
         16-bit B:  tail_x = [ts_hi | ts_lo],          tail_w = [B | B]                  (L = 2r)
         fp32 B:    tail_x = [ts_hi | ts_lo | ts_hi],  tail_w = [B_hi | B_hi | B_lo]     (L = 3r)
 
-    (the dropped ts_lo @ B_lo.T is below 2^-16 of the term in bf16). An fp32 lora_a enters as its two
-    16-bit halves, t = x @ A_hi.T + x @ A_lo.T. Row strides are padded to 8 elements (TMA's
-    16-byte rows); the pad columns are never read (TMA's boxes stop at L)."""
+    (the dropped ts_lo @ B_lo.T is below 2^-16 of the term in bf16), then zero columns up to
+    L8 = L rounded up to a multiple of 8, so that both are dense with 16-byte rows, as TMA and
+    CUTLASS's alignment checks want. An fp32 lora_a enters as its two 16-bit halves,
+    t = x @ A_hi.T + x @ A_lo.T."""
     dtype = x.dtype
     M, r, N = x.shape[0], lora_a.shape[0], lora_b.shape[0]
     if lora_a.dtype == torch.float32:
@@ -144,20 +145,23 @@ def lora_tail(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale
     ts_hi, ts_lo = split16(t * scale, dtype)
     b_fp32 = lora_b.dtype == torch.float32
     L = 3 * r if b_fp32 else 2 * r
-    ld = -(-L // 8) * 8
-    tail_x = torch.empty((M, ld), dtype=dtype, device=x.device)[:, :L]
-    tail_w = torch.empty((N, ld), dtype=dtype, device=x.device)[:, :L]
+    L8 = -(-L // 8) * 8
+    tail_x = torch.empty((M, L8), dtype=dtype, device=x.device)
+    tail_w = torch.empty((N, L8), dtype=dtype, device=x.device)
+    if L8 > L:
+        tail_x[:, L:].zero_()
+        tail_w[:, L:].zero_()
     tail_x[:, :r] = ts_hi
     tail_x[:, r:2 * r] = ts_lo
     if b_fp32:
         b_hi, b_lo = split16(lora_b, dtype)
-        tail_x[:, 2 * r:] = ts_hi
+        tail_x[:, 2 * r:L] = ts_hi
         tail_w[:, :r] = b_hi
         tail_w[:, r:2 * r] = b_hi
-        tail_w[:, 2 * r:] = b_lo
+        tail_w[:, 2 * r:L] = b_lo
     else:
         tail_w[:, :r] = lora_b
-        tail_w[:, r:] = lora_b
+        tail_w[:, r:L] = lora_b
     return tail_x, tail_w
 
 
