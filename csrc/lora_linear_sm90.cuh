@@ -181,17 +181,28 @@ struct TailMainloop : Base {
   }
 };
 
+// Kernel schedules: cooperative = both consumer warpgroups on one 128-row tile; pingpong = each
+// warpgroup on its own 64-row tile, one's epilogue overlapping the other's mainloop.
+struct Cooperative {
+  using Mainloop = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+  using Epilogue = cutlass::epilogue::TmaWarpSpecializedCooperative;
+};
+struct Pingpong {
+  using Mainloop = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
+  using Epilogue = cutlass::epilogue::TmaWarpSpecialized;
+};
+
 // The kernel for one element type and tile: the mainloop and epilogue from CUTLASS's builders
 // (stage count: as many as fit beside the epilogue's shared memory), the tail added on top.
-template <class Element, class TileShape, class ClusterShape>
+template <class Element, class TileShape, class ClusterShape, class Schedules>
 struct TailGemm {
   using Acc = float;
   using LayoutX = cutlass::layout::RowMajor;     // x, tail_x: [M, K], K contiguous
   using LayoutW = cutlass::layout::ColumnMajor;  // w, tail_w: [N, K], K contiguous
   using LayoutY = cutlass::layout::RowMajor;     // y: [M, N], N contiguous
   static constexpr int kAlign = 16 / sizeof(Element);  // TMA: 16-byte rows
-  using Schedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
-  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
+  using Schedule = typename Schedules::Mainloop;
+  using EpilogueSchedule = typename Schedules::Epilogue;
   // D = acc + bias[n] (alpha = 1, beta = 0, no C operand); bias fp32, a null bias reads as 0.
   using Fusion = cutlass::epilogue::fusion::LinCombPerColBias<Element, Acc, float, Element, Acc>;
 
@@ -260,12 +271,14 @@ struct TailGemm {
   }
 };
 
-// The compiled tiles (lora_linear_sm90.h's Sm90Tile). 128x256x64 with a 2x1 cluster (W's tile
-// multicast to the two CTAs that share it) is CUTLASS's usual large bf16 tile on H100; 128x128x64
-// without a cluster doubles the tile count for mid-size problems (fewer idle SMs). Reasoning, not
-// measured (no GPU in this session); bench/ on an H200 is where the crossover gets measured.
+// The compiled tiles (lora_linear_sm90.h's Sm90Tile). 128x256x64 cooperative with a 2x1
+// cluster (W's tile multicast to the two CTAs that share it) is CUTLASS's usual large bf16 tile
+// on H100; 128x128x64 cooperative without a cluster doubles the tile count for mid-size problems,
+// 64x128x64 pingpong doubles it again (M from 64 to a few hundred: fewer idle SMs). Reasoning,
+// not measured (no GPU in this session); bench/ on an H200 is where the crossovers get measured.
 using Tile128x256 = Shape<_128, _256, _64>;
 using Tile128x128 = Shape<_128, _128, _64>;
+using Tile64x128 = Shape<_64, _128, _64>;
 using Cluster2x1 = Shape<_2, _1, _1>;
 using Cluster1x1 = Shape<_1, _1, _1>;
 
@@ -273,8 +286,9 @@ template <class Element>
 int launch(const Sm90TailGemmParams& p, int tile, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   switch (tile) {
-    case kSm90Tile128x256: return TailGemm<Element, Tile128x256, Cluster2x1>::run(p, s);
-    case kSm90Tile128x128: return TailGemm<Element, Tile128x128, Cluster1x1>::run(p, s);
+    case kSm90Tile128x256: return TailGemm<Element, Tile128x256, Cluster2x1, Cooperative>::run(p, s);
+    case kSm90Tile128x128: return TailGemm<Element, Tile128x128, Cluster1x1, Cooperative>::run(p, s);
+    case kSm90Tile64x128: return TailGemm<Element, Tile64x128, Cluster1x1, Pingpong>::run(p, s);
     default: return int(cudaErrorInvalidValue);
   }
 }
