@@ -79,6 +79,7 @@ def test_sm90_kernels_use_wgmma_and_tma(sm90_build):
     sass = subprocess.run([cuobjdump(), "-sass", str(obj)], capture_output=True, text=True, timeout=600).stdout
     found = set(re.findall(r"\b(HGMMA\.[0-9x]+\.F32\.BF16|UTMALDG(?:\.[0-9A-Z]+)*|UTMASTG(?:\.[0-9A-Z]+)*)", sass))
     ops = {f.split(".")[0] for f in found} | found | {".".join(f.split(".")[:2]) for f in found}
+    print("sm90 SASS:", {f: sass.count(f) for f in sorted(found)})
     missing = [s for s in SASS_NEEDED if s not in ops]
     assert not missing, f"SASS lacks {missing}; found {sorted(found)}"
     # No mma.sync (HMMA) in the sm90 kernels: the tensor-core work is all wgmma.
@@ -96,6 +97,7 @@ def test_sm90_kernels_do_not_spill(sm90_build):
     kernels = re.findall(r"Compiling entry function '(\w+)' for 'sm_90a'.*?Used (\d+) registers", report, re.S)
     assert len(kernels) >= 3, report[-2000:]  # the three tiles
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    print("sm90 kernels (registers):", [(name[-40:], int(regs)) for name, regs in kernels], "spills:", spills)
     assert spills and all(s == ("0", "0") for s in spills), report[-2000:]
     assert all(int(regs) <= 168 for _, regs in kernels), kernels  # 168: the register cap of 3 warpgroups
 
