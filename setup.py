@@ -33,10 +33,31 @@ from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
 STATUS_FILE = ROOT / "lora_kernels" / "_build_status.json"
-SOURCES = ["csrc/lora_linear_kernels.cu", "csrc/lora_linear.cpp", "csrc/bindings.cpp"]
-SOURCES += ["csrc/merge_kernels.cu", "csrc/merge.cpp"]  # in-place merge (csrc/merge.cuh)
-SOURCES += ["csrc/multi_lora_kernels.cu", "csrc/multi_lora.cpp"]  # multi-adapter shrink / expand
 DEFAULT_ARCH_LIST = "8.0;9.0a"
+
+
+def _sources_module():
+    """lora_kernels/cuda/sources.py (the one source list, shared with the JIT build), loaded by path:
+    setup.py imports neither the package nor torch at module level."""
+    spec = importlib.util.spec_from_file_location("_lora_kernels_sources", ROOT / "lora_kernels" / "cuda" / "sources.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_SOURCES = _sources_module()
+SOURCES = [f"csrc/{name}" for name in _SOURCES.SOURCES]
+
+
+def sm90_parts(cuda_home: str):
+    """(sources, include dirs) of the Hopper kernels: the CUTLASS headers of nvidia-cutlass (a
+    build requirement) when this build can compile them, else ([], []) with the reason logged --
+    the extension is then built with the sm_80 kernels only; never a failed install."""
+    build = _SOURCES.sm90_build(os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST), cuda_home)
+    if build.reason:
+        log(f"building without the sm90 (Hopper) kernels: {build.reason}")
+    return [f"csrc/{name}" for name in build.sources], build.include_dirs
 
 
 def log(message: str) -> None:
@@ -132,10 +153,11 @@ def cuda_build_options() -> dict:
         f"this takes minutes (LORA_KERNELS_SKIP_CUDA=1 skips it)")
     record({"cuda_extension": "compiled", "reason": "", "torch": torch.__version__, "arch_list": archs,
             "cuda_home": str(home)})
+    sm90_sources, sm90_includes = sm90_parts(str(home))
     extension = cpp_extension.CUDAExtension(
         "lora_kernels._C",
-        sources=SOURCES,
-        include_dirs=[str(ROOT / "csrc")],
+        sources=SOURCES + sm90_sources,
+        include_dirs=[str(ROOT / "csrc")] + sm90_includes,
         # The C++ standard is torch's choice (C++20 for torch >= 2.10); the kernels need C++17.
         extra_compile_args={"cxx": ["-O2"], "nvcc": ["-O3", "-lineinfo"]},
     )

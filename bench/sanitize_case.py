@@ -4,7 +4,7 @@
 
 Each forward case reaches a different path of csrc/lora_linear.cuh (both tile shapes, a CTA
 sweeping several tiles, K tails, element-wise loads, split fp32 adapters, strided lora_b, no
-bias); each merge case one of csrc/merge.cuh (vector and element accesses, the transposed layout,
+bias) or, on Hopper, of csrc/lora_linear_sm90.cuh (both tiles, M/N/K tails, the 3r tail); each merge case one of csrc/merge.cuh (vector and element accesses, the transposed layout,
 both MMA kinds, rank chunks, CTAs walking several tiles, the four modes, a full escape table).
 Each result is checked (against float64, or bit for bit after an exact cycle) so that a silent
 error fails too. Exit status 0 = all right. Sizes are tiny: the sanitizer runs kernels 10-100x
@@ -28,7 +28,13 @@ CASES = [
     (130, 40, 70, 5, torch.bfloat16, None, 2, 0, "K % 8 != 0: element loads, M tail"),
     (20, 64, 64, 64, torch.bfloat16, torch.float32, 1, 0, "fp32 adapter split to 2r = 128 rows"),
     (33, 24, 48, 128, torch.float16, None, 2, 0, "rank 128"),
+    # csrc/lora_linear_sm90.cuh (Hopper only; tile_kind 3 = 128x256 with a 2x1 cluster, 4 = 128x128, 5 = 64x128)
+    (130, 264, 136, 16, torch.bfloat16, None, 3, 0, "sm90 128x256: M and N tails, odd cluster row, bias"),
+    (201, 136, 72, 5, torch.float16, torch.float32, 4, 0, "sm90 128x128: K tail, fp32 adapter (3r tail)"),
+    (64, 64, 8, 1, torch.bfloat16, None, 4, 0, "sm90: K = 8 (one partial k-block), rank 1"),
+    (100, 136, 200, 16, torch.bfloat16, None, 5, 0, "sm90 64x128 pingpong: M and K tails"),
 ]
+SM90_TILE_KINDS = (3, 4, 5)
 
 
 def main() -> int:
@@ -37,7 +43,11 @@ def main() -> int:
     gen = torch.Generator().manual_seed(0)
     rnd = lambda *s, dtype: (torch.randn(*s, generator=gen, dtype=torch.float64) / 8).to(dtype)  # noqa: E731
     failures = 0
+    hopper = torch.cuda.get_device_capability() == (9, 0)
     for M, N, K, r, dtype, adapter_dtype, tile_kind, tiles, what in CASES:
+        if tile_kind in SM90_TILE_KINDS and not hopper:
+            print(f"skip M={M} N={N} K={K} r={r}: {what} (not an sm_90 GPU)", flush=True)
+            continue
         ad = adapter_dtype or dtype
         x, w, a = rnd(M, K, dtype=dtype), rnd(N, K, dtype=dtype), rnd(r, K, dtype=ad)
         b = rnd(r, N, dtype=ad).t()  # strided lora_b

@@ -78,3 +78,16 @@ TORCH_LIBRARY_FRAGMENT(lora_kernels, m) {
 }
 TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) { m.impl("cuda_multi_lora_linear", &lora_kernels::cuda_multi_lora_linear); }
 TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) { m.impl("cuda_multi_lora_linear", &lora_kernels::cuda_multi_lora_linear); }
+
+// ---- Hopper fused LoRA linear (CUTLASS 4 TMA + wgmma, LoRA as extra K blocks): csrc/lora_linear_sm90.{h,cpp}
+#include "lora_linear_sm90_op.h"
+
+TORCH_LIBRARY_FRAGMENT(lora_kernels, m) {
+  m.def(
+      "cuda_lora_linear_sm90_fwd(Tensor x, Tensor weight, Tensor tail_x, Tensor tail_w, Tensor? bias, "
+      "Tensor(a!) y, int tile=0) -> ()");
+  // Whether this build carries the sm90 kernels (CUTLASS headers and a 9.0a target at build time).
+  m.def("cuda_lora_linear_sm90_built() -> bool", &lora_kernels::cuda_lora_linear_sm90_built);
+}
+TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) { m.impl("cuda_lora_linear_sm90_fwd", &lora_kernels::cuda_lora_linear_sm90_fwd); }
+TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) { m.impl("cuda_lora_linear_sm90_fwd", &lora_kernels::cuda_lora_linear_sm90_fwd); }

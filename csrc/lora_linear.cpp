@@ -151,8 +151,9 @@ void cuda_lora_linear_fwd(const at::Tensor& x, const at::Tensor& weight, const a
   p.b_fp32 = lora_b.scalar_type() == at::kFloat;
   p.bias_fp32 = bias.has_value() && bias->scalar_type() == at::kFloat;
   p.save_t = save_t;
-  p.aligned16 = rows_16byte_aligned(p.x, p.ldx, M) && rows_16byte_aligned(p.w, p.ldw, N) &&
-                rows_16byte_aligned(p.a, p.lda, a_rows);
+  p.x_aligned16 = rows_16byte_aligned(p.x, p.ldx, M);
+  p.w_aligned16 = rows_16byte_aligned(p.w, p.ldw, N);
+  p.a_aligned16 = rows_16byte_aligned(p.a, p.lda, a_rows);
   p.y_pairs = output_pairs_aligned(p.y, p.ldy, M);
   p.tiles_per_cta = plan.tiles_per_cta;
   p.group_m = plan.group_m;

@@ -64,8 +64,8 @@ struct LoraLinearCta {
   // stride ld into a [ROWS][LDS] shared tile; zeros outside the matrix.
   template <int ROWS>
   LK_DEVICE void load_tile(uint16_t* tile, const uint16_t* g, int64_t ld, int64_t row0,
-                           int64_t rows_total, int64_t k0) const {
-    if (p.aligned16) {
+                           int64_t rows_total, int64_t k0, bool aligned16) const {
+    if (aligned16) {
       constexpr int CHUNKS = BK / 8;  // 16-byte chunks per tile row
       for (int c = tid; c < ROWS * CHUNKS; c += NTHREADS) {
         const int r = c / CHUNKS, kc = c % CHUNKS;
@@ -87,9 +87,9 @@ struct LoraLinearCta {
 
   LK_DEVICE void load_stage(int slot, int64_t kt, int64_t n0, bool with_lora) const {
     const int64_t k0 = kt * BK;
-    load_tile<BM>(xs(slot), p.x, p.ldx, m0, p.M, k0);
-    load_tile<BN>(ws(slot), p.w, p.ldw, n0, p.N, k0);
-    if (with_lora) load_tile<RB>(as(slot), p.a, p.lda, 0, p.a_rows, k0);
+    load_tile<BM>(xs(slot), p.x, p.ldx, m0, p.M, k0, p.x_aligned16);
+    load_tile<BN>(ws(slot), p.w, p.ldw, n0, p.N, k0, p.w_aligned16);
+    if (with_lora) load_tile<RB>(as(slot), p.a, p.lda, 0, p.a_rows, k0, p.a_aligned16);
   }
 
   // One K slice held in `slot`: acc += x.W^T and (with_lora) tacc += x.A^T for this warp's tiles.

@@ -39,7 +39,10 @@ struct LoraLinearParams {
   bool b_fp32;
   bool bias_fp32;
   bool save_t;
-  bool aligned16;      // x, W, A: base pointers 16-byte aligned and row strides multiples of 8
+  // Per operand (x, W, A): base pointer 16-byte aligned and row stride a multiple of 8, so its
+  // rows load as 16-byte cp.async chunks; else 2-byte loads -- for that operand only (an offset
+  // view of x no longer sends W, the largest operand, to scalar copies).
+  bool x_aligned16, w_aligned16, a_aligned16;
   bool y_pairs;        // y: base 4-byte aligned and ldy even, so two adjacent outputs store as one word
   int tiles_per_cta;   // consecutive BN tiles per CTA (t is computed once per CTA)
   int group_m;         // row blocks that sweep the same column runs together (L2 reuse of W)
@@ -123,13 +126,22 @@ inline int rank_block_for(int a_rows) {
 // not measured: the crossover is to be measured on the GPU (bench/).
 inline int tile_kind_for(int64_t M) { return M <= 32 ? kTileSmall : kTileLarge; }
 
-// Largest divisor d of the N-tile count that still launches one CTA per SM (as the Triton
-// kernel): t = x.A^T is recomputed once per CTA, so its extra tensor-core work is RB / (BN * d)
-// of the base product.
+// Consecutive N tiles per CTA, d: t = x.A^T is recomputed once per CTA, so its extra
+// tensor-core work is RB / (BN * d) of the base product, but fewer CTAs may leave SMs idle. With
+// one CTA per SM at a time, the launch takes ceil(CTAs / num_sms) waves of d tile-times each:
+// the d with the fewest tile-times wins, the largest among equals (least t work). E.g. N = 14336
+// (112 tiles), 2 row blocks, 132 SMs: d = 1 runs 224 CTAs in 2 waves (the second 70% full),
+// d = 2 runs 112 CTAs in one wave of 2 tiles -- the same time, half the t work. (A model, not
+// measured: bench/ on the GPU is where it gets checked.) d need not divide the tile count: a row
+// block's last CTA then sweeps fewer tiles.
 inline int tiles_per_cta_for(int64_t num_m_blocks, int64_t num_n_tiles, int num_sms) {
-  for (int64_t d = num_n_tiles; d >= 1; --d)
-    if (num_n_tiles % d == 0 && num_m_blocks * (num_n_tiles / d) >= num_sms) return int(d);
-  return 1;
+  int64_t best = 1, best_time = -1;
+  for (int64_t d = 1; d <= num_n_tiles; ++d) {
+    const int64_t ctas = num_m_blocks * ceil_div(num_n_tiles, d);
+    const int64_t time = ceil_div(ctas, num_sms > 0 ? num_sms : 1) * d;
+    if (best_time < 0 || time <= best_time) best = d, best_time = time;
+  }
+  return int(best);
 }
 
 inline bool rows_16byte_aligned(const void* p, int64_t ld, int64_t rows) {

@@ -71,6 +71,8 @@ CASES = [
     # layouts: strided x rows, column-major weight copied by the launcher, misaligned x start
     (50, 40, 64, 4, torch.bfloat16, {"x_layout": "strided_rows"}),
     (7, 24, 64, 3, torch.float16, {"leads": {"x": 1}}),                # x not 16-byte aligned
+    (40, 72, 136, 16, torch.bfloat16, {"leads": {"w": 3}, "tile_kind": 2}),  # W alone element-wise
+    (3, 40, 72, 8, torch.float16, {"leads": {"a": 1}}),                # A alone element-wise
     (45, 30, 24, 2, torch.bfloat16, {"b_layout": "transposed", "ldy": 33, "ldt": 5}),
     (9, 1, 1, 1, torch.float16, {}),                                   # N = K = r = 1
     (4, 12, 16, 3, torch.bfloat16, {"save_t": False}),
@@ -100,9 +102,22 @@ def test_kernel_source_on_emulator(emulator, case):
     if bias_fp32:
         inp.bias = inp.bias.float()
     run = _run(emulator, inp, save_t=save_t, seed=M * 1000 + N, **opts)
-    if "leads" in opts or x_layout == "strided_rows" and K % 8:
-        assert run.plan["aligned16"] == 0
+    if x_layout == "strided_rows" and K % 8:
+        assert run.plan["x_aligned16"] == 0
+    for operand, lead in opts.get("leads", {}).items():  # an offset operand loads element-wise, the rest in 16-byte chunks
+        assert {k: run.plan[f"{k}_aligned16"] for k in "xwa"} == {k: int(k != operand or lead % 8 == 0) for k in "xwa"}
     _check(run, inp, save_t=save_t)
+
+
+@pytest.mark.parametrize("N,tiles", [(768, 2), (640, 2), (512, 1)])
+def test_tiles_per_cta_counts_waves(emulator, N, tiles):
+    """4 SMs, one row block: 6 tiles as 1 per CTA take 2 waves of 1 tile, as 2 per CTA one wave of
+    2 -- the same time, half the t work, so 2 (the old rule, CTAs >= SMs, took 1); 5 tiles the
+    same (3 CTAs, the last sweeping 1); 4 tiles fill the 4 SMs once: 1."""
+    inp = make_lora_inputs(3, N, 8, 4, torch.bfloat16)
+    run = _run(emulator, inp, tile_kind=2, num_sms=4)
+    assert run.plan["tiles_per_cta"] == tiles
+    _check(run, inp)
 
 
 def test_k_zero_gives_bias(emulator):

@@ -36,12 +36,11 @@ import torch
 
 from .._toolkit import find_toolkit
 from ..errors import BackendUnavailable
+from . import sources
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # lora_kernels/
 CSRC_DIR = PACKAGE_DIR.parent / "csrc"
-SOURCES = ("lora_linear_kernels.cu", "lora_linear.cpp", "bindings.cpp")
-SOURCES += ("merge_kernels.cu", "merge.cpp")  # in-place merge (csrc/merge.cuh; launchers in cuda/merge.py)
-SOURCES += ("multi_lora_kernels.cu", "multi_lora.cpp")  # multi-adapter shrink / expand
+SOURCES = sources.SOURCES   # csrc/ files of every build; the sm90 ones are added by sources.sm90_build
 BUILD_STATUS_FILE = PACKAGE_DIR / "_build_status.json"   # written by setup.py
 DEFAULT_ARCH_LIST = "8.0;9.0a"                            # the AOT build's targets (setup.py)
 JIT_NAME = "lora_kernels_C"
@@ -152,6 +151,23 @@ def _use_toolkit() -> None:
     cpp_extension.CUDA_HOME = str(home)
 
 
+def jit_arch_list() -> str:
+    """TORCH_CUDA_ARCH_LIST when set, else the visible GPUs' architectures, with Hopper's as "9.0a"
+    (torch's own default names it "9.0", which has no wgmma/TMA); the AOT default without GPUs."""
+    env = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if env:
+        return env
+    if not torch.cuda.is_available():
+        return DEFAULT_ARCH_LIST
+    archs = []
+    for i in range(torch.cuda.device_count()):
+        major, minor = torch.cuda.get_device_capability(i)
+        arch = f"{major}.{minor}" + ("a" if (major, minor) == (9, 0) else "")
+        if arch not in archs:
+            archs.append(arch)
+    return ";".join(archs)
+
+
 def jit_build(verbose: bool = False, why: str = "") -> Path:
     """Compile csrc/ with torch.utils.cpp_extension.load (cached) and register the ops."""
     global _loaded
@@ -161,13 +177,24 @@ def jit_build(verbose: bool = False, why: str = "") -> Path:
     _use_toolkit()
     build_dir = jit_build_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
-    archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or "the visible GPUs' architectures"
-    print(f"lora_kernels: JIT-building the CUDA extension ({why or 'on request'}) for {archs} in {build_dir}; "
+    archs = jit_arch_list()
+    sm90 = sources.sm90_build(archs, os.environ["CUDA_HOME"])  # set by _use_toolkit
+    without = f" (without the sm90 kernels: {sm90.reason})" if sm90.reason else ""
+    print(f"lora_kernels: JIT-building the CUDA extension ({why or 'on request'}) for {archs}{without} in {build_dir}; "
           f"the first build takes a minute or more, later runs reuse it", file=sys.stderr, flush=True)
     start = time.time()
-    load(name=JIT_NAME, sources=[str(CSRC_DIR / s) for s in SOURCES], extra_include_paths=[str(CSRC_DIR)],
-         extra_cflags=list(CXX_FLAGS), extra_cuda_cflags=list(NVCC_FLAGS), build_directory=str(build_dir),
-         is_python_module=False, verbose=verbose)
+    previous = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs  # what torch's load() compiles for
+    try:
+        load(name=JIT_NAME, sources=[str(CSRC_DIR / s) for s in SOURCES + tuple(sm90.sources)],
+             extra_include_paths=[str(CSRC_DIR)] + sm90.include_dirs, extra_cflags=list(CXX_FLAGS),
+             extra_cuda_cflags=list(NVCC_FLAGS), build_directory=str(build_dir), is_python_module=False,
+             verbose=verbose)
+    finally:
+        if previous is None:
+            del os.environ["TORCH_CUDA_ARCH_LIST"]
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = previous
     library = build_dir / f"{JIT_NAME}.so"
     print(f"lora_kernels: CUDA extension ready ({library}, {time.time() - start:.0f} s)", file=sys.stderr, flush=True)
     _loaded = "jit"

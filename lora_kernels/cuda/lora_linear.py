@@ -1,9 +1,19 @@
-"""The CUDA C++ fused LoRA linear (``csrc/lora_linear.cuh``): input checks and the launcher, with
-the contract of ``lora_kernels.triton.lora_linear`` so that ``lora_kernels.ops.lora_linear`` runs
+"""The CUDA C++ fused LoRA linear: input checks, the kernel choice and the launcher, with the
+contract of ``lora_kernels.triton.lora_linear`` so that ``lora_kernels.ops.lora_linear`` runs
 either backend the same way. Loading the extension is ``loader``'s job.
+
+Two kernels:
+
+* ``csrc/lora_linear.cuh`` (sm_80 and later: mma.sync, cp.async): t = x @ A.T inside the kernel;
+* ``csrc/lora_linear_sm90.cuh`` (Hopper, sm_90a: CUTLASS 4 TMA + wgmma, persistent): one GEMM
+  whose K loop runs over x @ W.T and then over a short LoRA tail on the same accumulator,
+  ``y = x @ W.T + tail_x @ tail_w.T + bias``, with ``tail_x = [t_hi | t_lo]``, ``tail_w = [B | B]``
+  and t = scale * x @ A.T computed first in fp32 (cuBLAS) and split into two 16-bit halves
+  (:func:`lora_tail`). :func:`sm90_plan` says when it runs.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -47,6 +57,145 @@ def split_fp32_adapter(lora_a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     return torch.cat([hi, lo])
 
 
+# ---------------------------------------------------------------------------------------------
+# The Hopper kernel: when it runs, and its LoRA tail
+# ---------------------------------------------------------------------------------------------
+
+# Below this many rows the sm_80 decode tile runs (16 x 32 tiles stream W over all SMs; the sm90
+# kernel's 128-row tiles would leave most SMs idle at N = 4096). A swap-AB sm90 decode variant is
+# not written yet; the crossover is not measured (no GPU in the session that chose it; bench/).
+SM90_MIN_M = 64
+SM90_TILE_128x256, SM90_TILE_128x128, SM90_TILE_64x128 = 0, 1, 2   # csrc/lora_linear_sm90.h's Sm90Tile
+TILE_KIND_SM90 = {3: SM90_TILE_128x256, 4: SM90_TILE_128x128, 5: SM90_TILE_64x128}  # tile_kind overrides (tests)
+# (tile, rows, columns, relative throughput per tile area). The throughputs are guesses, not
+# measured (bigger tiles read fewer operand bytes per FLOP; pingpong hides its epilogue):
+# bench/ on an H200 is where they get measured and replaced.
+SM90_TILES = ((SM90_TILE_128x256, 128, 256, 1.0), (SM90_TILE_128x128, 128, 128, 0.9),
+              (SM90_TILE_64x128, 64, 128, 0.8))
+
+
+def sm90_plan(M: int, N: int, K: int, capability: Tuple[int, int], num_sms: int, tma_ok: bool,
+              built: bool = True) -> Optional[int]:
+    """The sm90 tile for an [M, K] x [N, K] problem on a device of `capability` with `num_sms`
+    SMs, or None for the sm_80 kernel: not Hopper, a build without the sm90 kernels, decode-size
+    M, or operands TMA cannot read (`tma_ok`: 16-byte aligned starts and row strides, which
+    needs K % 8 == 0 and N % 8 == 0 for 16-bit rows).
+
+    The tile with the shortest modelled time, waves x tile area / throughput (one persistent CTA
+    per SM; the larger tile among equals): e.g. N = 4096 on 132 SMs takes 128x256 at M = 4096
+    (512 tiles, 4 waves), 128x128 at M = 512 (128 tiles: one wave, where 128x256 would idle half
+    the SMs), 64x128 at M = 256."""
+    if capability != (9, 0) or not built or not tma_ok or M < SM90_MIN_M or K < 8 or K % 8 or N % 8:
+        return None
+    def modelled_time(bm, bn, speed):
+        waves = -(-(-(-M // bm) * -(-N // bn)) // num_sms)
+        return waves * bm * bn / speed
+    return min(SM90_TILES, key=lambda t: modelled_time(*t[1:]))[0]
+
+
+def tma_readable(t: torch.Tensor) -> bool:
+    """A 2-D 16-bit tensor TMA can address: unit stride along rows, 16-byte aligned start and row stride."""
+    rows, cols = t.shape
+    return (t.data_ptr() % 16 == 0 and (cols <= 1 or t.stride(1) == 1)
+            and (rows <= 1 or (t.stride(0) * t.element_size()) % 16 == 0))
+
+
+@functools.lru_cache(maxsize=None)
+def device_facts(index: int) -> Tuple[Tuple[int, int], int]:
+    """(compute capability, SM count) of CUDA device `index`: read at its first launch, then cached."""
+    props = torch.cuda.get_device_properties(index)
+    return (props.major, props.minor), props.multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def sm90_built() -> bool:
+    """Whether the loaded extension carries the sm90 kernels (an older build has no such op)."""
+    op = getattr(torch.ops.lora_kernels, "cuda_lora_linear_sm90_built", None)
+    return bool(op()) if op is not None else False
+
+
+def _x_a_fp32(x: torch.Tensor, a16: torch.Tensor) -> torch.Tensor:
+    """x @ a16.T in fp32 from 16-bit operands (products exact, fp32 accumulation)."""
+    if x.is_cuda and hasattr(torch.ops.aten.mm, "dtype"):  # torch >= 2.8: cuBLAS with an fp32 output
+        return torch.ops.aten.mm.dtype(x, a16.t(), torch.float32)
+    return x.float() @ a16.float().t()
+
+
+def split16(v: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) in `dtype` with hi = v rounded, lo = (v - hi) rounded: hi + lo is v to twice
+    `dtype`'s significant bits (|v - hi - lo| <= 2^-16 |v| for bf16, 2^-22 for fp16 outside fp16's
+    subnormal range; fp32 v is itself exact to 2^-24). fp16 halves overflow where |v| > 65504."""
+    hi = v.to(dtype)
+    return hi, (v - hi.float()).to(dtype)
+
+
+def lora_tail(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+              t_out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(tail_x [M, L8], tail_w [N, L8]) in x's dtype with tail_x @ tail_w.T = scale * t @ lora_b.T
+    to fp32-like accuracy, t = x @ lora_a.T in fp32 (written to `t_out` [M, r] when given)::
+
+        ts = scale * t;  ts_hi, ts_lo = split16(ts)
+        16-bit B:  tail_x = [ts_hi | ts_lo],          tail_w = [B | B]                  (L = 2r)
+        fp32 B:    tail_x = [ts_hi | ts_lo | ts_hi],  tail_w = [B_hi | B_hi | B_lo]     (L = 3r)
+
+    (the dropped ts_lo @ B_lo.T is below 2^-16 of the term in bf16), then zero columns up to
+    L8 = L rounded up to a multiple of 8, so that both are dense with 16-byte rows, as TMA and
+    CUTLASS's alignment checks want. An fp32 lora_a enters as its two 16-bit halves,
+    t = x @ A_hi.T + x @ A_lo.T."""
+    dtype = x.dtype
+    M, r, N = x.shape[0], lora_a.shape[0], lora_b.shape[0]
+    if lora_a.dtype == torch.float32:
+        a_hi, a_lo = split16(lora_a, dtype)
+        t = _x_a_fp32(x, a_hi) + _x_a_fp32(x, a_lo)
+    else:
+        t = _x_a_fp32(x, lora_a)
+    if t_out is not None:
+        t_out.copy_(t)
+    ts_hi, ts_lo = split16(t * scale, dtype)
+    b_fp32 = lora_b.dtype == torch.float32
+    L = 3 * r if b_fp32 else 2 * r
+    L8 = -(-L // 8) * 8
+    tail_x = torch.empty((M, L8), dtype=dtype, device=x.device)
+    tail_w = torch.empty((N, L8), dtype=dtype, device=x.device)
+    if L8 > L:
+        tail_x[:, L:].zero_()
+        tail_w[:, L:].zero_()
+    tail_x[:, :r] = ts_hi
+    tail_x[:, r:2 * r] = ts_lo
+    if b_fp32:
+        b_hi, b_lo = split16(lora_b, dtype)
+        tail_x[:, 2 * r:L] = ts_hi
+        tail_w[:, :r] = b_hi
+        tail_w[:, r:2 * r] = b_hi
+        tail_w[:, 2 * r:L] = b_lo
+    else:
+        tail_w[:, :r] = lora_b
+        tail_w[:, r:L] = lora_b
+    return tail_x, tail_w
+
+
+def _sm90_tile(x, weight, y, tile_kind: int) -> Optional[int]:
+    """The sm90 tile for this launch (tile_kind 3 / 4 / 5 force 128x256 / 128x128 / 64x128), or None."""
+    if tile_kind in (1, 2):
+        return None
+    if tile_kind in TILE_KIND_SM90:
+        return TILE_KIND_SM90[tile_kind]
+    capability, sms = device_facts(x.device.index or 0)  # CUDA tensors always carry their index
+    if capability != (9, 0) or not sm90_built():
+        return None
+    M, K = x.shape
+    return sm90_plan(M, weight.shape[0], K, capability, sms,
+                     tma_readable(x) and tma_readable(weight) and (y is None or tma_readable(y)))
+
+
+def _launch_sm90(x, weight, lora_a, lora_b, scale, bias, save_t, y, t, tile: int) -> None:
+    tail_x, tail_w = lora_tail(x, lora_a, lora_b, scale, t if save_t else None)
+    if bias is not None:  # the epilogue reads an fp32, contiguous, 16-byte aligned bias
+        bias = bias.float().contiguous()
+        bias = bias.clone() if bias.data_ptr() % 16 else bias
+    torch.ops.lora_kernels.cuda_lora_linear_sm90_fwd(x, weight, tail_x, tail_w, bias, y, tile)
+
+
 def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                     scale: float, bias: Optional[torch.Tensor], save_t: bool,
                     out: Optional[torch.Tensor] = None, t_out: Optional[torch.Tensor] = None,
@@ -56,8 +205,9 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
     x [M, K] float16/bfloat16, weight [N, K] x's dtype, lora_a [r, K] and lora_b [N, r] in x's
     dtype or float32, bias [N] (x's dtype or float32) or None. Returns (y [M, N] in x.dtype,
     t [M, r] float32 = x @ lora_a.T if save_t else an empty [0, r]). `out` / `t_out` receive y / t
-    when given (tests poison them); tile_kind (1 small-M, 2 large) and tiles_per_cta override the
-    heuristics (tests use them to reach every path at small sizes).
+    when given (tests poison them); tile_kind (1 small-M, 2 large: the sm_80 kernel; 3 / 4 / 5: the
+    sm90 kernel's 128x256 / 128x128 / 64x128 tile) and tiles_per_cta override the heuristics (tests use
+    them to reach every path at small sizes). Otherwise :func:`sm90_plan` picks the kernel.
 
     Layouts: x, weight and lora_a are read row by row, so a tensor whose last dimension is not
     unit-stride (a transposed weight, a column-major x) is copied first -- on every call, which
@@ -87,6 +237,10 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
     if K == 0:  # empty sums: y = bias, t = 0 (no kernel needed)
         y.copy_(bias.expand(M, N) if bias is not None else torch.zeros((), dtype=y.dtype, device=y.device))
         t.zero_()
+        return y, t
+    tile = _sm90_tile(x, weight, out, tile_kind)
+    if tile is not None:
+        _launch_sm90(x, weight, lora_a, lora_b, scale, bias, save_t, y, t, tile)
         return y, t
     a_split = lora_a.dtype == torch.float32
     a = split_fp32_adapter(lora_a, x.dtype) if a_split else unit_stride_along_k(lora_a)

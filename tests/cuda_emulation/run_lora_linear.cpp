@@ -46,9 +46,10 @@ int main(int argc, char** argv) {
   p.bias = has_bias ? bias.data() + in.I("bias_off") * bias_elem : nullptr;
   p.y = reinterpret_cast<uint16_t*>(y.data()) + in.I("y_off");
   p.t = reinterpret_cast<float*>(t.data()) + in.I("t_off");
-  // The same conditions as the CUDA launcher (csrc/lora_linear_launch.cu).
-  p.aligned16 = rows_16byte_aligned(p.x, p.ldx, p.M) && rows_16byte_aligned(p.w, p.ldw, p.N) &&
-                rows_16byte_aligned(p.a, p.lda, p.a_rows);
+  // The same conditions as the CUDA launcher (csrc/lora_linear.cpp).
+  p.x_aligned16 = rows_16byte_aligned(p.x, p.ldx, p.M);
+  p.w_aligned16 = rows_16byte_aligned(p.w, p.ldw, p.N);
+  p.a_aligned16 = rows_16byte_aligned(p.a, p.lda, p.a_rows);
   p.y_pairs = output_pairs_aligned(p.y, p.ldy, p.M);
 
   const LaunchPlan plan = plan_lora_linear(p.M, p.N, p.a_rows, int(in.I("num_sms")), int(in.I("tile_kind")),
@@ -61,7 +62,8 @@ int main(int argc, char** argv) {
     std::ofstream f(in.path("plan.txt"));
     f << "tile_kind " << plan.tile_kind << "\nrb " << plan.rb << "\ntiles_per_cta " << plan.tiles_per_cta
       << "\ngrid " << plan.grid << "\nthreads " << plan.threads << "\nsmem_bytes " << plan.smem_bytes
-      << "\naligned16 " << p.aligned16 << "\ny_pairs " << p.y_pairs << "\n";
+      << "\nx_aligned16 " << p.x_aligned16 << "\nw_aligned16 " << p.w_aligned16 << "\na_aligned16 "
+      << p.a_aligned16 << "\ny_pairs " << p.y_pairs << "\n";
   }
 
   auto run_all = [&](auto ty) {

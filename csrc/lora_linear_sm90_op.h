@@ -1,0 +1,21 @@
+// Torch-facing launcher of the Hopper fused LoRA linear (defined in lora_linear_sm90.cpp,
+// registered as lora_kernels::cuda_lora_linear_sm90_fwd in bindings.cpp).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace lora_kernels {
+
+// y = x @ weight.T + tail_x @ tail_w.T + bias (fp32 accumulate; bias float32 or None), written in
+// place; tile: 0 = 128x256x64 (2x1 cluster), 1 = 128x128x64, 2 = 64x128x64 (pingpong). Needs an sm_90 device and a build
+// with the sm90 kernels (cuda_lora_linear_sm90_built()).
+void cuda_lora_linear_sm90_fwd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& tail_x,
+                               const at::Tensor& tail_w, const std::optional<at::Tensor>& bias, const at::Tensor& y,
+                               int64_t tile);
+
+// Whether the sm90 kernels were compiled into this build.
+bool cuda_lora_linear_sm90_built();
+
+}  // namespace lora_kernels

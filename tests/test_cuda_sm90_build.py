@@ -1,0 +1,142 @@
+"""CPU lane: the Hopper fused forward (csrc/lora_linear_sm90*.cu) as built for sm_90a -- its SASS
+runs on Hopper's own instructions (HGMMA = wgmma, UTMALDG = TMA loads, multicast inside a
+cluster), ptxas reports no local-memory spills; and the build plumbing (CUTLASS headers found,
+sm90 sources added only when they can be compiled).
+
+The object is the ahead-of-time build's library when it carries the sm90 kernels (no extra
+compile), else lora_linear_sm90_bf16.cu compiled here with the extension's nvcc flags (a few
+minutes: marked slow). The emulator cannot model wgmma or TMA; the GPU lane runs the kernel.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from lora_kernels.cuda import sources
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+SASS_NEEDED = ("HGMMA.64x256x16.F32.BF16", "HGMMA.64x128x16.F32.BF16", "UTMALDG", "UTMALDG.3D.MULTICAST", "UTMASTG")
+
+
+def cuda_home():
+    home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    return home if (Path(home) / "bin" / "nvcc").exists() else None
+
+
+def cuobjdump():
+    """cuobjdump from the toolkit, PATH, or the copy that ships with Triton."""
+    home = cuda_home()
+    candidates = [Path(home) / "bin" / "cuobjdump"] if home else []
+    if shutil.which("cuobjdump"):
+        candidates.append(Path(shutil.which("cuobjdump")))
+    try:
+        import triton
+        candidates.append(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+    except ImportError:
+        pass
+    return next((str(c) for c in candidates if c.exists()), None)
+
+
+def extension_nvcc_flags():
+    """The flags torch's cpp_extension gives our .cu files (C++ standard, half/bf16 macros)."""
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+    from lora_kernels.cuda.loader import NVCC_FLAGS
+    return ["-std=c++20", *COMMON_NVCC_FLAGS, *NVCC_FLAGS]
+
+
+@pytest.fixture(scope="module")
+def sm90_build(tmp_path_factory):
+    """(path of an sm_90a object holding the bf16 kernels, ptxas's -v report or None)."""
+    if cuobjdump() is None:
+        pytest.skip("cuobjdump not found (CUDA toolkit or Triton's bundled copy)")
+    from lora_kernels.cuda import loader
+    if loader.aot_problem() is None:
+        library = loader.aot_library()
+        if b"launch_lora_linear_sm90_bf16" in library.read_bytes():
+            return library, None
+    home = cuda_home()
+    build = sources.sm90_build(sources.SM90_ARCH, home)
+    if build.reason:
+        pytest.skip(f"cannot compile the sm90 kernels here: {build.reason}")
+    obj = tmp_path_factory.mktemp("sm90") / "lora_linear_sm90_bf16.o"
+    cmd = [str(Path(home) / "bin" / "nvcc"), *extension_nvcc_flags(), "-gencode", "arch=compute_90a,code=sm_90a",
+           "-Xptxas", "-v", f"-I{CSRC}", *(f"-I{d}" for d in build.include_dirs),
+           "-c", str(CSRC / "lora_linear_sm90_bf16.cu"), "-o", str(obj)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return obj, done.stderr
+
+
+@pytest.mark.slow
+def test_sm90_kernels_use_wgmma_and_tma(sm90_build):
+    obj, _ = sm90_build
+    sass = subprocess.run([cuobjdump(), "-sass", str(obj)], capture_output=True, text=True, timeout=600).stdout
+    found = set(re.findall(r"\b(HGMMA\.[0-9x]+\.F32\.BF16|UTMALDG(?:\.[0-9A-Z]+)*|UTMASTG(?:\.[0-9A-Z]+)*)", sass))
+    ops = {f.split(".")[0] for f in found} | found | {".".join(f.split(".")[:2]) for f in found}
+    print("sm90 SASS:", {f: sass.count(f) for f in sorted(found)})
+    missing = [s for s in SASS_NEEDED if s not in ops]
+    assert not missing, f"SASS lacks {missing}; found {sorted(found)}"
+    # No mma.sync (HMMA) in the sm90 kernels: the tensor-core work is all wgmma.
+    kernels = [k for k in re.split(r"\n\s*Function : ", sass) if "TailMainloop" in k.split("\n", 1)[0]
+               or "device_kernel" in k.split("\n", 1)[0]]
+    assert kernels, "no CUTLASS device_kernel in the object"
+    assert all("HMMA" not in k for k in kernels)
+
+
+@pytest.mark.slow
+def test_sm90_kernels_do_not_spill(sm90_build):
+    obj, report = sm90_build
+    if report is None:
+        pytest.skip("the AOT build's ptxas report is not kept; compiled here only when no AOT build has the kernels")
+    kernels = re.findall(r"Compiling entry function '(\w+)' for 'sm_90a'.*?Used (\d+) registers", report, re.S)
+    assert len(kernels) >= 3, report[-2000:]  # the three tiles
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    print("sm90 kernels (registers):", [(name[-40:], int(regs)) for name, regs in kernels], "spills:", spills)
+    assert spills and all(s == ("0", "0") for s in spills), report[-2000:]
+    assert all(int(regs) <= 168 for _, regs in kernels), kernels  # 168: the register cap of 3 warpgroups
+
+
+def test_sm90_sources_need_a_90a_target_and_the_headers(monkeypatch):
+    assert sources.sm90_build("8.0", "/usr/local/cuda").reason.startswith("TORCH_CUDA_ARCH_LIST='8.0' has no 9.0a target")
+    assert "9.0' alone is not enough" in sources.sm90_build("8.0;9.0", "/usr/local/cuda").reason
+    monkeypatch.setattr(sources, "cutlass_include_dir", lambda: None)
+    assert sources.sm90_build("8.0;9.0a", "/usr/local/cuda") == sources.Sm90Build(
+        [], [], "the CUTLASS headers were not found (pip install nvidia-cutlass==4.2.0.0)")
+
+
+def test_sm90_sources_with_headers_and_toolkit(monkeypatch, tmp_path):
+    monkeypatch.setattr(sources, "cutlass_include_dir", lambda: tmp_path)
+    monkeypatch.setattr(sources, "nvcc_version", lambda home: (12, 8))
+    assert sources.sm90_build("8.0;9.0a", "/x") == sources.Sm90Build(list(sources.SM90_SOURCES), [str(tmp_path)], "")
+    monkeypatch.setattr(sources, "nvcc_version", lambda home: (12, 1))
+    assert sources.sm90_build("9.0a", "/x").reason == "nvcc 12.1 is older than the 12.3 that CUTLASS 4's sm90 kernels need"
+    for name in sources.SOURCES + sources.SM90_SOURCES:
+        assert (CSRC / name).exists(), name
+
+
+def test_cutlass_pin_matches_the_build_requirement():
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert f'"{sources.CUTLASS_REQUIREMENT}"' in pyproject
+
+
+
+def test_jit_targets_hopper_as_90a(monkeypatch):
+    """torch's own default would compile an H100 for "9.0", which has no wgmma: the JIT says 9.0a."""
+    import torch
+    from lora_kernels.cuda import loader
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: [(9, 0), (8, 0), (9, 0)][i])
+    assert loader.jit_arch_list() == "9.0a;8.0"
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.6")
+    assert loader.jit_arch_list() == "8.6"
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert loader.jit_arch_list() == loader.DEFAULT_ARCH_LIST

@@ -1,0 +1,157 @@
+"""GPU lane (`pytest -m gpu`, an H100/H200): the Hopper fused forward (csrc/lora_linear_sm90.cuh)
+on the card against the float64 reference -- both tiles, bf16 and fp16, M/N/K tails, fp32
+adapters (the 3r tail), bias dtypes, every element written (poisoned outputs), CUDA graph
+capture -- and the dispatch: sm_90 takes it where sm90_plan says, the rest keeps the sm_80 kernel.
+
+Skipped on other GPUs (the sm_80 kernel's own tests are tests/test_cuda_gpu.py); on an sm_90 GPU
+an extension without the sm90 kernels fails here with the reason.
+"""
+import pytest
+import torch
+
+import lora_kernels
+from cases import make_lora_inputs
+from tolerances import assert_close, poison_
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = [torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def hopper():
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the sm90 kernels need an sm_90 GPU (H100/H200)")
+    from lora_kernels.cuda import loader
+    from lora_kernels.cuda import lora_linear as cl
+    reason = loader.unavailable_reason()
+    if reason is not None:
+        pytest.fail(f"the CUDA extension is not usable on this GPU machine: {reason}")
+    loader.load()
+    if not cl.sm90_built():
+        pytest.fail("the CUDA extension was built without the sm90 kernels (see lora_kernels/cuda/sources.py: "
+                    "CUTLASS headers from nvidia-cutlass and a 9.0a target are needed)")
+
+
+def _fwd(inp, save_t=True, **kw):
+    from lora_kernels.cuda.lora_linear import lora_linear_fwd
+    M, N, r = inp.x.shape[0], inp.weight.shape[0], inp.lora_a.shape[0]
+    out = poison_(torch.empty(M, N, dtype=inp.x.dtype, device="cuda"))
+    t_out = poison_(torch.empty(M if save_t else 0, r, dtype=torch.float32, device="cuda"))
+    y, t = lora_linear_fwd(*inp.args(), save_t=save_t, out=out, t_out=t_out, **kw)
+    torch.cuda.synchronize()
+    return y, t
+
+
+def _check(inp, y, t=None):
+    dtype = inp.x.dtype
+    mixed = inp.bias is not None and inp.bias.dtype != dtype
+    assert_close(y, inp.reference64(), dtype, torch_out=None if mixed else inp.torch_expression())
+    if t is not None:
+        t_dtype = torch.float32 if inp.lora_a.dtype == dtype else dtype
+        assert_close(t, inp.x.double() @ inp.lora_a.double().t(), t_dtype, what="t")
+
+
+SHAPES = [  # (M, N, K, r): suite shapes and tails (M % 128, N % 256, K % 64, a partial 2x1 cluster)
+    (4096, 4096, 4096, 16), (1024, 14336, 4096, 64), (512, 4096, 4096, 128), (333, 1000, 1232, 7),
+    (130, 264, 136, 1), (64, 8, 8, 3), (257, 4104, 4096, 33),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tile_kind", [3, 4, 5])
+@pytest.mark.parametrize("M,N,K,r", SHAPES)
+def test_sm90_forward(dtype, tile_kind, M, N, K, r):
+    inp = make_lora_inputs(M, N, K, r, dtype, device="cuda")
+    y, t = _fwd(inp, tile_kind=tile_kind)
+    _check(inp, y, t)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", ["none", "same", "fp32"])
+def test_sm90_fp32_adapters_and_bias(dtype, bias):
+    inp = make_lora_inputs(300, 520, 768, 24, dtype, device="cuda", adapter_dtype=torch.float32, bias=bias != "none")
+    if bias == "fp32":
+        inp.bias = inp.bias.float()
+    y, t = _fwd(inp, tile_kind=4, save_t=bias != "same")
+    _check(inp, y, t if bias != "same" else None)
+
+
+def test_sm90_lora_term_is_fp32_accurate():
+    """W ~ -scale * B @ A, so that x @ W.T cancels most of the LoRA term and y is ~1% of it: a
+    kernel that rounded t to bf16 once would be off by ~2^-9 of the term, ~20% of y; the hi/lo
+    tail keeps it to ~2^-16 of the term."""
+    torch.manual_seed(0)
+    inp = make_lora_inputs(256, 512, 512, 16, torch.bfloat16, device="cuda", bias=False)
+    cancel = -inp.scale * inp.lora_b.double() @ inp.lora_a.double()
+    inp.weight = (cancel + 0.01 * torch.randn_like(cancel) * 512 ** -0.5).to(torch.bfloat16)
+    y, _ = _fwd(inp, tile_kind=4)
+    ref = inp.reference64()
+    err = ((y.double() - ref).norm() / ref.norm()).item()
+    assert err < 2 ** -5, err
+
+
+def test_dispatch_picks_sm90_for_prefill_and_sm80_elsewhere(monkeypatch):
+    from lora_kernels.cuda import lora_linear as cl
+    used = []
+    real = cl._launch_sm90
+    monkeypatch.setattr(cl, "_launch_sm90", lambda *a: used.append(a[-1]) or real(*a))
+    for M, N, K, expect in ((512, 4096, 1024, [cl.SM90_TILE_128x128]), (4096, 4096, 512, [cl.SM90_TILE_128x256]),
+                            (256, 4096, 512, [cl.SM90_TILE_64x128]),
+                            (16, 4096, 1024, []), (512, 4096, 1020, []), (512, 4100, 1024, [])):
+        used.clear()
+        inp = make_lora_inputs(M, N, K, 8, torch.bfloat16, device="cuda")
+        y, t = _fwd(inp)
+        _check(inp, y, t)
+        assert used == expect, (M, N, K, used)
+
+
+def test_sm90_misaligned_x_falls_back():
+    from lora_kernels.cuda import lora_linear as cl
+    inp = make_lora_inputs(256, 512, 264, 8, torch.float16, device="cuda")
+    inp.x = torch.cat([torch.zeros(1, dtype=inp.x.dtype, device="cuda"), inp.x.flatten()])[1:].view(256, 264)
+    assert not cl.tma_readable(inp.x)
+    y, t = _fwd(inp)
+    _check(inp, y, t)
+
+
+def test_sm90_cuda_graph_capture_and_replay():
+    inp = make_lora_inputs(384, 1024, 512, 16, torch.bfloat16, device="cuda", adapter_dtype=torch.float32)
+    static_x = inp.x.clone()
+    run = lambda: lora_kernels.lora_linear(static_x, inp.weight, inp.lora_a, inp.lora_b, inp.scale, inp.bias,  # noqa: E731
+                                           backend="cuda")
+    with torch.no_grad():
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            run()  # warm-up (library load, shared-memory opt-in, device facts) outside the capture
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            static_y = run()
+        for _ in range(3):
+            new_x = torch.randn_like(static_x)
+            static_x.copy_(new_x)
+            poison_(static_y)
+            g.replay()
+            torch.cuda.synchronize()
+            inp.x = new_x
+            _check(inp, static_y)
+
+
+def test_sm90_op_rejects_bad_input_with_a_sentence():
+    x = torch.randn(128, 64, dtype=torch.bfloat16, device="cuda")
+    w = torch.randn(64, 64, dtype=torch.bfloat16, device="cuda")
+    tail = torch.randn(128, 8, dtype=torch.bfloat16, device="cuda")
+    tail_w = torch.randn(64, 8, dtype=torch.bfloat16, device="cuda")
+    y = torch.full((128, 64), float("nan"), dtype=torch.bfloat16, device="cuda")
+    op = torch.ops.lora_kernels.cuda_lora_linear_sm90_fwd
+    with pytest.raises(RuntimeError, match=r"cuda_lora_linear_sm90_fwd: tail_w must have shape \[64, 8\]"):
+        op(x, w, tail, tail_w[:, :4], None, y, 0)
+    with pytest.raises(RuntimeError, match=r"x must start on a 16-byte boundary"):
+        op(torch.randn(128 * 64 + 1, dtype=torch.bfloat16, device="cuda")[1:].view(128, 64), w, tail, tail_w, None, y, 0)
+    with pytest.raises(RuntimeError, match=r"bias must be float32"):
+        op(x, w, tail, tail_w, torch.zeros(64, dtype=torch.bfloat16, device="cuda"), y, 0)
+    with pytest.raises(RuntimeError, match=r"tile must be 0 \(128x256\), 1 \(128x128\) or 2 \(64x128\)"):
+        op(x, w, tail, tail_w, None, y, 3)
+    assert torch.isnan(y).all()  # nothing written
