@@ -74,9 +74,15 @@ if [ "${INSTALL:-1}" = 1 ]; then  # INSTALL=0: use the package as it is (a dry r
         $PY -m pip install -q --no-index --no-deps --no-compile .whl/*.whl >>"$LOG" 2>&1 \
             && say "installed wheels: $(cd .whl && ls *.whl | tr '\n' ' ')" || say "wheel install FAILED"
     fi
-    # REQUIRE_CUDA: a failed CUDA build fails here, instead of installing pure Python (setup.py)
+    # REQUIRE_CUDA: a failed CUDA build is an error here (setup.py would otherwise install pure
+    # Python quietly). It is reported, counted, and the package installed without the extension,
+    # so that the Triton lanes and benchmarks still run.
     if ! LORA_KERNELS_REQUIRE_CUDA=1 $PY -m pip install --no-deps --no-build-isolation -e . >>"$LOG" 2>&1; then
-        say "install FAILED (see $LOG)"; tail -40 "$LOG"; exit 1
+        failures=$((failures + 1))
+        say "CUDA extension build FAILED (see $LOG): installing without it"; grep -E "error|Error" "$LOG" | head -20
+        if ! $PY -m pip install --no-deps --no-build-isolation -e . >>"$LOG" 2>&1; then
+            say "install FAILED (see $LOG)"; tail -40 "$LOG"; exit 1
+        fi
     fi
     say "installed in $((SECONDS - start)) s"
 fi
