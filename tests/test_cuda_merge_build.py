@@ -3,6 +3,8 @@
 What runs the kernel without a GPU is tests/test_cuda_merge_emulation.py; on the card,
 tests/test_cuda_merge_gpu.py. The extension-level tests skip where no ahead-of-time build of
 lora_kernels._C is importable (build one with `python setup.py build_ext --inplace`)."""
+import importlib.util
+
 import pytest
 import torch
 
@@ -89,7 +91,9 @@ def test_an_extension_built_before_the_merge_kernel_is_reported(monkeypatch):
 def test_merge_sources_are_built():
     """Both build paths compile the merge: the JIT source list and setup.py's."""
     assert {"merge_kernels.cu", "merge.cpp"} <= set(cuda.SOURCES)
-    setup_py = (cuda.CSRC_DIR.parent / "setup.py").read_text()
-    assert '"csrc/merge_kernels.cu", "csrc/merge.cpp"' in setup_py
+    spec = importlib.util.spec_from_file_location("lora_kernels_setup_sources", cuda.CSRC_DIR.parent / "setup.py")
+    setup_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup_py)  # defines SOURCES; setup() runs only as a script
+    assert {"csrc/merge_kernels.cu", "csrc/merge.cpp"} <= set(setup_py.SOURCES)
     for name in ("merge.cuh", "merge_plan.h", "merge_launch.h", "merge.h", "ptx_stream.cuh"):
         assert (cuda.CSRC_DIR / name).exists(), name
