@@ -263,6 +263,19 @@ def check_tp_merge(mesh):
     errors = {"merged output": _rel(y, y_ref), "merged vs unmerged output": _rel(y, y_unmerged)}
     errors.update({f"merged {n}": _rel(merged_weights[n], ref.get_parameter(n)) for n in weights})
     facts = {f"{n} restored bit for bit": torch.equal(restored[n], weights[n]) for n in weights}
+
+    # safe_merge where only rank 0's block would overflow: every rank raises, nothing changes
+    with torch.no_grad():
+        w, b = model.up.weight.to_local(), model.up.lora_B.to_local()
+        if mesh.get_local_rank() == 0:
+            w[0], b[0] = 3.3e38, 1e38  # row 0 of W + s * B @ A overflows float32 for some column
+        before = w.clone()
+        try:
+            model.up.merge(safe_merge=True)
+            facts["safe_merge raises on every rank"] = False
+        except ValueError:
+            facts["safe_merge raises on every rank"] = True
+    facts["safe_merge leaves the shard bit for bit and unmerged"] = torch.equal(w, before) and not model.up.merged
     return {"errors": errors, "facts": facts}
 
 
