@@ -155,7 +155,10 @@ def merge_sharded(layer: FusedLoRALinear, *, safe_merge: bool = False, exact_unm
     With ``safe_merge`` the ranks agree (one all-reduced flag): if any block would hold inf/NaN,
     every rank raises ValueError with its weight unchanged."""
     w, a, b = _local_merge_operands(layer)
-    residual = MergeResidual() if (exact_unmerge or safe_merge) else None
+    # safe_merge: a rank that merged while another could not takes its merge back, exactly where
+    # the dtype has exact unmerges (float64 weights: a plain unmerge)
+    exact_rollback = safe_merge and w.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    residual = MergeResidual() if (exact_unmerge or exact_rollback) else None
     failed = False
     try:
         merge_(w, a, b, layer.scaling, safe_merge=safe_merge, residual=residual, backend=layer.backend)
@@ -164,8 +167,11 @@ def merge_sharded(layer: FusedLoRALinear, *, safe_merge: bool = False, exact_unm
             raise
         failed = True
     if safe_merge and _any_rank(failed, layer.weight.device_mesh):
-        if not failed:  # this rank merged: take it back, bit for bit
-            unmerge_(w, a, b, layer.scaling, residual=residual)
+        if not failed:  # this rank merged: take it back
+            if residual is not None:
+                unmerge_(w, a, b, layer.scaling, residual=residual)
+            else:
+                unmerge_(w, a, b, layer.scaling, backend=layer.backend)
         raise ValueError(f"{type(layer).__name__}.merge: safe_merge: the merged weight would hold inf or NaN "
                          f"on at least one rank; weight unchanged on every rank")
     layer._merge_residual = residual if exact_unmerge else None

@@ -7,8 +7,9 @@ seed, in fp32:
 * tensor parallelism (ColwiseLoRAParallel / RowwiseLoRAParallel over an up/down MLP of
   FusedLoRALinear, uneven N): outputs, dx and every parameter's full gradient equal the
   unsharded model's; gradients are DTensors with their parameters' placements; names and
-  requires_grad unchanged; forward and backward ran through lora_linear on the local shards; a
-  merge / exact unmerge on the shards matches;
+  requires_grad unchanged; forward and backward ran through lora_linear on the local shards; the
+  adapter saved from rank 0 is the unsharded one; a merge / exact unmerge / safe merge on the
+  shards matches; LoRA dropout;
 * TP composed with FSDP2 on a (dp, tp) mesh (dp = 1 with two processes): gradients, merge;
 * FSDP2 (fully_shard per block and at the root) and DDP, with activation checkpointing, over an
   injected model and a PEFT-fused tiny Llama: two optimizer steps on a batch split over the
@@ -192,7 +193,7 @@ def _mlp(backend, lora_dropout=0.0):
     return model
 
 
-def check_tp(mesh, backend):
+def check_tp(mesh, backend, out):
     import copy
     import torch
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -236,7 +237,27 @@ def check_tp(mesh, backend):
         facts[f"{name}'s local part is this rank's block"] = torch.equal(p.to_local(), block)
         facts[f"{name}.grad is a DTensor with its placement"] = (isinstance(p.grad, DTensor)
                                                                 and tuple(p.grad.placements) == (placement,))
+    errors.update(_save_tp_adapter(model, ref, rank, os.path.join(out, f"tp_{backend}_adapter")))
     return {"errors": errors, "facts": facts}
+
+
+def _save_tp_adapter(model, ref, rank, path):
+    """The TP model's adapter, gathered on every rank and saved from rank 0, is the unsharded one."""
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    import lora_kernels
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    errors = {}
+    if rank == 0:
+        lora_kernels.save_adapter(model, path, state_dict=sd)
+        tensors = load_file(os.path.join(path, "adapter_model.safetensors"))
+        for layer in ("up", "down"):
+            for which in ("lora_A", "lora_B"):
+                errors[f"saved {layer}.{which}"] = _rel(tensors[f"base_model.model.{layer}.{which}.weight"],
+                                                        ref.get_parameter(f"{layer}.{which}"))
+    dist.barrier()
+    return errors
 
 
 def check_tp_merge(mesh):
@@ -263,6 +284,19 @@ def check_tp_merge(mesh):
     errors = {"merged output": _rel(y, y_ref), "merged vs unmerged output": _rel(y, y_unmerged)}
     errors.update({f"merged {n}": _rel(merged_weights[n], ref.get_parameter(n)) for n in weights})
     facts = {f"{n} restored bit for bit": torch.equal(restored[n], weights[n]) for n in weights}
+
+    # safe_merge where only rank 0's block would overflow: every rank raises, nothing changes
+    with torch.no_grad():
+        w, b = model.up.weight.to_local(), model.up.lora_B.to_local()
+        if mesh.get_local_rank() == 0:
+            w[0], b[0] = 3.3e38, 1e38  # row 0 of W + s * B @ A overflows float32 for some column
+        before = w.clone()
+        try:
+            model.up.merge(safe_merge=True)
+            facts["safe_merge raises on every rank"] = False
+        except ValueError:
+            facts["safe_merge raises on every rank"] = True
+    facts["safe_merge leaves the shard bit for bit and unmerged"] = torch.equal(w, before) and not model.up.merged
     return {"errors": errors, "facts": facts}
 
 
@@ -636,8 +670,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                             timeout=datetime.timedelta(seconds=GLOO_TIMEOUT_S))
     mesh = init_device_mesh("cpu", (world,))
     checks = {
-        "tp_torch": lambda: check_tp(mesh, "torch"),
-        "tp_triton": lambda: check_tp(mesh, "triton"),
+        "tp_torch": lambda: check_tp(mesh, "torch", out),
+        "tp_triton": lambda: check_tp(mesh, "triton", out),
         "tp_merge": lambda: check_tp_merge(mesh),
         "tp_dropout": lambda: check_tp_dropout(mesh),
         "tp_fsdp2": lambda: check_tp_fsdp2(world),
