@@ -95,8 +95,12 @@ class FusedLoRALinear(nn.Module):
         self._merge_residual = None
         dtype = adapter_dtype or self.weight.dtype
         device = self.weight.device
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=device, dtype=dtype))
+        try:
+            self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=dtype))
+            self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=device, dtype=dtype))
+        except RuntimeError as e:  # out of memory: say which argument sized the request
+            raise type(e)(f"FusedLoRALinear: allocating lora_A [r={r}, {self.in_features}] and lora_B "
+                          f"[{self.out_features}, r={r}] ({dtype}, {device}) failed: {e}") from e
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:

@@ -104,16 +104,22 @@ def test_lora_linear_bad_arguments(changes, exc, arg, backend):
     assert msg.startswith("lora_linear: ")
 
 
-def test_lora_linear_3d_x_with_k_zero_works():
-    """Not bad input, but it crashed: K = 0 with leading dims (y = bias, zero gradients for x's
-    empty last dim)."""
-    for backend in ("torch", "triton"):
-        x = torch.randn(2, 3, 0, requires_grad=True)
-        w, a, b, bias = torch.randn(5, 0), torch.randn(2, 0), torch.randn(5, 2, requires_grad=True), torch.randn(5)
-        y = lora_kernels.lora_linear(x, w, a, b, 0.5, bias, backend=backend)
-        assert y.shape == (2, 3, 5) and torch.equal(y, bias.expand(2, 3, 5))
-        y.sum().backward()
-        assert x.grad.shape == (2, 3, 0) and torch.equal(b.grad, torch.zeros(5, 2))
+@pytest.mark.parametrize("lead,K,N", [((2, 3), 0, 5), ((2, 3), 4, 0), ((2, 0), 4, 5), ((4,), 0, 5)],
+                         ids=["3-D K=0", "3-D N=0", "3-D M=0", "2-D K=0"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_lora_linear_empty_dimensions_work(lead, K, N, backend):
+    """Not bad input, but 3-D K = 0 crashed: empty sums give y = bias and zero gradients."""
+    x = torch.randn(*lead, K, requires_grad=True)
+    w, a = torch.randn(N, K, requires_grad=True), torch.randn(2, K, requires_grad=True)
+    b, bias = torch.randn(N, 2, requires_grad=True), torch.randn(N, requires_grad=True)
+    y = lora_kernels.lora_linear(x, w, a, b, 0.5, bias, backend=backend)
+    assert y.shape == (*lead, N)
+    assert torch.allclose(y, x.detach() @ w.detach().T + bias.detach())
+    y.sum().backward()
+    assert x.grad.shape == x.shape and a.grad.shape == a.shape and w.grad.shape == w.shape
+    if K == 0:
+        assert torch.equal(b.grad, torch.zeros(N, 2))
+    assert torch.equal(bias.grad, torch.full((N,), float(math.prod(lead))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,6 +335,35 @@ def test_inject_bad_arguments_change_nothing(kwargs, exc, arg):
     msg = _raises(lambda: lora_kernels.inject(model, **full), exc, arg, watched=[model])
     assert msg.startswith("inject: ")
     assert model.q_proj.weight.requires_grad  # planning froze nothing
+
+
+@pytest.mark.parametrize("entry", ["inject", "load_adapter"])
+def test_a_failure_while_building_layers_restores_requires_grad(entry, monkeypatch, tmp_path):
+    """Checks pass, then building the second layer fails (an allocation, say): the first layer's
+    shared weight, frozen by its construction, gets requires_grad back; no module is replaced."""
+    path = _write_adapter(tmp_path / "a", tensor_changes=lambda t: t.update(  # q_proj, v_proj and o_proj
+        {"base_model.model.o_proj.lora_A.weight": torch.randn(2, 5),
+         "base_model.model.o_proj.lora_B.weight": torch.randn(6, 2)}))
+    model = _adapter_model()
+    built = []
+    real = FusedLoRALinear.reset_lora_parameters
+
+    def flaky(self):
+        built.append(self)
+        if len(built) == 2:
+            raise RuntimeError("out of memory (injected)")
+        real(self)
+
+    monkeypatch.setattr(FusedLoRALinear, "reset_lora_parameters", flaky)
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="injected"):
+        if entry == "inject":
+            lora_kernels.inject(model, ["q_proj", "o_proj"], r=2)
+        else:
+            lora_kernels.load_adapter(model, path)
+    assert len(built) == 2
+    assert_unchanged(model, before)
+    assert model.q_proj.weight.requires_grad and model.o_proj.weight.requires_grad
 
 
 def test_inject_rejects_a_model_that_is_not_a_module():
