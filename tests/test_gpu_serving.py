@@ -181,3 +181,20 @@ def test_vllm_wrapper_under_a_graph(monkeypatch):
         expected = tv.ref_lora_linear(torch.zeros(M_pad, sum(widths)), x.cpu(), [s.cpu() for s in a],
                                       [s.cpu() for s in b], 0.5, widths, slots)
         assert_close(y, expected, torch.bfloat16, what=f"vLLM wrapper replay live={live}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_linear_on_a_padded_view(backend):
+    """multi_lora_linear (and MultiLoRALinear's path) on a persistent index's padded view: the
+    padding rows get the base output only."""
+    _skip_unavailable(backend)
+    live, M, K, N, L, R = 50, 96, 256, 192, 4, 32
+    x, a, b, ranks, ids, scales = make_slices(M, K, [N], L, R, torch.bfloat16, [32, 9, 0, 16])
+    x, a, b, ranks, ids, scales = _cuda(x, a, b, ranks, ids, scales)
+    w = rand(N, K, dtype=torch.bfloat16, device="cuda", scale=K ** -0.5)
+    index = AdapterIndex.with_capacity(512, L, device="cuda").update_(ids[:live]).padded_to(M)
+    y = lora_kernels.multi_lora_linear(x, w, a[0], b[0], index, scales, None, ranks, backend=backend)
+    slots = torch.cat([ids[:live].cpu(), torch.full((M - live,), -1, dtype=torch.int32)])
+    t64 = shrink64(x.cpu(), [a[0].cpu()], slots, _scale_of(scales.cpu()), ranks.cpu())
+    ref = expand64(x.cpu().double() @ w.cpu().double().t(), t64, [b[0].cpu()], slots, ranks.cpu(), 0)
+    assert_close(y, ref, torch.bfloat16)
