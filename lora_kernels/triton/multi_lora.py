@@ -2,14 +2,19 @@
 
 Every token m of a batch uses adapter slot i = token_adapter[m] (or none). Adapters live in
 stacks ``A [L, r_max, K]``, ``B [L, N, r_max]`` with per-slot ``scales [L]`` and ``ranks [L]``.
-Three kernels:
+Kernels:
 
-* ``lora_shrink_kernel``:  t[m, :] = scales[i] * x[m] @ A[i, :rank_i].T   (fp32, 0 past rank_i,
-  0 for tokens with no adapter). Grid: (work-list piece, rank chunk).
-* ``lora_expand_kernel``:  y[m, :] += t[m, :rank_i] @ B[i, :, :rank_i].T for tokens with an
-  adapter; other rows are never stored to. Grid: (work-list piece, N tile).
+* ``lora_shrink_kernel``:  t[s, m, :] = scales[i] * x[m] @ A_s[i, :rank_i].T   (fp32, 0 past
+  rank_i, 0 for tokens with no adapter). Grid: (work-list piece, rank chunk, slice s): up to
+  MAX_SLICES stacks (q/k/v, gate/up) in one launch, picked by program id.
+* ``lora_expand_kernel``:  y[m, col_s:col_s + N_s] += t[s, m, :rank_i] @ B_s[i, :, :rank_i].T
+  for tokens with an adapter; other rows and columns are never stored to. Grid: (work-list
+  piece, N tile of the widest slice, slice s). Ranks past RANK_CHUNK (128) are walked in chunks.
 * ``multi_lora_linear_kernel``: y = x @ W.T + bias + each token's adapter, in one pass over x
-  and W. Grid: (row block of the sorted token order, run of N tiles).
+  and W. Grid: (row block of the sorted token order, run of N tiles). Ranks past RANK_CHUNK
+  take ``multi_lora_linear_chunked_kernel`` (t from the segmented shrink, streamed in chunks).
+
+``scales`` may be absent (HAS_SCALES=False: the runtime float ``scale`` for every slot).
 
 Work is organised by the ``AdapterIndex`` (serving.py), built on the device with no host sync:
 tokens sorted by slot, and a fixed-length work list of pieces "(slot, first sorted position,
