@@ -580,7 +580,11 @@ def _ranks_arg(ranks: Optional[torch.Tensor], fallback: torch.Tensor) -> Tuple[t
 # The widest rank tile a kernel holds: larger ranks are walked in chunks of this many columns
 # (the expand's and the fused kernel's t and B tiles, the shrink's rank chunk). 128 is the
 # largest padded rank the kernels held before chunking (compile facts in linear_tiles: fp32 t
-# [BM, 128] beside the accumulator is the register limit); not measured on a GPU.
+# [BM, 128] beside the accumulator is the register limit); not measured on a GPU. Compile facts
+# for sm_90a at rank 512 (ptxas -v on a CPU, tests/test_triton_multi_compile.py): shrink 168
+# registers, no spill; chunked expand 255 registers, 220 B spilled per thread; chunked fused
+# kernel at M = 4096 255 registers, 44 B spilled (M = 16: 168, none). bench/multi.py is where
+# the chunk width gets measured.
 RANK_CHUNK = 128
 MAX_SLICES = 4  # slices per launch (q/k/v, gate/up, SGLang's qkvz): the kernels select by program id
 
