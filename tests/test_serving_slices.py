@@ -530,3 +530,14 @@ def test_slices_property_torch_and_triton(data):
     y0 = rand(M, offset + sum(widths) + 1)
     y = lora_kernels.lora_expand_(y0.clone(), t, b, index, ranks_t, offset, backend=backend)
     assert_close(y, expand64(y0, t, b, ids, ranks_t, offset), torch.float32, what="y")
+
+
+@pytest.mark.parametrize("case,changes,match", EXPAND_BAD[:3], ids=[c[0] for c in EXPAND_BAD[:3]])
+def test_expand_aliasing_refused_before_any_backend_runs(case, changes, match):
+    """The aliasing checks come before the backend choice: backend='cuda' (unavailable on this
+    machine's CPU tensors) still reports the aliasing, not the missing backend."""
+    a = _expand_args(**changes)
+    y_bits = a["y"].clone()
+    with pytest.raises(ValueError, match=match):
+        lora_kernels.lora_expand_(a["y"], a["t"], a["b"], a["index"], a["ranks"], a["offset"], backend="cuda")
+    assert torch.equal(a["y"], y_bits)
