@@ -361,3 +361,29 @@ def test_work_list_slots_outside_the_stacks_read_as_no_adapter(emulator, bad_slo
             expected = reference.lora_expand_(y0.double(), t.double(), inp.lora_b.double(), ids, inp.ranks)
             assert_close(run.out, expected, torch.float16, what="expand")
             assert torch.equal(_bits(run.out[hit]), _bits(y0[hit])), "rows of the bad piece were written"
+
+
+@pytest.mark.parametrize("tile_kind", [SMALL, LARGE], ids=["small-tile", "large-tile"])
+def test_capacity_index_padded_rows(emulator, tile_kind):
+    """Issue 12: a persistent index (capacity 80) updated with 30 live tokens and viewed for 45
+    rows (a padded graph batch): shrink, expand and the fused linear read positions [0, M) only,
+    rows 30..44 get no adapter (t = 0, expand leaves them, linear = base)."""
+    live, M, C = 30, 45, 80
+    inp = make_multi_inputs(M, 40, 36, 5, 16, torch.bfloat16, dist="decode", ranks="mixed", seed=11)
+    ids = inp.token_adapter.clone()
+    index = AdapterIndex.with_capacity(C, 5).update_(ids[:live]).padded_to(M)
+    ids[live:] = -1
+    inp.token_adapter = ids
+    t = multi_driver.run_shrink(emulator, inp.x, inp.lora_a, inp.scales, inp.ranks, index, 16,
+                                t_out=torch.zeros(M, 16)).out  # the op zeroes a padded view's t first
+    assert_close(t, inp.t64(), torch.float32, what="t")
+    assert (t[live:] == 0).all()
+    y0 = rand(M, 40, dtype=torch.bfloat16)
+    run = multi_driver.run_expand(emulator, y0.clone(), t, inp.lora_b, inp.ranks, index, 64)
+    expected = reference.lora_expand_(y0.double(), t.double(), inp.lora_b.double(), ids, inp.ranks)
+    assert_close(run.out, expected, torch.bfloat16, what="expand")
+    assert torch.equal(_bits(run.out[live:]), _bits(y0[live:]))
+    lin = multi_driver.run_linear(emulator, inp.x, inp.weight, inp.lora_b, inp.bias, t, inp.ranks, index,
+                                  tile_kind=tile_kind, tiles_per_cta=2)
+    assert_close(lin.out, inp.linear64(), torch.bfloat16, what="linear")
+    assert lin.stores.numel() == 0 or (int(lin.stores.min()) == 1 and int(lin.stores_max.max()) == 1)

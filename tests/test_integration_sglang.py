@@ -206,3 +206,12 @@ def test_real_sglang_base_class():
     from lora_kernels.integrations import sglang as integ
     base = importlib.import_module(integ._BASE_MODULE).BaseLoRABackend
     assert issubclass(integ.LoraKernelsLoRABackend, base)
+
+
+def test_embedding_lora_is_refused(sglang_stub):
+    be = _backend(sglang_stub, "torch")
+    for name in ("run_lora_a_embedding", "run_extra_token_embedding"):
+        with pytest.raises(NotImplementedError, match="not implemented by lora_kernels"):
+            getattr(be, name)(torch.zeros(2, dtype=torch.long), torch.zeros(4, 8, 10), 10)
+    with pytest.raises(RuntimeError, match="prepare_lora_batch was not called"):
+        be.run_lora_a_sgemm(torch.zeros(2, K), torch.zeros(L, R, K))

@@ -287,3 +287,29 @@ def test_real_vllm_base_class():
     assert issubclass(cls, base)
     abstract = getattr(cls, "__abstractmethods__", frozenset())
     assert not abstract, f"abstract methods left unimplemented: {sorted(abstract)}"
+
+
+def test_wrapper_traces_once_for_several_batch_sizes(vllm_stub):
+    """vLLM compiles the model, LoRA calls included: add_lora_linear under
+    torch.compile(fullgraph=True, dynamic=True) over several padded sizes and mappings, one frame."""
+    import torch._dynamo.testing
+    torch._dynamo.reset()
+    K, r, widths = 16, 8, (16, 8, 8)
+    w = _wrapper(vllm_stub, "torch")
+    a, b = _stacks(4, K, widths, r, torch.float32, seed=8)
+
+    def layer(x):
+        y = torch.zeros(x.shape[0], sum(widths))
+        w.add_lora_linear(y, x, a, b, 0.5, widths)
+        return y
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend=counter)
+    # padded sizes unlike any weight dimension (duck sizing would tie a size to an equal width)
+    for live, padded in ((5, 12), (11, 20), (20, 20), (2, 36)):
+        mapping = _mapping(live, live)
+        w.update_metadata(mapping, LORA_INDEX_TO_ID, 5, 100)
+        x = rand(padded, K)
+        slots = torch.cat([_slots(mapping.index_mapping), torch.full((padded - live,), -1)])
+        assert_close(compiled(x), ref_lora_linear(torch.zeros(padded, 32), x, a, b, 0.5, widths, slots),
+                     torch.float32)
+    assert counter.frame_count == 1

@@ -8,9 +8,11 @@ module). Stacks are NaN past each rank, outputs are poisoned, -1 tokens and rank
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given, settings, strategies as st
 
 import lora_kernels
 from lora_kernels import AdapterIndex, MultiLoRALinear
+from conftest import INTERPRETER
 from tolerances import assert_close, rand
 
 GQA = [32, 8, 8]  # q, k, v widths of a tiny GQA layer (k/v 4x narrower)
@@ -503,3 +505,39 @@ def test_load_adapter_failed_copy_keeps_the_slot():
         layer.load_adapter(0, torch.randn(2, 8), torch.randn(6, 2, device="meta"), 1.0)
     after = (layer.lora_a_stack, layer.lora_b_stack, layer.scales, layer.ranks)
     assert all(torch.equal(b, a) for b, a in zip(before, after))
+
+
+@given(data=st.data())
+@settings(max_examples=25, deadline=None)
+def test_slices_property_torch_and_triton(data):
+    """Random slice counts (1-5: five takes two launches), widths (incl. 0), ranks (incl. 0 and
+    r_max), tokens (incl. M = 0 and all -1), offsets and scales forms, on both CPU-lane backends."""
+    S = data.draw(st.integers(1, 5))
+    widths = data.draw(st.lists(st.integers(0, 20), min_size=S, max_size=S))
+    L = data.draw(st.integers(1, 4))
+    R = data.draw(st.sampled_from([1, 5, 16, 17]))
+    M = data.draw(st.integers(0, 20))
+    K = data.draw(st.integers(1, 24))
+    ranks = data.draw(st.one_of(st.none(), st.lists(st.integers(0, R), min_size=L, max_size=L)))
+    offset = data.draw(st.integers(0, 3))
+    scales_kind = data.draw(st.sampled_from(["tensor", "float", "none"]))
+    backend = data.draw(st.sampled_from(["torch", "triton"] if INTERPRETER else ["torch"]))
+    x, a, b, ranks_t, ids, scales_t = make_slices(M, K, widths, L, R, torch.float32, ranks, seed=M + K)
+    scales = {"tensor": scales_t, "float": 1.5, "none": None}[scales_kind]
+    index = AdapterIndex.from_token_adapters(ids, L)
+    t = lora_kernels.lora_shrink(x, a, index, scales, ranks_t, backend=backend)
+    assert_close(t, shrink64(x, a, ids, _scale_of(scales), ranks_t), torch.float32, what="t")
+    y0 = rand(M, offset + sum(widths) + 1)
+    y = lora_kernels.lora_expand_(y0.clone(), t, b, index, ranks_t, offset, backend=backend)
+    assert_close(y, expand64(y0, t, b, ids, ranks_t, offset), torch.float32, what="y")
+
+
+@pytest.mark.parametrize("case,changes,match", EXPAND_BAD[:3], ids=[c[0] for c in EXPAND_BAD[:3]])
+def test_expand_aliasing_refused_before_any_backend_runs(case, changes, match):
+    """The aliasing checks come before the backend choice: backend='cuda' (unavailable on this
+    machine's CPU tensors) still reports the aliasing, not the missing backend."""
+    a = _expand_args(**changes)
+    y_bits = a["y"].clone()
+    with pytest.raises(ValueError, match=match):
+        lora_kernels.lora_expand_(a["y"], a["t"], a["b"], a["index"], a["ranks"], a["offset"], backend="cuda")
+    assert torch.equal(a["y"], y_bits)

@@ -156,6 +156,13 @@ class LoraKernelsBackendMixin:
         n = gate_up_lora_b.shape[1] // 2
         return self._lk_sliced(x, gate_up_lora_a, [gate_up_lora_b[:, :n], gate_up_lora_b[:, n:]], base_output)
 
+    def run_lora_a_embedding(self, *args, **kwargs):
+        raise NotImplementedError("LoraKernelsLoRABackend: embedding LoRA is not implemented by lora_kernels; "
+                                  "use another --lora-backend for adapters that train the embeddings")
+
+    def run_extra_token_embedding(self, *args, **kwargs):
+        raise NotImplementedError("LoraKernelsLoRABackend: extra-token embeddings are not implemented by lora_kernels")
+
 
 def _segment_lengths(forward_batch, num_requests: int, device):
     """(seg_lens on the device or None for one token per request, total tokens as a host int).

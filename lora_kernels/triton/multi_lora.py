@@ -2,14 +2,19 @@
 
 Every token m of a batch uses adapter slot i = token_adapter[m] (or none). Adapters live in
 stacks ``A [L, r_max, K]``, ``B [L, N, r_max]`` with per-slot ``scales [L]`` and ``ranks [L]``.
-Three kernels:
+Kernels:
 
-* ``lora_shrink_kernel``:  t[m, :] = scales[i] * x[m] @ A[i, :rank_i].T   (fp32, 0 past rank_i,
-  0 for tokens with no adapter). Grid: (work-list piece, rank chunk).
-* ``lora_expand_kernel``:  y[m, :] += t[m, :rank_i] @ B[i, :, :rank_i].T for tokens with an
-  adapter; other rows are never stored to. Grid: (work-list piece, N tile).
+* ``lora_shrink_kernel``:  t[s, m, :] = scales[i] * x[m] @ A_s[i, :rank_i].T   (fp32, 0 past
+  rank_i, 0 for tokens with no adapter). Grid: (work-list piece, rank chunk, slice s): up to
+  MAX_SLICES stacks (q/k/v, gate/up) in one launch, picked by program id.
+* ``lora_expand_kernel``:  y[m, col_s:col_s + N_s] += t[s, m, :rank_i] @ B_s[i, :, :rank_i].T
+  for tokens with an adapter; other rows and columns are never stored to. Grid: (work-list
+  piece, N tile of the widest slice, slice s). Ranks past RANK_CHUNK (128) are walked in chunks.
 * ``multi_lora_linear_kernel``: y = x @ W.T + bias + each token's adapter, in one pass over x
-  and W. Grid: (row block of the sorted token order, run of N tiles).
+  and W. Grid: (row block of the sorted token order, run of N tiles). Ranks past RANK_CHUNK
+  take ``multi_lora_linear_chunked_kernel`` (t from the segmented shrink, streamed in chunks).
+
+``scales`` may be absent (HAS_SCALES=False: the runtime float ``scale`` for every slot).
 
 Work is organised by the ``AdapterIndex`` (serving.py), built on the device with no host sync:
 tokens sorted by slot, and a fixed-length work list of pieces "(slot, first sorted position,
@@ -591,7 +596,11 @@ def _ranks_arg(ranks: Optional[torch.Tensor], fallback: torch.Tensor) -> Tuple[t
 # The widest rank tile a kernel holds: larger ranks are walked in chunks of this many columns
 # (the expand's and the fused kernel's t and B tiles, the shrink's rank chunk). 128 is the
 # largest padded rank the kernels held before chunking (compile facts in linear_tiles: fp32 t
-# [BM, 128] beside the accumulator is the register limit); not measured on a GPU.
+# [BM, 128] beside the accumulator is the register limit); not measured on a GPU. Compile facts
+# for sm_90a at rank 512 (ptxas -v on a CPU, tests/test_triton_multi_compile.py): shrink 168
+# registers, no spill; chunked expand 255 registers, 220 B spilled per thread; chunked fused
+# kernel at M = 4096 255 registers, 44 B spilled (M = 16: 168, none). bench/multi.py is where
+# the chunk width gets measured.
 RANK_CHUNK = 128
 MAX_SLICES = 4  # slices per launch (q/k/v, gate/up, SGLang's qkvz): the kernels select by program id
 
