@@ -35,9 +35,9 @@ PYTEST=("$VENV/bin/python" -m pytest -q -p no:cacheprovider)
 case "$MODE" in
     quick)
         "${PYTEST[@]}" tests/test_triton_lora_linear_compile.py tests/test_triton_multi_compile.py \
-            tests/test_versions.py tests/test_import.py \
+            tests/test_versions.py tests/test_import.py tests/test_install.py \
             tests/test_training.py tests/test_lora_linear_op.py tests/test_multi_lora.py tests/test_peft.py \
-            -k "compile or versions or import or bf16 or numpy" "$@" ;;
+            -k "compile or traces or versions or import or install" "$@" ;;
     full)
         "${PYTEST[@]}" "$@" ;;
     *)
