@@ -15,6 +15,9 @@
 # install runs every time (a warm machine keeps the build, so a second call is quick). E.g.
 #   STAGES="tests sanitize" bench/device_check.sh $OUT                  # correctness first
 #   STAGES="forward merge multi training" bench/device_check.sh $OUT    # then the numbers
+#
+# Before a GPU run, on the CPU machine: tests/lanes/gpu_versions.sh full (the CPU lane under this
+# machine's torch 2.11 + triton 3.6, ~20 min there), so that a version problem is not found here.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-bench/results}
