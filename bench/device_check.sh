@@ -23,6 +23,9 @@
 # test never stops the run: every later stage still runs, and pytest prints a one-line summary per
 # failure. Rehearsal off the GPU machine: INSTALL=0 QUICK=1 BUDGET_S=300 bench/device_check.sh /tmp/x
 # (QUICK=1 gives every benchmark --quick: tiny shapes, whatever device is here).
+#
+# Before a GPU run, on the CPU machine: tests/lanes/gpu_versions.sh full (the CPU lane under this
+# machine's torch 2.11 + triton 3.6, ~20 min there), so that a version problem is not found here.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-bench/results}

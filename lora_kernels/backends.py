@@ -15,7 +15,7 @@ A backend that cannot run raises :class:`BackendUnavailable` with the reason; :f
 returns the same reasons without raising.
 
 Facts about the process (is triton installed, is the extension loadable, is the interpreter's
-bfloat16 dot fixed) are computed in plain Python, never traced: under ``torch.compile`` the
+bfloat16 arithmetic fixed) are computed in plain Python, never traced: under ``torch.compile`` the
 functions that compute them are marked as ``torch.compiler.assume_constant_result`` marks them
 (:func:`_never_traced`), so dynamo calls them at trace time and bakes the answer into the graph.
 torch 2.11's dynamo cannot trace ``importlib.util.find_spec`` (fullgraph=True raised
@@ -42,9 +42,9 @@ ENV_VAR = "LORA_KERNELS_BACKEND"
 
 def _never_traced(fn):
     """Mark `fn` the way ``torch.compiler.assume_constant_result`` does (the attribute its
-    torch._dynamo implementation sets, torch 2.6 to 2.14), without calling it: that would import
-    torch._dynamo at ``import lora_kernels`` (3.6 s on the CPU machine). tests/test_versions.py
-    checks that torch's decorator still sets this attribute."""
+    torch._dynamo implementation sets; read in torch 2.11 and 2.14), without calling it: that
+    would import torch._dynamo at ``import lora_kernels`` (3.6 s on the CPU machine).
+    tests/test_versions.py checks that torch's decorator still sets this attribute."""
     fn._dynamo_marked_constant = True
     return fn
 
@@ -107,9 +107,8 @@ def interpreter_dtype_reason(dtype: torch.dtype) -> Optional[str]:
         return None
     return ("triton: bfloat16 is refused under the Triton interpreter (TRITON_INTERPRET=1): its tl.dot "
             "multiplies bfloat16 bit patterns as integers (and its casts to bfloat16 truncate), so the "
-            "results would be wrong; use float16 or "
-            "float32 there, or backend='torch' (the test lane patches the interpreter: "
-            "tests/interpreter_fixes.py)")
+            "results would be wrong; use float16 or float32 there, or backend='torch' (the test lane "
+            "patches the interpreter: tests/interpreter_fixes.py)")
 
 
 def cuda_unavailable_reason(device: torch.device) -> Optional[str]:

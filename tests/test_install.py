@@ -74,7 +74,7 @@ def test_jit_build_reports_the_same_toolkit_problem(clean_env, tmp_path):
 
 
 @pytest.fixture
-def setup_module(tmp_path, monkeypatch):
+def setup_py(tmp_path, monkeypatch):
     """setup.py's functions (it calls setup() only when run as a script), its record redirected."""
     spec = importlib.util.spec_from_file_location("lora_kernels_setup_under_test", ROOT / "setup.py")
     module = importlib.util.module_from_spec(spec)
@@ -92,36 +92,36 @@ class _FailingBuild:
         raise RuntimeError("Error compiling objects for extension")
 
 
-def _failed_build(setup_module):
+def _failed_build(setup_py):
     distribution = type("Distribution", (), {"ext_modules": ["lora_kernels._C"]})()
-    build = setup_module.optional_build(_FailingBuild)(distribution)
+    build = setup_py.optional_build(_FailingBuild)(distribution)
     build.run()
     return build, distribution
 
 
-def test_failed_build_installs_pure_python_and_records_why(setup_module, capsys):
-    build, distribution = _failed_build(setup_module)
+def test_failed_build_installs_pure_python_and_records_why(setup_py, capsys):
+    build, distribution = _failed_build(setup_py)
     assert build.extensions == [] and distribution.ext_modules == []
-    status = json.loads(setup_module.STATUS_FILE.read_text())
+    status = json.loads(setup_py.STATUS_FILE.read_text())
     assert status["cuda_extension"] == "failed"
     assert "the CUDA build failed at install time (RuntimeError: Error compiling objects" in status["reason"]
     assert "installing pure Python only" in capsys.readouterr().err
 
 
-def test_require_cuda_fails_on_a_failed_or_skipped_build(setup_module, monkeypatch):
+def test_require_cuda_fails_on_a_failed_or_skipped_build(setup_py, monkeypatch):
     monkeypatch.setenv("LORA_KERNELS_REQUIRE_CUDA", "1")
     with pytest.raises(RuntimeError, match="Error compiling objects"):
-        _failed_build(setup_module)
+        _failed_build(setup_py)
     with pytest.raises(SystemExit, match="LORA_KERNELS_REQUIRE_CUDA is set.*nvcc not found"):
-        setup_module.skipped("nvcc not found")
-    assert not setup_module.STATUS_FILE.exists()
+        setup_py.skipped("nvcc not found")
+    assert not setup_py.STATUS_FILE.exists()
 
 
-def test_skip_records_the_reason_the_loader_reports(setup_module, monkeypatch):
+def test_skip_records_the_reason_the_loader_reports(setup_py, monkeypatch):
     monkeypatch.setenv("LORA_KERNELS_SKIP_CUDA", "1")
-    assert setup_module.cuda_build_options() == {}
-    status = json.loads(setup_module.STATUS_FILE.read_text())
+    assert setup_py.cuda_build_options() == {}
+    status = json.loads(setup_py.STATUS_FILE.read_text())
     assert status == {"cuda_extension": "skipped", "reason": "LORA_KERNELS_SKIP_CUDA was set at install time"}
-    monkeypatch.setattr(loader, "BUILD_STATUS_FILE", setup_module.STATUS_FILE)
+    monkeypatch.setattr(loader, "BUILD_STATUS_FILE", setup_py.STATUS_FILE)
     monkeypatch.setattr(loader, "aot_library", lambda: None)
     assert loader.aot_problem() == "extension not built (LORA_KERNELS_SKIP_CUDA was set at install time)"

@@ -24,6 +24,22 @@ def test_never_traced_marks_as_torch_does():
         assert fact._dynamo_marked_constant
 
 
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_every_ops_backend_choice_traces_with_fullgraph(interpreter_device, backend):
+    """torch 2.11's dynamo could not trace importlib.util.find_spec (reached from the backend
+    rule), so fullgraph=True failed; every op family's dispatch now traces on any torch."""
+    from lora_kernels.ops.lora_linear import choose_backend as linear_backend
+    from lora_kernels.ops.merge import choose_backend as merge_backend
+
+    def choose(x):
+        chosen = (linear_backend(x, x[:2], backend), merge_backend("merge_", x, backend),
+                  multi_lora.choose_backend("multi_lora_linear", x.device, x.dtype, 8, backend))
+        return x + len(set(chosen))
+    x = torch.randn(4, 8)
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(choose, fullgraph=True, backend="eager")(x), choose(x))
+
+
 def test_bf16_conversions_match_torch():
     values = torch.randn(4096, dtype=torch.float64).float() * torch.logspace(-40, 38, 4096).float()
     halfway = (torch.arange(1, 200, dtype=torch.int32) << 16 | 0x8000).view(torch.float32)  # ties

@@ -9,8 +9,9 @@
 #       loaded 2-core CPU machine): before each GPU run (README, "Versions")
 #
 # The venv (LORA_KERNELS_LANE_VENV, default ~/.cache/lora_kernels/lanes/torch2.11-triton3.6) is
-# made on first use (python3.12 as on the GPU machines where there is one, else python3; about
-# 2 min and 4.9 GB on the CPU machine) and reused while tests/lanes/gpu_versions.txt is unchanged.
+# made on first use (python3.12 as on the GPU machines where there is one, else python3; 2 to 5 min
+# and 4.9 GB on the CPU machine), reused, and updated in place when tests/lanes/gpu_versions.txt
+# changes.
 # lora_kernels is not installed into it: pytest runs from the repository root, which puts this
 # checkout first on sys.path.
 set -euo pipefail
@@ -21,11 +22,25 @@ VENV=${LORA_KERNELS_LANE_VENV:-$HOME/.cache/lora_kernels/lanes/torch2.11-triton3
 REQUIREMENTS=tests/lanes/gpu_versions.txt
 STAMP="$VENV/.lora_kernels_requirements"
 
-if ! [ -x "$VENV/bin/python" ] || ! cmp -s "$REQUIREMENTS" "$STAMP"; then
-    BASE=$(command -v python3.12 || command -v python3)
-    echo "gpu_versions lane: making $VENV with $BASE (a few minutes, ~5 GB)" >&2
-    rm -rf "$VENV"
-    "$BASE" -m venv "$VENV"
+# python 3.12 as on the GPU machines: on PATH, else a pyenv-installed one, else python3.
+base_python() {
+    local candidate
+    for candidate in "$(command -v python3.12 || true)" "$(pyenv root 2>/dev/null || true)"/versions/3.12*/bin/python3.12; do
+        if [ -n "$candidate" ] && [ -x "$candidate" ] && "$candidate" -c "" 2>/dev/null; then
+            echo "$candidate"; return
+        fi
+    done
+    command -v python3
+}
+
+# Made once, then updated in place (never deleted: others may be using it) when the pins change.
+if ! cmp -s "$REQUIREMENTS" "$STAMP"; then
+    if ! [ -x "$VENV/bin/python" ]; then
+        BASE=$(base_python)
+        echo "gpu_versions lane: making $VENV with $BASE (a few minutes, ~5 GB)" >&2
+        mkdir -p "$(dirname "$VENV")"
+        "$BASE" -m venv "$VENV"
+    fi
     "$VENV/bin/python" -m pip install -q -r "$REQUIREMENTS"
     cp "$REQUIREMENTS" "$STAMP"
 fi
@@ -35,9 +50,9 @@ PYTEST=("$VENV/bin/python" -m pytest -q -p no:cacheprovider)
 case "$MODE" in
     quick)
         "${PYTEST[@]}" tests/test_triton_lora_linear_compile.py tests/test_triton_multi_compile.py \
-            tests/test_versions.py tests/test_import.py \
+            tests/test_versions.py tests/test_import.py tests/test_install.py \
             tests/test_training.py tests/test_lora_linear_op.py tests/test_multi_lora.py tests/test_peft.py \
-            -k "compile or versions or import or bf16 or numpy" "$@" ;;
+            -k "compile or traces or versions or import or install" "$@" ;;
     full)
         "${PYTEST[@]}" "$@" ;;
     *)
