@@ -130,19 +130,29 @@ def _shrink_dot(x, a, t, SPLIT_A: tl.constexpr, BASE_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _shrink_tile_dot(x, a_ptr, offs_k, offs_r, K, R, stride_ah, stride_ar, stride_ak, t,
-                     A_HALVES: tl.constexpr, PRECISION: tl.constexpr):
-    """t += x @ A[:, offs_k].T. A_HALVES: a_ptr holds an fp32 adapter split once per call into
-    two x-dtype halves (hi at a_ptr, lo at a_ptr + stride_ah; see split_adapter): two native dots
-    on tiles copied straight to shared memory -- no conversion, hence no shared-memory store and
-    no synchronous wait, inside the K loop."""
-    a = _load_tile(a_ptr, offs_k, offs_r, K, R, stride_ak, stride_ar)  # A^T tile [BK, BR]
+def _a_operand(a_ptr, offs_k, K, R, stride_ah, stride_ar, stride_ak, BLOCK_R: tl.constexpr,
+               A_HALVES: tl.constexpr):
+    """A^T tile [BK, BLOCK_R], or (A_HALVES) [BK, 2 * BLOCK_R]: the hi half's columns then the lo
+    half's. An fp32 adapter is split once per call into two x-dtype halves (hi at a_ptr, lo at
+    a_ptr + stride_ah; see split_adapter) and both feed ONE rank-2r dot per K step, copied straight
+    to shared memory: no conversion, no shared-memory store and no wait for a first dot inside the
+    K loop (an in-loop split, or two chained dots, made the compiler wait for all MMAs each step)."""
     if A_HALVES:
-        t = tl.dot(x, a, t)
-        a_lo = _load_tile(a_ptr + stride_ah, offs_k, offs_r, K, R, stride_ak, stride_ar)
-        t = tl.dot(x, a_lo, t)
+        j = tl.arange(0, 2 * BLOCK_R)
+        col = j % BLOCK_R
+        ptrs = (a_ptr + (j // BLOCK_R)[None, :].to(tl.int64) * stride_ah + col[None, :].to(tl.int64) * stride_ar
+                + offs_k[:, None].to(tl.int64) * stride_ak)
+        tile = tl.load(ptrs, mask=(offs_k[:, None] < K) & (col[None, :] < R), other=0.0)
     else:
-        t = tl.dot(x, a.to(x.dtype), t, input_precision=PRECISION)
+        tile = _load_tile(a_ptr, offs_k, tl.arange(0, BLOCK_R), K, R, stride_ak, stride_ar)
+    return tile
+
+
+@triton.jit
+def _fold_halves(t, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, A_HALVES: tl.constexpr):
+    """t [BM, BLOCK_R] from the rank-2r accumulator of A_HALVES (hi part + lo part), else t."""
+    if A_HALVES:
+        t = tl.sum(tl.reshape(t, (BLOCK_M, 2, BLOCK_R)), axis=1)
     return t
 
 
@@ -153,15 +163,15 @@ def _base_and_shrink_tile(x_ptr, w_ptr, a_ptr, offs_m, offs_n, offs_r, M, N, K, 
                           BLOCK_R: tl.constexpr, A_HALVES: tl.constexpr, BASE_PRECISION: tl.constexpr):
     """(x @ W[offs_n].T, x @ A.T) for one row block, each x tile loaded once for both."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    t = tl.zeros((BLOCK_M, BLOCK_R * (2 if A_HALVES else 1)), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = _load_tile(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk)
         w = _load_tile(w_ptr, offs_k, offs_n, K, N, stride_wk, stride_wn)  # W^T tile [BK, BN]
         acc = tl.dot(x, w, acc, input_precision=BASE_PRECISION)
-        t = _shrink_tile_dot(x, a_ptr, offs_k, offs_r, K, R, stride_ah, stride_ar, stride_ak, t,
-                             A_HALVES, BASE_PRECISION)
-    return acc, t
+        a = _a_operand(a_ptr, offs_k, K, R, stride_ah, stride_ar, stride_ak, BLOCK_R, A_HALVES)
+        t = tl.dot(x, a.to(x.dtype), t, input_precision=BASE_PRECISION)
+    return acc, _fold_halves(t, BLOCK_M, BLOCK_R, A_HALVES)
 
 
 @triton.jit
@@ -179,32 +189,6 @@ def _base_tile(x_ptr, w_ptr, offs_m, offs_n, M, N, K, k_begin, k_end, stride_xm,
 
 
 @triton.jit
-def _lora_epilogue_store(acc, t, b_ptr, bias_ptr, y_ptr, seed_ptr, offs_m, offs_n, offs_r, n_start,
-                         M, N, R, scale, dropout_threshold, add_terms, stride_bn, stride_br, stride_ym,
-                         stride_yn, HAS_BIAS: tl.constexpr, DROPOUT_OUT: tl.constexpr,
-                         LORA_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """y[offs_m, offs_n] = acc [+ scale * (t @ B[offs_n].T) [* keep] + bias, if add_terms],
-    rounded once; offs_n = n_start + arange(BLOCK_N). Split-K partials other than the first pass
-    add_terms = False: the LoRA term and the bias are added exactly once."""
-    if add_terms:
-        b = _load_tile(b_ptr, offs_r, offs_n, R, N, stride_br, stride_bn)  # B^T tile [BR, BN]
-        if DROPOUT_OUT:  # the backward's dx: the mask of x's element (m, n) drops its LoRA term
-            lora = _lora_dot(t, b, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), LORA_PRECISION)
-            k0, k1 = _philox_key(seed_ptr)
-            keep = _keep_mask(k0, k1, offs_m, n_start, dropout_threshold, BLOCK_M, BLOCK_N)
-            acc += scale * tl.where(keep, lora, 0.0)
-        else:
-            # Accumulate straight into acc: a separate [BLOCK_M, BLOCK_N] fp32 product tile doubles
-            # the epilogue's registers (ptxas: 128x256 tiles spilled ~3 KB per thread with it).
-            acc = _lora_dot(t * scale, b, acc, LORA_PRECISION)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
-            acc += bias.to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :].to(tl.int64) * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
-
-
-@triton.jit
 def _load_t_sum(t_ptr, offs_m, offs_r, M, R, t_splits, stride_ts, stride_tm, stride_tr,
                 BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
     """sum_s t[s, offs_m, offs_r] over the shrink's t_splits K-split partials, in order s = 0, 1,
@@ -214,6 +198,56 @@ def _load_t_sum(t_ptr, offs_m, offs_r, M, R, t_splits, stride_ts, stride_tm, str
         t += _load_tile(t_ptr, offs_m, offs_r, M, R, stride_tm, stride_tr).to(tl.float32)
         t_ptr += stride_ts
     return t
+
+
+@triton.jit
+def _lora_epilogue_store(acc, t, t_ptr, t_store_ptr, b_ptr, bias_ptr, y_ptr, seed_ptr, offs_m, offs_n,
+                         n_start, M, N, R, scale, dropout_threshold, add_terms, store_t, t_splits,
+                         stride_ts, stride_tm, stride_tr, stride_sm, stride_sr, stride_bn, stride_br,
+                         stride_ym, stride_yn, HAS_BIAS: tl.constexpr, DROPOUT_OUT: tl.constexpr,
+                         LOAD_T: tl.constexpr, LORA_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, T_CHUNK: tl.constexpr):
+    """y[offs_m, offs_n] = acc [+ scale * (t @ B[offs_n].T) [* keep] + bias, if add_terms],
+    rounded once; offs_n = n_start + arange(BLOCK_N). Split-K partials other than the first pass
+    add_terms = False: the LoRA term and the bias are added exactly once.
+
+    t: fp32 [BLOCK_M, BLOCK_R] in registers, or (LOAD_T) read from t_ptr in rank chunks of T_CHUNK
+    (summing the shrink's t_splits partials; stored to t_store_ptr when store_t): a rank-128 t
+    never sits whole in registers next to the accumulator (ptxas: 128x128 tiles holding the whole
+    fp32 t and its tf32 split spilled ~600 B per thread)."""
+    if add_terms:
+        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # used by DROPOUT_OUT only
+        if LOAD_T:
+            for r0 in tl.static_range(0, BLOCK_R, T_CHUNK):
+                offs_r = r0 + tl.arange(0, T_CHUNK)
+                tc = _load_t_sum(t_ptr, offs_m, offs_r, M, R, t_splits, stride_ts, stride_tm, stride_tr,
+                                 BLOCK_M, T_CHUNK)
+                if store_t:
+                    t_ptrs = (t_store_ptr + offs_m[:, None].to(tl.int64) * stride_sm
+                              + offs_r[None, :] * stride_sr)
+                    tl.store(t_ptrs, tc, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
+                b = _load_tile(b_ptr, offs_r, offs_n, R, N, stride_br, stride_bn)  # B^T chunk [TC, BN]
+                if DROPOUT_OUT:
+                    lora = _lora_dot(tc, b, lora, LORA_PRECISION)
+                else:
+                    acc = _lora_dot(tc * scale, b, acc, LORA_PRECISION)
+        else:
+            b = _load_tile(b_ptr, tl.arange(0, BLOCK_R), offs_n, R, N, stride_br, stride_bn)  # B^T [BR, BN]
+            if DROPOUT_OUT:
+                lora = _lora_dot(t, b, lora, LORA_PRECISION)
+            else:
+                # Accumulate straight into acc: a separate [BLOCK_M, BLOCK_N] fp32 product tile
+                # doubles the epilogue's registers (ptxas: 128x256 tiles spilled ~3 KB per thread).
+                acc = _lora_dot(t * scale, b, acc, LORA_PRECISION)
+        if DROPOUT_OUT:
+            k0, k1 = _philox_key(seed_ptr)
+            keep = _keep_mask(k0, k1, offs_m, n_start, dropout_threshold, BLOCK_M, BLOCK_N)
+            acc += scale * tl.where(keep, lora, 0.0)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :].to(tl.int64) * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
 # Runtime ints that vary per call are never specialised (no "== 1" constant, no divisibility
@@ -230,7 +264,7 @@ def lora_linear_fwd_kernel(
     HAS_BIAS: tl.constexpr, STORE_T: tl.constexpr, LOAD_T: tl.constexpr, DROPOUT_OUT: tl.constexpr,
     A_HALVES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    T_CHUNK: tl.constexpr, GROUP_M: tl.constexpr, BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
 ):
     """y = x @ W^T + bias + scale * t @ B^T [* keep] with t = x @ A^T (or read from t_ptr: LOAD_T).
 
@@ -271,31 +305,34 @@ def lora_linear_fwd_kernel(
     if LOAD_T:  # t precomputed by the (split-K) shrink: A is read once per call, not per N run
         acc = _base_tile(x_ptr, w_ptr, offs_m, offs_n, M, N, K, k_begin, k_end, stride_xm, stride_xk,
                          stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, BASE_PRECISION)
-        t = _load_t_sum(t_ptr, offs_m, offs_r, M, R, t_splits, stride_ts, stride_tm, stride_tr,
-                        BLOCK_M, BLOCK_R)
+        t = 0.0  # read in rank chunks by the epilogue
+        store_t = STORE_T & (n_run == 0) & first_split  # the summed partials, once per row block
     else:
         acc, t = _base_and_shrink_tile(x_ptr, w_ptr, a_ptr, offs_m, offs_n, offs_r, M, N, K, R,
                                        k_begin, k_end, stride_xm, stride_xk, stride_wn, stride_wk,
                                        stride_ah, stride_ar, stride_ak, BLOCK_M, BLOCK_N, BLOCK_K,
                                        BLOCK_R, A_HALVES, BASE_PRECISION)
-    if STORE_T:  # saved for the backward pass; one program per row block writes it
-        if (n_run == 0) & first_split:
-            t_ptrs = t_store_ptr + offs_m[:, None].to(tl.int64) * stride_sm + offs_r[None, :] * stride_sr
-            tl.store(t_ptrs, t, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
-    _lora_epilogue_store(acc, t, b_ptr, bias_ptr, y_ptr, seed_ptr, offs_m, offs_n, offs_r,
-                         first_tile * BLOCK_N, M, N, R, scale, dropout_threshold, first_split,
-                         stride_bn, stride_br, stride_ym, stride_yn, HAS_BIAS, DROPOUT_OUT,
-                         LORA_PRECISION, BLOCK_M, BLOCK_N)
+        store_t = False
+        if STORE_T:  # saved for the backward pass; one program per row block writes it
+            if (n_run == 0) & first_split:
+                t_ptrs = t_store_ptr + offs_m[:, None].to(tl.int64) * stride_sm + offs_r[None, :] * stride_sr
+                tl.store(t_ptrs, t, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
+    _lora_epilogue_store(acc, t, t_ptr, t_store_ptr, b_ptr, bias_ptr, y_ptr, seed_ptr, offs_m, offs_n,
+                         first_tile * BLOCK_N, M, N, R, scale, dropout_threshold, first_split, store_t,
+                         t_splits, stride_ts, stride_tm, stride_tr, stride_sm, stride_sr, stride_bn,
+                         stride_br, stride_ym, stride_yn, HAS_BIAS, DROPOUT_OUT, LOAD_T, LORA_PRECISION,
+                         BLOCK_M, BLOCK_N, BLOCK_R, T_CHUNK)
 
     last_tile = tl.minimum(first_tile + tiles_per_program, num_n_tiles)
     for tile in range(first_tile + 1, last_tile):
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = _base_tile(x_ptr, w_ptr, offs_m, offs_n, M, N, K, k_begin, k_end, stride_xm, stride_xk,
                          stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, BASE_PRECISION)
-        _lora_epilogue_store(acc, t, b_ptr, bias_ptr, y_ptr, seed_ptr, offs_m, offs_n, offs_r,
-                             tile * BLOCK_N, M, N, R, scale, dropout_threshold, first_split,
-                             stride_bn, stride_br, stride_ym, stride_yn, HAS_BIAS, DROPOUT_OUT,
-                             LORA_PRECISION, BLOCK_M, BLOCK_N)
+        _lora_epilogue_store(acc, t, t_ptr, t_store_ptr, b_ptr, bias_ptr, y_ptr, seed_ptr, offs_m, offs_n,
+                             tile * BLOCK_N, M, N, R, scale, dropout_threshold, first_split, False,
+                             t_splits, stride_ts, stride_tm, stride_tr, stride_sm, stride_sr, stride_bn,
+                             stride_br, stride_ym, stride_yn, HAS_BIAS, DROPOUT_OUT, LOAD_T, LORA_PRECISION,
+                             BLOCK_M, BLOCK_N, BLOCK_R, T_CHUNK)
 
 
 @triton.jit(do_not_specialize=["M", "splits"])
@@ -337,15 +374,16 @@ def lora_shrink_kernel(
     k_end = tl.minimum(K, k_begin + k_tiles_per_split * BLOCK_K)
     if DROPOUT:
         k0, k1 = _philox_key(seed_ptr)
-    t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    t = tl.zeros((BLOCK_M, BLOCK_R * (2 if A_HALVES else 1)), dtype=tl.float32)
     for k_start in range(k_begin, k_end, BLOCK_K):
         offs_k = k_start + tl.arange(0, BLOCK_K)
         x = _load_tile(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk)
         if DROPOUT:
             x = tl.where(_keep_mask(k0, k1, offs_m, k_start, dropout_threshold, BLOCK_M, BLOCK_K),
                          x, tl.zeros_like(x))
-        t = _shrink_tile_dot(x, a_ptr, offs_k, offs_r, K, R, stride_ah, stride_ar, stride_ak, t,
-                             A_HALVES, PRECISION)
+        a = _a_operand(a_ptr, offs_k, K, R, stride_ah, stride_ar, stride_ak, BLOCK_R, A_HALVES)
+        t = tl.dot(x, a.to(x.dtype), t, input_precision=PRECISION)
+    t = _fold_halves(t, BLOCK_M, BLOCK_R, A_HALVES)
     t_ptrs = (t_ptr + k_split.to(tl.int64) * stride_ts + offs_m[:, None].to(tl.int64) * stride_tm
               + offs_r[None, :] * stride_tr)
     tl.store(t_ptrs, t * t_scale, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
@@ -408,6 +446,14 @@ def _num_sms(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def t_chunk(block_r: int) -> int:
+    """Rank chunk of the LOAD_T epilogue: 32 columns of fp32 t ([128, 32] = 16 registers per thread
+    at 8 warps, 32 with its tf32 split). Reason: ptxas -v for sm_90a, the rank-128 forward at
+    128x128 spilled ~600 B per thread holding the whole t; a chunk of 32 does not spill (checked by
+    tests/test_triton_lora_linear_compile.py). Smaller chunks only add loop steps."""
+    return min(block_r, 32)
+
+
 def k_split_plan(K: int, block_k: int, want: int) -> Tuple[int, int]:
     """(splits, k_per_split): K cut into runs of whole BLOCK_K tiles, at least `want` of them when
     K has that many tiles (the last run may be shorter). One split: k_per_split >= K."""
@@ -431,20 +477,20 @@ def _tile_candidates(M: int, block_r: int, fp32: bool, narrow: bool):
       of loads in flight per program. BLOCK_N 64, then 32, then 16: narrower tiles give more
       programs, so that the grid covers every SM before K is split.
     * Mid M (<= 64): 64x128, then 64x64; 4 warps.
-    * M > 64: 128x256x64 with 8 warps (two warpgroups) and 3 stages, the usual best Triton bf16
-      GEMM tile on Hopper (~144 KB of shared memory), unless `narrow`; then 128x128 (8 warps),
-      64x128 and 64x64 (4 warps), each giving twice the programs of the one before.
-    * `narrow` (padded rank >= 64, fp32 operands or adapters, the dropout epilogue): BLOCK_N <= 128
-      (ptxas -v for sm_90a: a 128x256 fp32 accumulator next to the fp32 t or the Philox words
-      spilled KBs per thread; tests/test_triton_lora_linear_compile.py)."""
+    * M > 64: 128x128x64 with 8 warps (two warpgroups) and 3 stages, then 64x128 and 64x64 (4
+      warps), each giving twice the programs of the one before. Not 128x256, the usual best
+      Triton bf16 GEMM tile on Hopper: ptxas -v for sm_90a spills its 128-register fp32
+      accumulator next to the LoRA epilogue (16-20 B per thread at rank 16 with the tf32 split of
+      t, KBs at rank >= 64 or with the Philox words of the dropout epilogue;
+      tests/test_triton_lora_linear_compile.py). It stays a tuner candidate (bench/tune.py).
+    * `narrow` is kept for the tuner's candidate grid (it no longer changes these defaults)."""
     bk = 64 if fp32 else 128
     if M <= 16:
         return [(16, bn, bk, 4, 4) for bn in (64, 32, 16)]
     bk = 32 if fp32 else 64
     if M <= 64:
         return [(64, 128, bk, 4, 4), (64, 64, bk, 4, 4)]
-    out = [] if narrow else [(128, 256, bk, 8, 3)]
-    return out + [(128, 128, bk, 8, 3), (64, 128, bk, 4, 4), (64, 64, bk, 4, 4)]
+    return [(128, 128, bk, 8, 3), (64, 128, bk, 4, 4), (64, 64, bk, 4, 4)]
 
 
 @functools.lru_cache(maxsize=4096)  # pure function of ints, called on every launch
@@ -477,6 +523,11 @@ def forward_config(M: int, N: int, K: int, r: int, elem_bytes: int, num_sms: int
     block_r = block_r_for(r)
     narrow = block_r >= 64 or elem_bytes >= 4 or mask_epilogue or split_adapters
     cands = _tile_candidates(M, block_r, elem_bytes >= 4, narrow)
+    if mask_epilogue and (block_r >= 64 or split_adapters) and M > 16:
+        # ptxas -v, sm_90a: the dx epilogue's separate fp32 LoRA tile, the Philox words and a
+        # tf32x3 (fp32 B) or rank-128 product spilled ~520 B per thread at 128x128; 64 columns fit
+        cands = [(bm, min(bn, 64), *rest) for bm, bn, *rest in cands]
+        cands = [c for i, c in enumerate(cands) if c not in cands[:i]]
     programs = [triton.cdiv(M, bm) * triton.cdiv(N, bn) for bm, bn, *_ in cands]
     full = [i for i, p in enumerate(programs) if p >= num_sms]
     choice = full[0] if full else max(range(len(cands)), key=lambda i: (programs[i], -i))
@@ -555,6 +606,12 @@ def _adapter_operand(x: torch.Tensor, a: torch.Tensor):
     return a, 0, False
 
 
+# t computed inside the fused kernel stays in registers next to the accumulator through the K loop
+# and the epilogue; from padded rank 64 on that spills (ptxas -v, sm_90a: ~600 B per thread at
+# 128x128, rank 128), so such configs always take t from the shrink (read in rank chunks).
+FUSED_T_MAX_BLOCK_R = 64
+
+
 @dataclass(frozen=True)
 class Plan:
     """Everything one fused call launches (host-side arithmetic only): the CPU-lane tests read it
@@ -572,6 +629,8 @@ def plan_forward(M: int, N: int, K: int, r: int, elem_bytes: int, num_sms: int, 
                  dropout: bool = False, mask_epilogue: bool = False, split_adapters: bool = False,
                  config: Optional[ForwardConfig] = None, shrink: Optional[ShrinkConfig] = None) -> Plan:
     cfg = config or forward_config(M, N, K, r, elem_bytes, num_sms, mask_epilogue, split_adapters)
+    if cfg.block_r >= FUSED_T_MAX_BLOCK_R and not cfg.precompute_t:
+        cfg = replace(cfg, precompute_t=True)
     splits, k_per_split = k_split_plan(K, cfg.block_k, cfg.split_k)
     runs = triton.cdiv(triton.cdiv(N, cfg.block_n), cfg.tiles_per_program)
     fused_grid = (triton.cdiv(M, cfg.block_m) * runs, splits)
@@ -692,7 +751,7 @@ def launch_fused(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Ten
         HAS_BIAS=bias is not None, STORE_T=store_t, LOAD_T=load_t, DROPOUT_OUT=seed is not None,
         A_HALVES=a_halves,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_r,
-        GROUP_M=cfg.group_m, BASE_PRECISION=base_prec, LORA_PRECISION=lora_prec,
+        T_CHUNK=t_chunk(cfg.block_r), GROUP_M=cfg.group_m, BASE_PRECISION=base_prec, LORA_PRECISION=lora_prec,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if out is not y:
