@@ -62,6 +62,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--rep-ms", type=int, default=None, help="timing budget per method and case")
     p.add_argument("--tag", default="", help="appended to the output file names")
+    p.add_argument("--budget-s", type=float, default=None, help="tune suite: GPU-time budget in seconds")
+    p.add_argument("--table", default=None, help="tune suite: config table to write (default: "
+                   "lora_kernels/configs/<card>.json)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
 
