@@ -84,10 +84,16 @@ def main(argv=None) -> int:
               "meta": run_metadata(device, dtype, "triton.testing do_bench median (do_bench_cudagraph for decode)"),
               **body}
     table = suite.table(result) if hasattr(suite, "table") else markdown(result, suite.KEY_COLUMNS, suite.NOTE)
+    if device.type == "cuda":  # the targets are GPU targets: never evaluated on CPU times
+        from . import targets
+        result["targets"] = targets.evaluate(result, backends)
+        table += targets.markdown(result["targets"])
     stem = write_result(result, args.out, device, table, args.tag)
     print()
     print(table)
     print(f"wrote {stem}.json and {stem}.md")
+    from .summarize import plot
+    print(plot(result, stem + ".png"))
     ours_failed = [f for c in result["cases"] for f in c["failed"] if f.startswith("ours_")]
     if ours_failed:
         print(f"{len(ours_failed)} of our method/case pairs failed their check")
