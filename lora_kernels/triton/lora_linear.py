@@ -430,6 +430,13 @@ class ShrinkConfig:
     split_k: int = 1  # K splits: fp32 partials of t, summed in a fixed order
 
 
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host ints. Not triton.cdiv: called from Python, that is a @triton.jit
+    function and goes through the JIT's call path (~1-2 us per call on this CPU; the launchers
+    call it several times per launch)."""
+    return -(-a // b)
+
+
 def block_r_for(r: int) -> int:
     """Rank padded to a power of two >= 16: tl.dot needs every dimension >= 16."""
     return max(16, triton.next_power_of_2(r))
@@ -457,15 +464,15 @@ def t_chunk(block_r: int) -> int:
 def k_split_plan(K: int, block_k: int, want: int) -> Tuple[int, int]:
     """(splits, k_per_split): K cut into runs of whole BLOCK_K tiles, at least `want` of them when
     K has that many tiles (the last run may be shorter). One split: k_per_split >= K."""
-    k_tiles = triton.cdiv(max(K, 1), block_k)
+    k_tiles = _cdiv(max(K, 1), block_k)
     per = max(1, k_tiles // max(1, want))
-    return triton.cdiv(k_tiles, per), per * block_k
+    return _cdiv(k_tiles, per), per * block_k
 
 
 def fused_programs(M: int, N: int, cfg: ForwardConfig, K: int) -> int:
     """Programs of one fused launch: row blocks x N runs x K splits."""
-    runs = triton.cdiv(triton.cdiv(N, cfg.block_n), cfg.tiles_per_program)
-    return triton.cdiv(M, cfg.block_m) * runs * k_split_plan(K, cfg.block_k, cfg.split_k)[0]
+    runs = _cdiv(_cdiv(N, cfg.block_n), cfg.tiles_per_program)
+    return _cdiv(M, cfg.block_m) * runs * k_split_plan(K, cfg.block_k, cfg.split_k)[0]
 
 
 def _tile_candidates(M: int, block_r: int, fp32: bool, narrow: bool):
@@ -528,13 +535,13 @@ def forward_config(M: int, N: int, K: int, r: int, elem_bytes: int, num_sms: int
         # tf32x3 (fp32 B) or rank-128 product spilled ~520 B per thread at 128x128; 64 columns fit
         cands = [(bm, min(bn, 64), *rest) for bm, bn, *rest in cands]
         cands = [c for i, c in enumerate(cands) if c not in cands[:i]]
-    programs = [triton.cdiv(M, bm) * triton.cdiv(N, bn) for bm, bn, *_ in cands]
+    programs = [_cdiv(M, bm) * _cdiv(N, bn) for bm, bn, *_ in cands]
     full = [i for i, p in enumerate(programs) if p >= num_sms]
     choice = full[0] if full else max(range(len(cands)), key=lambda i: (programs[i], -i))
     bm, bn, bk, warps, stages = cands[choice]
-    want = 1 if full else triton.cdiv(num_sms, programs[choice])
+    want = 1 if full else _cdiv(num_sms, programs[choice])
     split_k = k_split_plan(K, bk, want)[0]
-    precompute_t = split_k > 1 or triton.cdiv(N, bn) > 1
+    precompute_t = split_k > 1 or _cdiv(N, bn) > 1
     return ForwardConfig(bm, bn, bk, block_r, 1, 8, warps, stages, split_k, precompute_t)
 
 
@@ -585,8 +592,8 @@ def shrink_config(M: int, K: int, r: int, elem_bytes: int, num_sms: int) -> Shri
         block_m, block_k, warps, stages = 64, (64 if fp32 else 128), 4, 3
     else:
         block_m, block_k, warps, stages = 128, (32 if fp32 else 64), 8, 3
-    m_blocks = triton.cdiv(M, block_m)
-    split = k_split_plan(K, block_k, triton.cdiv(num_sms, m_blocks))[0]
+    m_blocks = _cdiv(M, block_m)
+    split = k_split_plan(K, block_k, _cdiv(num_sms, m_blocks))[0]
     return ShrinkConfig(block_m, block_k, block_r_for(r), warps, stages, split)
 
 
@@ -625,6 +632,7 @@ class Plan:
     t_reduce: bool  # the shrink's partials are summed by a reduce launch (else by the fused loads)
 
 
+@functools.lru_cache(maxsize=4096)  # pure function of ints, bools and frozen configs: once per shape
 def plan_forward(M: int, N: int, K: int, r: int, elem_bytes: int, num_sms: int, *,
                  dropout: bool = False, mask_epilogue: bool = False, split_adapters: bool = False,
                  config: Optional[ForwardConfig] = None, shrink: Optional[ShrinkConfig] = None) -> Plan:
@@ -632,8 +640,8 @@ def plan_forward(M: int, N: int, K: int, r: int, elem_bytes: int, num_sms: int, 
     if cfg.block_r >= FUSED_T_MAX_BLOCK_R and not cfg.precompute_t:
         cfg = replace(cfg, precompute_t=True)
     splits, k_per_split = k_split_plan(K, cfg.block_k, cfg.split_k)
-    runs = triton.cdiv(triton.cdiv(N, cfg.block_n), cfg.tiles_per_program)
-    fused_grid = (triton.cdiv(M, cfg.block_m) * runs, splits)
+    runs = _cdiv(_cdiv(N, cfg.block_n), cfg.tiles_per_program)
+    fused_grid = (_cdiv(M, cfg.block_m) * runs, splits)
     if not (cfg.precompute_t or dropout or splits > 1):
         return Plan(cfg, fused_grid, k_per_split, None, None, 0, False)
     sc = shrink or shrink_config(M, K, r, elem_bytes, num_sms)
@@ -641,7 +649,7 @@ def plan_forward(M: int, N: int, K: int, r: int, elem_bytes: int, num_sms: int, 
     w_bytes = cfg.block_n * min(k_per_split, K) * elem_bytes
     partial_bytes = (s_splits - 1) * cfg.block_m * cfg.block_r * 4
     t_reduce = s_splits > 1 and partial_bytes > T_PARTIALS_MAX_W_FRACTION * w_bytes
-    return Plan(cfg, fused_grid, k_per_split, sc, (triton.cdiv(M, sc.block_m), s_splits), s_per, t_reduce)
+    return Plan(cfg, fused_grid, k_per_split, sc, (_cdiv(M, sc.block_m), s_splits), s_per, t_reduce)
 
 
 REDUCE_BLOCK = (32, 128)  # splitk_reduce_kernel tile: 16 KB of fp32 per partial, coalesced rows
@@ -651,17 +659,18 @@ def _reduce(ws: torch.Tensor, out: torch.Tensor) -> None:
     """out = ws.sum(0) in a fixed order (splitk_reduce_kernel). ws [S, M, N] fp32."""
     S, M, N = ws.shape
     bm, bn = REDUCE_BLOCK
-    splitk_reduce_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
-        ws, out, M, N, S, ws.stride(0), ws.stride(1), ws.stride(2), out.stride(0), out.stride(1),
+    splitk_reduce_kernel[(_cdiv(M, bm), _cdiv(N, bn))](
+        ws, out, M, N, S, *ws.stride(), *out.stride(),
         BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
 
 
 def launch_shrink(x: torch.Tensor, a: torch.Tensor, t: torch.Tensor, *, t_scale: float = 1.0,
                   seed: Optional[torch.Tensor] = None, dropout_threshold: int = 0,
-                  config: Optional[ShrinkConfig] = None, reduce: bool = True) -> int:
-    """t = t_scale * (x [* keep]) @ a.T in fp32. x [M, D], a [R, D]; any strides. With one K
-    split (or `reduce`) t is [M, R]; otherwise t is the partials buffer [splits, M, R] the caller
-    allocated from ``shrink_partials_shape``. Returns the number of partials written to t."""
+                  config: Optional[ShrinkConfig] = None) -> int:
+    """t = t_scale * (x [* keep]) @ a.T in fp32. x [M, D], a [R, D]; any strides. t [M, R]: the
+    K-split partials (when the config splits K) go to a workspace that one reduce launch sums into
+    t in a fixed order; or t [splits, M, R]: the partials themselves (the fused kernel sums them
+    as it loads t). Returns the number of partials written to t."""
     M, D = x.shape
     R = a.shape[0]
     if M == 0:
@@ -678,11 +687,10 @@ def launch_shrink(x: torch.Tensor, a: torch.Tensor, t: torch.Tensor, *, t_scale:
         out = None
     a_arg, stride_ah, a_halves = _adapter_operand(x, a)
     precision = base_precision(x.dtype, x.device)
-    lora_shrink_kernel[(triton.cdiv(M, config.block_m), splits)](
+    lora_shrink_kernel[(_cdiv(M, config.block_m), splits)](
         x, a_arg, t, seed if seed is not None else t,
         M, D, R, float(t_scale), dropout_threshold, k_per_split // config.block_k,
-        x.stride(0), x.stride(1), stride_ah, a_arg.stride(0), a_arg.stride(1),
-        t.stride(0), t.stride(1), t.stride(2),
+        *x.stride(), stride_ah, *a_arg.stride(), *t.stride(),
         DROPOUT=seed is not None, A_HALVES=a_halves,
         BLOCK_M=config.block_m, BLOCK_K=config.block_k, BLOCK_R=config.block_r, PRECISION=precision,
         num_warps=config.num_warps, num_stages=config.num_stages,
@@ -745,9 +753,8 @@ def launch_fused(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Ten
         x, w, a_arg, b, bias if bias is not None else y, out3, ts, st, seed if seed is not None else y,
         M, C, D, R, float(scale), dropout_threshold, cfg.tiles_per_program, plan.k_per_split // cfg.block_k,
         t_splits,
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), stride_ah, a_arg.stride(0), a_arg.stride(1),
-        b.stride(0), b.stride(1), out3.stride(0), out3.stride(1), out3.stride(2),
-        ts.stride(0), ts.stride(1), ts.stride(2), st.stride(0), st.stride(1),
+        *x.stride(), *w.stride(), stride_ah, *a_arg.stride(), *b.stride(), *out3.stride(), *ts.stride(),
+        *st.stride(),
         HAS_BIAS=bias is not None, STORE_T=store_t, LOAD_T=load_t, DROPOUT_OUT=seed is not None,
         A_HALVES=a_halves,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_r,
@@ -764,7 +771,7 @@ def dropout_mask(seed: torch.Tensor, rows: int, cols: int, p: float) -> torch.Te
     mask = torch.empty((rows, cols), dtype=torch.uint8, device=seed.device)
     if rows and cols:
         block_m, block_k = 16, 64  # any power-of-two tile (>= 4 columns) draws the same bits
-        dropout_mask_kernel[(triton.cdiv(rows, block_m), triton.cdiv(cols, block_k))](
+        dropout_mask_kernel[(_cdiv(rows, block_m), _cdiv(cols, block_k))](
             seed, mask, rows, cols, dropout_threshold(p), mask.stride(0), mask.stride(1),
             BLOCK_M=block_m, BLOCK_K=block_k)
     return mask.view(torch.bool)

@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 
 from ..reference import dropout_threshold
-from .lora_linear import (ForwardConfig, ShrinkConfig, _a_operand, _fold_halves, _keep_mask, _load_tile, _num_sms,
-                          _philox_key, block_r_for, launch_fused, launch_shrink, lora_precision_for, split_adapter)
+from .lora_linear import (ForwardConfig, ShrinkConfig, _a_operand, _cdiv, _fold_halves, _keep_mask, _load_tile,
+                          _num_sms, _philox_key, block_r_for, launch_fused, launch_shrink, lora_precision_for, split_adapter)
 
 
 @triton.jit
@@ -173,8 +173,8 @@ def weight_grad_config(M: int, N: int, K: int, r: int, elem_bytes: int, num_sms:
     block_m = 32 if elem_bytes >= 4 else 64
     max_split = max(1, M // 512)
     for block_c in (64, 32):
-        tiles = (triton.cdiv(K, block_c) if has_da else 0) + triton.cdiv(N, block_c)
-        split = max(1, min(triton.cdiv(2 * num_sms, max(tiles, 1)), max_split))
+        tiles = (_cdiv(K, block_c) if has_da else 0) + _cdiv(N, block_c)
+        split = max(1, min(_cdiv(2 * num_sms, max(tiles, 1)), max_split))
         if tiles * split >= num_sms:
             break
     return WeightGradConfig(block_m, block_c, block_r_for(r), split, 4, 3)
@@ -214,9 +214,9 @@ def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
     if not (need_a or need_b or need_bias):
         return dx, da, db, dbias
     cfg = grad_config or weight_grad_config(M, N, K, r, x.element_size(), _num_sms(dev), need_a, need_b)
-    split = max(1, min(cfg.split_m, triton.cdiv(M, cfg.block_m)))
-    rows_per_split = max(1, triton.cdiv(triton.cdiv(M, split), cfg.block_m)) * cfg.block_m
-    split = max(1, triton.cdiv(M, rows_per_split))
+    split = max(1, min(cfg.split_m, _cdiv(M, cfg.block_m)))
+    rows_per_split = max(1, _cdiv(_cdiv(M, split), cfg.block_m)) * cfg.block_m
+    split = max(1, _cdiv(M, rows_per_split))
     # One split writes the gradients themselves (split stride 0); several write fp32 partials that
     # torch sums in a fixed order below.
     def buffer(needed, shape, dtype):
@@ -234,8 +234,8 @@ def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
         for buf in (da_buf, db_buf, dbias_buf):
             buf.zero_()
     else:
-        num_a_tiles = triton.cdiv(K, cfg.block_c) if need_a else 0
-        num_b_tiles = triton.cdiv(N, cfg.block_c) if (need_b or need_bias) else 0
+        num_a_tiles = _cdiv(K, cfg.block_c) if need_a else 0
+        num_b_tiles = _cdiv(N, cfg.block_c) if (need_b or need_bias) else 0
         halves = cfg.halves if cfg.halves is not None else x.dtype == torch.bfloat16
         halves = halves and x.dtype in (torch.float16, torch.bfloat16) and dy.dtype == x.dtype
         # u, t: fp32 [M, r] -> [2, M, r] in x's dtype, once per call (small next to x and dy)
