@@ -33,7 +33,8 @@ DEFAULT_BUDGET_S = 240.0  # "a few minutes" of GPU time (issue 16); --budget-s o
 def candidates(M: int, r: int, elem_bytes: int, heuristic) -> List:
     """A small grid around the heuristic: the regime's tiles (and 128x256, which the heuristic
     leaves out for its epilogue spills), K splits 1/2/4 x the heuristic's, t from the shrink or
-    in the fused kernel, 3 or 4 stages."""
+    in the fused kernel, 3 or 4 stages, and the persistent TMA variant (with and without warp
+    specialization) of each config it applies to."""
     from lora_kernels.triton.lora_linear import FUSED_T_MAX_BLOCK_R, _tile_candidates
     tiles = list(_tile_candidates(M, heuristic.block_r, elem_bytes >= 4, False))
     if M > 64:
@@ -47,6 +48,9 @@ def candidates(M: int, r: int, elem_bytes: int, heuristic) -> List:
         out.append(replace(heuristic, block_m=bm, block_n=bn, block_k=bk, num_warps=warps,
                            num_stages=stages + extra_stage, tiles_per_program=1, split_k=split,
                            precompute_t=pre))
+    # the Hopper variant (persistent, TMA; warp-specialized or not) where it applies: t first, no K split
+    out += [replace(c, persistent_tma=True, warp_specialize=ws) for c in list(out)
+            if c.precompute_t and c.split_k == 1 for ws in (False, True)]
     unique = []
     for c in out:
         if c not in unique and c != heuristic:

@@ -105,6 +105,27 @@ def _cases():
                     BLOCK_C=wc.block_c, BLOCK_R=wc.block_r, PRECISION="tf32x3"), wc.num_warps, wc.num_stages)
 
 
+def _tma_case(name, M, N, K, R, *, w_kn=False, warp_specialize=False, dropout_out=False):
+    from lora_kernels.triton import lora_linear as ll
+    from lora_kernels.triton import lora_linear_tma as lt
+    cfg = ll.plan_forward(M, N, K, R, 2, NUM_SMS, mask_epilogue=dropout_out).fused
+    args = dict(x_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", bias_ptr="*bf16", y_ptr="*bf16", t_ptr="*fp32",
+                seed_ptr="*i64", M=M, N=N, K=K, R=R, scale=2.0, dropout_threshold=7, t_splits=3, num_programs=NUM_SMS,
+                stride_xm=K, stride_w=N if w_kn else K, stride_bn=R, stride_br=1, stride_ym=N, stride_ts=M * R,
+                stride_tm=R, stride_tr=1)
+    constexprs = dict(HAS_BIAS=True, DROPOUT_OUT=dropout_out, W_KN=w_kn, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                      BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_r, T_CHUNK=ll.t_chunk(cfg.block_r), GROUP_M=cfg.group_m,
+                      WARP_SPECIALIZE=warp_specialize, BASE_PRECISION="tf32", LORA_PRECISION="tf32x2")
+    return f"tma {name}", lt.lora_linear_fwd_tma_kernel, args, constexprs, cfg.num_warps, cfg.num_stages
+
+
+def _tma_cases():
+    yield _tma_case("fwd M=4096 r=16", 4096, 4096, 4096, 16)
+    yield _tma_case("fwd M=4096 r=128", 4096, 4096, 4096, 128)
+    yield _tma_case("dx M=4096 r=16 dropout (W^T)", 4096, 4096, 4096, 16, w_kn=True, dropout_out=True)
+    yield _tma_case("fwd M=4096 r=16 warp-specialized", 4096, 4096, 4096, 16, warp_specialize=True)
+
+
 def test_case_names_are_unique():
     names = [c[0] for c in _cases()]
     assert len(names) == len(set(names))
@@ -115,7 +136,10 @@ def compiled():
     return compiled_in_subprocess(__file__, timeout=2400)
 
 
-@pytest.mark.parametrize("name", [c[0] for c in _cases()])
+ALL = [c[0] for c in _cases()] + [c[0] for c in _tma_cases()]
+
+
+@pytest.mark.parametrize("name", ALL)
 def test_compiles_for_sm90_fits_and_never_spills(compiled, name):
     report = compiled[name]
     assert report["shared"] <= SM90_MAX_SHARED_BYTES, f"{name}: {report}"
@@ -129,7 +153,7 @@ def _masks_an_operand(name):
     return "dropout" in name and not name.startswith(("fwd", "shrink of bwd"))
 
 
-@pytest.mark.parametrize("name", [c[0] for c in _cases()])
+@pytest.mark.parametrize("name", ALL)
 def test_k_loops_are_pipelined_and_never_wait_for_all(compiled, name):
     loops = compiled[name]["k_loops"]
     for loop in loops:
@@ -146,4 +170,5 @@ def test_per_call_ints_compile_to_one_kernel(compiled):
 
 
 if __name__ == "__main__":
-    print_compile_report(_cases())
+    import itertools
+    print_compile_report(itertools.chain(_cases(), _tma_cases()))

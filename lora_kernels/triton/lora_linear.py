@@ -418,6 +418,10 @@ class ForwardConfig:
     num_stages: int
     split_k: int = 1  # K splits of the fused kernel (fp32 partials, fixed-order reduction)
     precompute_t: bool = False  # t by the split-K shrink first; the fused kernel reads it (LOAD_T)
+    # Hopper variant (lora_linear_tma.py): persistent, TMA descriptors, optional warp
+    # specialization; used where it applies (t precomputed, no K split, 16-bit, TMA-able strides)
+    persistent_tma: bool = False
+    warp_specialize: bool = False
 
 
 @dataclass(frozen=True)
@@ -741,12 +745,20 @@ def launch_fused(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Ten
         raise ValueError("launch_fused: a K-split config needs t precomputed (precompute_t)")
     if t_src is not None and t_src.dim() == 2:
         t_src = t_src.unsqueeze(0)
-    uses_t = store_t or load_t
+    base_prec, lora_prec = base_precision(x.dtype, dev), lora_precision_for(b.dtype, dev)
+    if cfg.persistent_tma and load_t and not store_t and plan.fused_grid[1] == 1:
+        from .lora_linear_tma import launch_tma, tma_layout
+        w_kn = tma_layout(x, w, y)
+        if w_kn is not None:
+            launch_tma(x, w, b, bias, y, t_src, t_splits, scale=scale, seed=seed,
+                       dropout_threshold=dropout_threshold, cfg=cfg, num_sms=_num_sms(dev), w_kn=w_kn,
+                       base_prec=base_prec, lora_prec=lora_prec, t_chunk=t_chunk(cfg.block_r),
+                       warp_specialize=cfg.warp_specialize)
+            return
     out = y if plan.fused_grid[1] == 1 else torch.empty((plan.fused_grid[1], M, C), dtype=torch.float32,
                                                          device=dev)
     out3 = out if out.dim() == 3 else out.unsqueeze(0)
     a_arg, stride_ah, a_halves = (a, 0, False) if load_t else _adapter_operand(x, a)
-    base_prec, lora_prec = base_precision(x.dtype, dev), lora_precision_for(b.dtype, dev)
     ts = t_src if load_t else out3
     st = t if store_t else out3[0]
     lora_linear_fwd_kernel[plan.fused_grid](
