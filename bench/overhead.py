@@ -108,6 +108,39 @@ def _no_grad_call(fn):
         return fn()
 
 
+class _NoLaunch:
+    """Stands in for a @triton.jit kernel: kernel[grid](*args, **kw) does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def triton_launcher_host_us(calls: int, K: int = 4096, N: int = 4096, r: int = 16, num_sms: int = 132) -> Dict:
+    """Host µs per call of the Triton forward's launcher (lora_kernels.triton.lora_linear:
+    lora_linear_fwd at M = 1, 16-bit x, planned for `num_sms` SMs) with its kernels stubbed out:
+    our Python work per eager decode call (plan, workspaces, strides, arguments) without Triton's
+    own launch cost (its argument binding and the driver call), which needs a GPU. Not checked
+    against a reference (nothing runs): reported in the summary, not as a method."""
+    from lora_kernels.triton import lora_linear as ll
+    names = ("lora_linear_fwd_kernel", "lora_shrink_kernel", "splitk_reduce_kernel")
+    saved = {n: getattr(ll, n) for n in names}
+    saved_sms = ll._num_sms
+    x, w = torch.zeros(1, K, dtype=torch.bfloat16), torch.zeros(N, K, dtype=torch.bfloat16)
+    a, b = torch.zeros(r, K, dtype=torch.bfloat16), torch.zeros(N, r, dtype=torch.bfloat16)
+    try:
+        for n in names:
+            setattr(ll, n, _NoLaunch())
+        ll._num_sms = lambda device: num_sms
+        plan = ll.plan_forward(1, N, K, r, 2, num_sms)
+        us = host_us(lambda: ll.lora_linear_fwd(x, w, a, b, 2.0, None, False), torch.device("cpu"), calls)
+    finally:
+        for n, k in saved.items():
+            setattr(ll, n, k)
+        ll._num_sms = saved_sms
+    launches = 1 + (plan.shrink is not None) + plan.t_reduce + (plan.fused_grid[1] > 1)
+    return {"us": us, "launches": launches, "shape": f"M=1 K={K} N={N} r={r} on {num_sms} SMs"}
+
+
 def run(args, device, dtype, backends, rep_ms, log) -> Dict:
     name, K, N = GPU_LAYER if device.type == "cuda" else CPU_LAYER
     if args.layers:
@@ -141,6 +174,8 @@ def run(args, device, dtype, backends, rep_ms, log) -> Dict:
                for ref in ("base", "reference_work") if f"ours_{b}" in t and ref in t}
     summary.update({f"ours_{b}_train_minus_base_train_us": t[f"ours_{b}_train"] - t["base_train"]
                     for b in backends if f"ours_{b}_train" in t and "base_train" in t})
+    if device.type == "cpu":
+        summary["triton_launcher_host_no_launch"] = triton_launcher_host_us(calls)
     return {"cases": cases, "summary": summary}
 
 

@@ -62,6 +62,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--rep-ms", type=int, default=None, help="timing budget per method and case")
     p.add_argument("--tag", default="", help="appended to the output file names")
+    p.add_argument("--budget-s", type=float, default=None, help="tune suite: GPU-time budget in seconds")
+    p.add_argument("--table", default=None, help="tune suite: config table to write (default: "
+                   "lora_kernels/configs/<card>.json)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
 
@@ -81,10 +84,16 @@ def main(argv=None) -> int:
               "meta": run_metadata(device, dtype, "triton.testing do_bench median (do_bench_cudagraph for decode)"),
               **body}
     table = suite.table(result) if hasattr(suite, "table") else markdown(result, suite.KEY_COLUMNS, suite.NOTE)
+    if device.type == "cuda":  # the targets are GPU targets: never evaluated on CPU times
+        from . import targets
+        result["targets"] = targets.evaluate(result, backends)
+        table += targets.markdown(result["targets"])
     stem = write_result(result, args.out, device, table, args.tag)
     print()
     print(table)
     print(f"wrote {stem}.json and {stem}.md")
+    from .summarize import plot
+    print(plot(result, stem + ".png"))
     ours_failed = [f for c in result["cases"] for f in c["failed"] if f.startswith("ours_")]
     if ours_failed:
         print(f"{len(ours_failed)} of our method/case pairs failed their check")

@@ -113,14 +113,14 @@ def k_loop_report(ttgir: str):
     * mma_wait_all: ``warp_group_dot_wait {pendings = 0}`` inside the loop (no wgmma left in
       flight across iterations);
     * local_stores: register -> shared-memory stores inside the loop (a converted operand);
-    * async_copies: pipelined cp.async copies (informative)."""
+    * async_copies: pipelined cp.async / TMA copies (informative)."""
     out = []
     for header, body, nested in _loops(ttgir):
         if nested or not any(("warp_group_dot " in b or "tt.dot " in b) for b in body):
             continue
         loaded = set()
         for b in body:
-            m = re.match(r"(%[\w#]+)(?::\d+)? = tt\.load ", b)
+            m = re.match(r"(%[\w#]+)(?::\d+)? = tt\.(?:load|descriptor_load) ", b)
             if m:
                 loaded.add(m.group(1))
         sync_into_dot = 0
@@ -134,7 +134,8 @@ def k_loop_report(ttgir: str):
                     "mma_wait_all": sum(1 for b in body if "warp_group_dot_wait" in b and "pendings = 0 " in b),
                     "local_stores": sum(1 for b in body if "ttg.local_store" in b
                                         or re.search(r"ttg\.local_alloc %", b) is not None),
-                    "async_copies": sum(1 for b in body if "async_copy_global_to_local" in b)})
+                    "async_copies": sum(1 for b in body if "async_copy_global_to_local" in b
+                                        or "async_tma_copy_global_to_local" in b)})
     return out
 
 

@@ -127,3 +127,12 @@ def test_multi_adapter_fused_linear_fills_a_wave(name, K, N, M, L, r):
     tiles = ml.linear_config(M, N, K, r, L, 2, NUM_SMS).tiles
     runs = triton.cdiv(triton.cdiv(N, tiles.block_n), tiles.tiles_per_program)
     assert triton.cdiv(M, tiles.block_m) * runs >= NUM_SMS, tiles
+
+
+def test_rank_64_and_up_never_keep_t_in_the_fused_kernel():
+    """A config asking for t inside the fused kernel at padded rank >= 64 (which spills) is
+    planned with t from the shrink instead."""
+    from lora_kernels.triton.lora_linear import ForwardConfig, plan_forward
+    cfg = ForwardConfig(128, 128, 64, 64, 1, 8, 8, 3)
+    assert plan_forward(4096, 4096, 4096, 64, 2, NUM_SMS, config=cfg).shrink is not None
+    assert plan_forward(4096, 4096, 4096, 16, 2, NUM_SMS, config=ForwardConfig(128, 128, 64, 16, 1, 8, 8, 3)).shrink is None

@@ -162,3 +162,19 @@ def test_heuristic_splits_k_when_the_grid_is_short(interpreter_device):
     inp = make_lora_inputs(1, 16, 512, 5, torch.float32, bias=True)
     y, _ = _launch(inp)
     assert_close(y, inp.reference64(), torch.float32)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("M,N,K,r", [(20, 48, 64, 5), (45, 70, 96, 16), (1, 33, 80, 3)])
+def test_persistent_tma_variant(interpreter_device, M, N, K, r, bias):
+    """The Hopper variant (persistent programs over tiles, TMA descriptor loads; 4 'SMs' in the
+    interpreter, so programs walk several tiles, the M/N/K tails padded by the descriptors)."""
+    from lora_kernels.triton.lora_linear import ForwardConfig, ShrinkConfig
+    inp = make_lora_inputs(M, N, K, r, torch.float16, bias=bias)
+    cfg = ForwardConfig(16, 16, 16, 16, 1, 2, 4, 2, split_k=1, precompute_t=True, persistent_tma=True)
+    from lora_kernels.triton.lora_linear_tma import tma_layout
+    assert tma_layout(inp.x, inp.weight, inp.x.new_empty(M, N)) is False  # the TMA path is taken
+    from lora_kernels.triton.lora_linear import lora_linear_fwd
+    out = poison_(torch.empty(M, N, dtype=torch.float16))
+    y, _ = lora_linear_fwd(*inp.args(), save_t=False, config=cfg, shrink=ShrinkConfig(16, 16, 16, 4, 2, 2), out=out)
+    assert_close(y, inp.reference64(), torch.float16)

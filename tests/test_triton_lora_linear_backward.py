@@ -196,3 +196,36 @@ def test_dx_with_k_split_and_precomputed_u(interpreter_device, p, adapter_dtype)
     assert plan.fused_grid[1] == 3 and plan.shrink_grid[1] == 2
     grads = _backward(inp, dy, t, p, dx_config=dx_cfg, u_config=u_cfg)
     _check(grads, _reference(inp, dy, p)[2:], torch.float16, ("dx", "dA", "dB", "dbias"))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("need", [("a", "b", "bias"), ("a",), ("b",)])
+def test_weight_grads_from_16_bit_halves(interpreter_device, p, split, need):
+    """dA/dB with u and t split once per call into 16-bit halves (the bf16 default on GPUs, forced
+    here for fp16): one native dot per row step on x / dy as loaded. The halves keep ~16 bits of
+    u and t, inside the 16-bit dtype's gradient tolerance."""
+    from lora_kernels.triton.lora_linear_backward import WeightGradConfig
+    inp = make_lora_inputs(70, 45, 52, 7, torch.float16)
+    dy = rand(70, 45, dtype=torch.float16)
+    _, t = _forward(inp, p)
+    cfg = WeightGradConfig(block_m=16, block_c=16, block_r=16, split_m=split, num_warps=4, num_stages=2, halves=True)
+    got = _backward(inp, dy, t, p, need, grad_config=cfg)
+    ref = _reference(inp, dy, p)[2:]
+    for key, name, g, r in zip(("x", "a", "b", "bias"), ("dx", "dA", "dB", "dbias"), got, ref):
+        if key in need:
+            assert_close(g, r, torch.float16, what=name)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.4])
+def test_dx_through_the_persistent_tma_variant(interpreter_device, p):
+    """dx with W^T read through a [K, N] descriptor (W_KN) and the dropout epilogue."""
+    from lora_kernels.triton.lora_linear import ForwardConfig, ShrinkConfig
+    from lora_kernels.triton.lora_linear_tma import tma_layout
+    inp = make_lora_inputs(40, 64, 48, 6, torch.float16)
+    dy = rand(40, 64, dtype=torch.float16)
+    y, t = _forward(inp, p)
+    assert tma_layout(dy, inp.weight.t(), inp.x.new_empty(40, 48)) is True
+    dx_cfg = ForwardConfig(16, 16, 16, 16, 1, 2, 4, 2, split_k=1, precompute_t=True, persistent_tma=True)
+    grads = _backward(inp, dy, t, p, dx_config=dx_cfg, u_config=ShrinkConfig(16, 16, 16, 4, 2, 1))
+    _check(grads, _reference(inp, dy, p)[2:], torch.float16, ("dx", "dA", "dB", "dbias"))

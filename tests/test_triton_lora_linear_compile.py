@@ -45,7 +45,7 @@ def _fwd_case(name, M, N, K, R, *, store_t=False, dropout_out=False, fp32_adapte
     constexprs = dict(HAS_BIAS=bias, STORE_T=store_t and (not load_t or not plan.t_reduce), LOAD_T=load_t,
                       DROPOUT_OUT=dropout_out, A_HALVES=fp32_adapters and not load_t,
                       BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_r,
-                      GROUP_M=cfg.group_m, BASE_PRECISION="tf32",
+                      T_CHUNK=ll.t_chunk(cfg.block_r), GROUP_M=cfg.group_m, BASE_PRECISION="tf32",
                       LORA_PRECISION="tf32x3" if fp32_adapters else "tf32x2")
     yield f"fwd {name}", ll.lora_linear_fwd_kernel, args, constexprs, cfg.num_warps, cfg.num_stages
     if load_t and m_args is None:
@@ -78,7 +78,7 @@ def _cases():
     yield from _fwd_case("M=4096 r=16 fp32 adapters", 4096, 4096, 4096, 16, fp32_adapters=True)
     yield from _fwd_case("M=4096 r=16 fp32 adapters, fused t", 4096, 4096, 4096, 16, fp32_adapters=True,
                          force_fused_t=True)
-    yield from _fwd_case("M=4096 r=128 fused t", 4096, 4096, 4096, 128, store_t=True, force_fused_t=True)
+    yield from _fwd_case("M=4096 r=32 fused t store_t", 4096, 4096, 4096, 32, store_t=True, force_fused_t=True)
     yield from _fwd_case("M=4096 r=16 dropout", 4096, 4096, 4096, 16, dropout=True, store_t=True)
     yield from _fwd_case("bwd dx M=4096 r=16 dropout", 4096, 4096, 4096, 16, store_t=True, dropout_out=True)
     yield from _fwd_case("bwd dx M=4096 r=128 dropout fp32 adapters", 4096, 4096, 4096, 128, store_t=True,
@@ -94,14 +94,36 @@ def _cases():
     for M, R in ((16384, 16), (16384, 128), (16, 128)):
         wc = lb.weight_grad_config(M, 4096, 4096, R, 2, NUM_SMS)
         yield (f"bwd dA/dB M={M} r={R} dropout", lb.lora_weight_grads_kernel,
-               dict(x_ptr="*bf16", u_ptr="*fp32", dy_ptr="*bf16", t_ptr="*fp32", seed_ptr="*i64", da_ptr="*fp32",
+               dict(x_ptr="*bf16", u_ptr="*bf16", dy_ptr="*bf16", t_ptr="*bf16", seed_ptr="*i64", da_ptr="*fp32",
                     db_ptr="*fp32", dbias_ptr="*fp32", M=M, N=4096, K=4096, R=R, rows_per_split=4096,
                     num_a_tiles=64, dropout_threshold=7, da_scale=2.0, db_scale=2.0, stride_xm=4096, stride_xk=1,
-                    stride_um=R, stride_ur=1, stride_dym=4096, stride_dyn=1, stride_tm=R, stride_tr=1,
+                    stride_uh=M * R, stride_um=R, stride_ur=1, stride_dym=4096, stride_dyn=1, stride_th=M * R,
+                    stride_tm=R, stride_tr=1,
                     stride_das=R * 4096, stride_dar=4096, stride_dak=1, stride_dbs=4096 * R, stride_dbn=R,
                     stride_dbr=1, stride_dbias_s=4096),
-               dict(HAS_DA=True, HAS_DB=True, HAS_DBIAS=True, DROPOUT=True, BLOCK_M=wc.block_m,
+               dict(HAS_DA=True, HAS_DB=True, HAS_DBIAS=True, DROPOUT=True, HALVES=True, BLOCK_M=wc.block_m,
                     BLOCK_C=wc.block_c, BLOCK_R=wc.block_r, PRECISION="tf32x3"), wc.num_warps, wc.num_stages)
+
+
+def _tma_case(name, M, N, K, R, *, w_kn=False, warp_specialize=False, dropout_out=False):
+    from lora_kernels.triton import lora_linear as ll
+    from lora_kernels.triton import lora_linear_tma as lt
+    cfg = ll.plan_forward(M, N, K, R, 2, NUM_SMS, mask_epilogue=dropout_out).fused
+    args = dict(x_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", bias_ptr="*bf16", y_ptr="*bf16", t_ptr="*fp32",
+                seed_ptr="*i64", M=M, N=N, K=K, R=R, scale=2.0, dropout_threshold=7, t_splits=3, num_programs=NUM_SMS,
+                stride_xm=K, stride_w=N if w_kn else K, stride_bn=R, stride_br=1, stride_ym=N, stride_ts=M * R,
+                stride_tm=R, stride_tr=1)
+    constexprs = dict(HAS_BIAS=True, DROPOUT_OUT=dropout_out, W_KN=w_kn, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                      BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_r, T_CHUNK=ll.t_chunk(cfg.block_r), GROUP_M=cfg.group_m,
+                      WARP_SPECIALIZE=warp_specialize, BASE_PRECISION="tf32", LORA_PRECISION="tf32x2")
+    return f"tma {name}", lt.lora_linear_fwd_tma_kernel, args, constexprs, cfg.num_warps, cfg.num_stages
+
+
+def _tma_cases():
+    yield _tma_case("fwd M=4096 r=16", 4096, 4096, 4096, 16)
+    yield _tma_case("fwd M=4096 r=128", 4096, 4096, 4096, 128)
+    yield _tma_case("dx M=4096 r=16 dropout (W^T)", 4096, 4096, 4096, 16, w_kn=True, dropout_out=True)
+    yield _tma_case("fwd M=4096 r=16 warp-specialized", 4096, 4096, 4096, 16, warp_specialize=True)
 
 
 def test_case_names_are_unique():
@@ -114,7 +136,10 @@ def compiled():
     return compiled_in_subprocess(__file__, timeout=2400)
 
 
-@pytest.mark.parametrize("name", [c[0] for c in _cases()])
+ALL = [c[0] for c in _cases()] + [c[0] for c in _tma_cases()]
+
+
+@pytest.mark.parametrize("name", ALL)
 def test_compiles_for_sm90_fits_and_never_spills(compiled, name):
     report = compiled[name]
     assert report["shared"] <= SM90_MAX_SHARED_BYTES, f"{name}: {report}"
@@ -122,14 +147,20 @@ def test_compiles_for_sm90_fits_and_never_spills(compiled, name):
     assert report["spill_bytes"] == 0, f"{name}: {report}"
 
 
-@pytest.mark.parametrize("name", [c[0] for c in _cases()])
+def _masks_an_operand(name):
+    """Kernels that apply the dropout mask to a K-loop operand (the forward's t pre-pass, dA): the
+    masked tile goes from registers to shared memory by design (one store per step, no wait)."""
+    return "dropout" in name and not name.startswith(("fwd", "shrink of bwd"))
+
+
+@pytest.mark.parametrize("name", ALL)
 def test_k_loops_are_pipelined_and_never_wait_for_all(compiled, name):
     loops = compiled[name]["k_loops"]
     for loop in loops:
         assert loop["sync_loads_into_dot"] == 0, f"{name}: {loop}"
         assert loop["async_wait_all"] == 0, f"{name}: {loop}"
         assert loop["mma_wait_all"] == 0, f"{name}: {loop}"
-        assert loop["local_stores"] == 0, f"{name}: {loop}"
+        assert loop["local_stores"] <= (1 if _masks_an_operand(name) else 0), f"{name}: {loop}"
     if not name.startswith("splitk reduce"):
         assert loops, f"{name}: no K loop with a dot found in the TTGIR"
 
@@ -139,4 +170,5 @@ def test_per_call_ints_compile_to_one_kernel(compiled):
 
 
 if __name__ == "__main__":
-    print_compile_report(_cases())
+    import itertools
+    print_compile_report(itertools.chain(_cases(), _tma_cases()))

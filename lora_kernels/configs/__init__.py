@@ -109,6 +109,7 @@ def _clear_config_caches() -> None:
     if mod is not None:
         mod.forward_config.cache_clear()
         mod.shrink_config.cache_clear()
+        mod.plan_forward.cache_clear()
 
 
 def _current_table() -> Optional[Dict]:

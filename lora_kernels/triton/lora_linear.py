@@ -130,19 +130,29 @@ def _shrink_dot(x, a, t, SPLIT_A: tl.constexpr, BASE_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _shrink_tile_dot(x, a_ptr, offs_k, offs_r, K, R, stride_ah, stride_ar, stride_ak, t,
-                     A_HALVES: tl.constexpr, PRECISION: tl.constexpr):
-    """t += x @ A[:, offs_k].T. A_HALVES: a_ptr holds an fp32 adapter split once per call into
-    two x-dtype halves (hi at a_ptr, lo at a_ptr + stride_ah; see split_adapter): two native dots
-    on tiles copied straight to shared memory -- no conversion, hence no shared-memory store and
-    no synchronous wait, inside the K loop."""
-    a = _load_tile(a_ptr, offs_k, offs_r, K, R, stride_ak, stride_ar)  # A^T tile [BK, BR]
+def _a_operand(a_ptr, offs_k, K, R, stride_ah, stride_ar, stride_ak, BLOCK_R: tl.constexpr,
+               A_HALVES: tl.constexpr):
+    """A^T tile [BK, BLOCK_R], or (A_HALVES) [BK, 2 * BLOCK_R]: the hi half's columns then the lo
+    half's. An fp32 adapter is split once per call into two x-dtype halves (hi at a_ptr, lo at
+    a_ptr + stride_ah; see split_adapter) and both feed ONE rank-2r dot per K step, copied straight
+    to shared memory: no conversion, no shared-memory store and no wait for a first dot inside the
+    K loop (an in-loop split, or two chained dots, made the compiler wait for all MMAs each step)."""
     if A_HALVES:
-        t = tl.dot(x, a, t)
-        a_lo = _load_tile(a_ptr + stride_ah, offs_k, offs_r, K, R, stride_ak, stride_ar)
-        t = tl.dot(x, a_lo, t)
+        j = tl.arange(0, 2 * BLOCK_R)
+        col = j % BLOCK_R
+        ptrs = (a_ptr + (j // BLOCK_R)[None, :].to(tl.int64) * stride_ah + col[None, :].to(tl.int64) * stride_ar
+                + offs_k[:, None].to(tl.int64) * stride_ak)
+        tile = tl.load(ptrs, mask=(offs_k[:, None] < K) & (col[None, :] < R), other=0.0)
     else:
-        t = tl.dot(x, a.to(x.dtype), t, input_precision=PRECISION)
+        tile = _load_tile(a_ptr, offs_k, tl.arange(0, BLOCK_R), K, R, stride_ak, stride_ar)
+    return tile
+
+
+@triton.jit
+def _fold_halves(t, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, A_HALVES: tl.constexpr):
+    """t [BM, BLOCK_R] from the rank-2r accumulator of A_HALVES (hi part + lo part), else t."""
+    if A_HALVES:
+        t = tl.sum(tl.reshape(t, (BLOCK_M, 2, BLOCK_R)), axis=1)
     return t
 
 
@@ -153,15 +163,15 @@ def _base_and_shrink_tile(x_ptr, w_ptr, a_ptr, offs_m, offs_n, offs_r, M, N, K, 
                           BLOCK_R: tl.constexpr, A_HALVES: tl.constexpr, BASE_PRECISION: tl.constexpr):
     """(x @ W[offs_n].T, x @ A.T) for one row block, each x tile loaded once for both."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    t = tl.zeros((BLOCK_M, BLOCK_R * (2 if A_HALVES else 1)), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = _load_tile(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk)
         w = _load_tile(w_ptr, offs_k, offs_n, K, N, stride_wk, stride_wn)  # W^T tile [BK, BN]
         acc = tl.dot(x, w, acc, input_precision=BASE_PRECISION)
-        t = _shrink_tile_dot(x, a_ptr, offs_k, offs_r, K, R, stride_ah, stride_ar, stride_ak, t,
-                             A_HALVES, BASE_PRECISION)
-    return acc, t
+        a = _a_operand(a_ptr, offs_k, K, R, stride_ah, stride_ar, stride_ak, BLOCK_R, A_HALVES)
+        t = tl.dot(x, a.to(x.dtype), t, input_precision=BASE_PRECISION)
+    return acc, _fold_halves(t, BLOCK_M, BLOCK_R, A_HALVES)
 
 
 @triton.jit
@@ -179,32 +189,6 @@ def _base_tile(x_ptr, w_ptr, offs_m, offs_n, M, N, K, k_begin, k_end, stride_xm,
 
 
 @triton.jit
-def _lora_epilogue_store(acc, t, b_ptr, bias_ptr, y_ptr, seed_ptr, offs_m, offs_n, offs_r, n_start,
-                         M, N, R, scale, dropout_threshold, add_terms, stride_bn, stride_br, stride_ym,
-                         stride_yn, HAS_BIAS: tl.constexpr, DROPOUT_OUT: tl.constexpr,
-                         LORA_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """y[offs_m, offs_n] = acc [+ scale * (t @ B[offs_n].T) [* keep] + bias, if add_terms],
-    rounded once; offs_n = n_start + arange(BLOCK_N). Split-K partials other than the first pass
-    add_terms = False: the LoRA term and the bias are added exactly once."""
-    if add_terms:
-        b = _load_tile(b_ptr, offs_r, offs_n, R, N, stride_br, stride_bn)  # B^T tile [BR, BN]
-        if DROPOUT_OUT:  # the backward's dx: the mask of x's element (m, n) drops its LoRA term
-            lora = _lora_dot(t, b, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), LORA_PRECISION)
-            k0, k1 = _philox_key(seed_ptr)
-            keep = _keep_mask(k0, k1, offs_m, n_start, dropout_threshold, BLOCK_M, BLOCK_N)
-            acc += scale * tl.where(keep, lora, 0.0)
-        else:
-            # Accumulate straight into acc: a separate [BLOCK_M, BLOCK_N] fp32 product tile doubles
-            # the epilogue's registers (ptxas: 128x256 tiles spilled ~3 KB per thread with it).
-            acc = _lora_dot(t * scale, b, acc, LORA_PRECISION)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
-            acc += bias.to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :].to(tl.int64) * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
-
-
-@triton.jit
 def _load_t_sum(t_ptr, offs_m, offs_r, M, R, t_splits, stride_ts, stride_tm, stride_tr,
                 BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
     """sum_s t[s, offs_m, offs_r] over the shrink's t_splits K-split partials, in order s = 0, 1,
@@ -214,6 +198,56 @@ def _load_t_sum(t_ptr, offs_m, offs_r, M, R, t_splits, stride_ts, stride_tm, str
         t += _load_tile(t_ptr, offs_m, offs_r, M, R, stride_tm, stride_tr).to(tl.float32)
         t_ptr += stride_ts
     return t
+
+
+@triton.jit
+def _lora_epilogue_store(acc, t, t_ptr, t_store_ptr, b_ptr, bias_ptr, y_ptr, seed_ptr, offs_m, offs_n,
+                         n_start, M, N, R, scale, dropout_threshold, add_terms, store_t, t_splits,
+                         stride_ts, stride_tm, stride_tr, stride_sm, stride_sr, stride_bn, stride_br,
+                         stride_ym, stride_yn, HAS_BIAS: tl.constexpr, DROPOUT_OUT: tl.constexpr,
+                         LOAD_T: tl.constexpr, LORA_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, T_CHUNK: tl.constexpr):
+    """y[offs_m, offs_n] = acc [+ scale * (t @ B[offs_n].T) [* keep] + bias, if add_terms],
+    rounded once; offs_n = n_start + arange(BLOCK_N). Split-K partials other than the first pass
+    add_terms = False: the LoRA term and the bias are added exactly once.
+
+    t: fp32 [BLOCK_M, BLOCK_R] in registers, or (LOAD_T) read from t_ptr in rank chunks of T_CHUNK
+    (summing the shrink's t_splits partials; stored to t_store_ptr when store_t): a rank-128 t
+    never sits whole in registers next to the accumulator (ptxas: 128x128 tiles holding the whole
+    fp32 t and its tf32 split spilled ~600 B per thread)."""
+    if add_terms:
+        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # used by DROPOUT_OUT only
+        if LOAD_T:
+            for r0 in tl.static_range(0, BLOCK_R, T_CHUNK):
+                offs_r = r0 + tl.arange(0, T_CHUNK)
+                tc = _load_t_sum(t_ptr, offs_m, offs_r, M, R, t_splits, stride_ts, stride_tm, stride_tr,
+                                 BLOCK_M, T_CHUNK)
+                if store_t:
+                    t_ptrs = (t_store_ptr + offs_m[:, None].to(tl.int64) * stride_sm
+                              + offs_r[None, :] * stride_sr)
+                    tl.store(t_ptrs, tc, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
+                b = _load_tile(b_ptr, offs_r, offs_n, R, N, stride_br, stride_bn)  # B^T chunk [TC, BN]
+                if DROPOUT_OUT:
+                    lora = _lora_dot(tc, b, lora, LORA_PRECISION)
+                else:
+                    acc = _lora_dot(tc * scale, b, acc, LORA_PRECISION)
+        else:
+            b = _load_tile(b_ptr, tl.arange(0, BLOCK_R), offs_n, R, N, stride_br, stride_bn)  # B^T [BR, BN]
+            if DROPOUT_OUT:
+                lora = _lora_dot(t, b, lora, LORA_PRECISION)
+            else:
+                # Accumulate straight into acc: a separate [BLOCK_M, BLOCK_N] fp32 product tile
+                # doubles the epilogue's registers (ptxas: 128x256 tiles spilled ~3 KB per thread).
+                acc = _lora_dot(t * scale, b, acc, LORA_PRECISION)
+        if DROPOUT_OUT:
+            k0, k1 = _philox_key(seed_ptr)
+            keep = _keep_mask(k0, k1, offs_m, n_start, dropout_threshold, BLOCK_M, BLOCK_N)
+            acc += scale * tl.where(keep, lora, 0.0)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :].to(tl.int64) * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
 # Runtime ints that vary per call are never specialised (no "== 1" constant, no divisibility
@@ -230,7 +264,7 @@ def lora_linear_fwd_kernel(
     HAS_BIAS: tl.constexpr, STORE_T: tl.constexpr, LOAD_T: tl.constexpr, DROPOUT_OUT: tl.constexpr,
     A_HALVES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    T_CHUNK: tl.constexpr, GROUP_M: tl.constexpr, BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
 ):
     """y = x @ W^T + bias + scale * t @ B^T [* keep] with t = x @ A^T (or read from t_ptr: LOAD_T).
 
@@ -271,31 +305,34 @@ def lora_linear_fwd_kernel(
     if LOAD_T:  # t precomputed by the (split-K) shrink: A is read once per call, not per N run
         acc = _base_tile(x_ptr, w_ptr, offs_m, offs_n, M, N, K, k_begin, k_end, stride_xm, stride_xk,
                          stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, BASE_PRECISION)
-        t = _load_t_sum(t_ptr, offs_m, offs_r, M, R, t_splits, stride_ts, stride_tm, stride_tr,
-                        BLOCK_M, BLOCK_R)
+        t = 0.0  # read in rank chunks by the epilogue
+        store_t = STORE_T & (n_run == 0) & first_split  # the summed partials, once per row block
     else:
         acc, t = _base_and_shrink_tile(x_ptr, w_ptr, a_ptr, offs_m, offs_n, offs_r, M, N, K, R,
                                        k_begin, k_end, stride_xm, stride_xk, stride_wn, stride_wk,
                                        stride_ah, stride_ar, stride_ak, BLOCK_M, BLOCK_N, BLOCK_K,
                                        BLOCK_R, A_HALVES, BASE_PRECISION)
-    if STORE_T:  # saved for the backward pass; one program per row block writes it
-        if (n_run == 0) & first_split:
-            t_ptrs = t_store_ptr + offs_m[:, None].to(tl.int64) * stride_sm + offs_r[None, :] * stride_sr
-            tl.store(t_ptrs, t, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
-    _lora_epilogue_store(acc, t, b_ptr, bias_ptr, y_ptr, seed_ptr, offs_m, offs_n, offs_r,
-                         first_tile * BLOCK_N, M, N, R, scale, dropout_threshold, first_split,
-                         stride_bn, stride_br, stride_ym, stride_yn, HAS_BIAS, DROPOUT_OUT,
-                         LORA_PRECISION, BLOCK_M, BLOCK_N)
+        store_t = False
+        if STORE_T:  # saved for the backward pass; one program per row block writes it
+            if (n_run == 0) & first_split:
+                t_ptrs = t_store_ptr + offs_m[:, None].to(tl.int64) * stride_sm + offs_r[None, :] * stride_sr
+                tl.store(t_ptrs, t, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
+    _lora_epilogue_store(acc, t, t_ptr, t_store_ptr, b_ptr, bias_ptr, y_ptr, seed_ptr, offs_m, offs_n,
+                         first_tile * BLOCK_N, M, N, R, scale, dropout_threshold, first_split, store_t,
+                         t_splits, stride_ts, stride_tm, stride_tr, stride_sm, stride_sr, stride_bn,
+                         stride_br, stride_ym, stride_yn, HAS_BIAS, DROPOUT_OUT, LOAD_T, LORA_PRECISION,
+                         BLOCK_M, BLOCK_N, BLOCK_R, T_CHUNK)
 
     last_tile = tl.minimum(first_tile + tiles_per_program, num_n_tiles)
     for tile in range(first_tile + 1, last_tile):
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = _base_tile(x_ptr, w_ptr, offs_m, offs_n, M, N, K, k_begin, k_end, stride_xm, stride_xk,
                          stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, BASE_PRECISION)
-        _lora_epilogue_store(acc, t, b_ptr, bias_ptr, y_ptr, seed_ptr, offs_m, offs_n, offs_r,
-                             tile * BLOCK_N, M, N, R, scale, dropout_threshold, first_split,
-                             stride_bn, stride_br, stride_ym, stride_yn, HAS_BIAS, DROPOUT_OUT,
-                             LORA_PRECISION, BLOCK_M, BLOCK_N)
+        _lora_epilogue_store(acc, t, t_ptr, t_store_ptr, b_ptr, bias_ptr, y_ptr, seed_ptr, offs_m, offs_n,
+                             tile * BLOCK_N, M, N, R, scale, dropout_threshold, first_split, False,
+                             t_splits, stride_ts, stride_tm, stride_tr, stride_sm, stride_sr, stride_bn,
+                             stride_br, stride_ym, stride_yn, HAS_BIAS, DROPOUT_OUT, LOAD_T, LORA_PRECISION,
+                             BLOCK_M, BLOCK_N, BLOCK_R, T_CHUNK)
 
 
 @triton.jit(do_not_specialize=["M", "splits"])
@@ -337,15 +374,16 @@ def lora_shrink_kernel(
     k_end = tl.minimum(K, k_begin + k_tiles_per_split * BLOCK_K)
     if DROPOUT:
         k0, k1 = _philox_key(seed_ptr)
-    t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    t = tl.zeros((BLOCK_M, BLOCK_R * (2 if A_HALVES else 1)), dtype=tl.float32)
     for k_start in range(k_begin, k_end, BLOCK_K):
         offs_k = k_start + tl.arange(0, BLOCK_K)
         x = _load_tile(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk)
         if DROPOUT:
             x = tl.where(_keep_mask(k0, k1, offs_m, k_start, dropout_threshold, BLOCK_M, BLOCK_K),
                          x, tl.zeros_like(x))
-        t = _shrink_tile_dot(x, a_ptr, offs_k, offs_r, K, R, stride_ah, stride_ar, stride_ak, t,
-                             A_HALVES, PRECISION)
+        a = _a_operand(a_ptr, offs_k, K, R, stride_ah, stride_ar, stride_ak, BLOCK_R, A_HALVES)
+        t = tl.dot(x, a.to(x.dtype), t, input_precision=PRECISION)
+    t = _fold_halves(t, BLOCK_M, BLOCK_R, A_HALVES)
     t_ptrs = (t_ptr + k_split.to(tl.int64) * stride_ts + offs_m[:, None].to(tl.int64) * stride_tm
               + offs_r[None, :] * stride_tr)
     tl.store(t_ptrs, t * t_scale, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
@@ -380,6 +418,10 @@ class ForwardConfig:
     num_stages: int
     split_k: int = 1  # K splits of the fused kernel (fp32 partials, fixed-order reduction)
     precompute_t: bool = False  # t by the split-K shrink first; the fused kernel reads it (LOAD_T)
+    # Hopper variant (lora_linear_tma.py): persistent, TMA descriptors, optional warp
+    # specialization; used where it applies (t precomputed, no K split, 16-bit, TMA-able strides)
+    persistent_tma: bool = False
+    warp_specialize: bool = False
 
 
 @dataclass(frozen=True)
@@ -390,6 +432,13 @@ class ShrinkConfig:
     num_warps: int
     num_stages: int
     split_k: int = 1  # K splits: fp32 partials of t, summed in a fixed order
+
+
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host ints. Not triton.cdiv: called from Python, that is a @triton.jit
+    function and goes through the JIT's call path (~1-2 us per call on this CPU; the launchers
+    call it several times per launch)."""
+    return -(-a // b)
 
 
 def block_r_for(r: int) -> int:
@@ -408,18 +457,26 @@ def _num_sms(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def t_chunk(block_r: int) -> int:
+    """Rank chunk of the LOAD_T epilogue: 32 columns of fp32 t ([128, 32] = 16 registers per thread
+    at 8 warps, 32 with its tf32 split). Reason: ptxas -v for sm_90a, the rank-128 forward at
+    128x128 spilled ~600 B per thread holding the whole t; a chunk of 32 does not spill (checked by
+    tests/test_triton_lora_linear_compile.py). Smaller chunks only add loop steps."""
+    return min(block_r, 32)
+
+
 def k_split_plan(K: int, block_k: int, want: int) -> Tuple[int, int]:
     """(splits, k_per_split): K cut into runs of whole BLOCK_K tiles, at least `want` of them when
     K has that many tiles (the last run may be shorter). One split: k_per_split >= K."""
-    k_tiles = triton.cdiv(max(K, 1), block_k)
+    k_tiles = _cdiv(max(K, 1), block_k)
     per = max(1, k_tiles // max(1, want))
-    return triton.cdiv(k_tiles, per), per * block_k
+    return _cdiv(k_tiles, per), per * block_k
 
 
 def fused_programs(M: int, N: int, cfg: ForwardConfig, K: int) -> int:
     """Programs of one fused launch: row blocks x N runs x K splits."""
-    runs = triton.cdiv(triton.cdiv(N, cfg.block_n), cfg.tiles_per_program)
-    return triton.cdiv(M, cfg.block_m) * runs * k_split_plan(K, cfg.block_k, cfg.split_k)[0]
+    runs = _cdiv(_cdiv(N, cfg.block_n), cfg.tiles_per_program)
+    return _cdiv(M, cfg.block_m) * runs * k_split_plan(K, cfg.block_k, cfg.split_k)[0]
 
 
 def _tile_candidates(M: int, block_r: int, fp32: bool, narrow: bool):
@@ -431,20 +488,20 @@ def _tile_candidates(M: int, block_r: int, fp32: bool, narrow: bool):
       of loads in flight per program. BLOCK_N 64, then 32, then 16: narrower tiles give more
       programs, so that the grid covers every SM before K is split.
     * Mid M (<= 64): 64x128, then 64x64; 4 warps.
-    * M > 64: 128x256x64 with 8 warps (two warpgroups) and 3 stages, the usual best Triton bf16
-      GEMM tile on Hopper (~144 KB of shared memory), unless `narrow`; then 128x128 (8 warps),
-      64x128 and 64x64 (4 warps), each giving twice the programs of the one before.
-    * `narrow` (padded rank >= 64, fp32 operands or adapters, the dropout epilogue): BLOCK_N <= 128
-      (ptxas -v for sm_90a: a 128x256 fp32 accumulator next to the fp32 t or the Philox words
-      spilled KBs per thread; tests/test_triton_lora_linear_compile.py)."""
+    * M > 64: 128x128x64 with 8 warps (two warpgroups) and 3 stages, then 64x128 and 64x64 (4
+      warps), each giving twice the programs of the one before. Not 128x256, the usual best
+      Triton bf16 GEMM tile on Hopper: ptxas -v for sm_90a spills its 128-register fp32
+      accumulator next to the LoRA epilogue (16-20 B per thread at rank 16 with the tf32 split of
+      t, KBs at rank >= 64 or with the Philox words of the dropout epilogue;
+      tests/test_triton_lora_linear_compile.py). It stays a tuner candidate (bench/tune.py).
+    * `narrow` is kept for the tuner's candidate grid (it no longer changes these defaults)."""
     bk = 64 if fp32 else 128
     if M <= 16:
         return [(16, bn, bk, 4, 4) for bn in (64, 32, 16)]
     bk = 32 if fp32 else 64
     if M <= 64:
         return [(64, 128, bk, 4, 4), (64, 64, bk, 4, 4)]
-    out = [] if narrow else [(128, 256, bk, 8, 3)]
-    return out + [(128, 128, bk, 8, 3), (64, 128, bk, 4, 4), (64, 64, bk, 4, 4)]
+    return [(128, 128, bk, 8, 3), (64, 128, bk, 4, 4), (64, 64, bk, 4, 4)]
 
 
 @functools.lru_cache(maxsize=4096)  # pure function of ints, called on every launch
@@ -477,13 +534,18 @@ def forward_config(M: int, N: int, K: int, r: int, elem_bytes: int, num_sms: int
     block_r = block_r_for(r)
     narrow = block_r >= 64 or elem_bytes >= 4 or mask_epilogue or split_adapters
     cands = _tile_candidates(M, block_r, elem_bytes >= 4, narrow)
-    programs = [triton.cdiv(M, bm) * triton.cdiv(N, bn) for bm, bn, *_ in cands]
+    if mask_epilogue and (block_r >= 64 or split_adapters) and M > 16:
+        # ptxas -v, sm_90a: the dx epilogue's separate fp32 LoRA tile, the Philox words and a
+        # tf32x3 (fp32 B) or rank-128 product spilled ~520 B per thread at 128x128; 64 columns fit
+        cands = [(bm, min(bn, 64), *rest) for bm, bn, *rest in cands]
+        cands = [c for i, c in enumerate(cands) if c not in cands[:i]]
+    programs = [_cdiv(M, bm) * _cdiv(N, bn) for bm, bn, *_ in cands]
     full = [i for i, p in enumerate(programs) if p >= num_sms]
     choice = full[0] if full else max(range(len(cands)), key=lambda i: (programs[i], -i))
     bm, bn, bk, warps, stages = cands[choice]
-    want = 1 if full else triton.cdiv(num_sms, programs[choice])
+    want = 1 if full else _cdiv(num_sms, programs[choice])
     split_k = k_split_plan(K, bk, want)[0]
-    precompute_t = split_k > 1 or triton.cdiv(N, bn) > 1
+    precompute_t = split_k > 1 or _cdiv(N, bn) > 1
     return ForwardConfig(bm, bn, bk, block_r, 1, 8, warps, stages, split_k, precompute_t)
 
 
@@ -534,8 +596,8 @@ def shrink_config(M: int, K: int, r: int, elem_bytes: int, num_sms: int) -> Shri
         block_m, block_k, warps, stages = 64, (64 if fp32 else 128), 4, 3
     else:
         block_m, block_k, warps, stages = 128, (32 if fp32 else 64), 8, 3
-    m_blocks = triton.cdiv(M, block_m)
-    split = k_split_plan(K, block_k, triton.cdiv(num_sms, m_blocks))[0]
+    m_blocks = _cdiv(M, block_m)
+    split = k_split_plan(K, block_k, _cdiv(num_sms, m_blocks))[0]
     return ShrinkConfig(block_m, block_k, block_r_for(r), warps, stages, split)
 
 
@@ -555,6 +617,12 @@ def _adapter_operand(x: torch.Tensor, a: torch.Tensor):
     return a, 0, False
 
 
+# t computed inside the fused kernel stays in registers next to the accumulator through the K loop
+# and the epilogue; from padded rank 64 on that spills (ptxas -v, sm_90a: ~600 B per thread at
+# 128x128, rank 128), so such configs always take t from the shrink (read in rank chunks).
+FUSED_T_MAX_BLOCK_R = 64
+
+
 @dataclass(frozen=True)
 class Plan:
     """Everything one fused call launches (host-side arithmetic only): the CPU-lane tests read it
@@ -568,13 +636,16 @@ class Plan:
     t_reduce: bool  # the shrink's partials are summed by a reduce launch (else by the fused loads)
 
 
+@functools.lru_cache(maxsize=4096)  # pure function of ints, bools and frozen configs: once per shape
 def plan_forward(M: int, N: int, K: int, r: int, elem_bytes: int, num_sms: int, *,
                  dropout: bool = False, mask_epilogue: bool = False, split_adapters: bool = False,
                  config: Optional[ForwardConfig] = None, shrink: Optional[ShrinkConfig] = None) -> Plan:
     cfg = config or forward_config(M, N, K, r, elem_bytes, num_sms, mask_epilogue, split_adapters)
+    if cfg.block_r >= FUSED_T_MAX_BLOCK_R and not cfg.precompute_t:
+        cfg = replace(cfg, precompute_t=True)
     splits, k_per_split = k_split_plan(K, cfg.block_k, cfg.split_k)
-    runs = triton.cdiv(triton.cdiv(N, cfg.block_n), cfg.tiles_per_program)
-    fused_grid = (triton.cdiv(M, cfg.block_m) * runs, splits)
+    runs = _cdiv(_cdiv(N, cfg.block_n), cfg.tiles_per_program)
+    fused_grid = (_cdiv(M, cfg.block_m) * runs, splits)
     if not (cfg.precompute_t or dropout or splits > 1):
         return Plan(cfg, fused_grid, k_per_split, None, None, 0, False)
     sc = shrink or shrink_config(M, K, r, elem_bytes, num_sms)
@@ -582,7 +653,7 @@ def plan_forward(M: int, N: int, K: int, r: int, elem_bytes: int, num_sms: int, 
     w_bytes = cfg.block_n * min(k_per_split, K) * elem_bytes
     partial_bytes = (s_splits - 1) * cfg.block_m * cfg.block_r * 4
     t_reduce = s_splits > 1 and partial_bytes > T_PARTIALS_MAX_W_FRACTION * w_bytes
-    return Plan(cfg, fused_grid, k_per_split, sc, (triton.cdiv(M, sc.block_m), s_splits), s_per, t_reduce)
+    return Plan(cfg, fused_grid, k_per_split, sc, (_cdiv(M, sc.block_m), s_splits), s_per, t_reduce)
 
 
 REDUCE_BLOCK = (32, 128)  # splitk_reduce_kernel tile: 16 KB of fp32 per partial, coalesced rows
@@ -592,17 +663,18 @@ def _reduce(ws: torch.Tensor, out: torch.Tensor) -> None:
     """out = ws.sum(0) in a fixed order (splitk_reduce_kernel). ws [S, M, N] fp32."""
     S, M, N = ws.shape
     bm, bn = REDUCE_BLOCK
-    splitk_reduce_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
-        ws, out, M, N, S, ws.stride(0), ws.stride(1), ws.stride(2), out.stride(0), out.stride(1),
+    splitk_reduce_kernel[(_cdiv(M, bm), _cdiv(N, bn))](
+        ws, out, M, N, S, *ws.stride(), *out.stride(),
         BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
 
 
 def launch_shrink(x: torch.Tensor, a: torch.Tensor, t: torch.Tensor, *, t_scale: float = 1.0,
                   seed: Optional[torch.Tensor] = None, dropout_threshold: int = 0,
-                  config: Optional[ShrinkConfig] = None, reduce: bool = True) -> int:
-    """t = t_scale * (x [* keep]) @ a.T in fp32. x [M, D], a [R, D]; any strides. With one K
-    split (or `reduce`) t is [M, R]; otherwise t is the partials buffer [splits, M, R] the caller
-    allocated from ``shrink_partials_shape``. Returns the number of partials written to t."""
+                  config: Optional[ShrinkConfig] = None) -> int:
+    """t = t_scale * (x [* keep]) @ a.T in fp32. x [M, D], a [R, D]; any strides. t [M, R]: the
+    K-split partials (when the config splits K) go to a workspace that one reduce launch sums into
+    t in a fixed order; or t [splits, M, R]: the partials themselves (the fused kernel sums them
+    as it loads t). Returns the number of partials written to t."""
     M, D = x.shape
     R = a.shape[0]
     if M == 0:
@@ -619,11 +691,10 @@ def launch_shrink(x: torch.Tensor, a: torch.Tensor, t: torch.Tensor, *, t_scale:
         out = None
     a_arg, stride_ah, a_halves = _adapter_operand(x, a)
     precision = base_precision(x.dtype, x.device)
-    lora_shrink_kernel[(triton.cdiv(M, config.block_m), splits)](
+    lora_shrink_kernel[(_cdiv(M, config.block_m), splits)](
         x, a_arg, t, seed if seed is not None else t,
         M, D, R, float(t_scale), dropout_threshold, k_per_split // config.block_k,
-        x.stride(0), x.stride(1), stride_ah, a_arg.stride(0), a_arg.stride(1),
-        t.stride(0), t.stride(1), t.stride(2),
+        *x.stride(), stride_ah, *a_arg.stride(), *t.stride(),
         DROPOUT=seed is not None, A_HALVES=a_halves,
         BLOCK_M=config.block_m, BLOCK_K=config.block_k, BLOCK_R=config.block_r, PRECISION=precision,
         num_warps=config.num_warps, num_stages=config.num_stages,
@@ -674,25 +745,32 @@ def launch_fused(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Ten
         raise ValueError("launch_fused: a K-split config needs t precomputed (precompute_t)")
     if t_src is not None and t_src.dim() == 2:
         t_src = t_src.unsqueeze(0)
-    uses_t = store_t or load_t
+    base_prec, lora_prec = base_precision(x.dtype, dev), lora_precision_for(b.dtype, dev)
+    if cfg.persistent_tma and load_t and not store_t and plan.fused_grid[1] == 1:
+        from .lora_linear_tma import launch_tma, tma_layout
+        w_kn = tma_layout(x, w, y)
+        if w_kn is not None:
+            launch_tma(x, w, b, bias, y, t_src, t_splits, scale=scale, seed=seed,
+                       dropout_threshold=dropout_threshold, cfg=cfg, num_sms=_num_sms(dev), w_kn=w_kn,
+                       base_prec=base_prec, lora_prec=lora_prec, t_chunk=t_chunk(cfg.block_r),
+                       warp_specialize=cfg.warp_specialize)
+            return
     out = y if plan.fused_grid[1] == 1 else torch.empty((plan.fused_grid[1], M, C), dtype=torch.float32,
                                                          device=dev)
     out3 = out if out.dim() == 3 else out.unsqueeze(0)
     a_arg, stride_ah, a_halves = (a, 0, False) if load_t else _adapter_operand(x, a)
-    base_prec, lora_prec = base_precision(x.dtype, dev), lora_precision_for(b.dtype, dev)
     ts = t_src if load_t else out3
     st = t if store_t else out3[0]
     lora_linear_fwd_kernel[plan.fused_grid](
         x, w, a_arg, b, bias if bias is not None else y, out3, ts, st, seed if seed is not None else y,
         M, C, D, R, float(scale), dropout_threshold, cfg.tiles_per_program, plan.k_per_split // cfg.block_k,
         t_splits,
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), stride_ah, a_arg.stride(0), a_arg.stride(1),
-        b.stride(0), b.stride(1), out3.stride(0), out3.stride(1), out3.stride(2),
-        ts.stride(0), ts.stride(1), ts.stride(2), st.stride(0), st.stride(1),
+        *x.stride(), *w.stride(), stride_ah, *a_arg.stride(), *b.stride(), *out3.stride(), *ts.stride(),
+        *st.stride(),
         HAS_BIAS=bias is not None, STORE_T=store_t, LOAD_T=load_t, DROPOUT_OUT=seed is not None,
         A_HALVES=a_halves,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_r,
-        GROUP_M=cfg.group_m, BASE_PRECISION=base_prec, LORA_PRECISION=lora_prec,
+        T_CHUNK=t_chunk(cfg.block_r), GROUP_M=cfg.group_m, BASE_PRECISION=base_prec, LORA_PRECISION=lora_prec,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if out is not y:
@@ -705,7 +783,7 @@ def dropout_mask(seed: torch.Tensor, rows: int, cols: int, p: float) -> torch.Te
     mask = torch.empty((rows, cols), dtype=torch.uint8, device=seed.device)
     if rows and cols:
         block_m, block_k = 16, 64  # any power-of-two tile (>= 4 columns) draws the same bits
-        dropout_mask_kernel[(triton.cdiv(rows, block_m), triton.cdiv(cols, block_k))](
+        dropout_mask_kernel[(_cdiv(rows, block_m), _cdiv(cols, block_k))](
             seed, mask, rows, cols, dropout_threshold(p), mask.stride(0), mask.stride(1),
             BLOCK_M=block_m, BLOCK_K=block_k)
     return mask.view(torch.bool)

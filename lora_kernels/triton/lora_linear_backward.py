@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 
 from ..reference import dropout_threshold
-from .lora_linear import (ForwardConfig, ShrinkConfig, _keep_mask, _load_tile, _num_sms, _philox_key,
-                          block_r_for, launch_fused, launch_shrink, lora_precision_for)
+from .lora_linear import (ForwardConfig, ShrinkConfig, _a_operand, _cdiv, _fold_halves, _keep_mask, _load_tile,
+                          _num_sms, _philox_key, block_r_for, launch_fused, launch_shrink, lora_precision_for, split_adapter)
 
 
 @triton.jit
@@ -38,45 +38,71 @@ def _store_tile(ptr, value, offs_rows, offs_cols, n_rows, n_cols, stride_rows, s
 
 @triton.jit
 def _da_tile(x_ptr, u_ptr, seed_ptr, da_ptr, col_start, m_begin, m_end, K, R, dropout_threshold, da_scale,
-             stride_xm, stride_xk, stride_um, stride_ur, stride_dar, stride_dak,
-             DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+             stride_xm, stride_xk, stride_uh, stride_um, stride_ur, stride_dar, stride_dak,
+             DROPOUT: tl.constexpr, HALVES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
              BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
-    """da[:, cols] = da_scale * sum_m u[m, :]^T (x[m, cols] [* keep])  over rows [m_begin, m_end)."""
+    """da[:, cols] = da_scale * sum_m u[m, :]^T (x[m, cols] [* keep])  over rows [m_begin, m_end).
+
+    HALVES (16-bit x): u arrives split once per call into two x-dtype halves (split_adapter) and
+    the product runs as dA^T = x^T @ [u_hi | u_lo] on the 16-bit x as loaded -- one native dot
+    per row step, operands copied straight to shared memory. Otherwise x and u in fp32 at
+    PRECISION (x converted in registers: fp16 x, whose range cannot hold every u, and fp32 x)."""
     offs_c = col_start + tl.arange(0, BLOCK_C)
     offs_r = tl.arange(0, BLOCK_R)
     if DROPOUT:
         k0, k1 = _philox_key(seed_ptr)
-    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    if HALVES:
+        acc = tl.zeros((BLOCK_C, 2 * BLOCK_R), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     for m0 in range(m_begin, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        u_t = _load_tile(u_ptr, offs_r, offs_m, R, m_end, stride_ur, stride_um)  # u^T tile [BR, BM]
-        x = _load_tile(x_ptr, offs_m, offs_c, m_end, K, stride_xm, stride_xk).to(tl.float32)
-        if DROPOUT:
-            x = tl.where(_keep_mask(k0, k1, offs_m, col_start, dropout_threshold, BLOCK_M, BLOCK_C), x, 0.0)
-        acc = tl.dot(u_t, x, acc, input_precision=PRECISION)
-    _store_tile(da_ptr, acc * da_scale, offs_r, offs_c, R, K, stride_dar, stride_dak)
+        if HALVES:
+            x_t = _load_tile(x_ptr, offs_c, offs_m, K, m_end, stride_xk, stride_xm)  # x^T tile [BC, BM]
+            if DROPOUT:
+                keep = _keep_mask(k0, k1, offs_m, col_start, dropout_threshold, BLOCK_M, BLOCK_C)
+                x_t = tl.where(tl.trans(keep), x_t, tl.zeros_like(x_t))
+            u2 = _a_operand(u_ptr, offs_m, m_end, R, stride_uh, stride_ur, stride_um, BLOCK_R, True)
+            acc = tl.dot(x_t, u2, acc)
+        else:
+            u_t = _load_tile(u_ptr, offs_r, offs_m, R, m_end, stride_ur, stride_um)  # u^T tile [BR, BM]
+            x = _load_tile(x_ptr, offs_m, offs_c, m_end, K, stride_xm, stride_xk).to(tl.float32)
+            if DROPOUT:
+                x = tl.where(_keep_mask(k0, k1, offs_m, col_start, dropout_threshold, BLOCK_M, BLOCK_C), x, 0.0)
+            acc = tl.dot(u_t, x, acc, input_precision=PRECISION)
+    if HALVES:
+        _store_tile(da_ptr, _fold_halves(acc, BLOCK_C, BLOCK_R, True) * da_scale, offs_c, offs_r, K, R,
+                    stride_dak, stride_dar)
+    else:
+        _store_tile(da_ptr, acc * da_scale, offs_r, offs_c, R, K, stride_dar, stride_dak)
 
 
 @triton.jit
 def _db_tile(dy_ptr, t_ptr, db_ptr, dbias_ptr, col_start, m_begin, m_end, N, R, db_scale,
-             stride_dym, stride_dyn, stride_tm, stride_tr, stride_dbn, stride_dbr,
-             HAS_DB: tl.constexpr, HAS_DBIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+             stride_dym, stride_dyn, stride_th, stride_tm, stride_tr, stride_dbn, stride_dbr,
+             HAS_DB: tl.constexpr, HAS_DBIAS: tl.constexpr, HALVES: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
-    """db[cols, :] = db_scale * sum_m dy[m, cols]^T t[m, :];  dbias[cols] = sum_m dy[m, cols]."""
+    """db[cols, :] = db_scale * sum_m dy[m, cols]^T t[m, :];  dbias[cols] = sum_m dy[m, cols].
+    HALVES: t split once per call into two dy-dtype halves, one native dot on dy as loaded."""
     offs_c = col_start + tl.arange(0, BLOCK_C)
     offs_r = tl.arange(0, BLOCK_R)
-    acc = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_C, BLOCK_R * (2 if HALVES else 1)), dtype=tl.float32)
     bias_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for m0 in range(m_begin, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        dy_t = _load_tile(dy_ptr, offs_c, offs_m, N, m_end, stride_dyn, stride_dym).to(tl.float32)  # [BC, BM]
+        dy_t = _load_tile(dy_ptr, offs_c, offs_m, N, m_end, stride_dyn, stride_dym)  # [BC, BM]
         if HAS_DB:
-            t = _load_tile(t_ptr, offs_m, offs_r, m_end, R, stride_tm, stride_tr)  # [BM, BR]
-            acc = tl.dot(dy_t, t, acc, input_precision=PRECISION)
+            if HALVES:
+                t2 = _a_operand(t_ptr, offs_m, m_end, R, stride_th, stride_tr, stride_tm, BLOCK_R, True)
+                acc = tl.dot(dy_t, t2, acc)
+            else:
+                t = _load_tile(t_ptr, offs_m, offs_r, m_end, R, stride_tm, stride_tr)  # [BM, BR]
+                acc = tl.dot(dy_t.to(tl.float32), t, acc, input_precision=PRECISION)
         if HAS_DBIAS:
-            bias_acc += tl.sum(dy_t, axis=1)
+            bias_acc += tl.sum(dy_t.to(tl.float32), axis=1)
     if HAS_DB:
-        _store_tile(db_ptr, acc * db_scale, offs_c, offs_r, N, R, stride_dbn, stride_dbr)
+        _store_tile(db_ptr, _fold_halves(acc, BLOCK_C, BLOCK_R, HALVES) * db_scale, offs_c, offs_r, N, R,
+                    stride_dbn, stride_dbr)
     if HAS_DBIAS:
         tl.store(dbias_ptr + offs_c, bias_acc.to(dbias_ptr.dtype.element_ty), mask=offs_c < N)
 
@@ -85,9 +111,10 @@ def _db_tile(dy_ptr, t_ptr, db_ptr, dbias_ptr, col_start, m_begin, m_end, N, R, 
 def lora_weight_grads_kernel(
     x_ptr, u_ptr, dy_ptr, t_ptr, seed_ptr, da_ptr, db_ptr, dbias_ptr,
     M, N, K, R, rows_per_split, num_a_tiles, dropout_threshold, da_scale, db_scale,
-    stride_xm, stride_xk, stride_um, stride_ur, stride_dym, stride_dyn, stride_tm, stride_tr,
-    stride_das, stride_dar, stride_dak, stride_dbs, stride_dbn, stride_dbr, stride_dbias_s,
+    stride_xm, stride_xk, stride_uh, stride_um, stride_ur, stride_dym, stride_dyn, stride_th, stride_tm,
+    stride_tr, stride_das, stride_dar, stride_dak, stride_dbs, stride_dbn, stride_dbr, stride_dbias_s,
     HAS_DA: tl.constexpr, HAS_DB: tl.constexpr, HAS_DBIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    HALVES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Program (c, s): column tile c of dA (c < num_a_tiles) or else of dB/dbias, over the rows
@@ -101,18 +128,18 @@ def lora_weight_grads_kernel(
     if HAS_DA:
         if pid < num_a_tiles:
             _da_tile(x_ptr, u_ptr, seed_ptr, da_ptr + split * stride_das, pid * BLOCK_C, m_begin, m_end,
-                     K, R, dropout_threshold, da_scale, stride_xm, stride_xk, stride_um, stride_ur,
-                     stride_dar, stride_dak, DROPOUT, BLOCK_M, BLOCK_C, BLOCK_R, PRECISION)
+                     K, R, dropout_threshold, da_scale, stride_xm, stride_xk, stride_uh, stride_um, stride_ur,
+                     stride_dar, stride_dak, DROPOUT, HALVES, BLOCK_M, BLOCK_C, BLOCK_R, PRECISION)
         else:
             _db_tile(dy_ptr, t_ptr, db_ptr + split * stride_dbs, dbias_ptr + split * stride_dbias_s,
-                     db_col_start, m_begin, m_end, N, R, db_scale, stride_dym, stride_dyn, stride_tm,
-                     stride_tr, stride_dbn, stride_dbr, HAS_DB, HAS_DBIAS, BLOCK_M, BLOCK_C, BLOCK_R,
-                     PRECISION)
+                     db_col_start, m_begin, m_end, N, R, db_scale, stride_dym, stride_dyn, stride_th,
+                     stride_tm, stride_tr, stride_dbn, stride_dbr, HAS_DB, HAS_DBIAS, HALVES, BLOCK_M,
+                     BLOCK_C, BLOCK_R, PRECISION)
     else:
         _db_tile(dy_ptr, t_ptr, db_ptr + split * stride_dbs, dbias_ptr + split * stride_dbias_s,
-                 db_col_start, m_begin, m_end, N, R, db_scale, stride_dym, stride_dyn, stride_tm,
-                 stride_tr, stride_dbn, stride_dbr, HAS_DB, HAS_DBIAS, BLOCK_M, BLOCK_C, BLOCK_R,
-                 PRECISION)
+                 db_col_start, m_begin, m_end, N, R, db_scale, stride_dym, stride_dyn, stride_th,
+                 stride_tm, stride_tr, stride_dbn, stride_dbr, HAS_DB, HAS_DBIAS, HALVES, BLOCK_M,
+                 BLOCK_C, BLOCK_R, PRECISION)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,6 +154,7 @@ class WeightGradConfig:
     split_m: int
     num_warps: int
     num_stages: int
+    halves: Optional[bool] = None  # u and t as 16-bit halves (None: for bf16 inputs; see _da_tile)
 
 
 @functools.lru_cache(maxsize=4096)  # pure function of ints and bools, called on every backward
@@ -145,8 +173,8 @@ def weight_grad_config(M: int, N: int, K: int, r: int, elem_bytes: int, num_sms:
     block_m = 32 if elem_bytes >= 4 else 64
     max_split = max(1, M // 512)
     for block_c in (64, 32):
-        tiles = (triton.cdiv(K, block_c) if has_da else 0) + triton.cdiv(N, block_c)
-        split = max(1, min(triton.cdiv(2 * num_sms, max(tiles, 1)), max_split))
+        tiles = (_cdiv(K, block_c) if has_da else 0) + _cdiv(N, block_c)
+        split = max(1, min(_cdiv(2 * num_sms, max(tiles, 1)), max_split))
         if tiles * split >= num_sms:
             break
     return WeightGradConfig(block_m, block_c, block_r_for(r), split, 4, 3)
@@ -186,9 +214,9 @@ def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
     if not (need_a or need_b or need_bias):
         return dx, da, db, dbias
     cfg = grad_config or weight_grad_config(M, N, K, r, x.element_size(), _num_sms(dev), need_a, need_b)
-    split = max(1, min(cfg.split_m, triton.cdiv(M, cfg.block_m)))
-    rows_per_split = max(1, triton.cdiv(triton.cdiv(M, split), cfg.block_m)) * cfg.block_m
-    split = max(1, triton.cdiv(M, rows_per_split))
+    split = max(1, min(cfg.split_m, _cdiv(M, cfg.block_m)))
+    rows_per_split = max(1, _cdiv(_cdiv(M, split), cfg.block_m)) * cfg.block_m
+    split = max(1, _cdiv(M, rows_per_split))
     # One split writes the gradients themselves (split stride 0); several write fp32 partials that
     # torch sums in a fixed order below.
     def buffer(needed, shape, dtype):
@@ -206,18 +234,23 @@ def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
         for buf in (da_buf, db_buf, dbias_buf):
             buf.zero_()
     else:
-        num_a_tiles = triton.cdiv(K, cfg.block_c) if need_a else 0
-        num_b_tiles = triton.cdiv(N, cfg.block_c) if (need_b or need_bias) else 0
+        num_a_tiles = _cdiv(K, cfg.block_c) if need_a else 0
+        num_b_tiles = _cdiv(N, cfg.block_c) if (need_b or need_bias) else 0
+        halves = cfg.halves if cfg.halves is not None else x.dtype == torch.bfloat16
+        halves = halves and x.dtype in (torch.float16, torch.bfloat16) and dy.dtype == x.dtype
+        # u, t: fp32 [M, r] -> [2, M, r] in x's dtype, once per call (small next to x and dy)
+        u_arg = split_adapter(u, x.dtype) if (halves and need_a) else (u if need_a else dy).unsqueeze(0)
+        t_arg = split_adapter(t, x.dtype) if (halves and need_b) else (t if need_b else dy).unsqueeze(0)
         if num_a_tiles + num_b_tiles:
             lora_weight_grads_kernel[(num_a_tiles + num_b_tiles, split)](
-                x, u if need_a else dy, dy, t if need_b else dy, seed if dropout else dy,
+                x, u_arg[0], dy, t_arg[0], seed if dropout else dy,
                 da_buf, db_buf, dbias_buf,
                 M, N, K, r, rows_per_split, num_a_tiles, threshold, scale * keep_scale, scale,
-                x.stride(0), x.stride(1), u.stride(0), u.stride(1), dy.stride(0), dy.stride(1),
-                t.stride(0) if need_b else 0, t.stride(1) if need_b else 0,
+                x.stride(0), x.stride(1), u_arg.stride(0), u_arg.stride(1), u_arg.stride(2),
+                dy.stride(0), dy.stride(1), t_arg.stride(0), t_arg.stride(1), t_arg.stride(2),
                 da_buf.stride(0), da_buf.stride(1), da_buf.stride(2),
                 db_buf.stride(0), db_buf.stride(1), db_buf.stride(2), dbias_buf.stride(0),
-                HAS_DA=need_a, HAS_DB=need_b, HAS_DBIAS=need_bias, DROPOUT=dropout,
+                HAS_DA=need_a, HAS_DB=need_b, HAS_DBIAS=need_bias, DROPOUT=dropout, HALVES=halves,
                 BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, BLOCK_R=cfg.block_r,
                 PRECISION=lora_precision_for(torch.float32, dev),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,

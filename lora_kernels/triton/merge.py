@@ -206,7 +206,7 @@ class MergeConfig:
     num_warps: int
 
 
-def merge_config(N: int, K: int, r: int, elem_bytes: int, n_contiguous: bool) -> MergeConfig:
+def merge_config(N: int, K: int, r: int, elem_bytes: int, n_contiguous: bool, exact: bool = False) -> MergeConfig:
     """Tile shape for the merge kernel. Design reasoning for Hopper, not measured (no GPU yet):
 
     * The kernel streams W once: it is bandwidth-bound when every SM keeps ~32 KB of loads in
@@ -216,10 +216,19 @@ def merge_config(N: int, K: int, r: int, elem_bytes: int, n_contiguous: bool) ->
       dimension, so each tile row is two full 128-byte lines.
     * BLOCK_R: the rank chunk, a power of two >= 16 (tl.dot's minimum) and <= 32, which keeps the
       fp32 A and B chunks (<= 16 KB + 8 KB) small enough for that occupancy; rank 64 takes 2 steps.
+    * `exact` (MERGE_EXACT / UNMERGE_EXACT): 32 x long-side tiles on 8 warps. Measured by ptxas -v
+      for sm_90a (tests/test_triton_merge_compile.py): the exact merge's integer code tiles next
+      to the fp32 delta spilled 1.5 KB per thread at 64 x 128 on 4 warps, ~100 B on 8 warps,
+      160 B at 64 x 64 on 4 warps; 32 x 128 on 8 warps does not spill. The grid still has
+      thousands of programs on the suite's layers (4096 x 4096: 4096).
     The merge and the exact unmerge must use the same config (bit-identical deltas): it depends
-    only on these arguments.
+    only on these arguments, and both exact modes pass exact=True.
     """
     long_side = 128 if elem_bytes <= 2 else 64
+    if exact:
+        block_n, block_k = (long_side, 32) if n_contiguous else (32, long_side)
+        block_r = min(32, max(16, triton.next_power_of_2(max(r, 1))))
+        return MergeConfig(block_n, block_k, block_r, num_warps=8)
     block_n, block_k = (long_side, 64) if n_contiguous else (64, long_side)
     block_r = min(32, max(16, triton.next_power_of_2(max(r, 1))))
     return MergeConfig(block_n, block_k, block_r, num_warps=4)
@@ -245,7 +254,8 @@ def _launch(mode: int, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch
     if N == 0 or K == 0:
         return
     if config is None:
-        config = merge_config(N, K, R, w.element_size(), w.stride(0) < w.stride(1))
+        config = merge_config(N, K, R, w.element_size(), w.stride(0) < w.stride(1),
+                              exact=mode in (MODE_MERGE_EXACT, MODE_UNMERGE_EXACT))
     c = reference.logical_weight(codes, fan_in_fan_out) if codes is not None else w
     dummy = w  # pointer for arguments a mode does not touch
     grid = (triton.cdiv(N, config.block_n) * triton.cdiv(K, config.block_k),)

@@ -1,0 +1,79 @@
+"""The targets of issue 16 per suite, evaluated on a run's cases (GPU runs only: on a CPU the
+times say nothing about a GPU, so no target is evaluated there and no number is made up).
+
+Each target: a name, what is measured (a reduction of per-case ratios over a subset of cases),
+and the bound. ``evaluate(result)`` returns one row per (target, our backend) with the measured
+value (None when the run had no such cases) and pass/fail; ``markdown(rows)`` is the table
+the runner appends to the suite's markdown."""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List, Optional
+
+from .common import geomean
+
+
+def _ratios(cases, method, where: Callable[[Dict], bool], num: Optional[str] = None):
+    """method's ratio to the case baseline (or to `num` when given) over the cases selected."""
+    out = []
+    for c in cases:
+        if not where(c) or method not in c.get("times_us", {}):
+            continue
+        if num is None:
+            if method in c.get("ratios", {}):
+                out.append(c["ratios"][method])
+        elif num in c["times_us"]:
+            out.append(c["times_us"][method] / c["times_us"][num])
+    return out
+
+
+# suite -> [(target name, method template, reduce, case filter, other method or None, bound)]
+TARGETS = {
+    "forward": [
+        ("fused forward, geomean ours/cuBLAS at M >= 1024, r = 16", "ours_{b}", "geomean",
+         lambda c: c["M"] >= 1024 and c["r"] == 16, None, 1.05),
+        ("fused forward, geomean ours/cuBLAS at M >= 1024, r = 64", "ours_{b}", "geomean",
+         lambda c: c["M"] >= 1024 and c["r"] == 64, None, 1.10),
+        ("fused forward, geomean ours/cuBLAS at M <= 16 (CUDA graphs)", "ours_{b}", "geomean",
+         lambda c: c["M"] <= 16, None, 1.10),
+        ("fused forward, worst shape ours/cuBLAS", "ours_{b}", "max", lambda c: True, None, 1.25),
+    ],
+    "training": [
+        ("training step, geomean ours/two-GEMM base at M >= 4096", "ours_{b}", "geomean",
+         lambda c: c["M"] >= 4096, None, 1.15),
+    ],
+    "merge": [
+        ("merge, worst ours/copy floor (>= 80% of copy bandwidth)", "ours_{b}", "max", lambda c: True, None, 1.25),
+        ("exact merge+unmerge cycle / plain merge", "ours_{b}_exact_cycle", "max", lambda c: True, "ours_{b}", 1.5),
+    ],
+    "multi": [
+        ("multi-adapter shrink+expand, worst / bandwidth floor at M >= 1024", "ours_se_{b}", "max",
+         lambda c: c["M"] >= 1024, None, 2.0),
+    ],
+}
+
+
+def evaluate(result: Dict, backends: List[str]) -> List[Dict]:
+    suite = result["suite"].split("-")[0]
+    rows = []
+    for name, template, how, where, num, bound in TARGETS.get(suite, []):
+        for b in backends:
+            method = template.format(b=b)
+            values = _ratios(result["cases"], method, where, num.format(b=b) if num else None)
+            values = [v for v in values if v is not None and math.isfinite(v) and v > 0]
+            measured = (geomean(values) if how == "geomean" else max(values)) if values else None
+            rows.append({"target": name, "method": method, "bound": bound, "measured": measured,
+                         "cases": len(values), "pass": None if measured is None else measured <= bound})
+    return rows
+
+
+def markdown(rows: List[Dict]) -> str:
+    if not rows:
+        return ""
+    lines = ["", "## Targets (issue 16)", "", "| target | method | target | measured | cases | pass |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        measured = "—" if r["measured"] is None else f"{r['measured']:.3f}x"
+        verdict = "not measured" if r["pass"] is None else ("pass" if r["pass"] else "FAIL")
+        lines.append(f"| {r['target']} | {r['method']} | <= {r['bound']:.2f}x | {measured} | {r['cases']} | {verdict} |")
+    return "\n".join(lines) + "\n"
