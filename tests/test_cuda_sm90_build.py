@@ -21,7 +21,8 @@ from lora_kernels.cuda import sources
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
-SASS_NEEDED = ("HGMMA.64x256x16.F32.BF16", "HGMMA.64x128x16.F32.BF16", "UTMALDG", "UTMALDG.3D.MULTICAST", "UTMASTG")
+SASS_NEEDED = ("HGMMA.64x256x16.F32.BF16", "HGMMA.64x128x16.F32.BF16", "HGMMA.64x64x16.F32.BF16", "UTMALDG",
+               "UTMALDG.3D.MULTICAST", "UTMASTG")
 
 
 def cuda_home():
