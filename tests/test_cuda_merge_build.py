@@ -87,9 +87,9 @@ def test_an_extension_built_before_the_merge_kernel_is_reported(monkeypatch):
 
 
 def test_merge_sources_are_built():
-    """Both build paths compile the merge: the JIT source list and setup.py's."""
+    """Both build paths compile the merge: the JIT and setup.py share lora_kernels/cuda/sources.py."""
     assert {"merge_kernels.cu", "merge.cpp"} <= set(cuda.SOURCES)
     setup_py = (cuda.CSRC_DIR.parent / "setup.py").read_text()
-    assert '"csrc/merge_kernels.cu", "csrc/merge.cpp"' in setup_py
+    assert '"lora_kernels" / "cuda" / "sources.py"' in setup_py and "_SOURCES.SOURCES" in setup_py
     for name in ("merge.cuh", "merge_plan.h", "merge_launch.h", "merge.h", "ptx_stream.cuh"):
         assert (cuda.CSRC_DIR / name).exists(), name
