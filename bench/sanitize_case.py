@@ -28,11 +28,11 @@ CASES = [
     (130, 40, 70, 5, torch.bfloat16, None, 2, 0, "K % 8 != 0: element loads, M tail"),
     (20, 64, 64, 64, torch.bfloat16, torch.float32, 1, 0, "fp32 adapter split to 2r = 128 rows"),
     (33, 24, 48, 128, torch.float16, None, 2, 0, "rank 128"),
-    # csrc/lora_linear_sm90.cuh (Hopper only; tile_kind 3 = 128x256 with a 2x1 cluster, 4 = 128x128, 5 = 64x128)
+    # csrc/lora_linear_sm90.cuh (Hopper only; tile_kind 3 = 128x256 with a 2x1 cluster, 4 = 128x128, 5 = 128x64)
     (130, 264, 136, 16, torch.bfloat16, None, 3, 0, "sm90 128x256: M and N tails, odd cluster row, bias"),
     (201, 136, 72, 5, torch.float16, torch.float32, 4, 0, "sm90 128x128: K tail, fp32 adapter (3r tail)"),
     (64, 64, 8, 1, torch.bfloat16, None, 4, 0, "sm90: K = 8 (one partial k-block), rank 1"),
-    (100, 136, 200, 16, torch.bfloat16, None, 5, 0, "sm90 64x128 pingpong: M and K tails"),
+    (100, 136, 200, 16, torch.bfloat16, None, 5, 0, "sm90 128x64: M and K tails"),
 ]
 SM90_TILE_KINDS = (3, 4, 5)
 

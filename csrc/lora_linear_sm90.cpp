@@ -113,7 +113,7 @@ void cuda_lora_linear_sm90_fwd(const at::Tensor& x, const at::Tensor& weight, co
     TORCH_CHECK(reinterpret_cast<uintptr_t>(bias->data_ptr()) % 16 == 0, kOp,
                 ": bias must start on a 16-byte boundary (vector loads in the epilogue)");
   }
-  TORCH_CHECK(tile >= 0 && tile < kSm90TileCount, kOp, ": tile must be 0 (128x256), 1 (128x128) or 2 (64x128), got ",
+  TORCH_CHECK(tile >= 0 && tile < kSm90TileCount, kOp, ": tile must be 0 (128x256), 1 (128x128) or 2 (128x64), got ",
               tile);
   TORCH_CHECK(cuda_lora_linear_sm90_built(), kOp,
               ": this build of lora_kernels._C has no sm90 kernels (it was compiled without the CUTLASS "

@@ -146,12 +146,6 @@ struct TailMainloop : Base {
 
     auto tma_a = params.tma_load_a.get_slice(cluster_id.y);
     auto tma_b = params.tma_load_b.get_slice(cluster_id.x);
-    auto tma_t = params.tma_load_tail_x.get_slice(cluster_id.y);
-    auto tma_u = params.tma_load_tail_w.get_slice(cluster_id.x);
-    Tensor tAgA = tma_a.partition_S(get<0>(load_inputs)(_, _, m_coord, _, l_coord));  // (TMA,TMA_M,TMA_K,k)
-    Tensor tBgB = tma_b.partition_S(get<1>(load_inputs)(_, _, n_coord, _, l_coord));
-    Tensor tTgT = tma_t.partition_S(get<2>(load_inputs)(_, _, m_coord, _, l_coord));
-    Tensor tUgU = tma_u.partition_S(get<3>(load_inputs)(_, _, n_coord, _, l_coord));
     Tensor tAsA = tma_a.partition_D(sA);  // (TMA,TMA_M,TMA_K,PIPE); the tail's boxes have the same shape
     Tensor tBsB = tma_b.partition_D(sB);
 
@@ -163,46 +157,48 @@ struct TailMainloop : Base {
     if constexpr (cute::is_same_v<GmemTiledCopyB, SM90_TMA_LOAD_MULTICAST>)
       for (int m = 0; m < size<0>(block_layout); ++m) mcast_b |= uint16_t(1) << block_layout(m, cluster_id.y, Int<0>{});
 
+    // Two loops, so that only one part's partitions are live at a time (the producer warp runs
+    // with 40 registers after the kernel's setmaxnreg): first the k-blocks of x @ W.T ...
+    {
+      Tensor tAgA = tma_a.partition_S(get<0>(load_inputs)(_, _, m_coord, _, l_coord));  // (TMA,TMA_M,TMA_K,k)
+      Tensor tBgB = tma_b.partition_S(get<1>(load_inputs)(_, _, n_coord, _, l_coord));
+      CUTLASS_PRAGMA_NO_UNROLL
+      for (; k_tile_count > 0 && *k_tile_iter < params.k_main_tiles; --k_tile_count, ++k_tile_iter, ++smem_pipe_write) {
+        pipeline.producer_acquire(smem_pipe_write);
+        auto* barrier = pipeline.producer_get_barrier(smem_pipe_write);
+        const int stage = smem_pipe_write.index();
+        copy(params.tma_load_a.with(*barrier, mcast_a), tAgA(_, _, _, *k_tile_iter), tAsA(_, _, _, stage));
+        copy(params.tma_load_b.with(*barrier, mcast_b), tBgB(_, _, _, *k_tile_iter), tBsB(_, _, _, stage));
+      }
+    }
+    // ... then those of the tail, at k - k_main_tiles in (tail_x, tail_w).
+    Tensor tTgT = params.tma_load_tail_x.get_slice(cluster_id.y).partition_S(get<2>(load_inputs)(_, _, m_coord, _, l_coord));
+    Tensor tUgU = params.tma_load_tail_w.get_slice(cluster_id.x).partition_S(get<3>(load_inputs)(_, _, n_coord, _, l_coord));
     CUTLASS_PRAGMA_NO_UNROLL
     for (; k_tile_count > 0; --k_tile_count, ++k_tile_iter, ++smem_pipe_write) {
       pipeline.producer_acquire(smem_pipe_write);
       auto* barrier = pipeline.producer_get_barrier(smem_pipe_write);
       const int stage = smem_pipe_write.index();
-      const int k = *k_tile_iter;
-      if (k < params.k_main_tiles) {
-        copy(params.tma_load_a.with(*barrier, mcast_a), tAgA(_, _, _, k), tAsA(_, _, _, stage));
-        copy(params.tma_load_b.with(*barrier, mcast_b), tBgB(_, _, _, k), tBsB(_, _, _, stage));
-      } else {
-        const int kt = k - params.k_main_tiles;
-        copy(params.tma_load_tail_x.with(*barrier, mcast_a), tTgT(_, _, _, kt), tAsA(_, _, _, stage));
-        copy(params.tma_load_tail_w.with(*barrier, mcast_b), tUgU(_, _, _, kt), tBsB(_, _, _, stage));
-      }
+      const int kt = *k_tile_iter - params.k_main_tiles;
+      copy(params.tma_load_tail_x.with(*barrier, mcast_a), tTgT(_, _, _, kt), tAsA(_, _, _, stage));
+      copy(params.tma_load_tail_w.with(*barrier, mcast_b), tUgU(_, _, _, kt), tBsB(_, _, _, stage));
     }
   }
 };
 
-// Kernel schedules: cooperative = both consumer warpgroups on one 128-row tile; pingpong = each
-// warpgroup on its own 64-row tile, one's epilogue overlapping the other's mainloop.
-struct Cooperative {
-  using Mainloop = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
-  using Epilogue = cutlass::epilogue::TmaWarpSpecializedCooperative;
-};
-struct Pingpong {
-  using Mainloop = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
-  using Epilogue = cutlass::epilogue::TmaWarpSpecialized;
-};
-
 // The kernel for one element type and tile: the mainloop and epilogue from CUTLASS's builders
 // (stage count: as many as fit beside the epilogue's shared memory), the tail added on top.
-template <class Element, class TileShape, class ClusterShape, class Schedules>
+// Cooperative schedule: both consumer warpgroups on one 128-row tile. (A 64x128 pingpong tile was
+// tried for mid-size M: its producer warp spills under the 40-register cap, ptxas -v.)
+template <class Element, class TileShape, class ClusterShape>
 struct TailGemm {
   using Acc = float;
   using LayoutX = cutlass::layout::RowMajor;     // x, tail_x: [M, K], K contiguous
   using LayoutW = cutlass::layout::ColumnMajor;  // w, tail_w: [N, K], K contiguous
   using LayoutY = cutlass::layout::RowMajor;     // y: [M, N], N contiguous
   static constexpr int kAlign = 16 / sizeof(Element);  // TMA: 16-byte rows
-  using Schedule = typename Schedules::Mainloop;
-  using EpilogueSchedule = typename Schedules::Epilogue;
+  using Schedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
   // D = acc + bias[n] (alpha = 1, beta = 0, no C operand); bias fp32, a null bias reads as 0.
   using Fusion = cutlass::epilogue::fusion::LinCombPerColBias<Element, Acc, float, Element, Acc>;
 
@@ -271,14 +267,14 @@ struct TailGemm {
   }
 };
 
-// The compiled tiles (lora_linear_sm90.h's Sm90Tile). 128x256x64 cooperative with a 2x1
-// cluster (W's tile multicast to the two CTAs that share it) is CUTLASS's usual large bf16 tile
-// on H100; 128x128x64 cooperative without a cluster doubles the tile count for mid-size problems,
-// 64x128x64 pingpong doubles it again (M from 64 to a few hundred: fewer idle SMs). Reasoning,
-// not measured (no GPU in this session); bench/ on an H200 is where the crossovers get measured.
+// The compiled tiles (lora_linear_sm90.h's Sm90Tile). 128x256x64 with a 2x1 cluster (W's tile
+// multicast to the two CTAs that share it) is CUTLASS's usual large bf16 tile on H100; 128x128x64
+// without a cluster doubles the tile count for mid-size problems, 128x64x64 doubles it again (M
+// from 64 to a few hundred: fewer idle SMs). Reasoning, not measured (no GPU in this session);
+// bench/ on an H200 is where the crossovers get measured.
 using Tile128x256 = Shape<_128, _256, _64>;
 using Tile128x128 = Shape<_128, _128, _64>;
-using Tile64x128 = Shape<_64, _128, _64>;
+using Tile128x64 = Shape<_128, _64, _64>;
 using Cluster2x1 = Shape<_2, _1, _1>;
 using Cluster1x1 = Shape<_1, _1, _1>;
 
@@ -286,9 +282,9 @@ template <class Element>
 int launch(const Sm90TailGemmParams& p, int tile, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   switch (tile) {
-    case kSm90Tile128x256: return TailGemm<Element, Tile128x256, Cluster2x1, Cooperative>::run(p, s);
-    case kSm90Tile128x128: return TailGemm<Element, Tile128x128, Cluster1x1, Cooperative>::run(p, s);
-    case kSm90Tile64x128: return TailGemm<Element, Tile64x128, Cluster1x1, Pingpong>::run(p, s);
+    case kSm90Tile128x256: return TailGemm<Element, Tile128x256, Cluster2x1>::run(p, s);
+    case kSm90Tile128x128: return TailGemm<Element, Tile128x128, Cluster1x1>::run(p, s);
+    case kSm90Tile128x64: return TailGemm<Element, Tile128x64, Cluster1x1>::run(p, s);
     default: return int(cudaErrorInvalidValue);
   }
 }

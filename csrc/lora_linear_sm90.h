@@ -28,10 +28,9 @@ struct Sm90TailGemmParams {
   int sm_count;        // its multiprocessor count (the persistent scheduler launches at most one CTA per SM)
 };
 
-// The compiled tile shapes (M x N x K per CTA; 2 consumer warpgroups + 1 producer warp, both on
-// one tile (cooperative) or one tile each (pingpong, 64x128)). Which one a problem takes is
-// lora_kernels/cuda/lora_linear.py's sm90_plan.
-enum Sm90Tile : int { kSm90Tile128x256 = 0, kSm90Tile128x128 = 1, kSm90Tile64x128 = 2 };
+// The compiled tile shapes (M x N x K per CTA, cooperative kernel: 2 consumer warpgroups + 1
+// producer warp). Which one a problem takes is lora_kernels/cuda/lora_linear.py's sm90_plan.
+enum Sm90Tile : int { kSm90Tile128x256 = 0, kSm90Tile128x128 = 1, kSm90Tile128x64 = 2 };
 constexpr int kSm90TileCount = 3;
 
 // TMA needs 16-byte aligned base addresses and row strides that are multiples of 16 bytes.

@@ -9,7 +9,7 @@
 namespace lora_kernels {
 
 // y = x @ weight.T + tail_x @ tail_w.T + bias (fp32 accumulate; bias float32 or None), written in
-// place; tile: 0 = 128x256x64 (2x1 cluster), 1 = 128x128x64, 2 = 64x128x64 (pingpong). Needs an sm_90 device and a build
+// place; tile: 0 = 128x256x64 (2x1 cluster), 1 = 128x128x64, 2 = 128x64x64. Needs an sm_90 device and a build
 // with the sm90 kernels (cuda_lora_linear_sm90_built()).
 void cuda_lora_linear_sm90_fwd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& tail_x,
                                const at::Tensor& tail_w, const std::optional<at::Tensor>& bias, const at::Tensor& y,

@@ -89,7 +89,7 @@ def test_an_extension_built_before_the_merge_kernel_is_reported(monkeypatch):
 
 
 def test_merge_sources_are_built():
-    """Both build paths compile the merge: the JIT source list and setup.py's."""
+    """Both build paths compile the merge: the JIT and setup.py share lora_kernels/cuda/sources.py."""
     assert {"merge_kernels.cu", "merge.cpp"} <= set(cuda.SOURCES)
     spec = importlib.util.spec_from_file_location("lora_kernels_setup_sources", cuda.CSRC_DIR.parent / "setup.py")
     setup_py = importlib.util.module_from_spec(spec)

@@ -97,7 +97,7 @@ def test_dispatch_picks_sm90_for_prefill_and_sm80_elsewhere(monkeypatch):
     real = cl._launch_sm90
     monkeypatch.setattr(cl, "_launch_sm90", lambda *a: used.append(a[-1]) or real(*a))
     for M, N, K, expect in ((512, 4096, 1024, [cl.SM90_TILE_128x128]), (4096, 4096, 512, [cl.SM90_TILE_128x256]),
-                            (256, 4096, 512, [cl.SM90_TILE_64x128]),
+                            (256, 4096, 512, [cl.SM90_TILE_128x64]),
                             (16, 4096, 1024, []), (512, 4096, 1020, []), (512, 4100, 1024, [])):
         used.clear()
         inp = make_lora_inputs(M, N, K, 8, torch.bfloat16, device="cuda")
@@ -152,6 +152,6 @@ def test_sm90_op_rejects_bad_input_with_a_sentence():
         op(torch.randn(128 * 64 + 1, dtype=torch.bfloat16, device="cuda")[1:].view(128, 64), w, tail, tail_w, None, y, 0)
     with pytest.raises(RuntimeError, match=r"bias must be float32"):
         op(x, w, tail, tail_w, torch.zeros(64, dtype=torch.bfloat16, device="cuda"), y, 0)
-    with pytest.raises(RuntimeError, match=r"tile must be 0 \(128x256\), 1 \(128x128\) or 2 \(64x128\)"):
+    with pytest.raises(RuntimeError, match=r"tile must be 0 \(128x256\), 1 \(128x128\) or 2 \(128x64\)"):
         op(x, w, tail, tail_w, None, y, 3)
     assert torch.isnan(y).all()  # nothing written

@@ -14,8 +14,8 @@ H100 = ((9, 0), 132)
     (4096, 4096, 4096, cl.SM90_TILE_128x256),   # 32 x 16 = 512 large tiles: 4 full waves
     (2048, 8192, 4096, cl.SM90_TILE_128x256),
     (512, 4096, 4096, cl.SM90_TILE_128x128),    # 4 x 16 = 64 large tiles: half the SMs idle
-    (256, 4096, 4096, cl.SM90_TILE_64x128),     # 64 tiles of 128x128, 128 of 64x128
-    (64, 1024, 4096, cl.SM90_TILE_64x128),      # no row of a 128-row tile wasted
+    (256, 4096, 4096, cl.SM90_TILE_128x64),     # 64 tiles of 128x128, 128 of 128x64
+    (64, 1024, 4096, cl.SM90_TILE_128x64),      # 16 tiles: still one wave, the smallest tile
     (63, 4096, 4096, None),                     # decode sizes stay on the sm_80 tile
     (4096, 4096, 4100, None),                   # K % 8: rows not 16-byte multiples (TMA)
     (4096, 4100, 4096, None),                   # N % 8: y's rows
@@ -54,13 +54,13 @@ def on_device(monkeypatch):
 
 def test_launcher_choice(on_device):
     x, w = torch.empty(512, 256, dtype=torch.bfloat16), torch.empty(1024, 256, dtype=torch.bfloat16)
-    assert on_device(x, w) == cl.SM90_TILE_64x128   # 512 x 1024: 32 tiles of 128x128, 64 of 64x128
+    assert on_device(x, w) == cl.SM90_TILE_128x64   # 512 x 1024: 32 tiles of 128x128, 64 of 128x64
     assert on_device(x, w, capability=(8, 0)) is None
     assert on_device(x, w, built=False) is None
     assert on_device(x, w, tile_kind=1) is None and on_device(x, w, tile_kind=2) is None  # sm_80 tiles forced
     assert on_device(x[:8], w, tile_kind=3) == cl.SM90_TILE_128x256                         # sm90 tiles forced
     assert on_device(x[:8], w, tile_kind=4) == cl.SM90_TILE_128x128
-    assert on_device(x[:8], w, tile_kind=5) == cl.SM90_TILE_64x128
+    assert on_device(x[:8], w, tile_kind=5) == cl.SM90_TILE_128x64
     assert on_device(x[:, 1:9], w[:, :8]) is None                       # x 2 bytes off 16-byte alignment
     assert on_device(x, w, out=torch.empty(512, 1030, dtype=torch.bfloat16)[:, :1024]) is None  # y rows
 

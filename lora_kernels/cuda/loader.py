@@ -9,7 +9,7 @@ Where the extension comes from, in this order:
 2. a JIT build with ``torch.utils.cpp_extension.load`` when the AOT build is missing or
    mismatched, the CUDA sources (``csrc/``) and nvcc are present, and ``LORA_KERNELS_NO_JIT`` is
    not set. It announces itself on stderr, builds for ``TORCH_CUDA_ARCH_LIST`` (default: the
-   visible GPUs), and caches under ``$LORA_KERNELS_CACHE`` (default ``~/.cache/lora_kernels``) in a
+   visible GPUs, Hopper as ``9.0a``; the sm90 kernels only where ``sources.sm90_build`` allows), and caches under ``$LORA_KERNELS_CACHE`` (default ``~/.cache/lora_kernels``) in a
    folder per torch version; ``python -m lora_kernels.build`` runs it ahead of time.
 
 Otherwise :func:`unavailable_reason` says why in one sentence, e.g. ``"cuda: extension not built

@@ -65,13 +65,13 @@ def split_fp32_adapter(lora_a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
 # kernel's 128-row tiles would leave most SMs idle at N = 4096). A swap-AB sm90 decode variant is
 # not written yet; the crossover is not measured (no GPU in the session that chose it; bench/).
 SM90_MIN_M = 64
-SM90_TILE_128x256, SM90_TILE_128x128, SM90_TILE_64x128 = 0, 1, 2   # csrc/lora_linear_sm90.h's Sm90Tile
-TILE_KIND_SM90 = {3: SM90_TILE_128x256, 4: SM90_TILE_128x128, 5: SM90_TILE_64x128}  # tile_kind overrides (tests)
+SM90_TILE_128x256, SM90_TILE_128x128, SM90_TILE_128x64 = 0, 1, 2   # csrc/lora_linear_sm90.h's Sm90Tile
+TILE_KIND_SM90 = {3: SM90_TILE_128x256, 4: SM90_TILE_128x128, 5: SM90_TILE_128x64}  # tile_kind overrides (tests)
 # (tile, rows, columns, relative throughput per tile area). The throughputs are guesses, not
-# measured (bigger tiles read fewer operand bytes per FLOP; pingpong hides its epilogue):
+# measured (bigger tiles read fewer operand bytes per FLOP of shared memory and L2):
 # bench/ on an H200 is where they get measured and replaced.
 SM90_TILES = ((SM90_TILE_128x256, 128, 256, 1.0), (SM90_TILE_128x128, 128, 128, 0.9),
-              (SM90_TILE_64x128, 64, 128, 0.8))
+              (SM90_TILE_128x64, 128, 64, 0.8))
 
 
 def sm90_plan(M: int, N: int, K: int, capability: Tuple[int, int], num_sms: int, tma_ok: bool,
@@ -84,7 +84,7 @@ def sm90_plan(M: int, N: int, K: int, capability: Tuple[int, int], num_sms: int,
     The tile with the shortest modelled time, waves x tile area / throughput (one persistent CTA
     per SM; the larger tile among equals): e.g. N = 4096 on 132 SMs takes 128x256 at M = 4096
     (512 tiles, 4 waves), 128x128 at M = 512 (128 tiles: one wave, where 128x256 would idle half
-    the SMs), 64x128 at M = 256."""
+    the SMs), 128x64 at M = 256."""
     if capability != (9, 0) or not built or not tma_ok or M < SM90_MIN_M or K < 8 or K % 8 or N % 8:
         return None
     def modelled_time(bm, bn, speed):
@@ -175,7 +175,7 @@ def lora_tail(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale
 
 
 def _sm90_tile(x, weight, y, tile_kind: int) -> Optional[int]:
-    """The sm90 tile for this launch (tile_kind 3 / 4 / 5 force 128x256 / 128x128 / 64x128), or None."""
+    """The sm90 tile for this launch (tile_kind 3 / 4 / 5 force 128x256 / 128x128 / 128x64), or None."""
     if tile_kind in (1, 2):
         return None
     if tile_kind in TILE_KIND_SM90:
@@ -206,7 +206,7 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
     dtype or float32, bias [N] (x's dtype or float32) or None. Returns (y [M, N] in x.dtype,
     t [M, r] float32 = x @ lora_a.T if save_t else an empty [0, r]). `out` / `t_out` receive y / t
     when given (tests poison them); tile_kind (1 small-M, 2 large: the sm_80 kernel; 3 / 4 / 5: the
-    sm90 kernel's 128x256 / 128x128 / 64x128 tile) and tiles_per_cta override the heuristics (tests use
+    sm90 kernel's 128x256 / 128x128 / 128x64 tile) and tiles_per_cta override the heuristics (tests use
     them to reach every path at small sizes). Otherwise :func:`sm90_plan` picks the kernel.
 
     Layouts: x, weight and lora_a are read row by row, so a tensor whose last dimension is not
