@@ -133,6 +133,10 @@ fi
 bench model --suite model
 bench overhead --suite overhead
 bench tune --suite tune --quick
+# the tuner writes lora_kernels/configs/<card>.json: bring it back to commit (issue 16)
+if ls lora_kernels/configs/*.json >/dev/null 2>&1; then
+    mkdir -p "$RAW/configs" && cp lora_kernels/configs/*.json "$RAW/configs/" && tar cf "$OUT/results.tar" -C "$RAW" .
+fi
 
 say "== summary"
 $PY -m bench.summarize "$RAW" 2>&1 | tee -a "$LOG"
