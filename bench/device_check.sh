@@ -57,9 +57,10 @@ bench() {
     wanted "$name" || return 0
     in_budget "$name" || return 0
     local start=$SECONDS
-    local quick=()
-    [ "${QUICK:-0}" = 1 ] && quick=(--quick)
-    timeout "$(left)" $PY -m bench "$@" "${quick[@]}" --rep-ms "$REP" --out "$RAW" >>"$LOG" 2>&1
+    local args=("$@")
+    # QUICK=1 (a rehearsal): the suite's own quick shapes, not the GPU shapes asked for
+    [ "${QUICK:-0}" = 1 ] && args=("${args[@]:0:2}" --quick)
+    timeout "$(left)" $PY -m bench "${args[@]}" --rep-ms "$REP" --out "$RAW" >>"$LOG" 2>&1
     local rc=$?
     [ $rc -eq 0 ] || failures=$((failures + 1))
     say "bench $name: exit code $rc in $((SECONDS - start)) s"
@@ -105,8 +106,10 @@ if wanted sanitize && in_budget sanitize; then
     say "== compute-sanitizer (bench/sanitize_case.py: CUDA C++ kernels; bench/sanitize_triton.py: Triton kernels)"
     SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
     sanitizer_rc=0
+    [ -x "$SANITIZER" ] || { say "compute-sanitizer not found ($SANITIZER)"; sanitizer_rc=127; }
     for script in sanitize_case sanitize_triton; do
         for tool in memcheck racecheck initcheck; do
+            [ -x "$SANITIZER" ] || break 2
             in_budget "sanitizer $tool $script" || break 2
             start=$SECONDS
             PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$(left)" "$SANITIZER" --tool $tool --error-exitcode 9 \
