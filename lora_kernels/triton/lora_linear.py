@@ -51,6 +51,19 @@ def _load_tile(ptr, offs_rows, offs_cols, n_rows, n_cols, stride_rows, stride_co
 
 
 @triton.jit
+def _grouped_tile(pid, num_m_blocks, num_col_groups, GROUP_M: tl.constexpr):
+    """(m_block, col_group) of program (or tile) `pid` in the grouped order of the Triton matmul
+    tutorial: GROUP_M row blocks sweep the same column groups (N runs or N tiles) together, so a
+    run of W is fetched from DRAM once per group and re-read from L2."""
+    programs_per_group = GROUP_M * num_col_groups
+    first_m_block = (pid // programs_per_group) * GROUP_M
+    group_rows = tl.minimum(num_m_blocks - first_m_block, GROUP_M)
+    m_block = first_m_block + (pid % programs_per_group) % group_rows
+    col_group = (pid % programs_per_group) // group_rows
+    return m_block, col_group
+
+
+@triton.jit
 def _philox4x32(c0, c1, c2, c3, k0, k1):
     """Philox4x32-10 on uint32 blocks (Salmon et al.; the rounds of reference.philox4x32)."""
     for _ in tl.static_range(10):
@@ -283,15 +296,8 @@ def lora_linear_fwd_kernel(
     num_m_blocks = tl.cdiv(M, BLOCK_M)
     num_n_tiles = tl.cdiv(N, BLOCK_N)
     num_n_runs = tl.cdiv(num_n_tiles, tiles_per_program)
-    # Grouped order (Triton matmul tutorial): GROUP_M row blocks sweep the same N runs together,
-    # so a W run is fetched from DRAM once per group and re-read from L2.
-    pid = tl.program_id(0)
+    m_block, n_run = _grouped_tile(tl.program_id(0), num_m_blocks, num_n_runs, GROUP_M)
     k_split = tl.program_id(1)
-    programs_per_group = GROUP_M * num_n_runs
-    first_m_block = (pid // programs_per_group) * GROUP_M
-    group_rows = tl.minimum(num_m_blocks - first_m_block, GROUP_M)
-    m_block = first_m_block + (pid % programs_per_group) % group_rows
-    n_run = (pid % programs_per_group) // group_rows
     k_begin = k_split * k_tiles_per_split * BLOCK_K
     k_end = tl.minimum(K, k_begin + k_tiles_per_split * BLOCK_K)
     y_ptr += k_split.to(tl.int64) * stride_ys

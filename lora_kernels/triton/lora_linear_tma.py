@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .lora_linear import _lora_epilogue_store
+from .lora_linear import _grouped_tile, _lora_epilogue_store
 
 
 @triton.jit(do_not_specialize=["M", "t_splits", "num_programs"])
@@ -41,13 +41,9 @@ def lora_linear_fwd_tma_kernel(
     num_n_tiles = tl.cdiv(N, BLOCK_N)
     num_tiles = num_m_blocks * num_n_tiles
     k_tiles = tl.cdiv(K, BLOCK_K)
-    programs_per_group = GROUP_M * num_n_tiles
     for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=True,
                          warp_specialize=WARP_SPECIALIZE):
-        first_m_block = (tile // programs_per_group) * GROUP_M
-        group_rows = tl.minimum(num_m_blocks - first_m_block, GROUP_M)
-        m_block = first_m_block + (tile % programs_per_group) % group_rows
-        n_tile = (tile % programs_per_group) // group_rows
+        m_block, n_tile = _grouped_tile(tile, num_m_blocks, num_n_tiles, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for ki in range(k_tiles):
             x = x_desc.load([m_block * BLOCK_M, ki * BLOCK_K])

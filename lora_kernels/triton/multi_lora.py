@@ -59,8 +59,8 @@ import triton
 import triton.language as tl
 
 from ..serving import AdapterIndex
-from .lora_linear import (ForwardConfig, _load_tile, _lora_dot, _num_sms, _shrink_dot, _tile_candidates,
-                          base_precision, block_r_for, lora_precision_for)
+from .lora_linear import (ForwardConfig, _grouped_tile, _load_tile, _lora_dot, _num_sms, _shrink_dot,
+                          _tile_candidates, base_precision, block_r_for, lora_precision_for)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,12 +326,7 @@ def multi_lora_linear_kernel(
     num_n_tiles = tl.cdiv(N, BLOCK_N)
     num_n_runs = tl.cdiv(num_n_tiles, TILES_PER_PROGRAM)
     # Grouped order (as lora_linear.py): GROUP_M row blocks sweep the same W run together.
-    pid = tl.program_id(0)
-    programs_per_group = GROUP_M * num_n_runs
-    first_m_block = (pid // programs_per_group) * GROUP_M
-    group_rows = tl.minimum(num_m_blocks - first_m_block, GROUP_M)
-    m_block = first_m_block + (pid % programs_per_group) % group_rows
-    n_run = (pid % programs_per_group) // group_rows
+    m_block, n_run = _grouped_tile(tl.program_id(0), num_m_blocks, num_n_runs, GROUP_M)
 
     # Rows are sorted positions: tokens grouped by adapter, so a block touches few adapters.
     p0 = m_block * BLOCK_M
@@ -435,12 +430,7 @@ def multi_lora_linear_chunked_kernel(
     num_m_blocks = tl.cdiv(M, BLOCK_M)
     num_n_tiles = tl.cdiv(N, BLOCK_N)
     num_n_runs = tl.cdiv(num_n_tiles, TILES_PER_PROGRAM)
-    pid = tl.program_id(0)
-    programs_per_group = GROUP_M * num_n_runs
-    first_m_block = (pid // programs_per_group) * GROUP_M
-    group_rows = tl.minimum(num_m_blocks - first_m_block, GROUP_M)
-    m_block = first_m_block + (pid % programs_per_group) % group_rows
-    n_run = (pid % programs_per_group) // group_rows
+    m_block, n_run = _grouped_tile(tl.program_id(0), num_m_blocks, num_n_runs, GROUP_M)
     p0 = m_block * BLOCK_M
     p_end = tl.minimum(p0 + BLOCK_M, M)
     offs_p = p0 + tl.arange(0, BLOCK_M)
