@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_kernels import reference
-from tolerances import assert_close, rand
+from tolerances import assert_close, poison_, rand
 
 
 @dataclass
@@ -280,3 +280,25 @@ GPU_MULTI_CASES = [
     ("none10", 200, 96, 80, 256, 4, "mixed"),
     ("none", 130, 64, 96, 1, 128, None),
 ]
+
+
+def cuda_lora_linear_fwd(inp: LoraInputs, save_t: bool = True, **kw):
+    """(y, t) from the CUDA launcher (lora_kernels.cuda.lora_linear) on `inp`'s CUDA tensors, into
+    poisoned outputs (every element must be written); `kw` reaches the launcher (tile_kind, ...)."""
+    from lora_kernels.cuda.lora_linear import lora_linear_fwd
+    M, N, r = inp.x.shape[0], inp.weight.shape[0], inp.lora_a.shape[0]
+    out = poison_(torch.empty(M, N, dtype=inp.x.dtype, device="cuda"))
+    t_out = poison_(torch.empty(M if save_t else 0, r, dtype=torch.float32, device="cuda"))
+    y, t = lora_linear_fwd(*inp.args(), save_t=save_t, out=out, t_out=t_out, **kw)
+    torch.cuda.synchronize()
+    return y, t
+
+
+def assert_lora_linear_fwd_matches_float64(inp: LoraInputs, y: torch.Tensor, t: Optional[torch.Tensor] = None) -> None:
+    """y (and t = x @ lora_a.T, when given) against float64, at y's dtype's tolerance."""
+    dtype = inp.x.dtype
+    mixed_bias = inp.bias is not None and inp.bias.dtype != dtype
+    assert_close(y, inp.reference64(), dtype, torch_out=None if mixed_bias else inp.torch_expression())
+    if t is not None:
+        t_dtype = torch.float32 if inp.lora_a.dtype == dtype else dtype  # fp32 adapters run split
+        assert_close(t, inp.x.double() @ inp.lora_a.double().t(), t_dtype, what="t")

@@ -8,6 +8,8 @@ import torch
 
 import lora_kernels
 from cases import assert_lora_linear_and_grads_match_float64, make_lora_inputs
+from cases import assert_lora_linear_fwd_matches_float64 as _check
+from cases import cuda_lora_linear_fwd as _fwd
 from tolerances import assert_close, poison_, rand
 
 pytestmark = pytest.mark.gpu
@@ -30,23 +32,6 @@ def extension():
     return cuda
 
 
-def _fwd(inp, save_t=True, **kw):
-    from lora_kernels.cuda.lora_linear import lora_linear_fwd
-    M, N, r = inp.x.shape[0], inp.weight.shape[0], inp.lora_a.shape[0]
-    out = poison_(torch.empty(M, N, dtype=inp.x.dtype, device="cuda"))
-    t_out = poison_(torch.empty(M if save_t else 0, r, dtype=torch.float32, device="cuda"))
-    y, t = lora_linear_fwd(*inp.args(), save_t=save_t, out=out, t_out=t_out, **kw)
-    torch.cuda.synchronize()
-    return y, t
-
-
-def _check(inp, y, t=None):
-    dtype = inp.x.dtype
-    mixed_bias = inp.bias is not None and inp.bias.dtype != dtype
-    assert_close(y, inp.reference64(), dtype, torch_out=None if mixed_bias else inp.torch_expression())
-    if t is not None:
-        t_dtype = torch.float32 if inp.lora_a.dtype == dtype else dtype  # fp32 adapters run split
-        assert_close(t, inp.x.double() @ inp.lora_a.double().t(), t_dtype, what="t")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -11,7 +11,9 @@ import torch
 
 import lora_kernels
 from cases import make_lora_inputs
-from tolerances import assert_close, poison_
+from cases import assert_lora_linear_fwd_matches_float64 as _check
+from cases import cuda_lora_linear_fwd as _fwd
+from tolerances import poison_
 
 pytestmark = pytest.mark.gpu
 
@@ -33,23 +35,6 @@ def hopper():
                     "CUTLASS headers from nvidia-cutlass and a 9.0a target are needed)")
 
 
-def _fwd(inp, save_t=True, **kw):
-    from lora_kernels.cuda.lora_linear import lora_linear_fwd
-    M, N, r = inp.x.shape[0], inp.weight.shape[0], inp.lora_a.shape[0]
-    out = poison_(torch.empty(M, N, dtype=inp.x.dtype, device="cuda"))
-    t_out = poison_(torch.empty(M if save_t else 0, r, dtype=torch.float32, device="cuda"))
-    y, t = lora_linear_fwd(*inp.args(), save_t=save_t, out=out, t_out=t_out, **kw)
-    torch.cuda.synchronize()
-    return y, t
-
-
-def _check(inp, y, t=None):
-    dtype = inp.x.dtype
-    mixed = inp.bias is not None and inp.bias.dtype != dtype
-    assert_close(y, inp.reference64(), dtype, torch_out=None if mixed else inp.torch_expression())
-    if t is not None:
-        t_dtype = torch.float32 if inp.lora_a.dtype == dtype else dtype
-        assert_close(t, inp.x.double() @ inp.lora_a.double().t(), t_dtype, what="t")
 
 
 SHAPES = [  # (M, N, K, r): suite shapes and tails (M % 128, N % 256, K % 64, a partial 2x1 cluster)
