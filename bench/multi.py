@@ -8,7 +8,7 @@ timed under CUDA graphs on a GPU (DESIGN.md section 7; GPU_BASELINES.md's multi-
 * ``ours_se_<b>``: ``lora_shrink`` then ``lora_expand_`` into y (the index prebuilt: a serving
   loop builds it once per batch for all layers); ``ours_shrink_<b>`` / ``ours_expand_<b>`` alone.
   <b> = each of our compiled backends that runs here: ``triton`` and ``cuda`` (the CUDA C++
-  kernels, csrc/multi_lora*.cuh) on a GPU; ours_*_triton vs ours_*_cuda is the measurement that
+  kernels, csrc/multi_lora/*.cuh) on a GPU; ours_*_triton vs ours_*_cuda is the measurement that
   should decide ops/multi_lora.py's AUTO_PREFERENCE.
 * ``peft_loop``: PEFT's mixed-batch LoRA path (for each active adapter: gather its rows,
   ``B(A(x_rows)) * s``, scatter-add into y), with the row indices prepared on the host as PEFT

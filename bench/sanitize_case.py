@@ -2,9 +2,9 @@
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python bench/sanitize_case.py
 
-Each forward case reaches a different path of csrc/lora_linear.cuh (both tile shapes, a CTA
+Each forward case reaches a different path of csrc/lora_linear/lora_linear.cuh (both tile shapes, a CTA
 sweeping several tiles, K tails, element-wise loads, split fp32 adapters, strided lora_b, no
-bias) or, on Hopper, of csrc/lora_linear_sm90.cuh (both tiles, M/N/K tails, the 3r tail); each merge case one of csrc/merge.cuh (vector and element accesses, the transposed layout,
+bias) or, on Hopper, of csrc/lora_linear/lora_linear_sm90.cuh (both tiles, M/N/K tails, the 3r tail); each merge case one of csrc/merge/merge.cuh (vector and element accesses, the transposed layout,
 both MMA kinds, rank chunks, CTAs walking several tiles, the four modes, a full escape table).
 Each result is checked (against float64, or bit for bit after an exact cycle) so that a silent
 error fails too. Exit status 0 = all right. Sizes are tiny: the sanitizer runs kernels 10-100x
@@ -28,7 +28,7 @@ CASES = [
     (130, 40, 70, 5, torch.bfloat16, None, 2, 0, "K % 8 != 0: element loads, M tail"),
     (20, 64, 64, 64, torch.bfloat16, torch.float32, 1, 0, "fp32 adapter split to 2r = 128 rows"),
     (33, 24, 48, 128, torch.float16, None, 2, 0, "rank 128"),
-    # csrc/lora_linear_sm90.cuh (Hopper only; tile_kind 3 = 128x256 with a 2x1 cluster, 4 = 128x128, 5 = 128x64)
+    # csrc/lora_linear/lora_linear_sm90.cuh (Hopper only; tile_kind 3 = 128x256 with a 2x1 cluster, 4 = 128x128, 5 = 128x64)
     (130, 264, 136, 16, torch.bfloat16, None, 3, 0, "sm90 128x256: M and N tails, odd cluster row, bias"),
     (201, 136, 72, 5, torch.float16, torch.float32, 4, 0, "sm90 128x128: K tail, fp32 adapter (3r tail)"),
     (64, 64, 8, 1, torch.bfloat16, None, 4, 0, "sm90: K = 8 (one partial k-block), rank 1"),
@@ -68,7 +68,7 @@ def main() -> int:
     return 1 if failures else 0
 
 
-# (N, K, r, dtype, adapter dtype, layout, what it reaches) of csrc/merge.cuh
+# (N, K, r, dtype, adapter dtype, layout, what it reaches) of csrc/merge/merge.cuh
 MERGE_CASES = [
     (130, 264, 16, torch.bfloat16, None, "contiguous", "16-byte vectors, P and Q tails"),
     (100, 72, 7, torch.float16, torch.float32, "fan_in_fan_out", "transposed layout, 3xTF32"),
@@ -128,7 +128,7 @@ def merge_cases(rnd) -> int:
     return failures
 
 
-# ---- Multi-adapter shrink / expand / fused linear (csrc/multi_lora*.cuh) --------------------------
+# ---- Multi-adapter shrink / expand / fused linear (csrc/multi_lora/*.cuh) --------------------------
 # (dist, M, N, K, L, r_max, dtype, adapter dtype, shrink item_m, what it reaches); ranks mixed,
 # the stacks NaN past each rank (never read), y column-major in the last case.
 MULTI_CASES = [

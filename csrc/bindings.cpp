@@ -5,7 +5,7 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
-#include "lora_linear.h"
+#include "lora_linear/lora_linear.h"
 
 #define LK_STR2(x) #x
 #define LK_STR(x) LK_STR2(x)
@@ -35,8 +35,8 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
   return PyModule_Create(&module);
 }
 
-// ---- in-place merge / unmerge (csrc/merge.cuh) -------------------------------------------------
-#include "merge.h"
+// ---- in-place merge / unmerge (csrc/merge/merge.cuh) -------------------------------------------------
+#include "merge/merge.h"
 
 TORCH_LIBRARY_FRAGMENT(lora_kernels, m) {
   m.def(
@@ -48,7 +48,7 @@ TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) { m.impl("cuda_merge_", &lora_kernels:
 TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) { m.impl("cuda_merge_", &lora_kernels::cuda_merge_); }
 
 // ---- Multi-adapter (segmented) shrink / expand: csrc/multi_lora.{h,cpp} ---------------------
-#include "multi_lora.h"
+#include "multi_lora/multi_lora.h"
 
 TORCH_LIBRARY_FRAGMENT(lora_kernels, m) {
   m.def(
@@ -80,7 +80,7 @@ TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) { m.impl("cuda_multi_lora_linear", &lo
 TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) { m.impl("cuda_multi_lora_linear", &lora_kernels::cuda_multi_lora_linear); }
 
 // ---- Hopper fused LoRA linear (CUTLASS 4 TMA + wgmma, LoRA as extra K blocks): csrc/lora_linear_sm90.{h,cpp}
-#include "lora_linear_sm90_op.h"
+#include "lora_linear/lora_linear_sm90_op.h"
 
 TORCH_LIBRARY_FRAGMENT(lora_kernels, m) {
   m.def(

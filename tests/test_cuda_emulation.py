@@ -1,4 +1,4 @@
-"""CPU lane: the CUDA fused forward's *source* (csrc/lora_linear.cuh), run on the host emulator.
+"""CPU lane: the CUDA fused forward's *source* (csrc/lora_linear/lora_linear.cuh), run on the host emulator.
 
 No GPU here, so the kernel is compiled with the host C++ compiler against emulated primitives
 (tests/cuda_emulation/host_primitives.h: PTX fragment layouts, cp.async landing early or late,

@@ -90,10 +90,10 @@ def test_an_extension_built_before_the_merge_kernel_is_reported(monkeypatch):
 
 def test_merge_sources_are_built():
     """Both build paths compile the merge: the JIT and setup.py share lora_kernels/cuda/sources.py."""
-    assert {"merge_kernels.cu", "merge.cpp"} <= set(cuda.SOURCES)
+    assert {"merge/merge_kernels.cu", "merge/merge.cpp"} <= set(cuda.SOURCES)
     spec = importlib.util.spec_from_file_location("lora_kernels_setup_sources", cuda.CSRC_DIR.parent / "setup.py")
     setup_py = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(setup_py)  # defines SOURCES; setup() runs only as a script
-    assert {"csrc/merge_kernels.cu", "csrc/merge.cpp"} <= set(setup_py.SOURCES)
-    for name in ("merge.cuh", "merge_plan.h", "merge_launch.h", "merge.h", "ptx_stream.cuh"):
+    assert {"csrc/merge/merge_kernels.cu", "csrc/merge/merge.cpp"} <= set(setup_py.SOURCES)
+    for name in ("merge/merge.cuh", "merge/merge_plan.h", "merge/merge_launch.h", "merge/merge.h", "common/ptx_stream.cuh"):
         assert (cuda.CSRC_DIR / name).exists(), name

@@ -1,4 +1,4 @@
-"""CPU lane: the CUDA in-place merge kernel's *source* (csrc/merge.cuh), run on the host emulator.
+"""CPU lane: the CUDA in-place merge kernel's *source* (csrc/merge/merge.cuh), run on the host emulator.
 
 No GPU here, so the kernel is compiled with the host C++ compiler against emulated primitives
 (tests/cuda_emulation/: PTX fragment layouts of ldmatrix and mma, warp shuffles, randomly

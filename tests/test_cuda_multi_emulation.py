@@ -1,4 +1,4 @@
-"""CPU lane: the CUDA multi-adapter shrink / expand *source* (csrc/multi_lora.cuh) on the host emulator.
+"""CPU lane: the CUDA multi-adapter shrink / expand *source* (csrc/multi_lora/multi_lora.cuh) on the host emulator.
 
 The kernels are compiled with the host C++ compiler against emulated primitives
 (tests/cuda_emulation/host_primitives.h), which check bounds, shared-memory races, barrier and
@@ -23,7 +23,7 @@ from tolerances import assert_close, rand
 
 pytestmark = pytest.mark.skipif(driver.compiler() is None, reason="no host C++ compiler (g++) to build the emulator")
 
-GEMV_MAX_ROWS = 4  # csrc/multi_lora_plan.h kGemvMaxRows
+GEMV_MAX_ROWS = 4  # csrc/multi_lora/multi_lora_plan.h kGemvMaxRows
 
 
 @pytest.fixture(scope="module")
@@ -250,10 +250,10 @@ def test_index_is_shared_with_triton():
 
 # ---------------------------------------------------------------------------------------------
 # multi_lora_linear: the segmented shrink, then the base GEMM over the sorted token order with
-# the per-segment expand in its epilogue (csrc/multi_lora_linear.cuh)
+# the per-segment expand in its epilogue (csrc/multi_lora/multi_lora_linear.cuh)
 # ---------------------------------------------------------------------------------------------
 
-SMALL, LARGE = 1, 2  # csrc/lora_linear_plan.h tile kinds: 16x32 (decode), 128x128
+SMALL, LARGE = 1, 2  # csrc/lora_linear/lora_linear_plan.h tile kinds: 16x32 (decode), 128x128
 
 
 def check_linear(exe, inp, seed=0, **kw):

@@ -1,4 +1,4 @@
-"""CPU lane: the Hopper fused forward (csrc/lora_linear_sm90*.cu) as built for sm_90a -- its SASS
+"""CPU lane: the Hopper fused forward (csrc/lora_linear/lora_linear_sm90*.cu) as built for sm_90a -- its SASS
 runs on Hopper's own instructions (HGMMA = wgmma, UTMALDG = TMA loads, multicast inside a
 cluster), ptxas reports no local-memory spills; and the build plumbing (CUTLASS headers found,
 sm90 sources added only when they can be compiled).
@@ -69,7 +69,7 @@ def sm90_build(tmp_path_factory):
     obj = tmp_path_factory.mktemp("sm90") / "lora_linear_sm90_bf16.o"
     cmd = [str(Path(home) / "bin" / "nvcc"), *extension_nvcc_flags(), "-gencode", "arch=compute_90a,code=sm_90a",
            "-Xptxas", "-v", f"-I{CSRC}", *(f"-I{d}" for d in build.include_dirs),
-           "-c", str(CSRC / "lora_linear_sm90_bf16.cu"), "-o", str(obj)]
+           "-c", str(CSRC / "lora_linear" / "lora_linear_sm90_bf16.cu"), "-o", str(obj)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-4000:]
     return obj, done.stderr

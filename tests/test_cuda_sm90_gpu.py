@@ -1,4 +1,4 @@
-"""GPU lane (`pytest -m gpu`, an H100/H200): the Hopper fused forward (csrc/lora_linear_sm90.cuh)
+"""GPU lane (`pytest -m gpu`, an H100/H200): the Hopper fused forward (csrc/lora_linear/lora_linear_sm90.cuh)
 on the card against the float64 reference -- both tiles, bf16 and fp16, M/N/K tails, fp32
 adapters (the 3r tail), bias dtypes, every element written (poisoned outputs), CUDA graph
 capture -- and the dispatch: sm_90 takes it where sm90_plan says, the rest keeps the sm_80 kernel.

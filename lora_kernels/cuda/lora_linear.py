@@ -4,8 +4,8 @@ either backend the same way. Loading the extension is ``loader``'s job.
 
 Two kernels:
 
-* ``csrc/lora_linear.cuh`` (sm_80 and later: mma.sync, cp.async): t = x @ A.T inside the kernel;
-* ``csrc/lora_linear_sm90.cuh`` (Hopper, sm_90a: CUTLASS 4 TMA + wgmma, persistent): one GEMM
+* ``csrc/lora_linear/lora_linear.cuh`` (sm_80 and later: mma.sync, cp.async): t = x @ A.T inside the kernel;
+* ``csrc/lora_linear/lora_linear_sm90.cuh`` (Hopper, sm_90a: CUTLASS 4 TMA + wgmma, persistent): one GEMM
   whose K loop runs over x @ W.T and then over a short LoRA tail on the same accumulator,
   ``y = x @ W.T + tail_x @ tail_w.T + bias``, with ``tail_x = [t_hi | t_lo]``, ``tail_w = [B | B]``
   and t = scale * x @ A.T computed first in fp32 (cuBLAS) and split into two 16-bit halves
@@ -65,7 +65,7 @@ def split_fp32_adapter(lora_a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
 # kernel's 128-row tiles would leave most SMs idle at N = 4096). A swap-AB sm90 decode variant is
 # not written yet; the crossover is not measured (no GPU in the session that chose it; bench/).
 SM90_MIN_M = 64
-SM90_TILE_128x256, SM90_TILE_128x128, SM90_TILE_128x64 = 0, 1, 2   # csrc/lora_linear_sm90.h's Sm90Tile
+SM90_TILE_128x256, SM90_TILE_128x128, SM90_TILE_128x64 = 0, 1, 2   # csrc/lora_linear/lora_linear_sm90.h's Sm90Tile
 TILE_KIND_SM90 = {3: SM90_TILE_128x256, 4: SM90_TILE_128x128, 5: SM90_TILE_128x64}  # tile_kind overrides (tests)
 # (tile, rows, columns, relative throughput per tile area). The throughputs are guesses, not
 # measured (bigger tiles read fewer operand bytes per FLOP of shared memory and L2):

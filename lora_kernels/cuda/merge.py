@@ -1,4 +1,4 @@
-"""The CUDA C++ in-place merge (``csrc/merge.cuh``): launchers with the contract of
+"""The CUDA C++ in-place merge (``csrc/merge/merge.cuh``): launchers with the contract of
 ``lora_kernels.triton.merge`` (and ``reference.py``'s argument names), so that the op layer
 (``lora_kernels.ops.merge``) runs either backend the same way.
 
@@ -23,7 +23,7 @@ from ..errors import BackendUnavailable
 from . import loader
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MODE_APPLY, MODE_COUNT_NONFINITE, MODE_MERGE_EXACT, MODE_UNMERGE_EXACT = 0, 1, 2, 3  # csrc/merge_plan.h
+MODE_APPLY, MODE_COUNT_NONFINITE, MODE_MERGE_EXACT, MODE_UNMERGE_EXACT = 0, 1, 2, 3  # csrc/merge/merge_plan.h
 
 
 def input_reason(weight_dtype: torch.dtype) -> Optional[str]:

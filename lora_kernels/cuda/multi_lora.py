@@ -1,5 +1,5 @@
 """The CUDA C++ multi-adapter (segmented) shrink / expand and fused linear
-(``csrc/multi_lora.cuh``, ``csrc/multi_lora_linear.cuh``): input checks and launchers, with the
+(``csrc/multi_lora/multi_lora.cuh``, ``csrc/multi_lora/multi_lora_linear.cuh``): input checks and launchers, with the
 contract of ``lora_kernels.triton.multi_lora`` so that ``lora_kernels.ops.multi_lora`` runs either
 backend the same way. Loading the extension is ``loader``'s job.
 """
@@ -12,7 +12,7 @@ import torch
 from . import loader
 from .lora_linear import CUDA_DTYPES, unit_stride_along_k
 
-MULTI_MAX_R = 128  # csrc/multi_lora_plan.h kMultiMaxRank: the expand keeps t [rows, r_max] on chip
+MULTI_MAX_R = 128  # csrc/multi_lora/multi_lora_plan.h kMultiMaxRank: the expand keeps t [rows, r_max] on chip
 # The shrink's work-list piece size follows the Triton launcher's rule (triton/multi_lora.py,
 # segment_config; reasoning there, not measured): 64-token pieces (the 64 x 64 tile, each A tile
 # reused over 64 tokens) only when there are at least 2 of them per SM, else 16-token pieces
@@ -99,7 +99,7 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a_stack: torch
 
     Two launches: the segmented shrink (t [M, r_max] fp32), then the base GEMM over the sorted
     token order with each segment's t . B^T added in its epilogue and y stored once
-    (csrc/multi_lora_linear.cuh). `out` receives y (tests poison it); tile_kind (1 small-M,
+    (csrc/multi_lora/multi_lora_linear.cuh). `out` receives y (tests poison it); tile_kind (1 small-M,
     2 large), tiles_per_cta and item_m (the shrink's work list) override the heuristics."""
     loader.load()
     M, N = x.shape[0], weight.shape[0]

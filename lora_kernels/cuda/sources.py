@@ -16,14 +16,16 @@ import subprocess
 from pathlib import Path
 from typing import List, NamedTuple, Optional
 
-# The sm_80 kernels (mma.sync) and the torch-facing launchers: in every build. The sm90 launcher
-# (lora_linear_sm90.cpp) is too: it reports a build without the sm90 kernels in a sentence.
-SOURCES = ("lora_linear_kernels.cu", "lora_linear.cpp", "bindings.cpp")
-SOURCES += ("merge_kernels.cu", "merge.cpp")  # in-place merge (csrc/merge.cuh; launchers in cuda/merge.py)
-SOURCES += ("multi_lora_kernels.cu", "multi_lora.cpp")  # multi-adapter shrink / expand
-SOURCES += ("lora_linear_sm90.cpp",)  # Hopper fused forward: launcher (kernels below)
+# Paths under csrc/, one folder per op family (its kernel headers, plan and launchers; common/
+# holds what the families share). The sm_80 kernels (mma.sync) and the torch-facing launchers:
+# in every build. The sm90 launcher (lora_linear_sm90.cpp) is too: it reports a build without the
+# sm90 kernels in a sentence.
+SOURCES = ("lora_linear/lora_linear_kernels.cu", "lora_linear/lora_linear.cpp", "bindings.cpp")
+SOURCES += ("merge/merge_kernels.cu", "merge/merge.cpp")  # in-place merge (launchers in cuda/merge.py)
+SOURCES += ("multi_lora/multi_lora_kernels.cu", "multi_lora/multi_lora.cpp")  # multi-adapter shrink / expand / linear
+SOURCES += ("lora_linear/lora_linear_sm90.cpp",)  # Hopper fused forward: launcher (kernels below)
 # One .cu per instantiation family, so that ninja compiles them in parallel.
-SM90_SOURCES = ("lora_linear_sm90_bf16.cu", "lora_linear_sm90_fp16.cu")
+SM90_SOURCES = ("lora_linear/lora_linear_sm90_bf16.cu", "lora_linear/lora_linear_sm90_fp16.cu")
 CUTLASS_REQUIREMENT = "nvidia-cutlass==4.2.0.0"  # pyproject.toml's [build-system] requires, the same pin
 SM90_ARCH = "9.0a"
 MIN_NVCC_FOR_SM90 = (12, 3)  # CUTLASS 4's sm90 collectives; checked with nvcc 13.0 here, older not tried

@@ -1,7 +1,7 @@
 """In-place merge / unmerge: ``weight += scale * lora_b @ lora_a`` and its inverse.
 
 Layers: kernel + launchers (``lora_kernels/triton/merge.py``; the CUDA C++ kernel
-``csrc/merge.cuh`` with its launchers in ``lora_kernels/cuda/merge.py``) -> the registered ops
+``csrc/merge/merge.cuh`` with its launchers in ``lora_kernels/cuda/merge.py``) -> the registered ops
 ``torch.ops.lora_kernels.{merge_, unmerge_, merge_exact_, unmerge_exact_}`` (here, with fake
 impls) -> the public ``merge_`` / ``unmerge_`` (validation, safe merge, exact unmerge) ->
 ``FusedLoRALinear.merge()/unmerge()``.

@@ -1,7 +1,7 @@
 """Multi-adapter (segmented) LoRA ops: validation, backend dispatch and the registered ops.
 
-Layers: kernels (Triton: ``lora_kernels/triton/multi_lora.py``; CUDA C++: ``csrc/multi_lora.cuh``
-and ``csrc/multi_lora_linear.cuh``) -> launchers (the Triton file; ``lora_kernels/cuda/multi_lora.py``) -> the
+Layers: kernels (Triton: ``lora_kernels/triton/multi_lora.py``; CUDA C++: ``csrc/multi_lora/multi_lora.cuh``
+and ``csrc/multi_lora/multi_lora_linear.cuh``) -> launchers (the Triton file; ``lora_kernels/cuda/multi_lora.py``) -> the
 custom ops ``torch.ops.lora_kernels.{lora_shrink, lora_expand, multi_lora_linear}`` (here) ->
 ``MultiLoRALinear`` (layers.py). Per-batch metadata comes from ``AdapterIndex`` (serving.py); both
 compiled backends read the same index.

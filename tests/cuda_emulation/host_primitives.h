@@ -1,4 +1,4 @@
-// Host emulation of the device primitives in csrc/ptx.cuh, so that the CPU test lane runs the
+// Host emulation of the device primitives in csrc/common/ptx.cuh, so that the CPU test lane runs the
 // CUDA kernel source itself (compiled by the host C++ compiler) and checks its index math.
 //
 // Each CUDA thread of a CTA is a fiber (ucontext); warp-level primitives (ldmatrix, mma.sync)
@@ -277,7 +277,7 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even
 }  // namespace emu
 
 // ================================================================================================
-// The primitives, with the names and signatures of csrc/ptx.cuh.
+// The primitives, with the names and signatures of csrc/common/ptx.cuh.
 // ================================================================================================
 namespace lora_kernels {
 namespace ptx {
@@ -458,7 +458,7 @@ inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32
 }  // namespace ptx
 }  // namespace lora_kernels
 
-// ---- Twins of the primitives added for the multi-adapter kernels (end of csrc/ptx.cuh) --------
+// ---- Twins of the primitives added for the multi-adapter kernels (end of csrc/common/ptx.cuh) --------
 namespace lora_kernels {
 namespace ptx {
 

@@ -1,4 +1,4 @@
-// Host emulation of csrc/ptx_stream.cuh (see host_primitives.h for the emulator itself): the same
+// Host emulation of csrc/common/ptx_stream.cuh (see host_primitives.h for the emulator itself): the same
 // names and signatures, with bounds and alignment checks, per-byte store counts (through
 // emu::global_store) and per-byte *read* counts for the allocations registered with
 // emu::count_reads -- so a test can check that a kernel read each element of W exactly once.

@@ -1,10 +1,10 @@
-"""Runs the CUDA in-place merge kernel source (csrc/merge.cuh) on the host emulator (run_merge.cpp).
+"""Runs the CUDA in-place merge kernel source (csrc/merge/merge.cuh) on the host emulator (run_merge.cpp).
 
 Each tensor is written as its own allocation, exactly as long as the tensor's extent (a read or
 write past it is a fault in the emulator), with NaN (int8: 0) in the gaps between rows. The
 emulator counts, per byte, the stores into every writable allocation and the streaming reads of
 W and the codes, so "each element read once and written once, nothing else touched" is checked.
-The launch parameters come from the launcher's own make_merge_params (csrc/merge_plan.h).
+The launch parameters come from the launcher's own make_merge_params (csrc/merge/merge_plan.h).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 from . import emulator
 from .driver import _pack
 
-MODE_APPLY, MODE_COUNT_NONFINITE, MODE_MERGE_EXACT, MODE_UNMERGE_EXACT = 0, 1, 2, 3  # csrc/merge_plan.h
+MODE_APPLY, MODE_COUNT_NONFINITE, MODE_MERGE_EXACT, MODE_UNMERGE_EXACT = 0, 1, 2, 3  # csrc/merge/merge_plan.h
 WTYPE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 
 

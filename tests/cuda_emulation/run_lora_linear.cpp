@@ -1,4 +1,4 @@
-// Runs csrc/lora_linear.cuh's fused forward on the host emulator (host_primitives.h).
+// Runs csrc/lora_linear/lora_linear.cuh's fused forward on the host emulator (host_primitives.h).
 //
 //   run_lora_linear DIR
 //
@@ -8,7 +8,7 @@
 // t_init.bin), DIR/y_counts.bin and DIR/t_counts.bin (stores per byte) and DIR/plan.txt.
 // Exit status: runner_io.h.
 #include "host_primitives.h"
-#include "lora_linear.cuh"
+#include "lora_linear/lora_linear.cuh"
 #include "runner_io.h"
 
 using namespace lora_kernels;
@@ -46,7 +46,7 @@ int main(int argc, char** argv) {
   p.bias = has_bias ? bias.data() + in.I("bias_off") * bias_elem : nullptr;
   p.y = reinterpret_cast<uint16_t*>(y.data()) + in.I("y_off");
   p.t = reinterpret_cast<float*>(t.data()) + in.I("t_off");
-  // The same conditions as the CUDA launcher (csrc/lora_linear.cpp).
+  // The same conditions as the CUDA launcher (csrc/lora_linear/lora_linear.cpp).
   p.x_aligned16 = rows_16byte_aligned(p.x, p.ldx, p.M);
   p.w_aligned16 = rows_16byte_aligned(p.w, p.ldw, p.N);
   p.a_aligned16 = rows_16byte_aligned(p.a, p.lda, p.a_rows);

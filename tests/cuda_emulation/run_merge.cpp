@@ -1,4 +1,4 @@
-// Runs csrc/merge.cuh's in-place merge kernel on the host emulator (host_primitives.h,
+// Runs csrc/merge/merge.cuh's in-place merge kernel on the host emulator (host_primitives.h,
 // host_stream_primitives.h), with the launcher's own parameter logic (make_merge_params).
 //
 //   run_merge DIR
@@ -9,7 +9,7 @@
 // and read counts of W and the codes (DIR/{w,codes}_{stores,reads}.bin) and DIR/plan.txt.
 // Exit status: runner_io.h.
 #include "host_stream_primitives.h"
-#include "merge.cuh"
+#include "merge/merge.cuh"
 #include "runner_io.h"
 
 using namespace lora_kernels;

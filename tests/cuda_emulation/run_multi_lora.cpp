@@ -1,4 +1,4 @@
-// Runs csrc/multi_lora.cuh's segmented shrink or expand on the host emulator (host_primitives.h).
+// Runs csrc/multi_lora/multi_lora.cuh's segmented shrink or expand on the host emulator (host_primitives.h).
 //
 //   run_multi_lora DIR
 //
@@ -12,8 +12,8 @@
 // Writes DIR/out.bin (the output allocation after the run) and DIR/out_counts.bin (stores per
 // byte). Exit status: runner_io.h.
 #include "host_primitives.h"
-#include "multi_lora.cuh"
-#include "multi_lora_linear.cuh"
+#include "multi_lora/multi_lora.cuh"
+#include "multi_lora/multi_lora_linear.cuh"
 #include "runner_io.h"
 
 using namespace lora_kernels;
@@ -66,7 +66,7 @@ void run_shrink(Inputs& in, unsigned char* out, std::ofstream& plan_file) {
   p.L = int(in.I("L"));
   p.item_m = int(in.I("item_m"));
   p.ldx = in.I("ldx"); p.lda_l = in.I("lda_l"); p.lda_r = in.I("lda_r"); p.ldt = in.I("ldt");
-  // The same conditions as the CUDA launcher (csrc/multi_lora.cpp).
+  // The same conditions as the CUDA launcher (csrc/multi_lora/multi_lora.cpp).
   p.x_vec = rows_aligned16(p.x, 2, {p.M > 1 ? p.ldx : 0});
   p.a_vec = rows_aligned16(p.a, p.a_fp32 ? 4 : 2, {in.I("L") > 1 ? p.lda_l : 0, p.R > 1 ? p.lda_r : 0});
   const MultiLaunchPlan plan = plan_multi_shrink(p.num_items, p.R, p.item_m, p.a_fp32);
@@ -134,7 +134,7 @@ void run_linear(Inputs& in, unsigned char* out, std::ofstream& plan_file) {
   p.M = in.I("M"); p.N = in.I("N"); p.K = in.I("K"); p.L = int(in.I("L")); p.R = int(in.I("R"));
   p.ldx = in.I("ldx"); p.ldw = in.I("ldw"); p.ldy = in.I("ldy"); p.ldt_m = in.I("ldt_m"); p.ldt_r = in.I("ldt_r");
   p.ldb_l = in.I("ldb_l"); p.ldb_n = in.I("ldb_n"); p.ldb_r = in.I("ldb_r");
-  // The same conditions as the CUDA launcher (csrc/multi_lora.cpp).
+  // The same conditions as the CUDA launcher (csrc/multi_lora/multi_lora.cpp).
   p.aligned16 = rows_16byte_aligned(p.x, p.ldx, p.M) && rows_16byte_aligned(p.w, p.ldw, p.N);
   p.y_pairs = output_pairs_aligned(p.y, p.ldy, p.M);
   const LaunchPlan plan = plan_multi_linear(p.M, p.N, p.R, int(in.I("tile_kind")), int(in.I("tiles_per_cta")));

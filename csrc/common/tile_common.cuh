@@ -20,9 +20,9 @@
 
 #include <stdint.h>
 
-#include "lora_linear_plan.h"  // ceil_div, LK_HOST_DEVICE
+#include "common/plan_common.h"  // ceil_div, LK_HOST_DEVICE
 #ifndef LORA_KERNELS_HOST_EMULATION
-#include "ptx.cuh"
+#include "common/ptx.cuh"
 #endif
 
 namespace lora_kernels {

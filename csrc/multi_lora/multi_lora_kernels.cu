@@ -3,9 +3,9 @@
 // launches the one a plan names. Torch-free, so nvcc compiles it quickly.
 #include <atomic>
 
-#include "multi_lora.cuh"
-#include "multi_lora_launch.h"
-#include "multi_lora_linear.cuh"
+#include "multi_lora/multi_lora.cuh"
+#include "multi_lora/multi_lora_launch.h"
+#include "multi_lora/multi_lora_linear.cuh"
 
 namespace lora_kernels {
 

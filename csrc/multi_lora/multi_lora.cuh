@@ -25,8 +25,8 @@
 
 #include <stdint.h>
 
-#include "multi_lora_plan.h"
-#include "tile_common.cuh"  // Fp16 / Bf16 and the tile pieces shared with the fused forward
+#include "multi_lora/multi_lora_plan.h"
+#include "common/tile_common.cuh"  // Fp16 / Bf16 and the tile pieces shared with the fused forward
 
 namespace lora_kernels {
 namespace multi {

@@ -4,8 +4,8 @@
 // unmerge then run the same machine code) -- and launches the one a call needs. Torch-free.
 #include <atomic>
 
-#include "merge.cuh"
-#include "merge_launch.h"
+#include "merge/merge.cuh"
+#include "merge/merge_launch.h"
 
 namespace lora_kernels {
 

@@ -3,7 +3,7 @@
 //
 //   y[tok, n] = sum_k x[tok, k] W[n, k] + bias[n] + sum_{j < rank_i} t[tok, j] B[i, n, j]   (rounded once)
 //
-// t [M, R] is the segmented shrink's output (csrc/multi_lora.cuh: scaled, fp32). The launcher
+// t [M, R] is the segmented shrink's output (csrc/multi_lora/multi_lora.cuh: scaled, fp32). The launcher
 // runs that shrink first, so the op is two launches: the shrink (reads x and the active adapters'
 // A) and this kernel (reads x and W once, the active adapters' B, writes y once) -- the Triton
 // kernel's "t precomputed" path; t is not computed inside this kernel's K loop.
@@ -21,8 +21,8 @@
 
 #include <stdint.h>
 
-#include "multi_lora.cuh"   // rank_of
-#include "tile_common.cuh"  // Fp16 / Bf16 and the tile pieces shared with the fused forward
+#include "multi_lora/multi_lora.cuh"   // rank_of
+#include "common/tile_common.cuh"  // Fp16 / Bf16 and the tile pieces shared with the fused forward
 
 namespace lora_kernels {
 namespace multi {

@@ -9,11 +9,7 @@
 
 #include <type_traits>
 
-#if defined(__CUDACC__)
-#define LK_HOST_DEVICE __host__ __device__
-#else
-#define LK_HOST_DEVICE
-#endif
+#include "common/plan_common.h"  // LK_HOST_DEVICE, ceil_div, alignment predicates
 
 namespace lora_kernels {
 
@@ -113,8 +109,6 @@ struct SmemLayout {
 // ------------------------------------------------------------------------------------------------
 // Host-side planning, shared by the CUDA launcher and the host emulator.
 // ------------------------------------------------------------------------------------------------
-LK_HOST_DEVICE inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // Rank tile: a_rows padded to 16, 32, 64 or 128 (0 when a_rows > 128: not supported).
 inline int rank_block_for(int a_rows) {
   for (int rb = 16; rb <= 128; rb *= 2)
@@ -142,15 +136,6 @@ inline int tiles_per_cta_for(int64_t num_m_blocks, int64_t num_n_tiles, int num_
     if (best_time < 0 || time <= best_time) best = d, best_time = time;
   }
   return int(best);
-}
-
-inline bool rows_16byte_aligned(const void* p, int64_t ld, int64_t rows) {
-  return (reinterpret_cast<uintptr_t>(p) % 16 == 0) && (rows <= 1 || ld % 8 == 0);
-}
-
-// Two adjacent 16-bit outputs (even column, same row) can be stored as one aligned 32-bit word.
-inline bool output_pairs_aligned(const void* y, int64_t ldy, int64_t rows) {
-  return (reinterpret_cast<uintptr_t>(y) % 4 == 0) && (rows <= 1 || ldy % 2 == 0);
 }
 
 // Calls f(Cfg{}, std::integral_constant<int, RB>{}) for the given tile kind and rank block;

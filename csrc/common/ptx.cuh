@@ -103,7 +103,7 @@ LK_DEVICE void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uin
 }  // namespace ptx
 }  // namespace lora_kernels
 
-// ---- Added for the multi-adapter kernels (csrc/multi_lora.cuh) ------------------------------
+// ---- Added for the multi-adapter kernels (csrc/multi_lora/multi_lora.cuh) ------------------------------
 namespace lora_kernels {
 namespace ptx {
 

@@ -6,7 +6,7 @@
 // lora_a [r, K] (or [2r, K] when a_split) in float16/bfloat16 with unit stride along K (any row
 // stride); lora_b [N, r] in x's dtype or float32, any strides; bias [N] contiguous, x's dtype or
 // float32; y [M, N] x's dtype with unit column stride; t [M, r] float32 with unit column stride.
-#include "lora_linear.h"
+#include "lora_linear/lora_linear.h"
 
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -17,7 +17,7 @@
 #include <sstream>
 #include <vector>
 
-#include "lora_linear_launch.h"
+#include "lora_linear/lora_linear_launch.h"
 
 namespace lora_kernels {
 

@@ -3,7 +3,7 @@
 
 #include <cuda_runtime_api.h>
 
-#include "lora_linear_plan.h"
+#include "lora_linear/lora_linear_plan.h"
 
 namespace lora_kernels {
 

@@ -12,7 +12,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include "ptx.cuh"
+#include "common/ptx.cuh"
 
 namespace lora_kernels {
 namespace ptx {

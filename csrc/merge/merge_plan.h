@@ -1,5 +1,5 @@
 // Parameters, layout canonicalisation and launch planning of the in-place merge kernel
-// (csrc/merge.cuh): plain C++17 (no CUDA, no torch), shared by the kernel, the CUDA launcher
+// (csrc/merge/merge.cuh): plain C++17 (no CUDA, no torch), shared by the kernel, the CUDA launcher
 // (merge_kernels.cu), the torch-facing launcher (merge.cpp) and the host emulator
 // (tests/cuda_emulation/run_merge.cpp), so that the emulator tests the launcher's layout logic too.
 #pragma once
@@ -7,13 +7,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#ifndef LK_HOST_DEVICE
-#if defined(__CUDACC__)
-#define LK_HOST_DEVICE __host__ __device__
-#else
-#define LK_HOST_DEVICE
-#endif
-#endif
+#include "common/plan_common.h"  // LK_HOST_DEVICE
 
 namespace lora_kernels {
 

@@ -12,7 +12,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "lora_linear_plan.h"  // LK_HOST_DEVICE, ceil_div, rows_16byte_aligned
+#include "lora_linear/lora_linear_plan.h"  // LK_HOST_DEVICE, ceil_div, rows_16byte_aligned
 
 namespace lora_kernels {
 

@@ -2,8 +2,8 @@
 // launches the one a plan names. Torch-free, so nvcc compiles it quickly.
 #include <atomic>
 
-#include "lora_linear.cuh"
-#include "lora_linear_launch.h"
+#include "lora_linear/lora_linear.cuh"
+#include "lora_linear/lora_linear_launch.h"
 
 namespace lora_kernels {
 

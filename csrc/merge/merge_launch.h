@@ -3,7 +3,7 @@
 
 #include <cuda_runtime_api.h>
 
-#include "merge_plan.h"
+#include "merge/merge_plan.h"
 
 namespace lora_kernels {
 

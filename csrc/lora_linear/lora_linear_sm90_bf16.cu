@@ -1,6 +1,6 @@
 // Instantiates the Hopper fused LoRA linear (lora_linear_sm90.cuh) for bfloat16: its three tiles.
 // Compiled only for sm_90a builds with the CUTLASS headers (setup.py, lora_kernels/cuda/loader.py).
-#include "lora_linear_sm90.cuh"
+#include "lora_linear/lora_linear_sm90.cuh"
 
 namespace lora_kernels {
 

@@ -7,8 +7,8 @@
 // Input contract (lora_kernels/cuda/lora_linear.py arranges it): x [M, K], weight [N, K],
 // tail_x [M, L], tail_w [N, L], y [M, N], all one 16-bit dtype, unit stride along the last
 // dimension, 16-byte aligned starts and row strides (TMA); bias [N] float32 contiguous or None.
-#include "lora_linear_sm90.h"
-#include "lora_linear_sm90_op.h"
+#include "lora_linear/lora_linear_sm90.h"
+#include "lora_linear/lora_linear_sm90_op.h"
 
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

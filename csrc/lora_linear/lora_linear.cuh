@@ -25,8 +25,8 @@
 
 #include <stdint.h>
 
-#include "lora_linear_plan.h"
-#include "tile_common.cuh"  // Fp16 / Bf16 and the tile pieces shared with the multi-adapter kernels
+#include "lora_linear/lora_linear_plan.h"
+#include "common/tile_common.cuh"  // Fp16 / Bf16 and the tile pieces shared with the multi-adapter kernels
 
 namespace lora_kernels {
 

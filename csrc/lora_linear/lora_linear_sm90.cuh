@@ -25,7 +25,7 @@
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/gemm/kernel/tile_scheduler.hpp"
 
-#include "lora_linear_sm90.h"
+#include "lora_linear/lora_linear_sm90.h"
 
 namespace lora_kernels {
 namespace sm90 {

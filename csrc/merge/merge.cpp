@@ -7,7 +7,7 @@
 // strides; lora_a [r, K] and lora_b [N, r] in the weight's dtype or float32 (float32 for a float32
 // weight), any strides; codes int8 with the weight's shape, any strides; escape_index int64 [C],
 // escape_value weight's dtype [C] and status int32 [2], contiguous.
-#include "merge.h"
+#include "merge/merge.h"
 
 #include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -19,7 +19,7 @@
 #include <sstream>
 #include <vector>
 
-#include "merge_launch.h"
+#include "merge/merge_launch.h"
 
 namespace lora_kernels {
 

@@ -3,7 +3,7 @@
 
 #include <cuda_runtime_api.h>
 
-#include "multi_lora_plan.h"
+#include "multi_lora/multi_lora_plan.h"
 
 namespace lora_kernels {
 

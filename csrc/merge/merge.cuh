@@ -48,9 +48,9 @@
 
 #include <type_traits>
 
-#include "merge_plan.h"
+#include "merge/merge_plan.h"
 #ifndef LORA_KERNELS_HOST_EMULATION
-#include "ptx_stream.cuh"
+#include "common/ptx_stream.cuh"
 #endif
 
 namespace lora_kernels {

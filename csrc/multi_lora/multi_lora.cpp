@@ -9,7 +9,7 @@
 // y [M, N] float16/bfloat16, any non-overlapping strides; t [M, R] float32 (unit column stride for
 // the shrink's output, any strides as the expand's input); scales [L] float32 and ranks [L] int32
 // contiguous; work [I, 3] and sorted_tokens [M] int32 contiguous (AdapterIndex views).
-#include "multi_lora.h"
+#include "multi_lora/multi_lora.h"
 
 #include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -22,7 +22,7 @@
 #include <utility>
 #include <vector>
 
-#include "multi_lora_launch.h"
+#include "multi_lora/multi_lora_launch.h"
 
 namespace lora_kernels {
 
