@@ -100,7 +100,10 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a_stack: torch
     Two launches: the segmented shrink (t [M, r_max] fp32), then the base GEMM over the sorted
     token order with each segment's t . B^T added in its epilogue and y stored once
     (csrc/multi_lora/multi_lora_linear.cuh). `out` receives y (tests poison it); tile_kind (1 small-M,
-    2 large), tiles_per_cta and item_m (the shrink's work list) override the heuristics."""
+    2 large), tiles_per_cta and item_m (the shrink's work list) override the heuristics.
+
+    On Hopper the second launch is the sm90 tail GEMM with a per-slot LoRA tail where
+    multi_lora_sm90.sm90_multi_plan says so (tile_kind 3 / 4 / 5 force its tiles)."""
     loader.load()
     M, N = x.shape[0], weight.shape[0]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out
@@ -109,9 +112,23 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a_stack: torch
     # rows past the index's work lists (an AdapterIndex.padded_to view) must read as zeros
     t = torch.zeros((M, lora_a_stack.shape[1]), dtype=torch.float32, device=x.device) if index.capacity != M else None
     t = multi_lora_shrink(x, lora_a_stack, index, scales, ranks, out=t, item_m=item_m)
+    tile = _sm90_tile(x, weight, lora_b_stack, out, tile_kind)
+    if tile is not None:
+        from .multi_lora_sm90 import launch_sm90_multi
+        return launch_sm90_multi(x, weight, t, lora_b_stack, index.token_adapter, bias, ranks, y, tile)
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
     torch.ops.lora_kernels.cuda_multi_lora_linear(
         unit_stride_along_k(x), unit_stride_along_k(weight), bias, lora_b_stack, t, _ranks_int32(ranks),
         index.sorted_tokens, index.sorted_adapter, index.slot_start, y, tile_kind, tiles_per_cta)
     return y
+
+
+# ---- Hopper: the sm90 tail GEMM with a per-slot LoRA tail (lora_kernels/cuda/multi_lora_sm90.py) ----
+
+def _sm90_tile(x, weight, lora_b_stack, out, tile_kind):
+    """The sm90 tile when this launch takes the sm90 path, else None (multi_lora_sm90.sm90_multi_choice)."""
+    if x.shape[1] == 0:  # K = 0: y = bias, the mma.sync launcher's case
+        return None
+    from .multi_lora_sm90 import sm90_multi_choice
+    return sm90_multi_choice(x, weight, lora_b_stack, out, tile_kind).tile
