@@ -17,6 +17,10 @@ timed under CUDA graphs on a GPU (DESIGN.md section 7; GPU_BASELINES.md's multi-
   in one op); ``peft_loop_layer``: base then the PEFT loop. ``linear/base`` is ours_linear / base
   (the first backend's).
 * ``ours_index``: building the AdapterIndex (reported in the case, outside the table).
+* ``ours_linear_cuda_mma`` (Hopper only): ``multi_lora_linear`` on the mma.sync kernel, where
+  ``ours_linear_cuda`` takes the sm90 tail GEMM with a per-slot tail when its tail is at most
+  K / 8 columns (lora_kernels/cuda/multi_lora_sm90.py): the pair is what measures that threshold
+  (``--adapters 2 4 8 16 --ranks 8 16 32`` sweeps it).
 
 Multi-slice cases (``slices``: QKV 4096 -> 4096+1024+1024 under GQA, gate/up 4096 -> 2 x 14336):
 ``ours_slices_<b>`` = one shrink and one expand launch for all slices; ``ours_per_slice_<b>`` = S
@@ -113,6 +117,16 @@ def _peft_loop(x, y, rows_per_adapter):
     return y
 
 
+def _mma_sync_linear(x, weight, lora_a, lora_b, index, scales, ranks):
+    """backend="cuda" multi_lora_linear with the sm90 path switched off (captured once under CUDA graphs)."""
+    from lora_kernels.cuda import multi_lora_sm90
+    multi_lora_sm90.ENABLED = False
+    try:
+        return lora_kernels.multi_lora_linear(x, weight, lora_a, lora_b, index, scales, None, ranks, backend="cuda")
+    finally:
+        multi_lora_sm90.ENABLED = True
+
+
 def run_case(layer, r, L, M, dist, dtype, device, backends, rep_ms) -> Dict:
     name, K, N = layer
     rnd = seeded_randn(device, dtype, M * 7919 + K * 31 + N + r * 13 + L)
@@ -162,6 +176,12 @@ def run_case(layer, r, L, M, dist, dtype, device, backends, rep_ms) -> Dict:
                                                                                   scales, None, ranks, backend=b))
         kind.update({f"ours_se_{b}": "add", f"ours_expand_{b}": "add", f"ours_linear_{b}": "layer",
                      f"ours_shrink_{b}": "t"})
+
+    if "cuda" in backends and device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0):
+        # Hopper: multi_lora_linear's mma.sync kernel where ours_linear_cuda may run the sm90 tail GEMM
+        # (lora_kernels/cuda/multi_lora_sm90.py): the pair measures its SM90_MULTI_TAIL_DIVISOR threshold.
+        methods["ours_linear_cuda_mma"] = lambda: _mma_sync_linear(x, weight, lora_a, lora_b, index, scales, ranks)
+        kind["ours_linear_cuda_mma"] = "layer"
 
     def check(method: str, out: torch.Tensor) -> float:
         if kind[method] == "t":

@@ -4,7 +4,8 @@
 
 Each forward case reaches a different path of csrc/lora_linear/lora_linear.cuh (both tile shapes, a CTA
 sweeping several tiles, K tails, element-wise loads, split fp32 adapters, strided lora_b, no
-bias) or, on Hopper, of csrc/lora_linear/lora_linear_sm90.cuh (both tiles, M/N/K tails, the 3r tail); each merge case one of csrc/merge/merge.cuh (vector and element accesses, the transposed layout,
+bias) or, on Hopper, of csrc/lora_linear/lora_linear_sm90.cuh (both tiles, M/N/K tails, the 3r tail; and as
+the multi-adapter linear with a per-slot tail, MULTI_SM90_CASES); each merge case one of csrc/merge/merge.cuh (vector and element accesses, the transposed layout,
 both MMA kinds, rank chunks, CTAs walking several tiles, the four modes, a full escape table).
 Each result is checked (against float64, or bit for bit after an exact cycle) so that a silent
 error fails too. Exit status 0 = all right. Sizes are tiny: the sanitizer runs kernels 10-100x
@@ -177,5 +178,40 @@ def main_multi() -> int:
     return 1 if failures else 0
 
 
+# The Hopper multi-adapter linear (lora_kernels/cuda/multi_lora_sm90.py: the sm90 tail GEMM of
+# csrc/lora_linear/lora_linear_sm90.cuh with a per-slot LoRA tail; Hopper only), each tile forced:
+# (dist, M, N, K, L, r_max, dtype, adapter dtype, tile_kind, what it reaches); ranks mixed, NaN past them.
+MULTI_SM90_CASES = [
+    ("none10", 130, 264, 136, 3, 8, torch.bfloat16, None, 3, "sm90 128x256: M and N tails, per-slot tail 48 columns"),
+    ("zipf", 100, 136, 72, 4, 5, torch.float16, torch.float32, 4, "sm90 128x128: fp32 B (3r blocks), Wb = 16 > 3r"),
+    ("one", 64, 64, 8, 2, 1, torch.bfloat16, None, 5, "sm90 128x64: K = 8, rank-1 slots"),
+]
+
+
+def main_multi_sm90() -> int:
+    """The sm90 multi-adapter path on small batches (skipped off Hopper); inputs made and checked on the CPU."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        print("skip the sm90 multi-adapter cases (not an sm_90 GPU)", flush=True)
+        return 0
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from cases import make_multi_inputs  # noqa: E402
+    from lora_kernels import AdapterIndex  # noqa: E402
+    from lora_kernels.cuda.multi_lora import multi_lora_linear  # noqa: E402
+    failures = 0
+    for i, (dist, M, N, K, L, R, dtype, adapter_dtype, tile_kind, what) in enumerate(MULTI_SM90_CASES):
+        inp = make_multi_inputs(M, N, K, L, R, dtype, dist=dist, ranks="mixed", adapter_dtype=adapter_dtype, seed=i)
+        index = AdapterIndex.from_token_adapters(inp.token_adapter.cuda(), L)
+        gpu = lambda t: None if t is None else t.to("cuda")  # noqa: E731
+        lin = multi_lora_linear(gpu(inp.x), gpu(inp.weight), gpu(inp.lora_a), gpu(inp.lora_b), index, gpu(inp.scales),
+                                gpu(inp.bias), gpu(inp.ranks), tile_kind=tile_kind).cpu()
+        ref = inp.linear64()
+        err = ((lin.double() - ref).norm() / ref.norm()).item()
+        ok = err < (1e-2 if dtype == torch.bfloat16 else 2e-3)
+        failures += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} multi sm90 {dist} M={M} N={N} K={K} L={L} r_max={R} {str(dtype)[6:]}: "
+              f"{what}: rel err {err:.2e}", flush=True)
+    return 1 if failures else 0
+
+
 if __name__ == "__main__":
-    sys.exit(max(main(), main_multi()))
+    sys.exit(max(main(), main_multi(), main_multi_sm90()))

@@ -3,6 +3,12 @@ runs on Hopper's own instructions (HGMMA = wgmma, UTMALDG = TMA loads, multicast
 cluster), ptxas reports no local-memory spills; and the build plumbing (CUTLASS headers found,
 sm90 sources added only when they can be compiled).
 
+The same kernels serve the Hopper multi-adapter linear (lora_kernels/cuda/multi_lora_sm90.py):
+it launches cuda_lora_linear_sm90_fwd with a per-slot LoRA tail, no kernel or CUTLASS
+instantiation of its own, so the SASS and spill checks here cover the kernel that path launches
+(same translation units, lora_linear_sm90_bf16.cu / _fp16.cu; tests/test_cuda_sm90_multi_plan.py
+checks that the path calls exactly that op).
+
 The object is the ahead-of-time build's library when it carries the sm90 kernels (no extra
 compile), else lora_linear_sm90_bf16.cu compiled here with the extension's nvcc flags (a few
 minutes: marked slow). The emulator cannot model wgmma or TMA; the GPU lane runs the kernel.

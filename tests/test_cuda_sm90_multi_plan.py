@@ -286,11 +286,14 @@ def test_sm90_dispatch_with_a_padded_index(launcher):
     ("decode M", ("mma.sync", 0)),
     ("forced mma.sync", ("mma.sync", 2)),
     ("forced sm90 tile", ("sm90", cl.SM90_TILE_128x128)),
+    ("switched off", ("mma.sync", 0)),
 ])
-def test_dispatch_falls_back(launcher, case, expect):
+def test_dispatch_falls_back(launcher, monkeypatch, case, expect):
     inp = _prefill()
     kw = {}
-    if case == "sm80":
+    if case == "switched off":  # bench/multi.py's ours_linear_cuda_mma
+        monkeypatch.setattr(sm, "ENABLED", False)
+    elif case == "sm80":
         kw["capability"] = (8, 0)
     elif case == "not built":
         kw["built"] = False

@@ -46,6 +46,9 @@ from . import lora_linear as cl
 # ours_linear_cuda (this path where it applies) against ours_linear_cuda_sm80 (tile_kind 2).
 SM90_MULTI_TAIL_DIVISOR = 8
 SM90_MULTI_TILE_KINDS = cl.TILE_KIND_SM90  # tile_kind 3 / 4 / 5 force 128x256 / 128x128 / 128x64 (tests)
+# False sends every launch the plan would give the sm90 kernel (tile_kind 0) to the mma.sync one:
+# bench/multi.py's ours_linear_cuda_mma column times that kernel on the same Hopper card.
+ENABLED = True
 
 
 def tail_block_width(r_max: int, b_fp32: bool) -> int:
@@ -99,6 +102,8 @@ def sm90_multi_choice(x: torch.Tensor, weight: torch.Tensor, lora_b_stack: torch
         return Sm90MultiPlan(None, f"cuda: multi_lora_linear runs the mma.sync kernel: tile_kind={tile_kind} forces it")
     if tile_kind in SM90_MULTI_TILE_KINDS:
         return Sm90MultiPlan(SM90_MULTI_TILE_KINDS[tile_kind], None)
+    if not ENABLED:
+        return Sm90MultiPlan(None, "cuda: multi_lora_linear runs the mma.sync kernel: multi_lora_sm90.ENABLED is False")
     capability, sms = cl.device_facts(x.device.index or 0)  # CUDA tensors always carry their index
     built = capability == (9, 0) and cl.sm90_built()
     M, K = x.shape
