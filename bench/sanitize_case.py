@@ -4,9 +4,10 @@
 
 Each forward case reaches a different path of csrc/lora_linear/lora_linear.cuh (both tile shapes, a CTA
 sweeping several tiles, K tails, element-wise loads, split fp32 adapters, strided lora_b, no
-bias) or, on Hopper, of csrc/lora_linear/lora_linear_sm90.cuh (both tiles, M/N/K tails, the 3r tail; and as
-the multi-adapter linear with a per-slot tail, MULTI_SM90_CASES); each merge case one of csrc/merge/merge.cuh (vector and element accesses, the transposed layout,
-both MMA kinds, rank chunks, CTAs walking several tiles, the four modes, a full escape table).
+bias) or, on Hopper, of csrc/lora_linear/lora_linear_sm90.cuh (both tiles, M/N/K tails, the 3r
+tail; and as the multi-adapter linear with a per-slot tail, MULTI_SM90_CASES); each merge case
+one of csrc/merge/merge.cuh (vector and element accesses, the transposed layout, both MMA kinds,
+rank chunks, CTAs walking several tiles, the four modes, a full escape table).
 Each result is checked (against float64, or bit for bit after an exact cycle) so that a silent
 error fails too. Exit status 0 = all right. Sizes are tiny: the sanitizer runs kernels 10-100x
 slower.

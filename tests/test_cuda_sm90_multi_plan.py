@@ -217,7 +217,7 @@ def launcher(monkeypatch):
         return t if out is None else out.copy_(t)
 
     def sm90_fwd(x, weight, tail_x, tail_w, bias, y, tile):
-        M, K, N, L = x.shape[0], x.shape[1], weight.shape[0], tail_x.shape[1]
+        M, N, L = x.shape[0], weight.shape[0], tail_x.shape[1]
         assert tail_x.shape == (M, L) and tail_w.shape == (N, L) and y.shape == (M, N)
         for ten in (x, weight, tail_x, tail_w, y):
             assert ten.dtype == x.dtype and cl.tma_readable(ten)

@@ -121,16 +121,21 @@ def multi_tail_x(t: torch.Tensor, token_adapter: torch.Tensor, num_adapters: int
     """tail_x [M, L * Wb] in `dtype` (see the module docstring) from t [M, r_max] float32 (the
     shrink's output: scaled, zero past each rank and for tokens with no adapter) and
     token_adapter [M] (slot of each token, -1 = none; any other value outside [0, L) matches
-    no slot and gives a zero row). Fixed shapes, no host sync."""
+    no slot and gives a zero row). Fixed shapes, no host sync; about six small kernels (the
+    halves are written in place: lo = t - hi computed in fp32 and rounded into its columns)."""
     M, R = t.shape
     L = num_adapters
     wb = tail_block_width(R, b_fp32)
-    hi, lo = cl.split16(t, dtype)
-    parts = [hi, lo, hi] if b_fp32 else [hi, lo]
-    used = len(parts) * R
+    block = torch.empty((M, wb), dtype=dtype, device=t.device)                            # one slot's block
+    hi = block[:, :R]
+    hi.copy_(t)                                                 # ts_hi = t rounded (split16's hi)
+    torch.sub(t, hi, out=block[:, R:2 * R])                     # ts_lo = (t - ts_hi) rounded (split16's lo)
+    used = 2 * R
+    if b_fp32:
+        block[:, used:used + R].copy_(hi)
+        used += R
     if wb > used:
-        parts.append(torch.zeros((M, wb - used), dtype=dtype, device=t.device))
-    block = torch.cat(parts, dim=1)                                                       # [M, Wb]
+        block[:, used:].zero_()
     slots = torch.arange(L, dtype=token_adapter.dtype, device=t.device)
     mine = token_adapter[:, None] == slots[None, :]                                       # [M, L]
     zero = torch.zeros((), dtype=dtype, device=t.device)
@@ -140,27 +145,33 @@ def multi_tail_x(t: torch.Tensor, token_adapter: torch.Tensor, num_adapters: int
 def multi_tail_w(lora_b_stack: torch.Tensor, ranks: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """tail_w [N, L * Wb] in `dtype` (see the module docstring) from lora_b_stack [L, N, r_max]
     (`dtype` or float32, any strides) and ranks [L] int or None (every slot r_max): slot l's
-    block is [B_l | B_l] (16-bit B) or [B_hi | B_hi | B_lo] (fp32 B, split16), columns at or past
-    ranks[l] zero (selected with where: NaN or inf stored there cannot leak)."""
+    block is [B_l | B_l] (16-bit B) or [B_hi | B_hi | B_lo] (fp32 B, split16's halves), columns
+    at or past ranks[l] zero (selected with where: NaN or inf stored there cannot leak)."""
     L, N, R = lora_b_stack.shape
     b_fp32 = lora_b_stack.dtype == torch.float32
     wb = tail_block_width(R, b_fp32)
     device = lora_b_stack.device
     b = lora_b_stack.transpose(0, 1)                                                      # [N, L, R] view
-    if ranks is not None:
-        keep = torch.arange(R, device=device)[None, :] < ranks.to(device=device, dtype=torch.int64)[:, None]
-        b = torch.where(keep[None, :, :], b, torch.zeros((), dtype=b.dtype, device=device))
     tail_w = torch.empty((N, L, wb), dtype=dtype, device=device)
-    if b_fp32:
-        hi, lo = cl.split16(b, dtype)
-        tail_w[:, :, :R] = hi
-        tail_w[:, :, R:2 * R] = hi
-        tail_w[:, :, 2 * R:3 * R] = lo
-        used = 3 * R
-    else:
-        tail_w[:, :, :R] = b
-        tail_w[:, :, R:2 * R] = b
+    first = tail_w[:, :, :R]
+    keep = None
+    if ranks is not None:
+        ranks = ranks.to(device=device)
+        keep = torch.arange(R, dtype=ranks.dtype, device=device)[None, :] < ranks[:, None]  # [L, R]
+    zero = torch.zeros((), dtype=b.dtype, device=device)
+    if not b_fp32:
+        if keep is None:
+            first.copy_(b)
+        else:
+            torch.where(keep[None, :, :], b, zero, out=first)
         used = 2 * R
+    else:
+        if keep is not None:
+            b = torch.where(keep[None, :, :], b, zero)
+        first.copy_(b)                                          # B_hi
+        torch.sub(b, first, out=tail_w[:, :, 2 * R:3 * R])      # B_lo = (B - B_hi) rounded
+        used = 3 * R
+    tail_w[:, :, R:2 * R].copy_(first)
     if wb > used:
         tail_w[:, :, used:].zero_()
     return tail_w.view(N, L * wb)
