@@ -138,8 +138,7 @@ def multi_tail_x(t: torch.Tensor, token_adapter: torch.Tensor, num_adapters: int
         block[:, used:].zero_()
     slots = torch.arange(L, dtype=token_adapter.dtype, device=t.device)
     mine = token_adapter[:, None] == slots[None, :]                                       # [M, L]
-    zero = torch.zeros((), dtype=dtype, device=t.device)
-    return torch.where(mine[:, :, None], block[:, None, :], zero).view(M, L * wb)
+    return torch.where(mine[:, :, None], block[:, None, :], 0.0).view(M, L * wb)  # a scalar keeps block's dtype
 
 
 def multi_tail_w(lora_b_stack: torch.Tensor, ranks: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -158,16 +157,15 @@ def multi_tail_w(lora_b_stack: torch.Tensor, ranks: Optional[torch.Tensor], dtyp
     if ranks is not None:
         ranks = ranks.to(device=device)
         keep = torch.arange(R, dtype=ranks.dtype, device=device)[None, :] < ranks[:, None]  # [L, R]
-    zero = torch.zeros((), dtype=b.dtype, device=device)
     if not b_fp32:
         if keep is None:
             first.copy_(b)
-        else:
-            torch.where(keep[None, :, :], b, zero, out=first)
+        else:  # (where's out= form takes no scalar)
+            torch.where(keep[None, :, :], b, torch.zeros((), dtype=b.dtype, device=device), out=first)
         used = 2 * R
     else:
         if keep is not None:
-            b = torch.where(keep[None, :, :], b, zero)
+            b = torch.where(keep[None, :, :], b, 0.0)
         first.copy_(b)                                          # B_hi
         torch.sub(b, first, out=tail_w[:, :, 2 * R:3 * R])      # B_lo = (B - B_hi) rounded
         used = 3 * R
