@@ -41,9 +41,9 @@ from . import lora_linear as cl
 
 # The tail may add at most K / SM90_MULTI_TAIL_DIVISOR columns to the GEMM's K: at L * Wb <= K / 8
 # the extra MACs are <= 12.5% of the base GEMM's, which the wgmma kernel's speed over mma.sync
-# (~1.5x at best, issue 13) should more than pay for. The threshold is NOT measured yet
-# (no GPU in the session that chose it): bench/ on an H100/H200 measures it, suite multi,
-# ours_linear_cuda (this path where it applies) against ours_linear_cuda_sm80 (tile_kind 2).
+# (issue 13: mma.sync reaches ~60-70% of wgmma's peak) should more than pay for. The threshold is
+# NOT measured yet (no GPU in the session that chose it): bench/ on an H100/H200 measures it,
+# suite multi, ours_linear_cuda (this path where it applies) against ours_linear_cuda_mma.
 SM90_MULTI_TAIL_DIVISOR = 8
 SM90_MULTI_TILE_KINDS = cl.TILE_KIND_SM90  # tile_kind 3 / 4 / 5 force 128x256 / 128x128 / 128x64 (tests)
 # False sends every launch the plan would give the sm90 kernel (tile_kind 0) to the mma.sync one:
