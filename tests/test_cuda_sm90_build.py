@@ -104,6 +104,9 @@ def test_sm90_kernels_use_wgmma_and_tma(sm90_build):
                or "device_kernel" in k.split("\n", 1)[0]]
     assert kernels, "no CUTLASS device_kernel in the object"
     assert all("HMMA" not in k for k in kernels)
+    # No CALL: ptxas serializes wgmma across a call (C7510; CUTLASS's device asserts are calls,
+    # hence NDEBUG in lora_linear_sm90.cuh).
+    assert all(not re.search(r"\bCALL\b", k) for k in kernels), "a CALL in an sm90 kernel: wgmma serialized"
 
 
 def sm90_resource_usage(obj):
@@ -133,6 +136,7 @@ def test_sm90_kernels_do_not_spill(sm90_build):
     print("sm90 kernels (registers):", [(name[-40:], int(regs)) for name, regs in kernels], "spills:", spills)
     assert spills and all(s == ("0", "0") for s in spills), report[-2000:]
     assert all(int(regs) <= 168 for _, regs in kernels), kernels  # 168: the register cap of 3 warpgroups
+    assert "C7510" not in report, "ptxas serialized wgmma (a call inside the kernel; see lora_linear_sm90.cuh)"
 
 
 def _kernels(sass: str):
@@ -161,12 +165,14 @@ def test_sm90_dx_kernels_use_wgmma_with_mn_major_b_and_tma(sm90_dx_build):
         hgmma = re.findall(r"HGMMA\.\S+ [^;]*;", k)
         assert hgmma and all(".tnspB" in h for h in hgmma), (name[-60:], hgmma[:3])  # every wgmma: B MN-major
         assert "HMMA" not in k and not re.search(r"\b(LDL|STL)\b", k), name[-60:]  # no mma.sync, no local memory
+        assert not re.search(r"\bCALL\b", k), name[-60:]  # no call: ptxas would serialize wgmma (C7510)
     if report is not None:  # ptxas -v of the compiled object: its two kernels, no spills, <= 168 registers
         kernels = re.findall(r"Compiling entry function '(\w+)' for 'sm_90a'.*?Used (\d+) registers", report, re.S)
         spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
         print("sm90 dx kernels (registers):", [int(regs) for _, regs in kernels], "spills:", spills)
         assert len(kernels) == 2 and all(int(regs) <= 168 for _, regs in kernels), kernels
         assert len(spills) == 2 and all(sp == ("0", "0") for sp in spills), report[-2000:]
+        assert "C7510" not in report, "ptxas serialized wgmma (a call inside the kernel)"
     else:
         usage = [u for name, u in _resource_usage_by_name(obj).items() if name in dx]
         print("sm90 dx kernels (registers, stack, local):", usage)

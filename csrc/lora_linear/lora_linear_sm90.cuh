@@ -16,6 +16,16 @@
 // Torch-free: included only by lora_linear_sm90_{,dx_}{bf16,fp16}.cu. Needs sm_90a (wgmma, TMA).
 #pragma once
 
+// CUTLASS's device-side asserts compile to calls (__assertfail), and ptxas serializes wgmma
+// across any call in the kernel (warning C7510, "wgmma.mma_async instructions are serialized
+// due to wgmma pipeline crossing function boundary": every kernel here had it without NDEBUG,
+// nvcc 13.0). So these translation units build with NDEBUG, as CUTLASS's own release builds
+// do; <cassert> re-reads it at each inclusion. tests/test_cuda_sm90_build.py checks that the
+// kernels hold no CALL and that ptxas says no C7510.
+#ifndef NDEBUG
+#define NDEBUG
+#endif
+
 #include <cuda_runtime_api.h>
 
 #include <atomic>

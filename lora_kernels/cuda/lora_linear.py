@@ -290,8 +290,10 @@ def dx_tail(dy: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
 
     then zeros up to L8 = L rounded up to a multiple of 8 (tail_x's rows 16-byte multiples, as TMA
     wants). tail_w is [L8, K], K contiguous: the dx kernel reads it MN-major, like W. An fp32
-    lora_b enters as its two 16-bit halves, u = dy @ B_hi + dy @ B_lo. fp16 halves overflow where
-    |us| > 65504 (as the forward's t)."""
+    lora_b enters as its two 16-bit halves, u = dy @ B_hi + dy @ B_lo (B kept to 2^-16 relative
+    in bf16, 2^-22 in fp16). fp16 halves overflow where |us| > 65504 (as the forward's t; with
+    fp16 loss scaling a large scale can overflow us before dx itself would: GradScaler then
+    skips the step and lowers the scale)."""
     dtype = dy.dtype
     M, r, K = dy.shape[0], lora_a.shape[0], lora_a.shape[1]
     if lora_b.dtype == torch.float32:
