@@ -5,9 +5,10 @@
 Each forward case reaches a different path of csrc/lora_linear/lora_linear.cuh (both tile shapes, a CTA
 sweeping several tiles, K tails, element-wise loads, split fp32 adapters, strided lora_b, no
 bias) or, on Hopper, of csrc/lora_linear/lora_linear_sm90.cuh (both tiles, M/N/K tails, the 3r
-tail; and as the multi-adapter linear with a per-slot tail, MULTI_SM90_CASES); each merge case
-one of csrc/merge/merge.cuh (vector and element accesses, the transposed layout, both MMA kinds,
-rank chunks, CTAs walking several tiles, the four modes, a full escape table).
+tail; as the multi-adapter linear with a per-slot tail, MULTI_SM90_CASES; and each sm90 dx case one
+of its backward-dx kernels, B operands MN-major); each merge case one of csrc/merge/merge.cuh
+(vector and element accesses, the transposed layout, both MMA kinds, rank chunks, CTAs walking
+several tiles, the four modes, a full escape table).
 Each result is checked (against float64, or bit for bit after an exact cycle) so that a silent
 error fails too. Exit status 0 = all right. Sizes are tiny: the sanitizer runs kernels 10-100x
 slower.
@@ -66,8 +67,46 @@ def main() -> int:
         failures += not ok
         print(f"{'ok  ' if ok else 'FAIL'} M={M} N={N} K={K} r={r} {str(dtype)[6:]}: {what}: "
               f"rel err y {err:.2e}, t {t_err:.2e}", flush=True)
+    if hopper:
+        failures += dx_cases(rnd)
+    else:
+        print("skip sm90 dx cases (not an sm_90 GPU)", flush=True)
     failures += merge_cases(rnd)
     return 1 if failures else 0
+
+
+# (M, N, K, r, dtype, adapter dtype, tile_kind, what it reaches) of the sm90 backward dx
+# (lora_linear_sm90_dx_*.cu: dx [M, K] = dy [M, N] @ W [N, K] + [u_hi|u_lo] @ [A; A]; 3 = 128x256, 4 = 128x128)
+DX_CASES = [
+    (130, 264, 136, 16, torch.bfloat16, None, 3, "sm90 dx 128x256: M and K tails, odd cluster row"),
+    (201, 72, 136, 5, torch.float16, torch.float32, 4, "sm90 dx 128x128: N tail (partial k-block), 3r tail"),
+    (64, 8, 8, 1, torch.bfloat16, None, 4, "sm90 dx: N = K = 8 (one partial k-block, one partial tile), rank 1"),
+    (100, 200, 264, 16, torch.bfloat16, None, 4, "sm90 dx 128x128: K tail across three tiles"),
+]
+
+
+def dx_cases(rnd) -> int:
+    """The sm90 backward dx on small problems; inputs made and checked on the CPU."""
+    from lora_kernels.cuda.lora_linear import lora_linear_dx
+    failures = 0
+    for M, N, K, r, dtype, adapter_dtype, tile_kind, what in DX_CASES:
+        ad = adapter_dtype or dtype
+        dy, w, a, b = rnd(M, N, dtype=dtype), rnd(N, K, dtype=dtype), rnd(r, K, dtype=ad), rnd(N, r, dtype=ad)
+        got = lora_linear_dx(dy.cuda(), w.cuda(), a.cuda(), b.cuda(), 0.5, tile_kind=tile_kind)
+        if got is None:
+            failures += 1
+            print(f"FAIL dx M={M} N={N} K={K} r={r}: {what}: the sm90 dx did not run", flush=True)
+            continue
+        dx, u = got[0].cpu(), got[1].cpu()
+        u_ref = dy.double() @ b.double()
+        ref = dy.double() @ w.double() + 0.5 * u_ref @ a.double()
+        err = ((dx.double() - ref).norm() / ref.norm()).item()
+        u_err = ((u.double() - u_ref).norm() / u_ref.norm()).item()
+        ok = err < (1e-2 if dtype == torch.bfloat16 else 2e-3) and u_err < 1e-4
+        failures += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} dx M={M} N={N} K={K} r={r} {str(dtype)[6:]}: {what}: "
+              f"rel err dx {err:.2e}, u {u_err:.2e}", flush=True)
+    return failures
 
 
 # (N, K, r, dtype, adapter dtype, layout, what it reaches) of csrc/merge/merge.cuh

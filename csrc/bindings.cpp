@@ -88,6 +88,17 @@ TORCH_LIBRARY_FRAGMENT(lora_kernels, m) {
       "Tensor(a!) y, int tile=0) -> ()");
   // Whether this build carries the sm90 kernels (CUTLASS headers and a 9.0a target at build time).
   m.def("cuda_lora_linear_sm90_built() -> bool", &lora_kernels::cuda_lora_linear_sm90_built);
+  // The backward's dx on the same kernel, B operands MN-major: dx = dy @ weight + tail_x @ tail_w.
+  m.def(
+      "cuda_lora_linear_sm90_dx(Tensor dy, Tensor weight, Tensor tail_x, Tensor tail_w, Tensor(a!) dx, "
+      "int tile=0) -> ()");
+  m.def("cuda_lora_linear_sm90_dx_built() -> bool", &lora_kernels::cuda_lora_linear_sm90_dx_built);
 }
-TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) { m.impl("cuda_lora_linear_sm90_fwd", &lora_kernels::cuda_lora_linear_sm90_fwd); }
-TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) { m.impl("cuda_lora_linear_sm90_fwd", &lora_kernels::cuda_lora_linear_sm90_fwd); }
+TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
+  m.impl("cuda_lora_linear_sm90_fwd", &lora_kernels::cuda_lora_linear_sm90_fwd);
+  m.impl("cuda_lora_linear_sm90_dx", &lora_kernels::cuda_lora_linear_sm90_dx);
+}
+TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) {
+  m.impl("cuda_lora_linear_sm90_fwd", &lora_kernels::cuda_lora_linear_sm90_fwd);
+  m.impl("cuda_lora_linear_sm90_dx", &lora_kernels::cuda_lora_linear_sm90_dx);
+}

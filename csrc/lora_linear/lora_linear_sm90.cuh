@@ -5,10 +5,26 @@
 //
 //   y[M, N] = x[M, K] @ w[N, K].T + tail_x[M, L] @ tail_w[N, L].T + bias[N]
 //
+// The backward's dx is the same GEMM with the B operands in the other layout (MN-major: the
+// output dimension contiguous), so that W and A are read as they are stored, never transposed:
+//
+//   dx[M, K] = dy[M, N] @ w[N, K] + tail_x[M, L] @ tail_w[L, K]        (no bias)
+//
+// (in GEMM terms: output columns K, reduction N; the template parameter LayoutW says which).
 // Our own device code is the producer's K loop below (which descriptor a k-block comes from);
 // the consumer warpgroups' wgmma loop, the pipeline, the scheduler and the epilogue are CUTLASS's.
-// Torch-free: included only by lora_linear_sm90_{bf16,fp16}.cu. Needs sm_90a (wgmma, TMA).
+// Torch-free: included only by lora_linear_sm90_{,dx_}{bf16,fp16}.cu. Needs sm_90a (wgmma, TMA).
 #pragma once
+
+// CUTLASS's device-side asserts compile to calls (__assertfail), and ptxas serializes wgmma
+// across any call in the kernel (warning C7510, "wgmma.mma_async instructions are serialized
+// due to wgmma pipeline crossing function boundary": every kernel here had it without NDEBUG,
+// nvcc 13.0). So these translation units build with NDEBUG, as CUTLASS's own release builds
+// do; <cassert> re-reads it at each inclusion. tests/test_cuda_sm90_build.py checks that the
+// kernels hold no CALL and that ptxas says no C7510.
+#ifndef NDEBUG
+#define NDEBUG
+#endif
 
 #include <cuda_runtime_api.h>
 
@@ -190,12 +206,18 @@ struct TailMainloop : Base {
 // (stage count: as many as fit beside the epilogue's shared memory), the tail added on top.
 // Cooperative schedule: both consumer warpgroups on one 128-row tile. (A 64x128 pingpong tile was
 // tried for mid-size M: its producer warp spills under the 40-register cap, ptxas -v.)
-template <class Element, class TileShape, class ClusterShape>
+//
+// LayoutW: the B operands' layout in CUTLASS's terms (B is [K, N] for the GEMM). ColumnMajor: the
+// forward's w [N, K] and tail_w [N, L], K contiguous (K-major). RowMajor: dx's w [N_red, K_out]
+// and tail_w [L, K_out], the output dimension contiguous (MN-major; wgmma reads 16-bit B either
+// way, TMA brings it into shared memory as it is in global memory).
+template <class Element, class TileShape, class ClusterShape, class LayoutW_ = cutlass::layout::ColumnMajor>
 struct TailGemm {
   using Acc = float;
   using LayoutX = cutlass::layout::RowMajor;     // x, tail_x: [M, K], K contiguous
-  using LayoutW = cutlass::layout::ColumnMajor;  // w, tail_w: [N, K], K contiguous
+  using LayoutW = LayoutW_;
   using LayoutY = cutlass::layout::RowMajor;     // y: [M, N], N contiguous
+  static constexpr bool kMnMajorB = cute::is_same_v<LayoutW, cutlass::layout::RowMajor>;
   static constexpr int kAlign = 16 / sizeof(Element);  // TMA: 16-byte rows
   using Schedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
   using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
@@ -221,6 +243,11 @@ struct TailGemm {
     using StrideA = typename Mainloop::StrideA;
     using StrideB = typename Mainloop::StrideB;
     using StrideD = typename Kernel::StrideD;
+    // B's stride: (n, k, l) = (ld, 1, 0) K-major, (1, ld, 0) MN-major.
+    const auto stride_b = [](int64_t ld) {
+      if constexpr (kMnMajorB) return StrideB{Int<1>{}, ld, int64_t(0)};
+      else return StrideB{ld, Int<1>{}, int64_t(0)};
+    };
     const int M = int(p.M), N = int(p.N), K = int(p.K), L = int(p.L);
     const int K_total = Mainloop::k_total(K, L);
 
@@ -228,9 +255,9 @@ struct TailGemm {
     args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
     args.problem_shape = make_shape(M, N, K_total, 1);
     args.mainloop = {{static_cast<Element const*>(p.x), StrideA{p.ldx, Int<1>{}, int64_t(0)},
-                      static_cast<Element const*>(p.w), StrideB{p.ldw, Int<1>{}, int64_t(0)}},
+                      static_cast<Element const*>(p.w), stride_b(p.ldw)},
                      static_cast<Element const*>(p.tail_x), StrideA{p.ld_tail_x, Int<1>{}, int64_t(0)},
-                     static_cast<Element const*>(p.tail_w), StrideB{p.ld_tail_w, Int<1>{}, int64_t(0)},
+                     static_cast<Element const*>(p.tail_w), stride_b(p.ld_tail_w),
                      K, L};
     auto& fusion = args.epilogue.thread;
     fusion.alpha = 1.0f;
@@ -285,6 +312,22 @@ int launch(const Sm90TailGemmParams& p, int tile, void* stream) {
     case kSm90Tile128x256: return TailGemm<Element, Tile128x256, Cluster2x1>::run(p, s);
     case kSm90Tile128x128: return TailGemm<Element, Tile128x128, Cluster1x1>::run(p, s);
     case kSm90Tile128x64: return TailGemm<Element, Tile128x64, Cluster1x1>::run(p, s);
+    default: return int(cudaErrorInvalidValue);
+  }
+}
+
+// The backward's dx (B operands MN-major, no bias): two of the forward's tiles. dx's output is
+// [M, K] with K a hidden size (>= 1024 in the models this serves) and M the training batch's
+// tokens (thousands), where the 128x256 tile fills the SMs; 128x128 takes mid-size M. The 128x64
+// tile is left out to keep the build short (each instantiation is about a CPU-minute of nvcc);
+// a dx the plan would give 128x64 runs on 128x128 instead. Not measured (no GPU in this session).
+template <class Element>
+int launch_dx(const Sm90TailGemmParams& p, int tile, void* stream) {
+  using MnMajor = cutlass::layout::RowMajor;
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (tile) {
+    case kSm90Tile128x256: return TailGemm<Element, Tile128x256, Cluster2x1, MnMajor>::run(p, s);
+    case kSm90Tile128x128: return TailGemm<Element, Tile128x128, Cluster1x1, MnMajor>::run(p, s);
     default: return int(cudaErrorInvalidValue);
   }
 }

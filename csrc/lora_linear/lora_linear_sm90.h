@@ -9,12 +9,22 @@
 // 16-bit halves (t_hi + t_lo carries twice the 16-bit type's significant bits: its error is below
 // 2^-16 |t| in bf16), tail_w = [B | B]; for an fp32 B, tail_x = [t_hi | t_lo | t_hi] and tail_w =
 // [B_hi | B_hi | B_lo]. lora_kernels/cuda/lora_linear.py builds both.
+//
+// The backward's dx is the same kernel with the B operands read MN-major (lora_linear_sm90_dx_*.cu):
+//
+//   dx = dy @ w + tail_x @ tail_w                 (dy [M, N], w [N, K], tail_w [L, K]; no bias)
+//
+// with tail_x = [u_hi | u_lo], u = scale * dy @ B, and tail_w = [A; A] (rows), or
+// [u_hi | u_lo | u_hi] and [A_hi; A_hi; A_lo] for fp32 adapters.
 #pragma once
 
 #include <stdint.h>
 
 namespace lora_kernels {
 
+// The forward's meaning of each field; for dx (launch_lora_linear_sm90_dx_*): x = dy [M, N_red],
+// w = W [N_red, K_out] with row stride ldw (K_out contiguous), tail_w [L, K_out] with row stride
+// ld_tail_w, y = dx [M, K_out], and the fields' N = K_out, K = N_red, bias null.
 struct Sm90TailGemmParams {
   const void* x;       // [M, K]  16-bit, row stride ldx, unit stride along K
   const void* w;       // [N, K]  16-bit, row stride ldw
@@ -46,5 +56,10 @@ inline bool tma_compatible(const void* p, int64_t ld_elements, int element_bytes
 // extension built without them links and says so (lora_linear_sm90.cpp checks for null).
 __attribute__((weak)) int launch_lora_linear_sm90_bf16(const Sm90TailGemmParams& p, int tile, void* stream);
 __attribute__((weak)) int launch_lora_linear_sm90_fp16(const Sm90TailGemmParams& p, int tile, void* stream);
+
+// The backward's dx, tiles kSm90Tile128x256 and kSm90Tile128x128 (cudaErrorInvalidValue for
+// 128x64, which is not compiled for dx); defined by lora_linear_sm90_dx_bf16.cu / _fp16.cu.
+__attribute__((weak)) int launch_lora_linear_sm90_dx_bf16(const Sm90TailGemmParams& p, int tile, void* stream);
+__attribute__((weak)) int launch_lora_linear_sm90_dx_fp16(const Sm90TailGemmParams& p, int tile, void* stream);
 
 }  // namespace lora_kernels

@@ -1,5 +1,5 @@
-// Torch-facing launcher of the Hopper fused LoRA linear (defined in lora_linear_sm90.cpp,
-// registered as lora_kernels::cuda_lora_linear_sm90_fwd in bindings.cpp).
+// Torch-facing launchers of the Hopper fused LoRA linear and its backward's dx (defined in
+// lora_linear_sm90.cpp, registered as lora_kernels::cuda_lora_linear_sm90_fwd / _dx in bindings.cpp).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -17,5 +17,14 @@ void cuda_lora_linear_sm90_fwd(const at::Tensor& x, const at::Tensor& weight, co
 
 // Whether the sm90 kernels were compiled into this build.
 bool cuda_lora_linear_sm90_built();
+
+// dx = dy @ weight + tail_x @ tail_w (fp32 accumulate), written in place: dy [M, N], weight [N, K],
+// tail_x [M, L], tail_w [L, K] (rows: the LoRA tail, e.g. [A; A]), dx [M, K], one 16-bit dtype,
+// unit stride along the last dimension, TMA-aligned; tile 0 = 128x256x64 (2x1 cluster), 1 = 128x128x64.
+void cuda_lora_linear_sm90_dx(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& tail_x,
+                              const at::Tensor& tail_w, const at::Tensor& dx, int64_t tile);
+
+// Whether the sm90 dx kernels were compiled into this build.
+bool cuda_lora_linear_sm90_dx_built();
 
 }  // namespace lora_kernels

@@ -10,6 +10,11 @@ Two kernels:
   ``y = x @ W.T + tail_x @ tail_w.T + bias``, with ``tail_x = [t_hi | t_lo]``, ``tail_w = [B | B]``
   and t = scale * x @ A.T computed first in fp32 (cuBLAS) and split into two 16-bit halves
   (:func:`lora_tail`). :func:`sm90_plan` says when it runs.
+
+The backward's dx on Hopper is the second kernel with its B operands MN-major (W and A read as
+stored): ``dx = dy @ W + [u_hi | u_lo] @ [A; A]``, u = scale * dy @ B in fp32 (:func:`dx_tail`);
+:func:`sm90_dx_choice` says when it runs and why not, :func:`lora_linear_dx` launches it. dA, dB
+and dbias stay with the Triton (or torch) backward (``lora_kernels.ops.lora_linear``).
 """
 from __future__ import annotations
 
@@ -87,10 +92,15 @@ def sm90_plan(M: int, N: int, K: int, capability: Tuple[int, int], num_sms: int,
     the SMs), 128x64 at M = 256."""
     if capability != (9, 0) or not built or not tma_ok or M < SM90_MIN_M or K < 8 or K % 8 or N % 8:
         return None
+    return _fastest_tile(SM90_TILES, M, N, num_sms)
+
+
+def _fastest_tile(tiles, M: int, N: int, num_sms: int) -> int:
+    """The tile of `tiles` with the shortest modelled time for an [M, N] output (see sm90_plan)."""
     def modelled_time(bm, bn, speed):
         waves = -(-(-(-M // bm) * -(-N // bn)) // num_sms)
         return waves * bm * bn / speed
-    return min(SM90_TILES, key=lambda t: modelled_time(*t[1:]))[0]
+    return min(tiles, key=lambda t: modelled_time(*t[1:]))[0]
 
 
 def tma_readable(t: torch.Tensor) -> bool:
@@ -172,6 +182,179 @@ def lora_tail(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale
         tail_w[:, :r] = lora_b
         tail_w[:, r:L] = lora_b
     return tail_x, tail_w
+
+
+# ---------------------------------------------------------------------------------------------
+# The backward's dx on Hopper: when it runs, its tail, its launcher
+# ---------------------------------------------------------------------------------------------
+
+# lora_linear_sm90.cuh's launch_dx: the two larger tiles (128x64 is not compiled for dx, to keep
+# the build short; the mid-size M it would take runs on 128x128).
+SM90_DX_TILES = SM90_TILES[:2]
+TILE_KIND_SM90_DX = {3: SM90_TILE_128x256, 4: SM90_TILE_128x128}  # tile_kind overrides (tests)
+
+
+def sm90_dx_plan(M: int, N: int, K: int, capability: Tuple[int, int], num_sms: int, tma_ok: bool,
+                 built: bool = True) -> Optional[int]:
+    """The sm90 tile for the backward's dx [M, K] = dy [M, N] @ W [N, K] + (LoRA tail), or None:
+    not Hopper, a build without the sm90 dx kernels, M below SM90_MIN_M (as the forward: 128-row
+    tiles), or operands TMA cannot read (`tma_ok`: dy's and W's rows 16-byte aligned, which needs
+    N % 8 == 0 and K % 8 == 0). The tile as sm90_plan models it, over dx's [M, K] and the two dx
+    tiles: e.g. 128x256 at M = K = 4096 on 132 SMs, 128x128 at M = 512, K = 4096."""
+    if capability != (9, 0) or not built or not tma_ok or M < SM90_MIN_M or K < 8 or K % 8 or N < 8 or N % 8:
+        return None
+    return _fastest_tile(SM90_DX_TILES, M, K, num_sms)
+
+
+@functools.lru_cache(maxsize=None)
+def sm90_dx_built() -> bool:
+    """Whether the loaded extension carries the sm90 dx kernels (an older build has no such op)."""
+    op = getattr(torch.ops.lora_kernels, "cuda_lora_linear_sm90_dx_built", None)
+    return bool(op()) if op is not None else False
+
+
+@functools.lru_cache(maxsize=None)
+def sm90_dx_device(device: torch.device) -> bool:
+    """Whether the backward of a CUDA forward on `device` may take its dx from the sm90 kernel: an
+    sm_90 GPU and an extension with the sm90 dx kernels (the shapes are :func:`sm90_dx_choice`'s,
+    at the backward). Called after a CUDA forward, so the extension is loaded; cached per device."""
+    if device.type != "cuda":
+        return False
+    capability, _ = device_facts(device.index if device.index is not None else torch.cuda.current_device())
+    if capability != (9, 0):
+        return False
+    try:
+        loader.load()
+    except BackendUnavailable:
+        return False
+    return sm90_dx_built()
+
+
+def _dx_refusal(dy: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, dropout: bool,
+                shape_rules: bool = True) -> Optional[str]:
+    """Why the sm90 dx does not run these operands, or None (see sm90_dx_choice); shape_rules
+    False skips the M >= SM90_MIN_M rule (tile_kind overrides), never the TMA ones."""
+    M, N = dy.shape
+    K, r = weight.shape[1], lora_a.shape[0]
+    if dropout:  # dx's LoRA part is masked, u @ A * keep / (1 - p): the tail GEMM cannot apply it
+        return "not with dropout (the Triton backward applies the mask to dx's LoRA part)"
+    reason = input_reason(dy.dtype, lora_a.dtype, r)
+    if reason is not None:
+        return reason.removeprefix("cuda: ")
+    if weight.dtype != dy.dtype:
+        return f"dy ({dy.dtype}) and weight ({weight.dtype}) differ in dtype"
+    capability, _ = device_facts(dy.device.index or 0)  # CUDA tensors always carry their index
+    if capability != (9, 0):
+        return f"compute capability {capability[0]}.{capability[1]} is not sm_90"
+    if not sm90_dx_built():
+        return "the extension was built without the sm90 dx kernels"
+    if shape_rules and M < SM90_MIN_M:
+        return f"M = {M} rows is below SM90_MIN_M = {SM90_MIN_M} (128-row tiles)"
+    if K < 8 or K % 8 or N < 8 or N % 8:
+        return f"N = {N} and K = {K} must be multiples of 8 (16-byte TMA rows)"
+    for name, t in (("dy", dy), ("weight", weight)):
+        if not tma_readable(t):
+            return f"{name} is not TMA-readable (strides {tuple(t.stride())}, address {t.data_ptr() % 16} mod 16)"
+    return None
+
+
+SM90_TILE_NAMES = {SM90_TILE_128x256: "128x256", SM90_TILE_128x128: "128x128", SM90_TILE_128x64: "128x64"}
+
+
+def sm90_dx_choice(dy: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
+                   dropout: bool = False) -> Tuple[Optional[int], str]:
+    """(tile, why): the sm90 tile the backward's dx of these operands runs on (dy [M, N], weight
+    [N, K], lora_a [r, K] on a CUDA device; `dropout`: the forward drew a dropout mask) and a
+    sentence naming it, or (None, the reason it does not run there): the Triton or torch backward
+    computes dx then, as on sm_80. E.g. "sm90 dx: M = 16 rows is below SM90_MIN_M = 64 (...)"."""
+    why = _dx_refusal(dy, weight, lora_a, dropout)
+    if why is not None:
+        return None, f"sm90 dx: {why}"
+    M, N = dy.shape
+    K = weight.shape[1]
+    _, sms = device_facts(dy.device.index or 0)
+    tile = sm90_dx_plan(M, N, K, (9, 0), sms, True)
+    return tile, (f"sm90 dx: tile {SM90_TILE_NAMES[tile]} for dx [{M}, {K}] (reduction over N = {N}, "
+                  f"rank {lora_a.shape[0]}, {sms} SMs)")
+
+
+def dx_tail(dy: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+            scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(u [M, r] fp32, tail_x [M, L8], tail_w [L8, K]) in dy's dtype with tail_x @ tail_w =
+    scale * u @ lora_a to fp32-like accuracy, u = dy @ lora_b in fp32 (the Triton backward's dA
+    reuses it)::
+
+        us = scale * u;  us_hi, us_lo = split16(us)
+        16-bit A:  tail_x = [us_hi | us_lo],          tail_w = [A; A]               (L = 2r rows)
+        fp32 A:    tail_x = [us_hi | us_lo | us_hi],  tail_w = [A_hi; A_hi; A_lo]   (L = 3r)
+
+    then zeros up to L8 = L rounded up to a multiple of 8 (tail_x's rows 16-byte multiples, as TMA
+    wants). tail_w is [L8, K], K contiguous: the dx kernel reads it MN-major, like W. An fp32
+    lora_b enters as its two 16-bit halves, u = dy @ B_hi + dy @ B_lo (B kept to 2^-16 relative
+    in bf16, 2^-22 in fp16). fp16 halves overflow where |us| > 65504 (as the forward's t; with
+    fp16 loss scaling a large scale can overflow us before dx itself would: GradScaler then
+    skips the step and lowers the scale)."""
+    dtype = dy.dtype
+    M, r, K = dy.shape[0], lora_a.shape[0], lora_a.shape[1]
+    if lora_b.dtype == torch.float32:
+        b_hi, b_lo = split16(lora_b, dtype)
+        u = _x_a_fp32(dy, b_hi.t()) + _x_a_fp32(dy, b_lo.t())
+    else:
+        u = _x_a_fp32(dy, lora_b.t())
+    us_hi, us_lo = split16(u * scale, dtype)
+    a_fp32 = lora_a.dtype == torch.float32
+    L = 3 * r if a_fp32 else 2 * r
+    L8 = -(-L // 8) * 8
+    tail_x = torch.empty((M, L8), dtype=dtype, device=dy.device)
+    tail_w = torch.empty((L8, K), dtype=dtype, device=dy.device)
+    if L8 > L:
+        tail_x[:, L:].zero_()
+        tail_w[L:].zero_()
+    tail_x[:, :r] = us_hi
+    tail_x[:, r:2 * r] = us_lo
+    if a_fp32:
+        a_hi, a_lo = split16(lora_a, dtype)
+        tail_x[:, 2 * r:L] = us_hi
+        tail_w[:r] = a_hi
+        tail_w[r:2 * r] = a_hi
+        tail_w[2 * r:L] = a_lo
+    else:
+        tail_w[:r] = lora_a
+        tail_w[r:L] = lora_a
+    return u, tail_x, tail_w
+
+
+def _launch_sm90_dx(dy, weight, tail_x, tail_w, dx, tile: int) -> None:
+    torch.ops.lora_kernels.cuda_lora_linear_sm90_dx(dy, weight, tail_x, tail_w, dx, tile)
+
+
+def lora_linear_dx(dy: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                   scale: float, dropout: bool = False, out: Optional[torch.Tensor] = None,
+                   tile_kind: int = 0) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """The backward's dx on the sm90 kernel, or None where :func:`sm90_dx_choice` says it does
+    not run there (the caller computes dx another way)::
+
+        u = dy @ lora_b                        # fp32 [M, r]
+        dx = dy @ weight + scale * u @ lora_a  # [M, K] in dy's dtype, fp32 accumulate, one rounding
+
+    dy [M, N] and weight [N, K] 16-bit, lora_a [r, K] / lora_b [N, r] in dy's dtype or float32.
+    Returns (dx, u). `out` receives dx when given (tests poison it; one TMA cannot write gives
+    None); tile_kind 3 / 4 force the 128x256 / 128x128 tile past the plan and its M rule (never
+    past the device, the build, the dtypes or TMA's alignment)."""
+    if tile_kind not in (0, *TILE_KIND_SM90_DX):
+        raise ValueError(f"lora_linear_dx: tile_kind must be 0 (the plan), 3 (128x256) or 4 (128x128), "
+                         f"got {tile_kind}")
+    if tile_kind:
+        tile = None if _dx_refusal(dy, weight, lora_a, dropout, shape_rules=False) else TILE_KIND_SM90_DX[tile_kind]
+    else:
+        tile, _ = sm90_dx_choice(dy, weight, lora_a, dropout)
+    if tile is None or (out is not None and not tma_readable(out)):
+        return None
+    M, K = dy.shape[0], weight.shape[1]
+    dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device) if out is None else out
+    u, tail_x, tail_w = dx_tail(dy, lora_a, lora_b, scale)
+    _launch_sm90_dx(dy, weight, tail_x, tail_w, dx, tile)
+    return dx, u
 
 
 def _sm90_tile(x, weight, y, tile_kind: int) -> Optional[int]:

@@ -25,7 +25,8 @@ SOURCES += ("merge/merge_kernels.cu", "merge/merge.cpp")  # in-place merge (laun
 SOURCES += ("multi_lora/multi_lora_kernels.cu", "multi_lora/multi_lora.cpp")  # multi-adapter shrink / expand / linear
 SOURCES += ("lora_linear/lora_linear_sm90.cpp",)  # Hopper fused forward: launcher (kernels below)
 # One .cu per instantiation family, so that ninja compiles them in parallel.
-SM90_SOURCES = ("lora_linear/lora_linear_sm90_bf16.cu", "lora_linear/lora_linear_sm90_fp16.cu")
+SM90_SOURCES = ("lora_linear/lora_linear_sm90_bf16.cu", "lora_linear/lora_linear_sm90_fp16.cu",
+                "lora_linear/lora_linear_sm90_dx_bf16.cu", "lora_linear/lora_linear_sm90_dx_fp16.cu")  # + backward dx
 CUTLASS_REQUIREMENT = "nvidia-cutlass==4.2.0.0"  # pyproject.toml's [build-system] requires, the same pin
 SM90_ARCH = "9.0a"
 MIN_NVCC_FOR_SM90 = (12, 3)  # CUTLASS 4's sm90 collectives; checked with nvcc 13.0 here, older not tried

@@ -229,10 +229,18 @@ def lora_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_
 
     dy [..., N] like y, x [..., K], t [M, r] fp32 or None (recomputed if dB is needed). Grads in
     x's / lora_a's / lora_b's / bias_dtype; one not needed (need_* False, bias_dtype None) comes
-    back as an empty [0] tensor."""
+    back as an empty [0] tensor. backend "cuda" (a CUDA forward on Hopper, see backward_backend):
+    dx from the sm90 kernel where it takes these operands, the rest from Triton (or torch)."""
     K, N = x.shape[-1], weight.shape[0]
     M = math.prod(x.shape[:-1])  # explicit, not -1: K or N may be 0
     x2, dy2 = x.reshape(M, K), dy.reshape(M, N)
+    sm90_dx = u = None
+    if backend == "cuda":  # a CUDA forward on Hopper (backward_backend): dx on the sm90 kernel where it runs
+        from ..cuda.lora_linear import lora_linear_dx
+        backend = _fallback_backward(x, lora_a)  # the rest, and any dx the sm90 kernel does not take
+        got = lora_linear_dx(dy2, weight, lora_a, lora_b, scale, dropout_seed is not None) if need_x else None
+        if got is not None:
+            (sm90_dx, u), need_x = got, False  # u = dy @ lora_b: Triton's dA reuses it
     if need_b and t is None:  # lora_b started requiring grad after the forward: recompute t
         with _no_autocast(x):
             _, t = reference.lora_linear_forward(x2, weight, lora_a, lora_b, scale, None,
@@ -240,15 +248,17 @@ def lora_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_
     if backend == "triton":
         from ..triton.lora_linear_backward import lora_linear_bwd as launch
         dx, da, db, dbias = launch(dy2, x2, weight, lora_a, lora_b, t, scale, dropout_p, dropout_seed,
-                                   bias_dtype, need_x, need_a, need_b)
-        return (dx.reshape(x.shape) if need_x else dx), da, db, dbias
+                                   bias_dtype, need_x, need_a, need_b, u=u)
+        dx = dx if sm90_dx is None else sm90_dx
+        return (dx.reshape(x.shape) if need_x or sm90_dx is not None else dx), da, db, dbias
     with _no_autocast(x):
         grads = reference.lora_linear_backward(dy2, x2, weight, lora_a, lora_b, t, scale,
                                                _keep_mask(x2, dropout_p, dropout_seed), dropout_p,
                                                need_x, need_a, need_b, bias_dtype)
     dx, da, db, dbias = (g if g is not None else x.new_empty((0,), dtype=d) for g, d in
                          zip(grads, (x.dtype, lora_a.dtype, lora_b.dtype, bias_dtype or x.dtype)))
-    return (dx.reshape(x.shape) if need_x else dx), da, db, dbias
+    dx = dx if sm90_dx is None else sm90_dx
+    return (dx.reshape(x.shape) if need_x or sm90_dx is not None else dx), da, db, dbias
 
 
 _bwd_op = torch.library.custom_op("lora_kernels::lora_linear_bwd", mutates_args=())(lora_linear_bwd)
@@ -269,10 +279,18 @@ def _(dy, x, weight, lora_a, lora_b, t, scale, dropout_p, dropout_seed, bias_dty
 # ---------------------------------------------------------------------------------------------
 
 def backward_backend(forward_backend: str, x: Tensor, lora_a: Tensor) -> str:
-    """The backend of the backward. The CUDA C++ backend has a forward only: its backward runs on
-    Triton where Triton can run these inputs, else on the torch reference."""
+    """The backend of the backward. A CUDA C++ forward's backward: "cuda" on an sm_90 GPU with
+    the sm90 dx kernels built (lora_linear_bwd takes dx from the sm90 kernel where
+    ``cuda.lora_linear.sm90_dx_choice`` allows, and everything else from the fallback below);
+    otherwise Triton where Triton can run these inputs, else the torch reference."""
     if forward_backend != "cuda":
         return forward_backend
+    from ..cuda.lora_linear import sm90_dx_device
+    return "cuda" if sm90_dx_device(x.device) else _fallback_backward(x, lora_a)
+
+
+def _fallback_backward(x: Tensor, lora_a: Tensor) -> str:
+    """The backward of a CUDA forward apart from an sm90 dx: Triton where it runs, else torch."""
     reason = backends.unavailable_reason("triton", x.device) or _input_reason(x, lora_a)("triton")
     return "torch" if reason else "triton"
 

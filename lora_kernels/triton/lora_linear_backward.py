@@ -185,12 +185,14 @@ def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
                     seed: Optional[torch.Tensor], bias_dtype: Optional[torch.dtype], need_x: bool,
                     need_a: bool, need_b: bool, *, dx_config: Optional[ForwardConfig] = None,
                     u_config: Optional[ShrinkConfig] = None,
-                    grad_config: Optional[WeightGradConfig] = None
+                    grad_config: Optional[WeightGradConfig] = None, u: Optional[torch.Tensor] = None
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dA, dB, dbias) on validated 2-D inputs: dy [M, N], x [M, K], t [M, r] fp32 (needed
     for dB), seed int64 [1] or None. A gradient that is not needed comes back as an empty [0]
     tensor; dbias is needed iff bias_dtype is not None. Grads in x's / lora_a's / lora_b's /
-    bias_dtype. The configs override the heuristics (tests reach every path at small sizes)."""
+    bias_dtype. The configs override the heuristics (tests reach every path at small sizes).
+    `u`: dy @ lora_b fp32 [M, r] when the caller has it (the sm90 dx computes it; with need_x
+    False): the shrink that would recompute it is skipped."""
     M, K = x.shape
     N, r = weight.shape[0], lora_a.shape[0]
     dev = x.device
@@ -201,14 +203,16 @@ def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
     empty = lambda dtype: torch.empty((0,), dtype=dtype, device=dev)  # noqa: E731
     dx, da, db, dbias = empty(x.dtype), empty(lora_a.dtype), empty(lora_b.dtype), empty(bias_dtype or x.dtype)
 
-    u = torch.empty((M if need_a else 0, r), dtype=torch.float32, device=dev)
+    u_given = u is not None and need_a and not need_x
+    if not u_given:
+        u = torch.empty((M if need_a else 0, r), dtype=torch.float32, device=dev)
     if need_x:
         dx = torch.empty((M, K), dtype=x.dtype, device=dev)
         if M and K:
             launch_fused(dy, weight.t(), lora_b.t(), lora_a.t(), None, dx, u, scale=scale * keep_scale,
                          store_t=need_a, seed=seed, dropout_threshold=threshold, config=dx_config,
                          shrink=u_config)
-    elif need_a:
+    elif need_a and not u_given:
         launch_shrink(dy, lora_b.t(), u, config=u_config)
 
     if not (need_a or need_b or need_bias):
