@@ -144,12 +144,17 @@ def k_loop_report(ttgir: str):
 
 def compile_report(cases: Iterable) -> Dict[str, Dict[str, int]]:
     """name -> {"shared": bytes, "registers": n, "spill_bytes": n, "hash": the compiled kernel's
-    cache key, "k_loops": k_loop_report(TTGIR)} of each case compiled for sm_90a."""
+    cache key, "k_loops": k_loop_report(TTGIR), "warp_specialized": the TTGIR holds a
+    ttg.warp_specialize op, "setmaxnreg": the PTX rebalances registers between warp groups,
+    "total_warps": warps of a block incl. warp-specialized partitions} of each case compiled for
+    sm_90a."""
     out = {}
     for name, fn, args, constexprs, warps, stages, *options in cases:
         kernel = compile_for(fn, args, constexprs, warps, stages, options=options[0] if options else None)
         out[name] = {"shared": kernel.metadata.shared, **ptxas_report(kernel), "hash": kernel.hash,
-                     "k_loops": k_loop_report(kernel.asm["ttgir"])}
+                     "k_loops": k_loop_report(kernel.asm["ttgir"]),
+                     "warp_specialized": "ttg.warp_specialize" in kernel.asm["ttgir"],
+                     "setmaxnreg": "setmaxnreg" in kernel.asm["ptx"], "total_warps": kernel.metadata.num_warps}
     return out
 
 
