@@ -65,13 +65,22 @@ def compile_for(fn, args: Dict, constexprs: Dict, num_warps: int, num_stages: in
                           options={"num_warps": num_warps, "num_stages": num_stages, **(options or {})})
 
 
+def _triton_ptxas_flags():
+    """The register-allocation flags the installed triton passes to ptxas when it builds a cubin
+    (triton 3.8 adds --regAllocOptLevel=2, which can change registers and spills)."""
+    import inspect
+    from triton.backends.nvidia.compiler import CUDABackend
+    src = inspect.getsource(CUDABackend.make_cubin)
+    return ["-lineinfo"] + (["--regAllocOptLevel=2"] if "--regAllocOptLevel=2" in src else [])
+
+
 def ptxas_report(kernel, arch: str = "sm_90a") -> Dict[str, int]:
-    """{"registers": n, "spill_bytes": n} from ptxas -v on the kernel's PTX."""
+    """{"registers": n, "spill_bytes": n} from ptxas -v on the kernel's PTX, with triton's flags."""
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(kernel.asm["ptx"])
     try:
-        out = subprocess.run([ptxas_path(), "--gpu-name", arch, "-v", f.name, "-o", os.devnull],
-                             capture_output=True, text=True, timeout=300).stderr
+        out = subprocess.run([ptxas_path(), *_triton_ptxas_flags(), "--gpu-name", arch, "-v", f.name, "-o",
+                              os.devnull], capture_output=True, text=True, timeout=300).stderr
     finally:
         os.unlink(f.name)
     regs = re.search(r"Used (\d+) registers", out)
