@@ -5,7 +5,8 @@ constants, multiples of 16 and pointers get the divisibility hint), so the compi
 one a launch with such arguments would build. Used by the CPU lane to check that kernels compile
 for sm_90a and fit in an H100/H200's shared memory.
 
-A compile-test module lists its cases as (name, kernel, args, constexprs, num_warps, num_stages),
+A compile-test module lists its cases as (name, kernel, args, constexprs, num_warps, num_stages[,
+further launch options such as {"maxnreg": n}]),
 gets their reports from a fixture returning compiled_in_subprocess(__file__, timeout), and runs
 print_compile_report(cases) as its __main__ (what that subprocess executes)."""
 from __future__ import annotations
@@ -28,8 +29,10 @@ def ptxas_path() -> Optional[str]:
     return bundled if os.path.exists(bundled) else shutil.which("ptxas")
 
 
-def compile_for(fn, args: Dict, constexprs: Dict, num_warps: int, num_stages: int, capability: int = 90):
-    """`args`: name -> example int / float value, or a pointer type string such as "*bf16"."""
+def compile_for(fn, args: Dict, constexprs: Dict, num_warps: int, num_stages: int, capability: int = 90,
+                options: Optional[Dict] = None):
+    """`args`: name -> example int / float value, or a pointer type string such as "*bf16";
+    `options`: further launch options of the backend (e.g. maxnreg), as a launch passes them."""
     import triton
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import BaseBackend, GPUTarget
@@ -59,16 +62,25 @@ def compile_for(fn, args: Dict, constexprs: Dict, num_warps: int, num_stages: in
                     attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, signature, constants, attrs)
     return triton.compile(src, target=GPUTarget("cuda", capability, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+                          options={"num_warps": num_warps, "num_stages": num_stages, **(options or {})})
+
+
+def _triton_ptxas_flags():
+    """The register-allocation flags the installed triton passes to ptxas when it builds a cubin
+    (triton 3.8 adds --regAllocOptLevel=2, which can change registers and spills)."""
+    import inspect
+    from triton.backends.nvidia.compiler import CUDABackend
+    src = inspect.getsource(CUDABackend.make_cubin)
+    return ["-lineinfo"] + (["--regAllocOptLevel=2"] if "--regAllocOptLevel=2" in src else [])
 
 
 def ptxas_report(kernel, arch: str = "sm_90a") -> Dict[str, int]:
-    """{"registers": n, "spill_bytes": n} from ptxas -v on the kernel's PTX."""
+    """{"registers": n, "spill_bytes": n} from ptxas -v on the kernel's PTX, with triton's flags."""
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(kernel.asm["ptx"])
     try:
-        out = subprocess.run([ptxas_path(), "--gpu-name", arch, "-v", f.name, "-o", os.devnull],
-                             capture_output=True, text=True, timeout=300).stderr
+        out = subprocess.run([ptxas_path(), *_triton_ptxas_flags(), "--gpu-name", arch, "-v", f.name, "-o",
+                              os.devnull], capture_output=True, text=True, timeout=300).stderr
     finally:
         os.unlink(f.name)
     regs = re.search(r"Used (\d+) registers", out)
@@ -141,12 +153,17 @@ def k_loop_report(ttgir: str):
 
 def compile_report(cases: Iterable) -> Dict[str, Dict[str, int]]:
     """name -> {"shared": bytes, "registers": n, "spill_bytes": n, "hash": the compiled kernel's
-    cache key, "k_loops": k_loop_report(TTGIR)} of each case compiled for sm_90a."""
+    cache key, "k_loops": k_loop_report(TTGIR), "warp_specialized": the TTGIR holds a
+    ttg.warp_specialize op, "setmaxnreg": the PTX rebalances registers between warp groups,
+    "total_warps": warps of a block incl. warp-specialized partitions} of each case compiled for
+    sm_90a."""
     out = {}
-    for name, fn, args, constexprs, warps, stages in cases:
-        kernel = compile_for(fn, args, constexprs, warps, stages)
+    for name, fn, args, constexprs, warps, stages, *options in cases:
+        kernel = compile_for(fn, args, constexprs, warps, stages, options=options[0] if options else None)
         out[name] = {"shared": kernel.metadata.shared, **ptxas_report(kernel), "hash": kernel.hash,
-                     "k_loops": k_loop_report(kernel.asm["ttgir"])}
+                     "k_loops": k_loop_report(kernel.asm["ttgir"]),
+                     "warp_specialized": "ttg.warp_specialize" in kernel.asm["ttgir"],
+                     "setmaxnreg": "setmaxnreg" in kernel.asm["ptx"], "total_warps": kernel.metadata.num_warps}
     return out
 
 

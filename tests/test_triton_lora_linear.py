@@ -1,4 +1,6 @@
 """The Triton fused forward kernel under the interpreter (CPU lane): fp32 and fp16."""
+from dataclasses import replace
+
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -162,6 +164,31 @@ def test_heuristic_splits_k_when_the_grid_is_short(interpreter_device):
     inp = make_lora_inputs(1, 16, 512, 5, torch.float32, bias=True)
     y, _ = _launch(inp)
     assert_close(y, inp.reference64(), torch.float32)
+
+
+@pytest.mark.parametrize("M,N,K,r", [(45, 70, 96, 16), (20, 48, 64, 8)])
+def test_warp_specialized_tma_variant(interpreter_device, monkeypatch, M, N, K, r):
+    """The warp-specialized Hopper variant (t and B through descriptors, one t split) where it
+    applies; it is refused for t partials, dropout, misaligned ranks and padded ranks past 16."""
+    from lora_kernels.triton import lora_linear_tma as lt
+    from lora_kernels.triton.lora_linear import ForwardConfig, ShrinkConfig, lora_linear_fwd
+    inp = make_lora_inputs(M, N, K, r, torch.float16, bias=True)
+    cfg = ForwardConfig(16, 16, 16, 16, 1, 2, 4, 2, split_k=1, precompute_t=True, persistent_tma=True,
+                        warp_specialize=True)
+    t1 = torch.empty(1, M, r, dtype=torch.float32)
+    assert lt.ws_applies(cfg, t1, 1, inp.lora_b, dropout=False)
+    assert not lt.ws_applies(cfg, t1, 2, inp.lora_b, dropout=False)
+    assert not lt.ws_applies(cfg, t1, 1, inp.lora_b, dropout=True)
+    assert not lt.ws_applies(replace(cfg, block_r=32), t1, 1, inp.lora_b, dropout=False)
+    odd = make_lora_inputs(M, N, K, 5, torch.float16)
+    assert not lt.ws_applies(cfg, torch.empty(1, M, 5), 1, odd.lora_b, dropout=False)
+    taken = []
+    real = lt.ws_applies
+    monkeypatch.setattr(lt, "ws_applies", lambda *a, **k: taken.append(real(*a, **k)) or taken[-1])
+    out = poison_(torch.empty(M, N, dtype=torch.float16))
+    y, _ = lora_linear_fwd(*inp.args(), save_t=False, config=cfg, shrink=ShrinkConfig(16, 16, 16, 4, 2, 1), out=out)
+    assert taken == [True]  # the warp-specialized variant ran
+    assert_close(y, inp.reference64(), torch.float16)
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -271,7 +271,15 @@ def test_segment_and_linear_heuristics():
     assert not ml.linear_config(1, 4096, 4096, 64, 128, 2, 132).fused_shrink    # A re-read > W/2
     assert not ml.linear_config(64, 4096, 4096, 16, 128, 2, 132).fused_shrink   # many adapters
     assert ml.linear_config(4096, 4096, 4096, 16, 8, 2, 132).fused_shrink       # long segments
+    # padded ranks >= 64 and fp32 adapters never hold t in the fused kernel (it spilled): t comes
+    # from the segmented shrink, so the rank does not narrow the tile
+    for r in (64, 128, 512):
+        assert not ml.linear_config(4096, 4096, 4096, r, 8, 2, 132).fused_shrink
+    assert not ml.linear_config(4096, 4096, 4096, 16, 8, 2, 132, split_adapters=True).fused_shrink
     big_rank = ml.linear_tiles(4096, 4096, 4096, 128, 2, 132)
-    assert big_rank.block_n == 64 and big_rank.block_r == 128
-    runs = -(-4096 // 64) // big_rank.tiles_per_program
+    assert big_rank.block_n == ml.linear_tiles(4096, 4096, 4096, 16, 2, 132).block_n
+    runs = -(-4096 // big_rank.block_n) // big_rank.tiles_per_program
     assert (4096 // big_rank.block_m) * runs >= 132
+    assert ml.t_chunk_for(8, False) == 16 and ml.t_chunk_for(512, False) == ml.T_CHUNK
+    assert ml.t_chunk_for(512, True) == ml.T_CHUNK_FP32_B
+    assert ml.expand_block_r(128) == (128, False) and ml.expand_block_r(512) == (ml.EXPAND_RANK_CHUNK, True)

@@ -17,7 +17,29 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .lora_linear import _grouped_tile, _lora_epilogue_store
+from .lora_linear import _grouped_tile, _lora_dot, _lora_epilogue_store
+
+# Warp specialization on sm_90 (triton 3.8; found by compiling for sm_90a on a CPU, and from
+# triton's own sources): sm_90 runs the Hopper pass `add_hopper_warpspec` (backends/nvidia/
+# compiler.py, make_ttgir; tl.range's docstring still says "only supported on Blackwell"). It
+# turns a `tl.range(..., warp_specialize=True)` loop into `ttg.warp_specialize` (one 4-warp TMA
+# producer, `setmaxnreg`-balanced, and two 4-warp consumers that split BLOCK_M between them:
+# 12 warps for a 128-row tile) only when
+#   * the kernel is launched with num_warps=4 (at 8 it is silently not specialized),
+#   * the loop is not flattened (flatten=True: silently not specialized),
+#   * every 2-D load in the loop is a tensor-descriptor (TMA) load: a pointer tl.load feeding
+#     the epilogue's t @ B dot fails the pass ("unsupported load type for producer commit"),
+#   * no nested loop besides the K loop and no op its data partitioner does not know: a loop
+#     summing the shrink's t partials, or the dropout mask's tl.interleave, abort it at 128-row
+#     tiles (WSDataPartition.cpp "Unexpected op").
+# So the warp-specialized variant reads one t (the shrink's partials summed first: t_splits == 1)
+# and B through descriptors, and has no dropout epilogue. The pass multi-buffers the epilogue's
+# t and B chunks too: shared memory per block at 128x128x64, 3 stages, was 168 KB at padded
+# rank 16, 238 KB at 32 and 460 KB at 128 (over the 227 KB a block may use). launch_tma takes
+# the warp-specialized variant only where all of this holds (ws_applies), else the plain one.
+WS_NUM_WARPS = 4  # per consumer warp group; the pass adds the producer (12 warps at 128 rows)
+WS_MAX_BLOCK_R = 16
+# Not measured on a GPU: the tuner (bench/tune.py) decides whether it wins.
 
 
 @triton.jit(do_not_specialize=["M", "t_splits", "num_programs"])
@@ -41,7 +63,14 @@ def lora_linear_fwd_tma_kernel(
     num_n_tiles = tl.cdiv(N, BLOCK_N)
     num_tiles = num_m_blocks * num_n_tiles
     k_tiles = tl.cdiv(K, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=True,
+    if WARP_SPECIALIZE:
+        tl.static_assert(not DROPOUT_OUT, "the warp-specialized variant has no dropout epilogue")
+        # t [M, R] (one split) and B [N, R], unit rank stride; zero past M, N and R
+        t_desc = tl.make_tensor_descriptor(t_ptr, shape=[M, R], strides=[stride_tm, 1],
+                                           block_shape=[BLOCK_M, T_CHUNK])
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, R], strides=[stride_bn, 1],
+                                           block_shape=[BLOCK_N, T_CHUNK])
+    for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=not WARP_SPECIALIZE,
                          warp_specialize=WARP_SPECIALIZE):
         m_block, n_tile = _grouped_tile(tile, num_m_blocks, num_n_tiles, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -54,10 +83,21 @@ def lora_linear_fwd_tma_kernel(
             acc = tl.dot(x, w, acc, input_precision=BASE_PRECISION)
         offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        _lora_epilogue_store(acc, 0.0, t_ptr, t_ptr, b_ptr, bias_ptr, y_ptr, seed_ptr, offs_m, offs_n,
-                             n_tile * BLOCK_N, M, N, R, scale, dropout_threshold, True, False, t_splits,
-                             stride_ts, stride_tm, stride_tr, 0, 0, stride_bn, stride_br, stride_ym, 1,
-                             HAS_BIAS, DROPOUT_OUT, True, LORA_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R, T_CHUNK)
+        if WARP_SPECIALIZE:
+            for r0 in tl.static_range(0, BLOCK_R, T_CHUNK):
+                tc = t_desc.load([m_block * BLOCK_M, r0])
+                b = b_desc.load([n_tile * BLOCK_N, r0]).T  # B^T chunk [T_CHUNK, BN], zero past R
+                acc = _lora_dot(tc * scale, b, acc, LORA_PRECISION)
+            if HAS_BIAS:
+                bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
+                acc += bias.to(tl.float32)[None, :]
+            y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+        else:
+            _lora_epilogue_store(acc, 0.0, t_ptr, t_ptr, b_ptr, bias_ptr, y_ptr, seed_ptr, offs_m, offs_n,
+                                 n_tile * BLOCK_N, M, N, R, scale, dropout_threshold, True, False, t_splits,
+                                 stride_ts, stride_tm, stride_tr, 0, 0, stride_bn, stride_br, stride_ym, 1,
+                                 HAS_BIAS, DROPOUT_OUT, True, LORA_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R, T_CHUNK)
 
 
 _ALLOCATOR_SET = False
@@ -92,11 +132,24 @@ def tma_layout(x, w, y):
     return w_kn if aligned else None
 
 
+def ws_applies(cfg, t_src, t_splits: int, b, dropout: bool) -> bool:
+    """Whether the warp-specialized variant can run this launch (see WS_NUM_WARPS above): one t
+    split, no dropout epilogue, padded rank <= WS_MAX_BLOCK_R, and t [M, R] fp32 and B [N, R]
+    16-bit readable by TMA (unit rank stride, 16-byte aligned rows and bases)."""
+    if t_splits != 1 or dropout or cfg.block_r > WS_MAX_BLOCK_R or b.element_size() != 2:
+        return False
+    t = t_src[0]
+    return (t.stride(1) == 1 and b.stride(1) == 1 and t.stride(0) * 4 % 16 == 0 and b.stride(0) * 2 % 16 == 0
+            and t.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0)
+
+
 def launch_tma(x, w, b, bias, y, t_src, t_splits, *, scale, seed, dropout_threshold, cfg, num_sms,
                w_kn, base_prec, lora_prec, t_chunk, warp_specialize=False):
-    """One persistent launch: min(num_sms, tiles) programs. t_src [splits, M, R] fp32."""
+    """One persistent launch: min(num_sms, tiles) programs. t_src [splits, M, R] fp32.
+    `warp_specialize` is honoured where ws_applies, else the plain persistent variant runs."""
     M, K = x.shape
     C = w.shape[0]
+    warp_specialize = warp_specialize and ws_applies(cfg, t_src, t_splits, b, seed is not None)
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(C, cfg.block_n)
     programs = max(1, min(num_sms, tiles))
     if x.device.type == "cuda":
@@ -109,5 +162,5 @@ def launch_tma(x, w, b, bias, y, t_src, t_splits, *, scale, seed, dropout_thresh
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_r,
         T_CHUNK=t_chunk, GROUP_M=cfg.group_m, WARP_SPECIALIZE=warp_specialize,
         BASE_PRECISION=base_prec, LORA_PRECISION=lora_prec,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=WS_NUM_WARPS if warp_specialize else cfg.num_warps, num_stages=cfg.num_stages,
     )

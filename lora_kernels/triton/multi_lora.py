@@ -9,10 +9,12 @@ Kernels:
   MAX_SLICES stacks (q/k/v, gate/up) in one launch, picked by program id.
 * ``lora_expand_kernel``:  y[m, col_s:col_s + N_s] += t[s, m, :rank_i] @ B_s[i, :, :rank_i].T
   for tokens with an adapter; other rows and columns are never stored to. Grid: (work-list
-  piece, N tile of the widest slice, slice s). Ranks past RANK_CHUNK (128) are walked in chunks.
+  piece, N tile of the widest slice, slice s). Ranks past RANK_CHUNK (128) are walked in
+  EXPAND_RANK_CHUNK-row chunks.
 * ``multi_lora_linear_kernel``: y = x @ W.T + bias + each token's adapter, in one pass over x
-  and W. Grid: (row block of the sorted token order, run of N tiles). Ranks past RANK_CHUNK
-  take ``multi_lora_linear_chunked_kernel`` (t from the segmented shrink, streamed in chunks).
+  and W. Grid: (row block of the sorted token order, run of N tiles). Where t is not computed
+  in it (see ``linear_config``), ``multi_lora_linear_chunked_kernel`` streams t from the
+  segmented shrink in rank chunks.
 
 ``scales`` may be absent (HAS_SCALES=False: the runtime float ``scale`` for every slot).
 
@@ -38,8 +40,10 @@ length <= T)". Consequences, by design:
 * The fused kernel's rows are the sorted token order, so a row block touches one adapter
   (prefill) or a few (decode): t is computed in the base GEMM's K loop when the block holds one
   segment, by one masked K loop per segment otherwise, or beforehand by the segmented shrink
-  when blocks are expected to hold many (``linear_config``); the expand is one rank-deep dot per
-  segment in the epilogue, before the single rounding store.
+  when blocks are expected to hold many, at padded ranks >= 64 and for fp32 adapters
+  (``linear_config``); the expand is one rank-deep dot per segment in the epilogue (t from
+  registers), or per segment and T_CHUNK-wide rank chunk (t from memory), before the single
+  rounding store.
 * Deterministic: every output element is written by exactly one program, with a fixed order of
   accumulation; no atomics anywhere (no split-K).
 
@@ -59,7 +63,7 @@ import triton
 import triton.language as tl
 
 from ..serving import AdapterIndex
-from .lora_linear import (ForwardConfig, _grouped_tile, _load_tile, _lora_dot, _num_sms, _shrink_dot,
+from .lora_linear import (ForwardConfig, _grouped_tile, _load_tile, _lora_dot, _num_sms, _shrink_dot, _tf32_split,
                           _tile_candidates, base_precision, block_r_for, lora_precision_for)
 
 
@@ -311,17 +315,18 @@ def _segments_expand_store(acc, t, b_ptr, bias_ptr, ranks_ptr, sorted_slot_ptr, 
 
 @triton.jit
 def multi_lora_linear_kernel(
-    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, scales_ptr, ranks_ptr, t_ptr, y_ptr,
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, scales_ptr, ranks_ptr, y_ptr,
     tok_ptr, sorted_slot_ptr, slot_start_ptr,
     M, N, K, R, L, scale,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_al, stride_ar, stride_ak,
-    stride_bl, stride_bn, stride_br, stride_tm, stride_tr, stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_RANKS: tl.constexpr, T_GIVEN: tl.constexpr,
-    SPLIT_A: tl.constexpr,
+    stride_bl, stride_bn, stride_br, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_RANKS: tl.constexpr, SPLIT_A: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     TILES_PER_PROGRAM: tl.constexpr, GROUP_M: tl.constexpr,
     BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
 ):
+    """t computed here, held in registers over the program's TILES_PER_PROGRAM N tiles (t from
+    the segmented shrink takes multi_lora_linear_chunked_kernel)."""
     num_m_blocks = tl.cdiv(M, BLOCK_M)
     num_n_tiles = tl.cdiv(N, BLOCK_N)
     num_n_runs = tl.cdiv(num_n_tiles, TILES_PER_PROGRAM)
@@ -338,35 +343,28 @@ def multi_lora_linear_kernel(
     first_tile = n_run * TILES_PER_PROGRAM
     offs_n = first_tile * BLOCK_N + tl.arange(0, BLOCK_N)
 
-    if T_GIVEN:
-        # t precomputed by the segmented shrink (blocks expected to hold many adapters); loaded
-        # after the K loop so that it does not hold registers while the base product runs.
-        acc = _base_rows(x_ptr, w_ptr, tok, row_ok, offs_n, N, K, stride_xm, stride_xk, stride_wn,
-                         stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, BASE_PRECISION)
-        t = _gather_rows(t_ptr, tok, row_ok, offs_r, R, stride_tm, stride_tr).to(tl.float32)
-    else:
-        first_slot = tl.load(sorted_slot_ptr + p0)
-        last_slot = tl.load(sorted_slot_ptr + p_end - 1)
-        if first_slot == last_slot:
-            # One segment (the common prefill block): the shrink rides on the base K loop.
-            rank = _rank_of(ranks_ptr, first_slot, R, HAS_RANKS)
-            if rank > 0:
-                a_base = a_ptr + first_slot.to(tl.int64) * stride_al
-                acc, t = _base_and_shrink_rows(x_ptr, w_ptr, a_base, tok, row_ok, offs_n, offs_r, N, K, rank,
-                                               stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
-                                               BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, SPLIT_A, BASE_PRECISION)
-                t = tl.where(offs_r[None, :] < rank, t * _scale_of(scales_ptr, first_slot, scale, HAS_SCALES), 0.0)
-            else:  # a block of no-adapter (or rank-0) tokens: the base GEMM alone
-                acc = _base_rows(x_ptr, w_ptr, tok, row_ok, offs_n, N, K, stride_xm, stride_xk, stride_wn,
-                                 stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, BASE_PRECISION)
-                t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        else:
+    first_slot = tl.load(sorted_slot_ptr + p0)
+    last_slot = tl.load(sorted_slot_ptr + p_end - 1)
+    if first_slot == last_slot:
+        # One segment (the common prefill block): the shrink rides on the base K loop.
+        rank = _rank_of(ranks_ptr, first_slot, R, HAS_RANKS)
+        if rank > 0:
+            a_base = a_ptr + first_slot.to(tl.int64) * stride_al
+            acc, t = _base_and_shrink_rows(x_ptr, w_ptr, a_base, tok, row_ok, offs_n, offs_r, N, K, rank,
+                                           stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
+                                           BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, SPLIT_A, BASE_PRECISION)
+            t = tl.where(offs_r[None, :] < rank, t * _scale_of(scales_ptr, first_slot, scale, HAS_SCALES), 0.0)
+        else:  # a block of no-adapter (or rank-0) tokens: the base GEMM alone
             acc = _base_rows(x_ptr, w_ptr, tok, row_ok, offs_n, N, K, stride_xm, stride_xk, stride_wn,
                              stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, BASE_PRECISION)
-            t = _segments_shrink(x_ptr, a_ptr, scales_ptr, ranks_ptr, sorted_slot_ptr, slot_start_ptr,
-                                 tok, offs_p, offs_r, p0, p_end, K, R, L, scale,
-                                 stride_xm, stride_xk, stride_al, stride_ar, stride_ak,
-                                 HAS_SCALES, HAS_RANKS, SPLIT_A, BLOCK_M, BLOCK_K, BLOCK_R, BASE_PRECISION)
+            t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    else:
+        acc = _base_rows(x_ptr, w_ptr, tok, row_ok, offs_n, N, K, stride_xm, stride_xk, stride_wn,
+                         stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, BASE_PRECISION)
+        t = _segments_shrink(x_ptr, a_ptr, scales_ptr, ranks_ptr, sorted_slot_ptr, slot_start_ptr,
+                             tok, offs_p, offs_r, p0, p_end, K, R, L, scale,
+                             stride_xm, stride_xk, stride_al, stride_ar, stride_ak,
+                             HAS_SCALES, HAS_RANKS, SPLIT_A, BLOCK_M, BLOCK_K, BLOCK_R, BASE_PRECISION)
     _segments_expand_store(acc, t, b_ptr, bias_ptr, ranks_ptr, sorted_slot_ptr, slot_start_ptr, y_ptr,
                            tok, row_ok, offs_p, offs_n, offs_r, p0, p_end, N, R, L,
                            stride_bl, stride_bn, stride_br, stride_ym, stride_yn,
@@ -385,14 +383,32 @@ def multi_lora_linear_kernel(
 
 
 @triton.jit
+def _epilogue_dot(t, b, acc, LORA_PRECISION: tl.constexpr):
+    """acc += t @ b (_lora_dot), with fp32 b ("tf32x3") as three tf32 dots chained into acc: t and b
+    split into tf32 hi + exact lo (_tf32_split), the lo x hi, hi x lo, then hi x hi products. The
+    same ~2^-22 relative error as tl.dot's tf32x3, without the separate accumulator tile tl.dot
+    sums its small products in (ptxas -v, sm_90a, triton 3.8: 20-64 B spilled per thread at
+    128x128 with t chunks of 16-32 columns; none chained)."""
+    if LORA_PRECISION == "tf32x3":
+        t_hi, t_lo = _tf32_split(t)
+        b_hi, b_lo = _tf32_split(b.to(tl.float32))
+        acc = tl.dot(t_lo, b_hi, acc, input_precision="tf32")
+        acc = tl.dot(t_hi, b_lo, acc, input_precision="tf32")
+        acc = tl.dot(t_hi, b_hi, acc, input_precision="tf32")
+    else:
+        acc = _lora_dot(t, b, acc, LORA_PRECISION)
+    return acc
+
+
+@triton.jit
 def _segments_expand_store_chunked(acc, t_ptr, b_ptr, bias_ptr, ranks_ptr, sorted_slot_ptr, slot_start_ptr, y_ptr,
                                    tok, row_ok, offs_p, offs_n, offs_r, p0, p_end, N, R, L,
                                    stride_tm, stride_tr, stride_bl, stride_bn, stride_br, stride_ym, stride_yn,
                                    HAS_BIAS: tl.constexpr, HAS_RANKS: tl.constexpr, BLOCK_R: tl.constexpr,
                                    LORA_PRECISION: tl.constexpr):
-    """_segments_expand_store for ranks past the register tile: t [rows, rank] is read from
-    memory (the segmented shrink's output) in BLOCK_R chunks, one rank-chunk dot per segment and
-    chunk, then the single rounding store."""
+    """_segments_expand_store with t [rows, rank] read from memory (the segmented shrink's
+    output) in BLOCK_R chunks: one rank-chunk dot per segment and chunk, then the single
+    rounding store."""
     p = p0
     while p < p_end:
         slot, seg_end = _segment_bounds(sorted_slot_ptr, slot_start_ptr, p, p_end, L)
@@ -404,7 +420,7 @@ def _segments_expand_store_chunked(acc, t_ptr, b_ptr, bias_ptr, ranks_ptr, sorte
                 offs_rc = r0 + offs_r
                 ts = _gather_rows(t_ptr, tok, in_seg, offs_rc, rank, stride_tm, stride_tr).to(tl.float32)
                 b = _load_tile(b_base, offs_rc, offs_n, rank, N, stride_br, stride_bn)  # B^T chunk [BR, BN]
-                acc = _lora_dot(ts, b, acc, LORA_PRECISION)
+                acc = _epilogue_dot(ts, b, acc, LORA_PRECISION)
         p = seg_end
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
@@ -424,9 +440,12 @@ def multi_lora_linear_chunked_kernel(
     TILES_PER_PROGRAM: tl.constexpr, GROUP_M: tl.constexpr,
     BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
 ):
-    """multi_lora_linear_kernel for r_max > BLOCK_R (ranks 256, 512): t [M, r_max] fp32 comes
-    from the segmented shrink and stays in memory; each N tile's epilogue streams it in rank
-    chunks (_segments_expand_store_chunked). Same grid and row order as the fused kernel."""
+    """multi_lora_linear_kernel with t [M, r_max] fp32 from the segmented shrink, left in memory:
+    each N tile's epilogue streams it in BLOCK_R-wide rank chunks (T_CHUNK;
+    _segments_expand_store_chunked), so no rank-wide tile is ever held in registers. Taken for
+    every rank where the launch config does not fuse the shrink (ranks past
+    FUSED_SHRINK_MAX_BLOCK_R, fp32 adapters, blocks expected to hold many adapters). Same grid
+    and row order as the fused kernel."""
     num_m_blocks = tl.cdiv(M, BLOCK_M)
     num_n_tiles = tl.cdiv(N, BLOCK_N)
     num_n_runs = tl.cdiv(num_n_tiles, TILES_PER_PROGRAM)
@@ -478,7 +497,8 @@ PREFILL_PIECES_PER_SM = 2
 EXPAND_BLOCK_M = 16  # the expand's row sub-tile: the smallest tl.dot M
 
 
-def segment_config(M: int, K: int, R: int, elem_bytes: int, num_sms: int) -> SegmentConfig:
+def segment_config(M: int, K: int, R: int, elem_bytes: int, num_sms: int,
+                   split_adapters: bool = False) -> SegmentConfig:
     """Tiles for lora_shrink / lora_expand_ (design reasoning for Hopper; not measured).
 
     * item_m: 64 when cdiv(M, 64) >= PREFILL_PIECES_PER_SM * num_sms, else 16 (see above).
@@ -489,7 +509,9 @@ def segment_config(M: int, K: int, R: int, elem_bytes: int, num_sms: int) -> Seg
       DRAM bandwidth.
     * Shrink BLOCK_K: 256 (16-bit) / 128 (fp32) for 16-row pieces: each A tile is then 8 KB, and
       4 stages keep ~32 KB of loads in flight per program (Little's law for one SM at ~1 us
-      latency); 64 for 64-row pieces (x tile 8 KB, A tile up to 16 KB).
+      latency); 64 for 64-row pieces (x tile 8 KB, A tile up to 16 KB), 32 when an fp32 A is split
+      in the loop (`split_adapters`: its fp32 tile and both 16-bit halves sit in registers;
+      ptxas -v, sm_90a, triton 3.8: 8 B spilled per thread at rank 128 with 64, none with 32).
     * Expand: 64-token pieces always, walked in 16-row sub-tiles (EXPAND_BLOCK_M) up to the
       piece's length. Its parallelism comes from the N tiles (BLOCK_N = 128: 32 programs per
       piece at N = 4096), so it never needs small pieces to fill the GPU; a piece of c <= 16
@@ -498,7 +520,7 @@ def segment_config(M: int, K: int, R: int, elem_bytes: int, num_sms: int) -> Seg
     """
     fp32 = elem_bytes >= 4
     if triton.cdiv(M, 64) >= PREFILL_PIECES_PER_SM * num_sms:
-        return SegmentConfig(64, 32 if fp32 else 64, block_r_for(R), 128, 4, 4, 64)
+        return SegmentConfig(64, 32 if fp32 or split_adapters else 64, block_r_for(R), 128, 4, 4, 64)
     return SegmentConfig(16, 128 if fp32 else 256, 16, 128, 4, 4, 64)
 
 
@@ -514,6 +536,15 @@ def segment_config(M: int, K: int, R: int, elem_bytes: int, num_sms: int) -> Seg
 # (64 extra columns per 32 of W) or batches spread over many adapters.
 FUSED_SHRINK_MAX_SEGMENTS = 2.0
 FUSED_SHRINK_MAX_A_FRACTION = 0.5
+# The fused shrink holds t [BLOCK_M, BLOCK_R] fp32 in registers beside the accumulator, and its
+# tf32x2 split doubles that in the epilogue. Compile facts (ptxas -v, sm_90a, triton 3.8, on a
+# CPU; tests/test_triton_multi_compile.py): at padded rank 128 (128x64 tiles, 8 warps) it spilled
+# 672 B per thread, at rank 64 4 B on the decode tile (16x64, 2 tiles per program), with fp32
+# adapters (the in-loop hi/lo split of A) 4 B at rank 16 and 784 B at rank 64; 16-bit adapters
+# at ranks 16 and 32 do not spill. So padded ranks >= 64 (as the single-adapter forward's
+# FUSED_T_MAX_BLOCK_R) and fp32 adapters take t from the segmented shrink (0 B: the chunked
+# epilogue streams it in T_CHUNK columns).
+FUSED_SHRINK_MAX_BLOCK_R = 32
 
 
 def expected_segments_per_block(M: int, L: int, block_m: int) -> float:
@@ -540,18 +571,15 @@ def linear_tiles(M: int, N: int, K: int, R: int, elem_bytes: int, num_sms: int) 
     TILES_PER_PROGRAM: the largest divisor of the N-tile count that still launches one program
     per SM (t, computed once per program, is reused over its tiles).
 
-    At padded rank 128 above the decode tile, BLOCK_N <= 64. Reason, from compiling for sm_90a on
-    a CPU (ptxas -v, no GPU run): the fp32 t [BM, 128] held next to the accumulator spills at
-    BLOCK_N = 128 (~1.5 KB per thread at 128x128, ~0.8 KB at 64x128); 128x64 spills least.
-    Not measured on a GPU yet: bench/multi.py measures it."""
+    No rank-dependent tile: at padded ranks past FUSED_SHRINK_MAX_BLOCK_R, t comes from the
+    segmented shrink and is streamed in T_CHUNK-column chunks, so nothing rank-wide is held
+    beside the accumulator (it was BLOCK_N <= 64 at rank 128 while t sat in registers: ~1.5 KB
+    spilled per thread at 128x128). Not measured on a GPU yet: bench/multi.py measures it."""
     block_r = block_r_for(R)
     fp32 = elem_bytes >= 4
     cands = list(_tile_candidates(M, block_r, fp32, block_r >= 64 or fp32))
     if 16 < M <= 64:
         cands += [(64, 32) + cands[-1][2:], (64, 16) + cands[-1][2:]]
-    if block_r >= 128 and M > 16:
-        cands = [(bm, min(bn, 64), *rest) for bm, bn, *rest in cands]
-        cands = [c for i, c in enumerate(cands) if c not in cands[:i]]
     programs = [triton.cdiv(M, bm) * triton.cdiv(N, bn) for bm, bn, *_ in cands]
     full = [i for i, p in enumerate(programs) if p >= num_sms]
     choice = full[0] if full else max(range(len(cands)), key=lambda i: (programs[i], -i))
@@ -565,14 +593,17 @@ def linear_tiles(M: int, N: int, K: int, R: int, elem_bytes: int, num_sms: int) 
     return ForwardConfig(bm, bn, bk, block_r, tiles, 8, warps, stages)
 
 
-def linear_config(M: int, N: int, K: int, R: int, L: int, elem_bytes: int, num_sms: int) -> LinearConfig:
+def linear_config(M: int, N: int, K: int, R: int, L: int, elem_bytes: int, num_sms: int,
+                  split_adapters: bool = False) -> LinearConfig:
     """Tiles of the fused kernel, and whether t is computed inside it (see
-    FUSED_SHRINK_MAX_SEGMENTS) or by the segmented shrink first."""
+    FUSED_SHRINK_MAX_SEGMENTS, FUSED_SHRINK_MAX_BLOCK_R) or by the segmented shrink first.
+    `split_adapters`: fp32 adapters over 16-bit x (never fused: see FUSED_SHRINK_MAX_BLOCK_R)."""
     tiles = linear_tiles(M, N, K, R, elem_bytes, num_sms)
     segments = expected_segments_per_block(M, L, tiles.block_m)
     a_fraction = segments * tiles.block_r / (tiles.block_n * tiles.tiles_per_program)
-    fused = segments <= FUSED_SHRINK_MAX_SEGMENTS and a_fraction <= FUSED_SHRINK_MAX_A_FRACTION
-    return LinearConfig(tiles, fused, segment_config(M, K, R, elem_bytes, num_sms))
+    fused = (segments <= FUSED_SHRINK_MAX_SEGMENTS and a_fraction <= FUSED_SHRINK_MAX_A_FRACTION
+             and tiles.block_r <= FUSED_SHRINK_MAX_BLOCK_R and not split_adapters)
+    return LinearConfig(tiles, fused, segment_config(M, K, R, elem_bytes, num_sms, split_adapters))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -583,15 +614,54 @@ def _ranks_arg(ranks: Optional[torch.Tensor], fallback: torch.Tensor) -> Tuple[t
     return (ranks, True) if ranks is not None else (fallback, False)
 
 
-# The widest rank tile a kernel holds: larger ranks are walked in chunks of this many columns
-# (the expand's and the fused kernel's t and B tiles, the shrink's rank chunk). 128 is the
-# largest padded rank the kernels held before chunking (compile facts in linear_tiles: fp32 t
-# [BM, 128] beside the accumulator is the register limit); not measured on a GPU. Compile facts
-# for sm_90a at rank 512 (ptxas -v on a CPU, tests/test_triton_multi_compile.py): shrink 168
-# registers, no spill; chunked expand 255 registers, 220 B spilled per thread; chunked fused
-# kernel at M = 4096 255 registers, 44 B spilled (M = 16: 168, none). bench/multi.py is where
-# the chunk width gets measured.
+# The widest rank tile a kernel holds whole: the shrink's rank chunk, and the expand's B tile
+# (loaded once per piece) up to this rank; past it the expand walks EXPAND_RANK_CHUNK-row
+# chunks. Compile facts for sm_90a (ptxas -v on a CPU, triton 3.8,
+# tests/test_triton_multi_compile.py): the shrink at 128 uses 168 registers (174 splitting an
+# fp32 A), the whole-rank expand at 128 252-255, neither spills. Not measured on a GPU:
+# bench/multi.py is where the chunk widths get measured.
 RANK_CHUNK = 128
+# Rank chunk of the fused kernels' t-from-memory epilogue (multi_lora_linear_chunked_kernel):
+# a [BM, chunk] fp32 slice of t, its tf32 split and a [chunk, BN] slice of B sit beside the
+# accumulator. Compile facts (ptxas -v, sm_90a, triton 3.8; tests/test_triton_multi_compile.py):
+# 128-column chunks spilled 40-44 B per thread (16-bit adapters) and 608-1324 B (fp32 adapters)
+# at 128x64 and 64x64; 32 columns spill nothing with 16-bit B, while fp32 B (three tf32 dots)
+# still spilled 28 B at 64x128 with 32 and nothing with 16. Narrower chunks only add loop steps.
+T_CHUNK = 32
+T_CHUNK_FP32_B = 16
+
+
+def t_chunk_for(R: int, fp32_b: bool) -> int:
+    """The chunked epilogue's rank chunk for stacks of rank R (padded) and B's dtype."""
+    return min(block_r_for(R), T_CHUNK_FP32_B if fp32_b else T_CHUNK)
+
+
+# maxnreg of multi_lora_linear_chunked_kernel's launches: the whole register file a thread may
+# use. Without a bound ptxas picks its own occupancy target from the registers alone (it cannot
+# see the dynamic shared memory, 36-115 KB per block here, that already limits the kernel to 1-6
+# blocks per SM) and spilled long-lived values to reach it: 4-24 B per thread at 48-72
+# registers on the decode tiles (BLOCK_M 16); with the bound it uses 54-120 and spills nothing
+# (ptxas -v, sm_90a, triton 3.8). Not for multi_lora_linear_kernel: bounded at 255 (or 128, 168)
+# ptxas schedules its decode tiles up to the bound and then spills (4-88 B), unbounded it
+# spills nothing.
+MAX_REGISTERS = 255
+
+
+# The expand's rank chunk past RANK_CHUNK: each 16-row sub-tile walks B in [EXPAND_RANK_CHUNK,
+# BLOCK_N] chunks, converted to fp32 in registers for the tf32 dot. Compile facts (ptxas -v,
+# sm_90a, triton 3.8): 128-row chunks spilled 220 B per thread (16-bit B) and 764 B (fp32 B,
+# tf32x3) at rank 512; EXPAND_RANK_CHUNK rows spill nothing.
+EXPAND_RANK_CHUNK = 32
+
+
+def expand_block_r(R: int) -> Tuple[int, bool]:
+    """(BLOCK_R, RANK_CHUNKED) of lora_expand_kernel for stacks of rank R: the whole padded rank
+    up to RANK_CHUNK (B's tile loaded once per piece), else EXPAND_RANK_CHUNK-row chunks."""
+    if block_r_for(R) <= RANK_CHUNK:
+        return block_r_for(R), False
+    return EXPAND_RANK_CHUNK, True
+
+
 MAX_SLICES = 4  # slices per launch (q/k/v, gate/up, SGLang's qkvz): the kernels select by program id
 
 
@@ -630,13 +700,13 @@ def shrink_slices(x: torch.Tensor, a_stacks: List[torch.Tensor], index: AdapterI
     R = a_stacks[0].shape[1]
     if M == 0:
         return out
-    cfg = config or segment_config(M, K, R, x.element_size(), _num_sms(x.device))
+    split_a = a_stacks[0].dtype == torch.float32 and x.dtype != torch.float32
+    cfg = config or segment_config(M, K, R, x.element_size(), _num_sms(x.device), split_a)
     block_r = min(cfg.shrink_block_r, RANK_CHUNK)
     work = index.work(cfg.item_m)
     precision = base_precision(x.dtype, x.device)
     ranks_t, has_ranks = _ranks_arg(ranks, work)
     scales_t = scales if scales is not None else work
-    split_a = a_stacks[0].dtype == torch.float32 and x.dtype != torch.float32
     for start, end in _slice_groups(a_stacks, lambda a: a.stride()):
         group, t = a_stacks[start:end], out[start:end]
         grid = (work.shape[0], triton.cdiv(R, block_r), end - start)
@@ -668,7 +738,7 @@ def expand_slices_(y: torch.Tensor, t: torch.Tensor, b_stacks: List[torch.Tensor
     work = index.work(cfg.expand_item_m)
     lora_precision = lora_precision_for(b_stacks[0].dtype, y.device)
     ranks_t, has_ranks = _ranks_arg(ranks, work)
-    block_r = min(block_r_for(R), RANK_CHUNK)
+    block_r, rank_chunked = expand_block_r(R)
     for start, end in _slice_groups(b_stacks, lambda b: b.stride()[1:]):
         group = b_stacks[start:end]
         grid = (work.shape[0], triton.cdiv(max(widths[start:end]), cfg.expand_block_n), end - start)
@@ -680,7 +750,7 @@ def expand_slices_(y: torch.Tensor, t: torch.Tensor, b_stacks: List[torch.Tensor
             y.stride(0), y.stride(1), *ts.stride(), group[0].stride(1), group[0].stride(2),
             HAS_RANKS=has_ranks,
             ITEM_M=cfg.expand_item_m, BLOCK_M=min(EXPAND_BLOCK_M, cfg.expand_item_m), BLOCK_N=cfg.expand_block_n,
-            BLOCK_R=block_r, RANK_CHUNKED=block_r_for(R) > block_r, PRECISION=lora_precision,
+            BLOCK_R=block_r, RANK_CHUNKED=rank_chunked, PRECISION=lora_precision,
             num_warps=cfg.num_warps, num_stages=1,
         )
     return y
@@ -712,20 +782,19 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a_stack: torch
     x [M, K], weight [N, K], lora_a_stack [L, r_max, K], lora_b_stack [L, N, r_max], scales [L]
     fp32 or None (the float `scale` for every slot), bias [N] | None, ranks [L] int | None.
     `config` overrides the heuristic (tests use it to reach both the fused-shrink and the
-    precomputed-t paths at small sizes). r_max > RANK_CHUNK runs the segmented shrink first and
-    the chunked-epilogue kernel."""
+    precomputed-t paths at small sizes). Without the fused shrink (always at r_max > RANK_CHUNK)
+    the segmented shrink runs first and the chunked-epilogue kernel reads its t."""
     M, K = x.shape
     N = weight.shape[0]
     L, R, _ = lora_a_stack.shape
     y = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out
     if M == 0 or N == 0:
         return y
-    cfg = config or linear_config(M, N, K, R, L, x.element_size(), _num_sms(x.device))
+    split_a = lora_a_stack.dtype == torch.float32 and x.dtype != torch.float32
+    cfg = config or linear_config(M, N, K, R, L, x.element_size(), _num_sms(x.device), split_adapters=split_a)
     tiles = cfg.tiles
     chunked = block_r_for(R) > RANK_CHUNK
-    if chunked:
-        tiles = replace(tiles, block_r=RANK_CHUNK)
-    elif tiles.block_r < block_r_for(R):
+    if not chunked and cfg.fused_shrink and tiles.block_r < block_r_for(R):
         raise ValueError(f"multi_lora_linear: config block_r {tiles.block_r} < padded rank {block_r_for(R)}")
     t = None
     if chunked or not cfg.fused_shrink:
@@ -739,28 +808,28 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a_stack: torch
     scales_t = scales if scales is not None else index.data
     num_m_blocks = triton.cdiv(M, tiles.block_m)
     num_runs = triton.cdiv(triton.cdiv(N, tiles.block_n), tiles.tiles_per_program)
-    t_arg = t if t is not None else y
     bias_arg = bias if bias is not None else y
     grid = (num_m_blocks * num_runs,)
-    common = dict(BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, BLOCK_R=tiles.block_r,
+    common = dict(BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
                   TILES_PER_PROGRAM=tiles.tiles_per_program, GROUP_M=tiles.group_m,
                   BASE_PRECISION=base_prec, LORA_PRECISION=lora_precision,
                   num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    if chunked:
+    if t is not None:
         multi_lora_linear_chunked_kernel[grid](
-            x, weight, bias_arg, lora_b_stack, ranks_t, t_arg, y,
+            x, weight, bias_arg, lora_b_stack, ranks_t, t, y,
             index.sorted_tokens, index.sorted_adapter, index.slot_start,
             M, N, K, R, L,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-            *lora_b_stack.stride(), t_arg.stride(0), t_arg.stride(1), y.stride(0), y.stride(1),
-            HAS_BIAS=bias is not None, HAS_RANKS=has_ranks, **common)
+            *lora_b_stack.stride(), t.stride(0), t.stride(1), y.stride(0), y.stride(1),
+            HAS_BIAS=bias is not None, HAS_RANKS=has_ranks,
+            BLOCK_R=t_chunk_for(R, lora_b_stack.dtype == torch.float32), maxnreg=MAX_REGISTERS, **common)
         return y
     multi_lora_linear_kernel[grid](
-        x, weight, bias_arg, lora_a_stack, lora_b_stack, scales_t, ranks_t, t_arg, y,
+        x, weight, bias_arg, lora_a_stack, lora_b_stack, scales_t, ranks_t, y,
         index.sorted_tokens, index.sorted_adapter, index.slot_start,
         M, N, K, R, L, float(scale),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), *lora_a_stack.stride(),
-        *lora_b_stack.stride(), t_arg.stride(0), t_arg.stride(1), y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, HAS_SCALES=scales is not None, HAS_RANKS=has_ranks, T_GIVEN=t is not None,
-        SPLIT_A=lora_a_stack.dtype == torch.float32 and x.dtype != torch.float32, **common)
+        *lora_b_stack.stride(), y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None, HAS_SCALES=scales is not None, HAS_RANKS=has_ranks,
+        SPLIT_A=split_a, BLOCK_R=tiles.block_r, **common)
     return y
