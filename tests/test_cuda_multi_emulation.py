@@ -198,13 +198,13 @@ def test_strided_and_misaligned_operands(emulator):
     inp.lora_a = torch.cat([inp.lora_a, rand(L, R, 8, dtype=torch.float16)], dim=2)[:, :, :K]
     t_buf = torch.full((M, R + 3), float("nan"))
     t = check_shrink(emulator, inp, 16, t_out=t_buf[:, :R])
-    check_shrink(emulator, inp, 16, leads={"x": 1, "a": 3})
+    check_shrink(emulator, inp, 16, leads={"x": 1, "a0": 3})
     y0 = rand(N, M, dtype=torch.float16).t()
     t_strided = t.t().contiguous().t()
     inp.lora_b = inp.lora_b.permute(1, 0, 2).contiguous().permute(1, 0, 2)
     check_expand(emulator, inp, t_strided, y0=y0)
     inp.lora_b = inp.lora_b.transpose(1, 2).contiguous().transpose(1, 2)  # unit stride along N
-    check_expand(emulator, inp, t, y0=rand(M, N, dtype=torch.float16), leads={"b": 1})
+    check_expand(emulator, inp, t, y0=rand(M, N, dtype=torch.float16), leads={"b0": 1})
 
 
 def test_every_schedule_gives_the_same_bits(emulator):
