@@ -9,10 +9,10 @@ from lora_kernels.cuda import loader as cuda
 from lora_kernels.cuda import multi_lora as cuda_multi
 
 OPS = {
-    "cuda_lora_shrink": "lora_kernels::cuda_lora_shrink(Tensor x, Tensor lora_a_stack, Tensor scales, Tensor? ranks, "
-                        "Tensor work, Tensor sorted_tokens, int item_m, Tensor(a!) t) -> ()",
-    "cuda_lora_expand": "lora_kernels::cuda_lora_expand(Tensor(a!) y, Tensor t, Tensor lora_b_stack, Tensor? ranks, "
-                        "Tensor work, Tensor sorted_tokens, int item_m) -> ()",
+    "cuda_lora_shrink": "lora_kernels::cuda_lora_shrink(Tensor x, Tensor[] lora_a_stacks, Tensor scales, "
+                        "Tensor? ranks, Tensor work, Tensor sorted_tokens, int item_m, Tensor(a!) t) -> ()",
+    "cuda_lora_expand": "lora_kernels::cuda_lora_expand(Tensor(a!) y, Tensor t, Tensor[] lora_b_stacks, "
+                        "Tensor? ranks, Tensor work, Tensor sorted_tokens, int item_m, int offset=0) -> ()",
     "cuda_multi_lora_linear": "lora_kernels::cuda_multi_lora_linear(Tensor x, Tensor weight, Tensor? bias, "
                               "Tensor lora_b_stack, Tensor t, Tensor? ranks, Tensor sorted_tokens, "
                               "Tensor sorted_adapter, Tensor slot_start, Tensor(a!) y, int tile_kind=0, "
@@ -41,13 +41,13 @@ def _bf16_inputs():
 def test_multi_ops_on_cpu_tensors_raise_a_sentence(extension):
     inp, index = _bf16_inputs()
     with pytest.raises(RuntimeError, match=r"cuda_lora_shrink: x is on cpu, but the CUDA kernel needs CUDA tensors"):
-        torch.ops.lora_kernels.cuda_lora_shrink(inp.x, inp.lora_a, inp.scales, inp.ranks, index.work(16),
-                                                index.sorted_tokens, 16, torch.empty(6, 4))
+        torch.ops.lora_kernels.cuda_lora_shrink(inp.x, [inp.lora_a], inp.scales, inp.ranks, index.work(16),
+                                                index.sorted_tokens, 16, torch.empty(1, 6, 4))
     y = torch.randn(6, 5, dtype=torch.bfloat16)
     before = y.clone()
     with pytest.raises(RuntimeError, match=r"cuda_lora_expand: y is on cpu, but the CUDA kernel needs CUDA tensors"):
-        torch.ops.lora_kernels.cuda_lora_expand(y, torch.randn(6, 4), inp.lora_b, inp.ranks, index.work(64),
-                                                index.sorted_tokens, 64)
+        torch.ops.lora_kernels.cuda_lora_expand(y, torch.randn(1, 6, 4), [inp.lora_b], inp.ranks, index.work(64),
+                                                index.sorted_tokens, 64, 0)
     assert torch.equal(y, before)
     with pytest.raises(RuntimeError, match=r"cuda_multi_lora_linear: x is on cpu, but the CUDA kernel needs CUDA tensors"):
         torch.ops.lora_kernels.cuda_multi_lora_linear(inp.x, inp.weight, inp.bias, inp.lora_b, torch.randn(6, 4),
@@ -57,11 +57,12 @@ def test_multi_ops_on_cpu_tensors_raise_a_sentence(extension):
 
 def test_input_reasons():
     assert cuda_multi.multi_input_reason(torch.bfloat16, 128) is None
+    assert cuda_multi.multi_input_reason(torch.float16, 512) is None
     assert cuda_multi.multi_input_reason(torch.float16, 1, torch.float32) is None
     assert cuda_multi.multi_input_reason(torch.float32, 16) == (
         "cuda: dtype float32 is not supported by the CUDA multi-adapter kernels (float16, bfloat16); "
         "float32 runs on backend='triton'")
-    assert cuda_multi.multi_input_reason(torch.bfloat16, 129) == "cuda: r_max 129 exceeds the CUDA multi-adapter kernels' limit of 128"
+    assert cuda_multi.multi_input_reason(torch.bfloat16, 513) == "cuda: r_max 513 exceeds the CUDA multi-adapter kernels' limit of 512"
     assert cuda_multi.multi_input_reason(torch.bfloat16, 8, torch.float64) == "cuda: t must be float32, got float64"
 
 
