@@ -462,7 +462,7 @@ def check_slices_expand(exe, inp, t, b_stacks, item_m=64, offset=0, extra=0, see
         assert int(run.stores[written].min()) == 1 and int(run.stores_max[written].max()) == 1, \
             "every slice element of a token with an adapter is stored exactly once"
     assert run.stray_stores == 0
-    return run.out
+    return run
 
 
 GQA = [136, 34, 34]  # q, k, v of a tiny GQA layer: q spans two 128-column tiles, k/v one (narrower)
@@ -484,8 +484,11 @@ def test_slices_in_one_launch(emulator, widths):
     a_stacks, b_stacks = slice_stacks(inp, widths, seed=S)
     t = check_slices_shrink(emulator, inp, a_stacks, 16, seed=1)
     check_slices_shrink(emulator, inp, a_stacks, 64, seed=2)
-    check_slices_expand(emulator, inp, t, b_stacks, 64, offset=3, extra=2, seed=3)
-    check_slices_expand(emulator, inp, t, b_stacks, 16, offset=0, extra=0, seed=4)
+    # odd columns / row stride: element updates of y; then even ones: paired 32-bit updates
+    run = check_slices_expand(emulator, inp, t, b_stacks, 64, offset=3, extra=2, seed=3)
+    assert run.plan["y_pairs0"] == 0
+    run = check_slices_expand(emulator, inp, t, b_stacks, 16, offset=0, extra=0, seed=4)
+    assert all(run.plan[f"y_pairs{s}"] == 1 for s in range(S))
 
 
 def test_slices_with_their_own_b_layouts_and_fp32_adapters(emulator):

@@ -279,6 +279,7 @@ void cuda_lora_expand(const at::Tensor& y, const at::Tensor& t, at::TensorList l
     sl.ldb_l = b.stride(0); sl.ldb_n = b.stride(1); sl.ldb_r = b.stride(2);
     sl.b_vec = (R <= 1 || sl.ldb_r == 1) &&
                rows_aligned16(sl.b, b.element_size(), {L > 1 ? sl.ldb_l : 0, sl.N > 1 ? sl.ldb_n : 0});
+    sl.y_pairs = (sl.N <= 1 || y.stride(1) == 1) && output_pairs_aligned(p.y + sl.col, y.stride(0), M);
   }
   p.ranks = ranks.has_value() ? ranks->data_ptr<int32_t>() : nullptr;
   p.work = work.data_ptr<int32_t>();

@@ -361,6 +361,16 @@ struct MultiExpandCta {
     ptx::st_global_u16(dst, Ty::from_f32(Ty::to_f32(ptx::ld_global_u16_rw(dst)) + delta));
   }
 
+  // The same for the adjacent outputs n, n + 1 (n even, sl.y_pairs): one 32-bit load and store,
+  // each half rounded as update_y does.
+  LK_DEVICE void update_y_pair(int row, int64_t n, float d0, float d1) const {
+    uint32_t* dst = reinterpret_cast<uint32_t*>(p.y + tok(row) * p.ldy_m + (sl.col + n));
+    const uint32_t v = ptx::ld_global_u32_rw(dst);
+    const uint32_t lo = Ty::from_f32(Ty::to_f32(uint16_t(v & 0xFFFFu)) + d0);
+    const uint32_t hi = Ty::from_f32(Ty::to_f32(uint16_t(v >> 16)) + d1);
+    ptx::st_global_u32(dst, lo | (hi << 16));
+  }
+
   // t rows [0, rows_pad) x rank columns [rc, rc + RC) of the piece into shared memory, zero-padded
   // to whole MMA tiles (rows past the length, columns past the rank up to a multiple of 8); t's
   // columns at or past the rank are not read. The barrier before it (all but the first chunk)
@@ -441,9 +451,15 @@ struct MultiExpandCta {
       for (int nt = 0; nt < NT; ++nt) {
         const int64_t col = n0 + warp * WN + nt * 8 + 2 * c;
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {  // D fragment: (g, 2c), (g, 2c+1), (g+8, 2c), (g+8, 2c+1)
-          const int row = mt * 16 + g + (e >> 1) * 8;
-          if (row < length && col + (e & 1) < sl.N) update_y(row, col + (e & 1), acc[mt][nt][e]);
+        for (int h = 0; h < 2; ++h) {  // D fragment: (g, 2c), (g, 2c+1), then (g+8, 2c), (g+8, 2c+1)
+          const int row = mt * 16 + g + h * 8;
+          if (row >= length || col >= sl.N) continue;
+          if (sl.y_pairs && col + 1 < sl.N) {
+            update_y_pair(row, col, acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1]);
+          } else {
+            update_y(row, col, acc[mt][nt][2 * h]);
+            if (col + 1 < sl.N) update_y(row, col + 1, acc[mt][nt][2 * h + 1]);
+          }
         }
       }
     }

@@ -57,6 +57,8 @@ struct MultiExpandSlice {
   int64_t col;                   // its first column of y
   int64_t ldb_l, ldb_n, ldb_r;
   bool b_vec;                    // ldb_r == 1 and every B row 16-byte aligned: 16-byte loads
+  bool y_pairs;                  // ldy_n == 1, y's column `col` 4-byte aligned in every row:
+                                 // two adjacent outputs update as one 32-bit word
 };
 
 struct MultiExpandParams {

@@ -123,7 +123,9 @@ void run_expand(Inputs& in, unsigned char* out, std::ofstream& plan_file) {
     sl.ldb_l = in.I("ldb_l" + k); sl.ldb_n = in.I("ldb_n" + k); sl.ldb_r = in.I("ldb_r" + k);
     sl.b_vec = (p.R <= 1 || sl.ldb_r == 1) &&
                rows_aligned16(sl.b, p.b_fp32 ? 4 : 2, {p.L > 1 ? sl.ldb_l : 0, sl.N > 1 ? sl.ldb_n : 0});
-    vecs += "b_vec" + k + " " + std::to_string(int(sl.b_vec)) + "\n";
+    sl.y_pairs = (sl.N <= 1 || p.ldy_n == 1) && output_pairs_aligned(p.y + sl.col, p.ldy_m, p.M);
+    vecs += "b_vec" + k + " " + std::to_string(int(sl.b_vec)) + "\ny_pairs" + k + " " +
+            std::to_string(int(sl.y_pairs)) + "\n";
   }
   const MultiLaunchPlan plan = plan_multi_expand(p.num_items, widest, p.R, p.item_m, p.S);
   if (plan.error) emu::fatal(std::string("plan: ") + plan.error);
