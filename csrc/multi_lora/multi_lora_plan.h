@@ -151,7 +151,9 @@ using ShrinkLarge = ShrinkConfig<64, 64, 64, 2, 2, 1, 3>;
 // Expand tile: a CTA owns one piece (up to 64 rows) and BN = 128 output columns; the 4 warps split
 // the columns (32 each) and walk the piece's rows in 16-row MMA tiles only as far as its length.
 // B is read once per CTA straight into MMA fragments (each B element is used by every row of the
-// piece from registers); t [rows, rank] sits in shared memory in fp32. Reasoning (not measured):
+// piece from registers); t [rows, rank] sits in shared memory in fp32, RC = 128 rank columns at a
+// time (ranks past 128 loop over chunks, two barriers each, into the same accumulators: the tile
+// stays 33 KB, under the 48 KB that needs no opt-in, at any rank). Reasoning (not measured):
 // 128 columns give N/128 CTAs per piece (32 at N = 4096), enough for the decode batches' few
 // pieces, while a 64-token piece of a long segment reuses every B element 64 times.
 // ------------------------------------------------------------------------------------------------
