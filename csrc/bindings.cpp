@@ -53,7 +53,7 @@ TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) { m.impl("cuda_merge_", &lora_kernels::
 TORCH_LIBRARY_FRAGMENT(lora_kernels, m) {
   m.def(
       "cuda_lora_shrink(Tensor x, Tensor[] lora_a_stacks, Tensor scales, Tensor? ranks, Tensor work, "
-      "Tensor sorted_tokens, int item_m, Tensor(a!) t) -> ()");
+      "Tensor sorted_tokens, int item_m, Tensor(a!) t, int row_split=1) -> ()");
   m.def(
       "cuda_lora_expand(Tensor(a!) y, Tensor t, Tensor[] lora_b_stacks, Tensor? ranks, Tensor work, "
       "Tensor sorted_tokens, int item_m, int offset=0) -> ()");

@@ -11,7 +11,8 @@ from lora_kernels.cuda import multi_lora as cuda_multi
 
 OPS = {
     "cuda_lora_shrink": "lora_kernels::cuda_lora_shrink(Tensor x, Tensor[] lora_a_stacks, Tensor scales, "
-                        "Tensor? ranks, Tensor work, Tensor sorted_tokens, int item_m, Tensor(a!) t) -> ()",
+                        "Tensor? ranks, Tensor work, Tensor sorted_tokens, int item_m, Tensor(a!) t, "
+                        "int row_split=1) -> ()",
     "cuda_lora_expand": "lora_kernels::cuda_lora_expand(Tensor(a!) y, Tensor t, Tensor[] lora_b_stacks, "
                         "Tensor? ranks, Tensor work, Tensor sorted_tokens, int item_m, int offset=0) -> ()",
     "cuda_multi_lora_linear": "lora_kernels::cuda_multi_lora_linear(Tensor x, Tensor weight, Tensor? bias, "
@@ -75,6 +76,14 @@ def test_shrink_work_list_choice(monkeypatch):
     assert cuda_multi.shrink_item_m(64 * 263 + 1, torch.device("cuda")) == 64
 
 
+def test_split_decode_shrink_choice():
+    """Batches of <= 64 tokens with 16-token pieces run each piece as 4 CTAs; others as one."""
+    assert cuda_multi.shrink_row_split(16, 16) == 4
+    assert cuda_multi.shrink_row_split(64, 16) == 4
+    assert cuda_multi.shrink_row_split(65, 16) == 1
+    assert cuda_multi.shrink_row_split(16, 64) == 1
+
+
 def test_auto_keeps_triton_first():
     from lora_kernels.ops.multi_lora import AUTO_PREFERENCE
     assert AUTO_PREFERENCE == ("triton", "cuda")
@@ -89,7 +98,8 @@ class _FakeCudaOps:
     def __init__(self, ids):
         self.ids, self.shrinks, self.expands = ids, [], []
 
-    def cuda_lora_shrink(self, x, stacks, scales, ranks, work, sorted_tokens, item_m, t):
+    def cuda_lora_shrink(self, x, stacks, scales, ranks, work, sorted_tokens, item_m, t, row_split):
+        assert row_split == cuda_multi.shrink_row_split(x.shape[0], item_m)
         assert 1 <= len(stacks) <= 4 and all(a.stride() == stacks[0].stride() for a in stacks)
         assert t.shape[0] == len(stacks) and cuda_multi._t_rows_disjoint(t)
         self.shrinks.append(len(stacks))

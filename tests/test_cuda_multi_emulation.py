@@ -559,3 +559,33 @@ def test_slice_count_and_rank_limits_in_the_plan(emulator):
     small = make_multi_inputs(6, 8, 16, 2, 4, torch.float16, seed=1)
     with pytest.raises(AssertionError, match="S out of range"):
         multi_driver.run_shrink(emulator, small.x, [small.lora_a] * 5, small.scales, None, small.index(), 16)
+
+
+@pytest.mark.parametrize("R,adapter_dtype", [(16, None), (40, torch.float32)], ids=["r16", "r40-fp32-adapters"])
+def test_split_decode_shrink(emulator, R, adapter_dtype):
+    """row_split 4 (the split decode shrink): each 16-token piece runs as 4 CTAs of 4 rows on CUDA
+    cores. A 16-token single-adapter batch, then pieces of every length 1..16 (sub-pieces partly
+    or wholly past a piece's length), -1 tokens, two slices; every t element stored once."""
+    one = make_multi_inputs(16, 8, 40, 3, R, torch.bfloat16, dist="one", ranks="mixed", seed=R,
+                            adapter_dtype=adapter_dtype)
+    one.token_adapter[:] = 0
+    run = multi_driver.run_shrink(emulator, one.x, one.lora_a, one.scales, one.ranks, one.index(), 16, row_split=4)
+    assert run.plan["grid_x"] >= 1 and run.plan["grid_y"] == 4 * ((R + 15) // 16)
+    t_tol = torch.float32 if adapter_dtype is None else torch.bfloat16
+    assert_close(run.out, one.t64(), t_tol, what="t, one adapter")
+    assert int(run.stores.min()) == 1 and int(run.stores_max.max()) == 1 and run.stray_stores == 0
+    counts = [16, 13, 9, 5, 4, 1, 2]
+    ids = torch.cat([torch.full((c,), i, dtype=torch.int32) for i, c in enumerate(counts)] +
+                    [torch.full((3,), -1, dtype=torch.int32)])
+    inp = make_multi_inputs(len(ids), 8, 40, len(counts), R, torch.float16, ranks="mixed", seed=R + 1,
+                            adapter_dtype=adapter_dtype)
+    inp.token_adapter = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(R))]
+    a_stacks, _ = slice_stacks(inp, [8, 8], seed=R, adapter_dtype=adapter_dtype)
+    run = multi_driver.run_shrink(emulator, inp.x, a_stacks, inp.scales, inp.ranks, inp.index(), 16, row_split=4)
+    t_tol = torch.float32 if adapter_dtype is None else torch.float16
+    for s, a in enumerate(a_stacks):
+        expected = reference.lora_shrink(inp.x.double(), a.double(), inp.token_adapter, inp.scales.double(), inp.ranks)
+        assert_close(run.out[s], expected, t_tol, what=f"t[{s}]")
+    assert int(run.stores.min()) == 1 and int(run.stores_max.max()) == 1 and run.stray_stores == 0
+    with pytest.raises(AssertionError, match="row_split must be 1, or 4 with item_m 16"):
+        multi_driver.run_shrink(emulator, inp.x, a_stacks, inp.scales, inp.ranks, inp.index(), 64, row_split=4)

@@ -130,7 +130,7 @@ void check_slice_count(const char* op, const char* name, size_t S) {
 
 void cuda_lora_shrink(const at::Tensor& x, at::TensorList lora_a_stacks, const at::Tensor& scales,
                       const std::optional<at::Tensor>& ranks, const at::Tensor& work,
-                      const at::Tensor& sorted_tokens, int64_t item_m, const at::Tensor& t) {
+                      const at::Tensor& sorted_tokens, int64_t item_m, const at::Tensor& t, int64_t row_split) {
   constexpr const char* op = "cuda_lora_shrink";
   check_slice_count(op, "lora_a_stacks", lora_a_stacks.size());
   const int S = int(lora_a_stacks.size());
@@ -176,7 +176,10 @@ void cuda_lora_shrink(const at::Tensor& x, at::TensorList lora_a_stacks, const a
 
   const c10::cuda::CUDAGuard guard(x.device());
   const bool a_fp32 = a0.scalar_type() == at::kFloat;
-  const MultiLaunchPlan plan = plan_multi_shrink(work.size(0), int(R), int(item_m), a_fp32, S);
+  TORCH_CHECK(row_split == 1 || (row_split == kDecodeRowSplit && item_m == kShrinkSmall), op,
+              ": row_split must be 1, or ", kDecodeRowSplit, " with item_m 16, got ", row_split, " (item_m ", item_m,
+              ")");
+  const MultiLaunchPlan plan = plan_multi_shrink(work.size(0), int(R), int(item_m), a_fp32, S, int(row_split));
   TORCH_CHECK(plan.error == nullptr, op, ": ", plan.error);
 
   MultiShrinkParams p{};
@@ -198,6 +201,7 @@ void cuda_lora_shrink(const at::Tensor& x, at::TensorList lora_a_stacks, const a
   p.S = S;
   p.bad_slot = nullptr;  // the index sanitises ids (serving.py); the clamp is the kernel's own guard
   p.item_m = int(item_m);
+  p.row_split = int(row_split);
   p.ldx = x.stride(0);
   p.ldt_s = t.stride(0); p.ldt = t.stride(1);
   p.a_fp32 = a_fp32;

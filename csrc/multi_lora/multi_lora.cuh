@@ -299,8 +299,14 @@ struct MultiShrinkCta {
 
   LK_DEVICE void run(int64_t item, int chunk, int slice) {
     const Piece pc = load_piece(p.work, item, p.L, p.bad_slot);
-    length = min_int(min_int(pc.length, BM), p.item_m);
-    if (length <= 0) return;  // padding row of the work list
+    // Split decode shrink: grid y = rank chunk * kDecodeRowSplit + sub-piece of G rows.
+    static_assert(kDecodeRowSplit == 4 && kDecodeRowSplit * G == kShrinkSmall, "4 sub-pieces of G rows");
+    const bool split = p.row_split > 1;
+    const int first = split ? (chunk & 3) * G : 0;  // the sub-piece's first row in the piece
+    if (split) chunk >>= 2;
+    length = min_int(min_int(pc.length, BM), p.item_m) - first;
+    if (split) length = min_int(length, G);
+    if (length <= 0) return;  // padding row of the work list (or past the piece's length)
     slot = pc.slot;
     a_slice = pick_slice(p.a, slice);
     t = p.t + int64_t(slice) * p.ldt_s;
@@ -308,7 +314,8 @@ struct MultiShrinkCta {
     const int cols_end = min_int(r0 + RB, p.R);  // t columns [r0, cols_end) belong to this CTA
     const int rank = rank_of(p.ranks, slot, p.R);
     used_end = min_int(cols_end, rank);
-    for (int i = tid; i < length; i += NTHREADS) ptx::st_shared_s32(tok_s() + i, ptx::ld_global_s32(p.sorted_tokens + pc.start + i));
+    for (int i = tid; i < length; i += NTHREADS)
+      ptx::st_shared_s32(tok_s() + i, ptx::ld_global_s32(p.sorted_tokens + pc.start + first + i));
     ptx::cta_sync();
     if (used_end > r0) {
       scale = ptx::ld_global_f32(p.scales + slot);

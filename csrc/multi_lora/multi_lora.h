@@ -11,10 +11,11 @@ namespace lora_kernels {
 // t [S, M, R] fp32 (written in full): t[s] = the segmented shrink of x [M, K] with
 // lora_a_stacks[s] [L, R, K] (1 <= S <= 4 slices, one launch), scales [L] fp32 and ranks [L] int32
 // (or none), over the AdapterIndex work list `work` [I, 3] int32 of pieces of at most item_m (16
-// or 64) tokens and `sorted_tokens` [M] int32.
+// or 64) tokens and `sorted_tokens` [M] int32. row_split 4 (item_m 16 only) runs each piece as 4
+// CTAs of 4 rows (the split decode shrink), 1 as one CTA.
 void cuda_lora_shrink(const at::Tensor& x, at::TensorList lora_a_stacks, const at::Tensor& scales,
                       const std::optional<at::Tensor>& ranks, const at::Tensor& work,
-                      const at::Tensor& sorted_tokens, int64_t item_m, const at::Tensor& t);
+                      const at::Tensor& sorted_tokens, int64_t item_m, const at::Tensor& t, int64_t row_split);
 
 // In place, one launch for 1 <= S <= 4 slices: y[:, col_s : col_s + N_s] += the segmented expand
 // of t[s] [M, R] fp32 with lora_b_stacks[s] [L, N_s, R], col_s = offset + N_0 + ... + N_{s-1};

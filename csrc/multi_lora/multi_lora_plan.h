@@ -43,6 +43,8 @@ struct MultiShrinkParams {
   int S;                         // slices, 1..kMultiMaxSlices (the grid's z extent)
   int32_t* bad_slot;             // set to 1 when such a slot is seen; null = not reported
   int item_m;                    // the work list's piece size (the tile's BM bounds it)
+  int row_split;                 // 1, or kDecodeRowSplit: each piece split into sub-pieces of
+                                 // kGemvMaxRows rows, one CTA each (grid y = sub-piece x rank chunk)
   int64_t ldx;                   // x row stride (elements)
   int64_t lda_l, lda_r;          // every A stack's strides (elements)
   int64_t ldt_s, ldt;            // t slice and row strides (elements)
@@ -174,6 +176,13 @@ struct ExpandConfig {
 
 enum ShrinkTile : int { kShrinkSmall = 16, kShrinkLarge = 64 };  // = the work list's item_m
 
+// The split decode shrink: with 16-token pieces, each piece may run as 4 CTAs of 4 rows (the
+// CUDA-core path) instead of 1 CTA on tensor cores -- a 16-token single-adapter batch at r = 16
+// then streams K on 4 SMs instead of 1, each re-reading the adapter (from L2). Reasoning, not
+// measured: a decode batch is latency-bound on the few CTAs its pieces give; bench/multi.py's
+// decode cases (ours_se_cuda) are where the choice gets measured.
+constexpr int kDecodeRowSplit = kShrinkSmall / kGemvMaxRows;
+
 struct MultiLaunchPlan {
   int64_t grid_x = 0, grid_y = 0, grid_z = 1;
   int threads = kMultiThreads;
@@ -184,8 +193,10 @@ struct MultiLaunchPlan {
 constexpr const char* kMultiRankError = "r_max must be in [1, 512] for the CUDA kernels";
 constexpr const char* kMultiSlicesError = "the CUDA kernels take 1 to 4 slices per launch";
 
-// Shrink: one CTA per (work-list piece, rank chunk of RB, slice); item_m picks the tile.
-inline MultiLaunchPlan plan_multi_shrink(int64_t num_items, int R, int item_m, bool a_fp32, int S = 1) {
+// Shrink: one CTA per (work-list piece [x sub-piece], rank chunk of RB, slice); item_m picks the
+// tile; row_split (1 or kDecodeRowSplit, 16-token pieces only) splits each piece into sub-pieces.
+inline MultiLaunchPlan plan_multi_shrink(int64_t num_items, int R, int item_m, bool a_fp32, int S = 1,
+                                         int row_split = 1) {
   MultiLaunchPlan plan;
   if (R < 1 || R > kMultiMaxRank) {
     plan.error = kMultiRankError;
@@ -206,8 +217,12 @@ inline MultiLaunchPlan plan_multi_shrink(int64_t num_items, int R, int item_m, b
     plan.error = "item_m must be 16 or 64 (the AdapterIndex work lists)";
     return plan;
   }
+  if (row_split != 1 && !(row_split == kDecodeRowSplit && item_m == kShrinkSmall)) {
+    plan.error = "row_split must be 1, or 4 with item_m 16";
+    return plan;
+  }
   plan.grid_x = num_items;
-  plan.grid_y = ceil_div(R, rb);
+  plan.grid_y = ceil_div(R, rb) * row_split;
   plan.grid_z = S;
   if (plan.grid_x > 0x7FFFFFFF) plan.error = "the work list has more than 2^31 - 1 pieces";
   return plan;

@@ -24,6 +24,12 @@ MULTI_MAX_SLICES = 4  # kMultiMaxSlices: output slices per launch (grid z); more
 # CTAs come from N tiles, and a piece of <= 16 tokens is one piece in either list.
 MULTI_PREFILL_PIECES_PER_SM = 2
 MULTI_EXPAND_ITEM_M = 64
+# The split decode shrink (multi_lora_plan.h kDecodeRowSplit): batches of at most this many tokens
+# run each 16-token piece as 4 CTAs of 4 rows on CUDA cores instead of one tensor-core CTA (a
+# 16-token single-adapter batch streams K on 4 SMs instead of 1). Not measured: where the
+# crossover lies is for bench/multi.py's decode cases to say.
+MULTI_DECODE_SPLIT_MAX_TOKENS = 64
+MULTI_DECODE_ROW_SPLIT = 4
 _NUM_SMS: Dict[int, int] = {}
 
 
@@ -51,6 +57,11 @@ def shrink_item_m(num_tokens: int, device: torch.device) -> int:
     """16 or 64: the work list (and tile) the shrink uses for a batch of `num_tokens` tokens."""
     pieces64 = (num_tokens + 63) // 64
     return 64 if pieces64 >= MULTI_PREFILL_PIECES_PER_SM * _num_sms(device) else 16
+
+
+def shrink_row_split(num_tokens: int, item_m: int) -> int:
+    """1 or MULTI_DECODE_ROW_SPLIT: how many CTAs each 16-token piece of the shrink runs on."""
+    return MULTI_DECODE_ROW_SPLIT if item_m == 16 and num_tokens <= MULTI_DECODE_SPLIT_MAX_TOKENS else 1
 
 
 def _ranks_int32(ranks: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -89,13 +100,14 @@ def _t_rows_disjoint(t: torch.Tensor) -> bool:
 
 def multi_lora_shrink(x: torch.Tensor, lora_a_stack: Stacks, index, scales: torch.Tensor,
                       ranks: Optional[torch.Tensor], out: Optional[torch.Tensor] = None,
-                      item_m: int = 0) -> torch.Tensor:
+                      item_m: int = 0, row_split: int = 0) -> torch.Tensor:
     """t = lora_shrink on validated inputs (see reference.lora_shrink): x [M, K] float16/bfloat16,
     lora_a_stack [L, r_max, K] (t [M, r_max] float32) or a list of S such stacks (t [S, M, r_max],
     t[s] from stack s) in x's dtype or float32, index an AdapterIndex, scales [L], ranks [L] int |
     None. Every element of t is written. One launch per MULTI_MAX_SLICES stacks that share their
     strides (all of them, for stacks made alike). `out` receives t (any strides; tests poison it);
-    item_m (16 or 64) overrides the work-list choice (tests reach both tiles).
+    item_m (16 or 64) overrides the work-list choice (tests reach both tiles), row_split (1 or 4,
+    the latter with item_m 16) the split decode shrink's.
 
     x and the stacks are read along K as contiguous runs: a stack whose last dimension is not
     unit-stride is copied on every call (keep stacks contiguous, as MultiLoRALinear does)."""
@@ -109,6 +121,7 @@ def multi_lora_shrink(x: torch.Tensor, lora_a_stack: Stacks, index, scales: torc
     if M == 0:
         return out
     item_m = item_m or shrink_item_m(M, x.device)
+    row_split = row_split or shrink_row_split(M, item_m)
     stacks = [a if a.shape[2] <= 1 or a.stride(2) == 1 else a.contiguous() for a in stacks]
     # the kernel writes t rows with unit column stride; any other buffer goes through a dense
     # copy (which keeps what rows outside the index's work lists hold: a padded view's zeros)
@@ -117,7 +130,7 @@ def multi_lora_shrink(x: torch.Tensor, lora_a_stack: Stacks, index, scales: torc
     work = index.work(item_m)
     for start, end in _slice_groups(stacks, lambda a: a.stride()):
         torch.ops.lora_kernels.cuda_lora_shrink(x, stacks[start:end], scales, ranks, work, index.sorted_tokens,
-                                                item_m, target[start:end])
+                                                item_m, target[start:end], row_split)
     if target is not t:
         t.copy_(target)
     return out

@@ -98,7 +98,7 @@ def _stacks(value) -> Tuple[List[torch.Tensor], bool]:
     return (list(value), True) if isinstance(value, (list, tuple)) else ([value], False)
 
 
-def run_shrink(exe: Path, x, lora_a, scales, ranks, index, item_m: int, *, seed=0,
+def run_shrink(exe: Path, x, lora_a, scales, ranks, index, item_m: int, *, seed=0, row_split: int = 1,
                leads: Optional[Dict[str, int]] = None, t_out: Optional[torch.Tensor] = None) -> MultiRun:
     """t = lora_shrink(x, lora_a, index, scales, ranks) by the CUDA source, one launch. x [M, K]
     16-bit with unit stride along K; lora_a [L, R, K] (x's dtype or fp32) with unit stride along
@@ -119,7 +119,7 @@ def run_shrink(exe: Path, x, lora_a, scales, ranks, index, item_m: int, *, seed=
               "a_fp32": int(stacks[0].dtype == torch.float32), "S": S, "M": M, "K": K, "L": L, "R": R,
               "num_items": inputs["work"].shape[0], "item_m": item_m, "ldx": x.stride(0),
               "lda_l": stacks[0].stride(0), "lda_r": stacks[0].stride(1), "ldt_s": t3.stride(0),
-              "ldt": t3.stride(1), "seed": seed}
+              "ldt": t3.stride(1), "row_split": row_split, "seed": seed}
     slot_rank, tok_rank = token_ranks(index, ranks, R)
     # never read: x rows of tokens with no adapter (or rank 0), A rows at or past each rank
     never_read = {"x": (tok_rank == 0)[:, None].expand(M, K)}

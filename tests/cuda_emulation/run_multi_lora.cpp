@@ -68,6 +68,7 @@ void run_shrink(Inputs& in, unsigned char* out, std::ofstream& plan_file) {
   p.M = in.I("M"); p.K = in.I("K"); p.num_items = in.I("num_items"); p.R = int(in.I("R"));
   p.L = int(in.I("L"));
   p.item_m = int(in.I("item_m"));
+  p.row_split = in.has("row_split") ? int(in.I("row_split")) : 1;
   p.ldx = in.I("ldx"); p.lda_l = in.I("lda_l"); p.lda_r = in.I("lda_r");
   p.ldt_s = in.I("ldt_s"); p.ldt = in.I("ldt");
   // The same conditions as the CUDA launcher (csrc/multi_lora/multi_lora.cpp).
@@ -75,7 +76,7 @@ void run_shrink(Inputs& in, unsigned char* out, std::ofstream& plan_file) {
   p.a_vec = true;
   for (int s = 0; s < p.S; ++s)
     p.a_vec = p.a_vec && rows_aligned16(p.a[s], p.a_fp32 ? 4 : 2, {p.L > 1 ? p.lda_l : 0, p.R > 1 ? p.lda_r : 0});
-  const MultiLaunchPlan plan = plan_multi_shrink(p.num_items, p.R, p.item_m, p.a_fp32, p.S);
+  const MultiLaunchPlan plan = plan_multi_shrink(p.num_items, p.R, p.item_m, p.a_fp32, p.S, p.row_split);
   if (plan.error) emu::fatal(std::string("plan: ") + plan.error);
   plan_file << "grid_x " << plan.grid_x << "\ngrid_y " << plan.grid_y << "\ngrid_z " << plan.grid_z
             << "\nsmem_bytes " << plan.smem_bytes << "\nx_vec " << p.x_vec << "\na_vec " << p.a_vec << "\n";
