@@ -6,6 +6,9 @@ Each forward case reaches a different path of csrc/lora_linear/lora_linear.cuh (
 sweeping several tiles, K tails, element-wise loads, split fp32 adapters, strided lora_b, no
 bias) or, on Hopper, of csrc/lora_linear/lora_linear_sm90.cuh (both tiles, M/N/K tails, the 3r tail); each merge case one of csrc/merge/merge.cuh (vector and element accesses, the transposed layout,
 both MMA kinds, rank chunks, CTAs walking several tiles, the four modes, a full escape table).
+The multi-adapter cases reach csrc/multi_lora/*.cuh: both tiles, the CUDA-core paths, the split
+decode shrink (batches of <= 64 tokens), several slices in one launch with GQA widths and an
+offset, ranks past 128 (the expand's rank chunks).
 Each result is checked (against float64, or bit for bit after an exact cycle) so that a silent
 error fails too. Exit status 0 = all right. Sizes are tiny: the sanitizer runs kernels 10-100x
 slower.

@@ -93,6 +93,21 @@ def test_ranks_past_128_on_gpu(dist, r_max, ranks):
     _check(inp, (16, 64))
 
 
+@pytest.mark.parametrize("M,dist", [(16, "one"), (64, "zipf"), (500, "zipf")])
+@pytest.mark.parametrize("r_max", [16, 64])
+def test_split_decode_shrink_on_gpu(M, dist, r_max):
+    """row_split 4 (each 16-token piece as 4 CTAs on CUDA cores; the default up to 64 tokens) and
+    1 (one tensor-core CTA per piece) both against float64, at sizes either default takes."""
+    from lora_kernels.cuda.multi_lora import multi_lora_shrink
+    inp = make_multi_inputs(M, 64, 4096, 4, r_max, torch.bfloat16, "cuda", dist=dist, ranks="mixed", seed=M)
+    if dist == "one":
+        inp.token_adapter[:] = 0
+    for row_split in (1, 4):
+        t = multi_lora_shrink(inp.x, inp.lora_a, inp.index(), inp.scales, inp.ranks,
+                              out=poison_(torch.empty(M, r_max, device="cuda")), item_m=16, row_split=row_split)
+        assert_close(t, inp.t64(), torch.float32, what=f"t (row_split={row_split})")
+
+
 def test_slices_in_one_launch_with_fp32_adapters_on_gpu():
     """GQA q/k/v (4096 / 1024 / 1024) through the launchers with fp32 adapters (the split A and
     3xTF32 expand per slice), into a column-major y at an offset; every other column untouched."""
