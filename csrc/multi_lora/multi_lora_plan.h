@@ -26,7 +26,8 @@ namespace lora_kernels {
 // slice's values with compares and selects, not a dynamic index into the kernel parameters.
 // Why the shrink shares strides (ptxas -v, sm_80, CUDA 13.0): a per-slice copy of the strides
 // took its CUDA-core path from 155-163 to 225 registers (or, capped at 168, to 140 bytes of
-// spills); one pointer per slice costs 168, no spills. The expand stays at 120 with a full row.
+// spills); one pointer per slice, with the CUDA-core path's rank rows addressed from one base
+// per pass, costs 168 and no spills (the old kernel: 155-163). The expand: 119 with a full row.
 constexpr int kMultiMaxSlices = 4;
 
 struct MultiShrinkParams {
