@@ -9,6 +9,9 @@ tail; as the multi-adapter linear with a per-slot tail, MULTI_SM90_CASES; and ea
 of its backward-dx kernels, B operands MN-major); each merge case one of csrc/merge/merge.cuh
 (vector and element accesses, the transposed layout, both MMA kinds, rank chunks, CTAs walking
 several tiles, the four modes, a full escape table).
+The multi-adapter cases reach csrc/multi_lora/*.cuh: both tiles, the CUDA-core paths, the split
+decode shrink (batches of <= 64 tokens), several slices in one launch with GQA widths and an
+offset, ranks past 128 (the expand's rank chunks).
 Each result is checked (against float64, or bit for bit after an exact cycle) so that a silent
 error fails too. Exit status 0 = all right. Sizes are tiny: the sanitizer runs kernels 10-100x
 slower.
@@ -253,5 +256,62 @@ def main_multi_sm90() -> int:
     return 1 if failures else 0
 
 
+# Several output slices in one shrink and one expand launch, ranks past 128 (issue 12):
+# (dist, M, slice widths, K, L, r_max, dtype, shrink item_m, expand offset, what it reaches).
+MULTI_SLICE_CASES = [
+    ("none10", 40, [136, 34, 34], 64, 5, 32, torch.bfloat16, 16, 3,
+     "GQA q/k/v in one launch: the narrow slices' CTAs past their width return, offset"),
+    ("zipf", 70, [72, 72, 8, 40], 48, 4, 300, torch.float16, 64, 0,
+     "4 slices, r_max 300: shrink rank chunks, the expand's 3 chunks of t"),
+    ("decode", 12, [64, 64], 136, 3, 512, torch.bfloat16, 16, 1,
+     "decode pieces at r_max 512: CUDA-core paths over 4 rank chunks"),
+]
+
+
+def main_multi_slices() -> int:
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from cases import make_multi_inputs  # noqa: E402
+    from lora_kernels import AdapterIndex, reference  # noqa: E402
+    from lora_kernels.cuda.multi_lora import multi_lora_expand_, multi_lora_shrink  # noqa: E402
+    failures = 0
+    for i, (dist, M, widths, K, L, R, dtype, item_m, offset, what) in enumerate(MULTI_SLICE_CASES):
+        inp = make_multi_inputs(M, 8, K, L, R, dtype, dist=dist, ranks="mixed", seed=10 + i)
+        gen = torch.Generator().manual_seed(i)
+        keep = reference.rank_keep(inp.ranks, L, R, "cpu")
+        a_stacks = [(torch.randn(L, R, K, generator=gen) * K ** -0.5).to(dtype) for _ in widths]
+        b_stacks = [(torch.randn(L, n, R, generator=gen) * R ** -0.5).to(dtype) for n in widths]
+        for a, b in zip(a_stacks, b_stacks):  # never read
+            a.masked_fill_(~keep[:, :, None], float("nan"))
+            b.masked_fill_(~keep[:, None, :], float("nan"))
+        index = AdapterIndex.from_token_adapters(inp.token_adapter.cuda(), L)
+        gpu = lambda t: t.to("cuda")  # noqa: E731
+        t = multi_lora_shrink(gpu(inp.x), [gpu(a) for a in a_stacks], index, gpu(inp.scales), gpu(inp.ranks),
+                              item_m=item_m).cpu()
+        y0 = torch.randn(M, offset + sum(widths) + 2).to(dtype)
+        y = gpu(y0)
+        multi_lora_expand_(y, gpu(t), [gpu(b) for b in b_stacks], index, gpu(inp.ranks), offset=offset)
+        y = y.cpu()
+        y_ref, col, t_err = y0.double().clone(), offset, 0.0
+        for s, (a, b) in enumerate(zip(a_stacks, b_stacks)):
+            t_ref = reference.lora_shrink(inp.x.double(), a.double(), inp.token_adapter, inp.scales.double(),
+                                          inp.ranks)
+            t_err = max(t_err, ((t[s].double() - t_ref).norm() / t_ref.norm().clamp_min(1e-30)).item())
+            y_ref[:, col:col + b.shape[1]] = reference.lora_expand_(y0[:, col:col + b.shape[1]].double(),
+                                                                    t[s].double(), b.double(), inp.token_adapter,
+                                                                    inp.ranks)
+            col += b.shape[1]
+        err = ((y.double() - y_ref).norm() / y_ref.norm()).item()
+        outside = torch.ones_like(y0, dtype=torch.bool)
+        outside[:, offset:col] = False
+        same = torch.equal(y[outside].view(torch.int16), y0[outside].view(torch.int16))
+        tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+        ok = err < tol and t_err < 1e-2 and same
+        failures += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} multi slices {widths} {dist} M={M} K={K} L={L} r_max={R} "
+              f"{str(dtype)[6:]}: {what}: rel err t {t_err:.2e}, y {err:.2e}, columns outside untouched: {same}",
+              flush=True)
+    return 1 if failures else 0
+
+
 if __name__ == "__main__":
-    sys.exit(max(main(), main_multi(), main_multi_sm90()))
+    sys.exit(max(main(), main_multi(), main_multi_sm90(), main_multi_slices()))

@@ -52,11 +52,11 @@ TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) { m.impl("cuda_merge_", &lora_kernels::
 
 TORCH_LIBRARY_FRAGMENT(lora_kernels, m) {
   m.def(
-      "cuda_lora_shrink(Tensor x, Tensor lora_a_stack, Tensor scales, Tensor? ranks, Tensor work, "
-      "Tensor sorted_tokens, int item_m, Tensor(a!) t) -> ()");
+      "cuda_lora_shrink(Tensor x, Tensor[] lora_a_stacks, Tensor scales, Tensor? ranks, Tensor work, "
+      "Tensor sorted_tokens, int item_m, Tensor(a!) t, int row_split=1) -> ()");
   m.def(
-      "cuda_lora_expand(Tensor(a!) y, Tensor t, Tensor lora_b_stack, Tensor? ranks, Tensor work, "
-      "Tensor sorted_tokens, int item_m) -> ()");
+      "cuda_lora_expand(Tensor(a!) y, Tensor t, Tensor[] lora_b_stacks, Tensor? ranks, Tensor work, "
+      "Tensor sorted_tokens, int item_m, int offset=0) -> ()");
 }
 
 // CUDA and CPU, as cuda_lora_linear_fwd: CPU tensors get the launcher's sentence.

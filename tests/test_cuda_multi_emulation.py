@@ -198,13 +198,13 @@ def test_strided_and_misaligned_operands(emulator):
     inp.lora_a = torch.cat([inp.lora_a, rand(L, R, 8, dtype=torch.float16)], dim=2)[:, :, :K]
     t_buf = torch.full((M, R + 3), float("nan"))
     t = check_shrink(emulator, inp, 16, t_out=t_buf[:, :R])
-    check_shrink(emulator, inp, 16, leads={"x": 1, "a": 3})
+    check_shrink(emulator, inp, 16, leads={"x": 1, "a0": 3})
     y0 = rand(N, M, dtype=torch.float16).t()
     t_strided = t.t().contiguous().t()
     inp.lora_b = inp.lora_b.permute(1, 0, 2).contiguous().permute(1, 0, 2)
     check_expand(emulator, inp, t_strided, y0=y0)
     inp.lora_b = inp.lora_b.transpose(1, 2).contiguous().transpose(1, 2)  # unit stride along N
-    check_expand(emulator, inp, t, y0=rand(M, N, dtype=torch.float16), leads={"b": 1})
+    check_expand(emulator, inp, t, y0=rand(M, N, dtype=torch.float16), leads={"b0": 1})
 
 
 def test_every_schedule_gives_the_same_bits(emulator):
@@ -387,3 +387,205 @@ def test_capacity_index_padded_rows(emulator, tile_kind):
                                   tile_kind=tile_kind, tiles_per_cta=2)
     assert_close(lin.out, inp.linear64(), torch.bfloat16, what="linear")
     assert lin.stores.numel() == 0 or (int(lin.stores.min()) == 1 and int(lin.stores_max.max()) == 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 12: several output slices in one launch (grid z = slice), ranks up to 512
+# ---------------------------------------------------------------------------------------------
+
+def slice_stacks(inp, widths, seed=0, adapter_dtype=None):
+    """(A stacks S x [L, R, K], B stacks S x [L, N_s, R]) beside inp's, NaN past each rank."""
+    torch.manual_seed(seed)
+    L, R, K = inp.lora_a.shape
+    dtype = adapter_dtype or inp.lora_a.dtype
+    keep = reference.rank_keep(inp.ranks, L, R, "cpu")
+    a_stacks, b_stacks = [], []
+    for n in widths:
+        a = rand(L, R, K, dtype=dtype, scale=K ** -0.5)
+        b = rand(L, n, R, dtype=dtype, scale=R ** -0.5)
+        a.masked_fill_(~keep[:, :, None], float("nan"))
+        b.masked_fill_(~keep[:, None, :], float("nan"))
+        a_stacks.append(a)
+        b_stacks.append(b)
+    return a_stacks, b_stacks
+
+
+def untouched_rows(inp):
+    none = inp.token_adapter < 0
+    if inp.ranks is None:
+        return none
+    return none | (inp.ranks[inp.token_adapter.clamp(min=0).long()] == 0)
+
+
+def check_slices_shrink(exe, inp, a_stacks, item_m, seed=0):
+    """t [S, M, R] from one launch of the CUDA source vs float64 per slice; each element stored once."""
+    index = inp.index()
+    run = multi_driver.run_shrink(exe, inp.x, a_stacks, inp.scales, inp.ranks, index, item_m, seed=seed)
+    assert run.plan["grid_z"] == len(a_stacks), "one launch: a grid z extent of S slices"
+    t_tol = torch.float32 if a_stacks[0].dtype == inp.x.dtype else inp.x.dtype
+    for s, a in enumerate(a_stacks):
+        expected = reference.lora_shrink(inp.x.double(), a.double(), inp.token_adapter, inp.scales.double(), inp.ranks)
+        assert_close(run.out[s], expected, t_tol, what=f"t[{s}]")
+    assert int(run.stores.min()) == 1 and int(run.stores_max.max()) == 1, "every t element is stored exactly once"
+    assert run.stray_stores == 0
+    assert (run.out[:, inp.token_adapter < 0] == 0).all(), "tokens with no adapter get t = 0"
+    return run.out
+
+
+def check_slices_expand(exe, inp, t, b_stacks, item_m=64, offset=0, extra=0, seed=0, y0=None):
+    """y[:, col_s : col_s + N_s] += slice s, one launch; every other element of y keeps its bits
+    and is never stored (rows without an adapter, columns before `offset` and after the slices)."""
+    index = inp.index()
+    M, widths = inp.x.shape[0], [b.shape[1] for b in b_stacks]
+    width = offset + sum(widths) + extra
+    if y0 is None:
+        y0 = rand(M, width, dtype=inp.x.dtype)
+    rows = untouched_rows(inp)
+    y0[rows] = -0.0  # any store, even of y + 0, would flip the sign bit
+    run = multi_driver.run_expand(exe, y0, t, b_stacks, inp.ranks, index, item_m, offset=offset, seed=seed)
+    assert run.plan["grid_z"] == len(b_stacks)
+    written = torch.zeros(M, width, dtype=torch.bool)
+    expected = y0.double().clone()
+    col = offset
+    for s, b in enumerate(b_stacks):
+        part = reference.lora_expand_(y0[:, col:col + b.shape[1]].double(), t[s].double(), b.double(),
+                                      inp.token_adapter, inp.ranks)
+        expected[:, col:col + b.shape[1]] = part
+        written[:, col:col + b.shape[1]] = True
+        col += b.shape[1]
+    written[rows] = False
+    expected[~written] = y0[~written].double()
+    assert_close(run.out, expected, y0.dtype, what="expand")
+    assert torch.equal(_bits(run.out[~written]), _bits(y0[~written])), "an element outside the slices was written"
+    assert int(run.stores_max[~written].sum()) == 0, "an element outside the slices was stored to"
+    if written.any():
+        assert int(run.stores[written].min()) == 1 and int(run.stores_max[written].max()) == 1, \
+            "every slice element of a token with an adapter is stored exactly once"
+    assert run.stray_stores == 0
+    return run
+
+
+GQA = [136, 34, 34]  # q, k, v of a tiny GQA layer: q spans two 128-column tiles, k/v one (narrower)
+
+
+@pytest.mark.parametrize("widths", [[24], [16, 16], GQA, [8, 24, 8, 130]], ids=["S1", "S2-gate-up", "S3-qkv", "S4"])
+def test_slices_in_one_launch(emulator, widths):
+    """S = 1..4 slices, GQA's different widths (each slice's own tail masking; CTAs past a narrow
+    slice's width return), -1 tokens and a rank-0 slot, NaN past every rank, both shrink tiles,
+    both expand work lists, an offset and columns past the slices."""
+    S = len(widths)
+    dtype = torch.bfloat16 if S % 2 else torch.float16
+    inp = make_multi_inputs(45, 8, 40, 5, 16, dtype, dist="none10", ranks=[16, 5, 0, 9, 1], seed=S)
+    inp.token_adapter[:3] = 1  # a short piece (CUDA cores) beside the long ones (tensor cores)
+    inp.token_adapter[3:25] = 3
+    inp.token_adapter[25:27] = 2  # rank 0: behaves as no adapter
+    lengths = piece_lengths(inp.index(), 16)
+    assert min(lengths) <= GEMV_MAX_ROWS < max(lengths)
+    a_stacks, b_stacks = slice_stacks(inp, widths, seed=S)
+    t = check_slices_shrink(emulator, inp, a_stacks, 16, seed=1)
+    check_slices_shrink(emulator, inp, a_stacks, 64, seed=2)
+    # odd columns / row stride: element updates of y; then even ones: paired 32-bit updates
+    run = check_slices_expand(emulator, inp, t, b_stacks, 64, offset=3, extra=2, seed=3)
+    assert run.plan["y_pairs0"] == 0
+    run = check_slices_expand(emulator, inp, t, b_stacks, 16, offset=0, extra=0, seed=4)
+    assert all(run.plan[f"y_pairs{s}"] == 1 for s in range(S))
+
+
+def test_slices_with_their_own_b_layouts_and_fp32_adapters(emulator):
+    """Each expand slice reads its B with its own strides (rank-contiguous, transposed along the
+    rank, rows padded); fp32 adapters (the shrink's A halves, the expand's 3xTF32); t with strides;
+    a column-major y."""
+    inp = make_multi_inputs(30, 8, 32, 4, 8, torch.float16, dist="zipf", ranks="mixed", seed=21)
+    inp.token_adapter[:2] = 0
+    a_stacks, b_stacks = slice_stacks(inp, [20, 12, 12], seed=5, adapter_dtype=torch.float32)
+    t = check_slices_shrink(emulator, inp, a_stacks, 16)
+    b_stacks[1] = b_stacks[1].transpose(1, 2).contiguous().transpose(1, 2)  # unit stride along N
+    b_stacks[2] = torch.cat([b_stacks[2], rand(4, 12, 3)], dim=2)[:, :, :8]  # rank rows padded
+    t_strided = t.permute(1, 0, 2).contiguous().permute(1, 0, 2)  # [S, M, R] stored [M, S, R]
+    y0 = rand(3 + 44, 30, dtype=torch.float16).t()
+    check_slices_expand(emulator, inp, t_strided, b_stacks, 64, offset=3, y0=y0)
+
+
+@pytest.mark.parametrize("R,ranks", [(200, [200, 129, 0, 7]), (256, [256, 128, 1, 255]), (512, [512, 300, 0, 64])],
+                         ids=["r200", "r256", "r512"])
+def test_large_ranks(emulator, R, ranks):
+    """r_max past 128: the shrink's rank chunks, the expand's 128-wide chunks of t (one to four,
+    the last partial: 129 = 128 + 1, 200, 300), both expand paths; stacks NaN past each rank and
+    t NaN past each token's rank (never read)."""
+    inp = make_multi_inputs(26, 20, 24, 4, R, torch.bfloat16, dist="decode", ranks=ranks, seed=R)
+    ids = torch.tensor([0] * 3 + [1] * 9 + [3] * 6 + [2] * 2 + [-1] * 2 + [0] * 4, dtype=torch.int32)
+    inp.token_adapter = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(R))]
+    lengths = piece_lengths(inp.index(), 64)
+    assert min(lengths) <= GEMV_MAX_ROWS < max(lengths)
+    a_stacks, b_stacks = slice_stacks(inp, [20, 9], seed=R)
+    t = check_slices_shrink(emulator, inp, a_stacks, 16)
+    check_slices_shrink(emulator, inp, a_stacks[:1], 64)
+    keep = reference.rank_keep(inp.ranks, 4, R, "cpu")[inp.token_adapter.clamp(min=0).long()]
+    keep[inp.token_adapter < 0] = False
+    t_poisoned = t.clone()
+    t_poisoned[:, ~keep] = float("nan")
+    check_slices_expand(emulator, inp, t_poisoned, b_stacks, 64, offset=1, extra=1)
+    # the single-stack form (t [M, R]) through the same launch
+    check_expand(emulator, inp, t_poisoned[0], 64)
+
+
+@pytest.mark.parametrize("R", [256, 512])
+def test_linear_large_ranks(emulator, R):
+    """multi_lora_linear at r_max 256 / 512: the epilogue walks the rank 8 columns a step."""
+    inp = make_multi_inputs(24, 40, 32, 3, R, torch.float16, dist="zipf", ranks=[R, R // 2 + 3, 0], seed=R)
+    inp.token_adapter[:5] = 1
+    check_linear(emulator, inp, tile_kind=SMALL)
+    check_linear(emulator, inp, tile_kind=LARGE)
+
+
+def test_slices_every_schedule_gives_the_same_bits(emulator):
+    inp = make_multi_inputs(36, 8, 40, 3, 16, torch.bfloat16, dist="zipf", ranks="mixed", seed=31)
+    a_stacks, b_stacks = slice_stacks(inp, [20, 10, 10], seed=3)
+    index = inp.index()
+    y0 = rand(36, 40, dtype=torch.bfloat16)
+    runs = []
+    for seed in (1, 2):
+        t = multi_driver.run_shrink(emulator, inp.x, a_stacks, inp.scales, inp.ranks, index, 16, seed=seed).out
+        y = multi_driver.run_expand(emulator, y0, t, b_stacks, inp.ranks, index, 64, seed=seed).out
+        runs.append((t, y))
+    assert torch.equal(_bits(runs[0][0]), _bits(runs[1][0])) and torch.equal(_bits(runs[0][1]), _bits(runs[1][1]))
+
+
+def test_slice_count_and_rank_limits_in_the_plan(emulator):
+    """The plan refuses 5 slices and r_max 513 (the launcher's sentences name them)."""
+    inp = make_multi_inputs(6, 8, 16, 2, 513, torch.float16, seed=1)
+    with pytest.raises(AssertionError, match=r"r_max must be in \[1, 512\]"):
+        multi_driver.run_shrink(emulator, inp.x, inp.lora_a, inp.scales, None, inp.index(), 16)
+    small = make_multi_inputs(6, 8, 16, 2, 4, torch.float16, seed=1)
+    with pytest.raises(AssertionError, match="S out of range"):
+        multi_driver.run_shrink(emulator, small.x, [small.lora_a] * 5, small.scales, None, small.index(), 16)
+
+
+@pytest.mark.parametrize("R,adapter_dtype", [(16, None), (40, torch.float32)], ids=["r16", "r40-fp32-adapters"])
+def test_split_decode_shrink(emulator, R, adapter_dtype):
+    """row_split 4 (the split decode shrink): each 16-token piece runs as 4 CTAs of 4 rows on CUDA
+    cores. A 16-token single-adapter batch, then pieces of every length 1..16 (sub-pieces partly
+    or wholly past a piece's length), -1 tokens, two slices; every t element stored once."""
+    one = make_multi_inputs(16, 8, 40, 3, R, torch.bfloat16, dist="one", ranks="mixed", seed=R,
+                            adapter_dtype=adapter_dtype)
+    one.token_adapter[:] = 0
+    run = multi_driver.run_shrink(emulator, one.x, one.lora_a, one.scales, one.ranks, one.index(), 16, row_split=4)
+    assert run.plan["grid_x"] >= 1 and run.plan["grid_y"] == 4 * ((R + 15) // 16)
+    t_tol = torch.float32 if adapter_dtype is None else torch.bfloat16
+    assert_close(run.out, one.t64(), t_tol, what="t, one adapter")
+    assert int(run.stores.min()) == 1 and int(run.stores_max.max()) == 1 and run.stray_stores == 0
+    counts = [16, 13, 9, 5, 4, 1, 2]
+    ids = torch.cat([torch.full((c,), i, dtype=torch.int32) for i, c in enumerate(counts)] +
+                    [torch.full((3,), -1, dtype=torch.int32)])
+    inp = make_multi_inputs(len(ids), 8, 40, len(counts), R, torch.float16, ranks="mixed", seed=R + 1,
+                            adapter_dtype=adapter_dtype)
+    inp.token_adapter = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(R))]
+    a_stacks, _ = slice_stacks(inp, [8, 8], seed=R, adapter_dtype=adapter_dtype)
+    run = multi_driver.run_shrink(emulator, inp.x, a_stacks, inp.scales, inp.ranks, inp.index(), 16, row_split=4)
+    t_tol = torch.float32 if adapter_dtype is None else torch.float16
+    for s, a in enumerate(a_stacks):
+        expected = reference.lora_shrink(inp.x.double(), a.double(), inp.token_adapter, inp.scales.double(), inp.ranks)
+        assert_close(run.out[s], expected, t_tol, what=f"t[{s}]")
+    assert int(run.stores.min()) == 1 and int(run.stores_max.max()) == 1 and run.stray_stores == 0
+    with pytest.raises(AssertionError, match="row_split must be 1, or 4 with item_m 16"):
+        multi_driver.run_shrink(emulator, inp.x, a_stacks, inp.scales, inp.ranks, inp.index(), 64, row_split=4)

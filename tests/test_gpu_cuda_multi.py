@@ -1,5 +1,5 @@
 """GPU lane (`pytest -m gpu`): the CUDA C++ multi-adapter shrink / expand / multi_lora_linear on the
-card against the float64 reference, CUDA-graph capture and replay with a new mapping,
+card against the float64 reference (one stack, several slices in one launch, ranks to 512), CUDA-graph capture and replay with a new mapping,
 determinism, no host sync.
 
 The extension must be there (bench/device_check.sh builds it); if it is not, these tests fail
@@ -80,6 +80,61 @@ def test_ranks_1_to_128_mixed_on_gpu(dtype):
     inp = make_multi_inputs(512, 2048, 1024, 8, 128, dtype, "cuda", dist="zipf", ranks=ranks)
     inp.token_adapter[:8] = torch.arange(8, dtype=torch.int32, device="cuda")
     _check(inp, (16, 64))
+
+
+@pytest.mark.parametrize("r_max,ranks", [(256, [256, 129, 0, 100, 255, 1]), (512, [512, 300, 128, 0, 17, 511])],
+                         ids=["r256", "r512"])
+@pytest.mark.parametrize("dist", ["zipf", "decode"])
+def test_ranks_past_128_on_gpu(dist, r_max, ranks):
+    """The shrink's rank chunks, the expand's 128-wide chunks of t (partial last chunks), the fused
+    linear's epilogue over 256 / 512 ranks; decode (CUDA-core) and zipf (tensor-core) pieces."""
+    inp = make_multi_inputs(200, 1024, 1024, 6, r_max, torch.bfloat16, "cuda", dist=dist, ranks=ranks, seed=r_max)
+    inp.token_adapter[:6] = torch.arange(6, dtype=torch.int32, device="cuda")
+    _check(inp, (16, 64))
+
+
+@pytest.mark.parametrize("M,dist", [(16, "one"), (64, "zipf"), (500, "zipf")])
+@pytest.mark.parametrize("r_max", [16, 64])
+def test_split_decode_shrink_on_gpu(M, dist, r_max):
+    """row_split 4 (each 16-token piece as 4 CTAs on CUDA cores; the default up to 64 tokens) and
+    1 (one tensor-core CTA per piece) both against float64, at sizes either default takes."""
+    from lora_kernels.cuda.multi_lora import multi_lora_shrink
+    inp = make_multi_inputs(M, 64, 4096, 4, r_max, torch.bfloat16, "cuda", dist=dist, ranks="mixed", seed=M)
+    if dist == "one":
+        inp.token_adapter[:] = 0
+    for row_split in (1, 4):
+        t = multi_lora_shrink(inp.x, inp.lora_a, inp.index(), inp.scales, inp.ranks,
+                              out=poison_(torch.empty(M, r_max, device="cuda")), item_m=16, row_split=row_split)
+        assert_close(t, inp.t64(), torch.float32, what=f"t (row_split={row_split})")
+
+
+def test_slices_in_one_launch_with_fp32_adapters_on_gpu():
+    """GQA q/k/v (4096 / 1024 / 1024) through the launchers with fp32 adapters (the split A and
+    3xTF32 expand per slice), into a column-major y at an offset; every other column untouched."""
+    from lora_kernels.cuda.multi_lora import multi_lora_expand_, multi_lora_shrink
+    M, K, L, R, widths, offset = 96, 2048, 4, 32, [4096, 1024, 1024], 8
+    inp = make_multi_inputs(M, 8, K, L, R, torch.float16, "cuda", dist="zipf", ranks="mixed")
+    keep = reference.rank_keep(inp.ranks, L, R, "cuda")
+    a_stacks = [rand(L, R, K, device="cuda", scale=K ** -0.5).masked_fill(~keep[:, :, None], float("nan"))
+                for _ in widths]
+    b_stacks = [rand(L, n, R, device="cuda", scale=R ** -0.5).masked_fill(~keep[:, None, :], float("nan"))
+                for n in widths]
+    index = inp.index()
+    t = multi_lora_shrink(inp.x, a_stacks, index, inp.scales, inp.ranks,
+                          out=poison_(torch.empty(3, M, R, device="cuda")))
+    y0 = rand(sum(widths) + offset + 3, M, dtype=torch.float16, device="cuda").t()
+    y = y0.clone().t().contiguous().t()
+    multi_lora_expand_(y, t, b_stacks, index, inp.ranks, offset=offset)
+    col = offset
+    for s, (a, b) in enumerate(zip(a_stacks, b_stacks)):
+        t64 = reference.lora_shrink(inp.x.double(), a.double(), inp.token_adapter, inp.scales.double(), inp.ranks)
+        assert_close(t[s], t64, torch.float16, what=f"t[{s}]")
+        expected = reference.lora_expand_(y0[:, col:col + b.shape[1]].double(), t[s].double(), b.double(),
+                                          inp.token_adapter, inp.ranks)
+        assert_close(y[:, col:col + b.shape[1]], expected, torch.float16, what=f"slice {s}")
+        col += b.shape[1]
+    assert torch.equal(_bits(y[:, :offset]), _bits(y0[:, :offset]))
+    assert torch.equal(_bits(y[:, col:]), _bits(y0[:, col:]))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

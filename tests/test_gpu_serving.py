@@ -1,5 +1,6 @@
 """GPU lane (`pytest -m gpu`) for issue 12's paths: multi-slice shrink/expand on the card (bf16,
-which the CPU interpreter cannot run), ranks 256/512, the persistent index under CUDA graphs
+which the CPU interpreter cannot run; one launch for up to 4 slices on backend="cuda", counted),
+ranks 256/512 on both backends, the persistent index under CUDA graphs
 (capture once, replay with a new mapping and fewer live tokens), no host synchronisation, and
 the vLLM wrapper (stub base class) captured and replayed."""
 import types
@@ -45,19 +46,55 @@ def test_slices_on_the_card(backend, dtype, widths):
     assert_close(y, expand64(y0.cpu(), out.cpu(), [s.cpu() for s in b], ids.cpu(), ranks.cpu(), 3), dtype)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("R", [256, 512])
-def test_large_ranks_on_the_card(R):
+def test_large_ranks_on_the_card(backend, R):
+    """r_max 256 / 512 on both GPU backends: two slices (q-like and k/v-like widths) in one shrink
+    and one expand launch, and multi_lora_linear; ranks R, R // 3 and 0 (NaN past each)."""
+    _skip_unavailable(backend)
     M, K, N, L = 300, 512, 384, 3
-    x, a, b, ranks, ids, scales = make_slices(M, K, [N], L, R, torch.bfloat16, [R, R // 3, 0], seed=R)
+    x, a, b, ranks, ids, scales = make_slices(M, K, [N, N // 4], L, R, torch.bfloat16, [R, R // 3, 0], seed=R)
     x, a, b, ranks, ids, scales = _cuda(x, a, b, ranks, ids, scales)
     index = AdapterIndex.from_token_adapters(ids, L)
-    t = lora_kernels.lora_shrink(x, a[0], index, scales, ranks, backend="triton")
-    t64 = shrink64(x.cpu(), [a[0].cpu()], ids.cpu(), _scale_of(scales.cpu()), ranks.cpu())
-    assert_close(t, t64[0], torch.bfloat16, what="t")
+    t = lora_kernels.lora_shrink(x, a, index, scales, ranks, backend=backend)
+    t64 = shrink64(x.cpu(), [s.cpu() for s in a], ids.cpu(), _scale_of(scales.cpu()), ranks.cpu())
+    assert_close(t, t64, torch.bfloat16, what="t")
+    y0 = rand(M, 2 + N + N // 4, dtype=torch.bfloat16, device="cuda")
+    y = lora_kernels.lora_expand_(y0.clone(), t, b, index, ranks, 2, backend=backend)
+    assert_close(y, expand64(y0.cpu(), t.cpu(), [s.cpu() for s in b], ids.cpu(), ranks.cpu(), 2), torch.bfloat16,
+                 what="expand")
     w = rand(N, K, dtype=torch.bfloat16, device="cuda", scale=K ** -0.5)
-    y = lora_kernels.multi_lora_linear(x, w, a[0], b[0], index, scales, None, ranks, backend="triton")
-    ref = expand64(x.cpu().double() @ w.cpu().double().t(), t64, [b[0].cpu()], ids.cpu(), ranks.cpu(), 0)
+    y = lora_kernels.multi_lora_linear(x, w, a[0], b[0], index, scales, None, ranks, backend=backend)
+    ref = expand64(x.cpu().double() @ w.cpu().double().t(), t64[:1], [b[0].cpu()], ids.cpu(), ranks.cpu(), 0)
     assert_close(y, ref, torch.bfloat16, what="multi_lora_linear")
+
+
+@pytest.mark.parametrize("widths", [[4096, 1024, 1024], [14336, 14336], [512, 512, 512, 512, 256]],
+                         ids=["qkv-gqa", "gate-up", "S5"])
+def test_cuda_backend_runs_all_slices_in_one_launch(widths):
+    """backend='cuda': one shrink kernel and one expand kernel for up to 4 slices (a fifth takes
+    one more of each), counted by the profiler; results against float64."""
+    _skip_unavailable("cuda")
+    M, K, L, R = 64, 4096, 4, 16
+    x, a, b, ranks, ids, scales = make_slices(M, K, widths, L, R, torch.bfloat16, [16, 8, 0, 3], seed=7)
+    x, a, b, ranks, ids, scales = _cuda(x, a, b, ranks, ids, scales)
+    index = AdapterIndex.from_token_adapters(ids, L)
+    y0 = rand(M, sum(widths), dtype=torch.bfloat16, device="cuda")
+    y = y0.clone()
+    lora_kernels.lora_shrink(x, a, index, scales, ranks, backend="cuda")  # loads the extension
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t = lora_kernels.lora_shrink(x, a, index, scales, ranks, backend="cuda")
+        lora_kernels.lora_expand_(y, t, b, index, ranks, backend="cuda")
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+    launches = (len(widths) + 3) // 4
+    assert sum("multi_shrink_kernel" in n for n in names) == launches, names
+    assert sum("multi_expand_kernel" in n for n in names) == launches, names
+    t64 = shrink64(x.cpu(), [s.cpu() for s in a], ids.cpu(), _scale_of(scales.cpu()), ranks.cpu())
+    assert_close(t, t64, torch.bfloat16, what="t")
+    assert_close(y, expand64(y0.cpu(), t.cpu(), [s.cpu() for s in b], ids.cpu(), ranks.cpu(), 0), torch.bfloat16)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -156,9 +156,13 @@ def test_cuda_backend_reasons(monkeypatch):
         with pytest.raises(lora_kernels.BackendUnavailable,
                            match=r": cuda: dtype float32 is not supported by the CUDA multi-adapter kernels"):
             op(_args(), "cuda")
-    big = make_multi_inputs(3, 4, 5, 2, 129, torch.float16)
-    with pytest.raises(lora_kernels.BackendUnavailable, match="r_max 129 exceeds the CUDA multi-adapter kernels' limit"):
+    big = make_multi_inputs(3, 4, 5, 2, 513, torch.float16)
+    with pytest.raises(lora_kernels.BackendUnavailable,
+                       match="r_max 513 exceeds the CUDA multi-adapter kernels' limit of 512"):
         lora_kernels.lora_shrink(big.x, big.lora_a, big.index(), big.scales, backend="cuda")
+    with pytest.raises(lora_kernels.BackendUnavailable, match="^multi_lora_linear: cuda: r_max 513 exceeds"):
+        lora_kernels.multi_lora_linear(big.x, big.weight, big.lora_a, big.lora_b, big.index(), big.scales,
+                                       backend="cuda")
     h = _args(y=half("y"), lora_b_stack=half("lora_b_stack"), t=lambda a: a["t"].double())
     with pytest.raises(lora_kernels.BackendUnavailable, match="^lora_expand_: cuda: t must be float32"):
         _expand(h, "cuda")

@@ -118,6 +118,7 @@ LK_DEVICE float u32_as_f32(uint32_t v) { return __uint_as_float(v); }
 // A plain (coherent) 16-bit load, for data the kernel also writes (y of an in-place update):
 // ld_global_u16's read-only path is only for data no thread writes during the kernel.
 LK_DEVICE uint16_t ld_global_u16_rw(const uint16_t* p) { return *p; }
+LK_DEVICE uint32_t ld_global_u32_rw(const uint32_t* p) { return *p; }  // (two 16-bit elements of y)
 LK_DEVICE int32_t ld_shared_s32(const int32_t* p) { return *p; }
 LK_DEVICE void st_shared_s32(int32_t* p, int32_t v) { *p = v; }
 // Butterfly exchange within a full warp: the value of lane (lane ^ lane_mask).

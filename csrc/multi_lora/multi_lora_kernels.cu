@@ -1,6 +1,7 @@
 // Instantiates the multi-adapter kernels -- shrink: 2 dtypes x 2 tiles, expand: 2 dtypes, fused
-// linear: 2 dtypes x 2 tiles; fp32 adapters are a run-time flag, not an instantiation -- and
-// launches the one a plan names. Torch-free, so nvcc compiles it quickly.
+// linear: 2 dtypes x 2 tiles; fp32 adapters, the number of slices (grid z) and the rank (grid y of
+// the shrink, chunk loop of the expand) are run-time values, not instantiations -- and launches
+// the one a plan names. Torch-free, so nvcc compiles it quickly.
 #include <atomic>
 
 #include "multi_lora/multi_lora.cuh"
@@ -31,7 +32,7 @@ cudaError_t shrink_typed(const MultiShrinkParams& p, const MultiLaunchPlan& plan
   auto kernel = multi_shrink_kernel<Ty, Cfg>;
   cudaError_t err = allow_smem(kernel, Cfg::bytes_fp32_a, opted_in);
   if (err != cudaSuccess) return err;
-  kernel<<<dim3(unsigned(plan.grid_x), unsigned(plan.grid_y)), dim3(unsigned(plan.threads)), plan.smem_bytes,
+  kernel<<<dim3(unsigned(plan.grid_x), unsigned(plan.grid_y), unsigned(plan.grid_z)), dim3(unsigned(plan.threads)), plan.smem_bytes,
            stream>>>(p);
   return cudaGetLastError();
 }
@@ -45,7 +46,7 @@ cudaError_t shrink_tile(const MultiShrinkParams& p, const MultiLaunchPlan& plan,
 
 template <class Ty>
 cudaError_t expand_typed(const MultiExpandParams& p, const MultiLaunchPlan& plan, cudaStream_t stream) {
-  multi_expand_kernel<Ty><<<dim3(unsigned(plan.grid_x), unsigned(plan.grid_y)), dim3(unsigned(plan.threads)),
+  multi_expand_kernel<Ty><<<dim3(unsigned(plan.grid_x), unsigned(plan.grid_y), unsigned(plan.grid_z)), dim3(unsigned(plan.threads)),
                             plan.smem_bytes, stream>>>(p);
   return cudaGetLastError();
 }

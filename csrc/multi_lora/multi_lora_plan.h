@@ -19,48 +19,75 @@ namespace lora_kernels {
 // ------------------------------------------------------------------------------------------------
 // Parameters of one launch (plain data: the kernel argument).
 // ------------------------------------------------------------------------------------------------
+// Several output slices (q/k/v with GQA's different widths, gate/up) go in one launch: the grid's
+// z dimension is the slice. The shrink's slices differ only in their A stack's address (one
+// shape, dtype and set of strides: the launcher groups stacks so); each expand slice has its own
+// row of a small table (B's address, strides, width and first column of y). A CTA picks its
+// slice's values with compares and selects, not a dynamic index into the kernel parameters.
+// Why the shrink shares strides (ptxas -v, sm_80, CUDA 13.0): a per-slice copy of the strides
+// took its CUDA-core path from 155-163 to 225 registers (or, capped at 168, to 140 bytes of
+// spills); one pointer per slice, with the CUDA-core path's rank rows addressed from one base
+// per pass, costs 168 and no spills (the old kernel: 155-163). The expand: 119 with a full row.
+constexpr int kMultiMaxSlices = 4;
+
 struct MultiShrinkParams {
   const uint16_t* x;             // [M, K] 16-bit, unit stride along K
-  const void* a;                 // [L, R, K] 16-bit (x's type) or fp32 (a_fp32), unit stride along K
+  const void* a[kMultiMaxSlices];  // slices [0, S): [L, R, K] 16-bit (x's type) or fp32 (a_fp32), unit stride along K
   const float* scales;           // [L] fp32, contiguous
   const int32_t* ranks;          // [L] int32, contiguous; null = every slot has rank R
   const int32_t* work;           // [num_items, 3] (slot, start, length), contiguous
   const int32_t* sorted_tokens;  // [M]
-  float* t;                      // [M, R] fp32, unit column stride
+  float* t;                      // [S, M, R] fp32, unit column stride
   int64_t M, K, num_items;
   int R;                         // r_max (<= kMultiMaxRank)
   int L;                         // slots: a work-list slot outside [-1, L) is read as -1
+  int S;                         // slices, 1..kMultiMaxSlices (the grid's z extent)
   int32_t* bad_slot;             // set to 1 when such a slot is seen; null = not reported
   int item_m;                    // the work list's piece size (the tile's BM bounds it)
+  int row_split;                 // 1, or kDecodeRowSplit: each piece split into sub-pieces of
+                                 // kGemvMaxRows rows, one CTA each (grid y = sub-piece x rank chunk)
   int64_t ldx;                   // x row stride (elements)
-  int64_t lda_l, lda_r;          // A stack strides (elements)
-  int64_t ldt;                   // t row stride (elements)
+  int64_t lda_l, lda_r;          // every A stack's strides (elements)
+  int64_t ldt_s, ldt;            // t slice and row strides (elements)
   bool a_fp32;
   bool x_vec;                    // x rows 16-byte aligned (base and ldx): 16-byte loads, cp.async
-  bool a_vec;                    // the same for every row of the A stack
+  bool a_vec;                    // the same for every row of every A stack
+};
+
+struct MultiExpandSlice {
+  const void* b;                 // [L, N, R] 16-bit (y's type) or fp32 (b_fp32), any strides
+  int64_t N;                     // this slice's width
+  int64_t col;                   // its first column of y
+  int64_t ldb_l, ldb_n, ldb_r;
+  bool b_vec;                    // ldb_r == 1 and every B row 16-byte aligned: 16-byte loads
+  bool y_pairs;                  // ldy_n == 1, y's column `col` 4-byte aligned in every row:
+                                 // two adjacent outputs update as one 32-bit word
 };
 
 struct MultiExpandParams {
-  uint16_t* y;                   // [M, N] 16-bit, any strides (no internal overlap), in place
-  const float* t;                // [M, R] fp32, any strides
-  const void* b;                 // [L, N, R] 16-bit (y's type) or fp32 (b_fp32), any strides
+  uint16_t* y;                   // [M, N_y] 16-bit, any strides (no internal overlap), in place
+  const float* t;                // [S, M, R] fp32, any strides
+  MultiExpandSlice slices[kMultiMaxSlices];  // rows [0, S) used; one dtype (b_fp32) for all
   const int32_t* ranks;          // [L] int32 contiguous; null = every slot has rank R
   const int32_t* work;           // [num_items, 3]
   const int32_t* sorted_tokens;  // [M]
-  int64_t M, N, num_items;
+  int64_t M, num_items;
   int R;
   int L;                         // slots: a work-list slot outside [-1, L) is read as -1
+  int S;                         // slices, 1..kMultiMaxSlices (the grid's z extent)
   int32_t* bad_slot;             // set to 1 when such a slot is seen; null = not reported
   int item_m;
   int64_t ldy_m, ldy_n;
-  int64_t ldt_m, ldt_r;
-  int64_t ldb_l, ldb_n, ldb_r;
+  int64_t ldt_s, ldt_m, ldt_r;
   bool b_fp32;
-  bool b_vec;                    // ldb_r == 1 and every B row 16-byte aligned: 16-byte loads
 };
 
-// The largest r_max the kernels take (the expand keeps t [rows, r_max] in shared memory).
-constexpr int kMultiMaxRank = 128;
+// The largest r_max the kernels take: vLLM's largest max_lora_rank. Nothing on chip grows with
+// it: the shrink's grid has a rank-chunk dimension, the expand stages t in shared memory
+// kExpandRankChunk columns at a time (accumulating every chunk into the same fp32 registers), and
+// multi_lora_linear's epilogue walks the rank 8 columns a step, t read from global memory.
+constexpr int kMultiMaxRank = 512;
+constexpr int kExpandRankChunk = 128;  // the t tile of the expand: [64 rows][128 + 4] fp32, 33 KB
 
 // Pieces of at most this many tokens run on CUDA cores ("GEMV" path); longer ones on tensor
 // cores. Reasoning, not measured (no GPU was available): a decode piece of 1..4 tokens gains
@@ -127,7 +154,9 @@ using ShrinkLarge = ShrinkConfig<64, 64, 64, 2, 2, 1, 3>;
 // Expand tile: a CTA owns one piece (up to 64 rows) and BN = 128 output columns; the 4 warps split
 // the columns (32 each) and walk the piece's rows in 16-row MMA tiles only as far as its length.
 // B is read once per CTA straight into MMA fragments (each B element is used by every row of the
-// piece from registers); t [rows, rank] sits in shared memory in fp32. Reasoning (not measured):
+// piece from registers); t [rows, rank] sits in shared memory in fp32, RC = 128 rank columns at a
+// time (ranks past 128 loop over chunks, two barriers each, into the same accumulators: the tile
+// stays 33 KB, under the 48 KB that needs no opt-in, at any rank). Reasoning (not measured):
 // 128 columns give N/128 CTAs per piece (32 at N = 4096), enough for the decode batches' few
 // pieces, while a 64-token piece of a long segment reuses every B element 64 times.
 // ------------------------------------------------------------------------------------------------
@@ -135,29 +164,47 @@ struct ExpandConfig {
   static constexpr int BM = 64, BN = 128, WARPS = 4;
   static constexpr int NTHREADS = 32 * WARPS;
   static constexpr int WN = BN / WARPS, NT = WN / 8, MT = BM / 16;
-  static constexpr int TPITCH = kMultiMaxRank + 4;  // fp32 t rows: conflict-free fragment reads
+  static constexpr int RC = kExpandRankChunk;
+  static constexpr int TPITCH = RC + 4;  // fp32 t rows: conflict-free fragment reads
   static constexpr size_t tok_off = 0;
   static constexpr size_t ts_off = BM * 4;
   static constexpr size_t bytes = ts_off + size_t(BM) * TPITCH * 4;
   static_assert(NTHREADS == kMultiThreads, "one block size for every multi-adapter kernel");
-  static_assert(BN % NTHREADS == 0, "the CUDA-core path gives each thread BN / NTHREADS columns");
+  static_assert(BN == NTHREADS, "the CUDA-core path gives each thread one column");
+  static_assert(RC % 8 == 0, "rank chunks are whole k8 MMA steps");
   static_assert(bytes <= 48 * 1024, "no opt-in needed");
 };
 
 enum ShrinkTile : int { kShrinkSmall = 16, kShrinkLarge = 64 };  // = the work list's item_m
 
+// The split decode shrink: with 16-token pieces, each piece may run as 4 CTAs of 4 rows (the
+// CUDA-core path) instead of 1 CTA on tensor cores -- a 16-token single-adapter batch at r = 16
+// then streams K on 4 SMs instead of 1, each re-reading the adapter (from L2). Reasoning, not
+// measured: a decode batch is latency-bound on the few CTAs its pieces give; bench/multi.py's
+// decode cases (ours_se_cuda) are where the choice gets measured.
+constexpr int kDecodeRowSplit = kShrinkSmall / kGemvMaxRows;
+
 struct MultiLaunchPlan {
-  int64_t grid_x = 0, grid_y = 0;
+  int64_t grid_x = 0, grid_y = 0, grid_z = 1;
   int threads = kMultiThreads;
   size_t smem_bytes = 0;
   const char* error = nullptr;
 };
 
-// Shrink: one CTA per (work-list piece, rank chunk of RB); item_m picks the tile.
-inline MultiLaunchPlan plan_multi_shrink(int64_t num_items, int R, int item_m, bool a_fp32) {
+constexpr const char* kMultiRankError = "r_max must be in [1, 512] for the CUDA kernels";
+constexpr const char* kMultiSlicesError = "the CUDA kernels take 1 to 4 slices per launch";
+
+// Shrink: one CTA per (work-list piece [x sub-piece], rank chunk of RB, slice); item_m picks the
+// tile; row_split (1 or kDecodeRowSplit, 16-token pieces only) splits each piece into sub-pieces.
+inline MultiLaunchPlan plan_multi_shrink(int64_t num_items, int R, int item_m, bool a_fp32, int S = 1,
+                                         int row_split = 1) {
   MultiLaunchPlan plan;
   if (R < 1 || R > kMultiMaxRank) {
-    plan.error = "r_max must be in [1, 128] for the CUDA kernels";
+    plan.error = kMultiRankError;
+    return plan;
+  }
+  if (S < 1 || S > kMultiMaxSlices) {
+    plan.error = kMultiSlicesError;
     return plan;
   }
   int rb = 0;
@@ -171,17 +218,27 @@ inline MultiLaunchPlan plan_multi_shrink(int64_t num_items, int R, int item_m, b
     plan.error = "item_m must be 16 or 64 (the AdapterIndex work lists)";
     return plan;
   }
+  if (row_split != 1 && !(row_split == kDecodeRowSplit && item_m == kShrinkSmall)) {
+    plan.error = "row_split must be 1, or 4 with item_m 16";
+    return plan;
+  }
   plan.grid_x = num_items;
-  plan.grid_y = ceil_div(R, rb);
+  plan.grid_y = ceil_div(R, rb) * row_split;
+  plan.grid_z = S;
   if (plan.grid_x > 0x7FFFFFFF) plan.error = "the work list has more than 2^31 - 1 pieces";
   return plan;
 }
 
-// Expand: one CTA per (work-list piece, BN columns). Pieces of 16 or 64 tokens both fit the tile.
-inline MultiLaunchPlan plan_multi_expand(int64_t num_items, int64_t N, int R, int item_m) {
+// Expand: one CTA per (work-list piece, BN columns, slice); N is the widest slice's width (a
+// narrower slice's CTAs past its width return at once). Pieces of 16 or 64 tokens both fit the tile.
+inline MultiLaunchPlan plan_multi_expand(int64_t num_items, int64_t N, int R, int item_m, int S = 1) {
   MultiLaunchPlan plan;
   if (R < 1 || R > kMultiMaxRank) {
-    plan.error = "r_max must be in [1, 128] for the CUDA kernels";
+    plan.error = kMultiRankError;
+    return plan;
+  }
+  if (S < 1 || S > kMultiMaxSlices) {
+    plan.error = kMultiSlicesError;
     return plan;
   }
   if (item_m != 16 && item_m != 64) {
@@ -190,6 +247,7 @@ inline MultiLaunchPlan plan_multi_expand(int64_t num_items, int64_t N, int R, in
   }
   plan.grid_x = num_items;
   plan.grid_y = ceil_div(N, ExpandConfig::BN);
+  plan.grid_z = S;
   plan.smem_bytes = ExpandConfig::bytes;
   if (plan.grid_x > 0x7FFFFFFF) plan.error = "the work list has more than 2^31 - 1 pieces";
   else if (plan.grid_y > 65535) plan.error = "N needs more than 65535 column tiles of 128";
@@ -245,7 +303,7 @@ struct MultiLinearSmem {
 inline LaunchPlan plan_multi_linear(int64_t M, int64_t N, int R, int tile_override, int tiles_override) {
   LaunchPlan plan;
   if (R < 1 || R > kMultiMaxRank) {
-    plan.error = "r_max must be in [1, 128] for the CUDA kernels";
+    plan.error = kMultiRankError;
     return plan;
   }
   plan.tile_kind = tile_override ? tile_override : tile_kind_for(M);

@@ -5,14 +5,18 @@ backend the same way. Loading the extension is ``loader``'s job.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from . import loader
 from .lora_linear import CUDA_DTYPES, unit_stride_along_k
 
-MULTI_MAX_R = 128  # csrc/multi_lora/multi_lora_plan.h kMultiMaxRank: the expand keeps t [rows, r_max] on chip
+# csrc/multi_lora/multi_lora_plan.h kMultiMaxRank (vLLM's largest max_lora_rank): the shrink has a
+# grid dimension over rank chunks, the expand stages t 128 rank columns at a time, the fused
+# linear's epilogue walks the rank 8 columns a step.
+MULTI_MAX_R = 512
+MULTI_MAX_SLICES = 4  # kMultiMaxSlices: output slices per launch (grid z); more take more launches
 # The shrink's work-list piece size follows the Triton launcher's rule (triton/multi_lora.py,
 # segment_config; reasoning there, not measured): 64-token pieces (the 64 x 64 tile, each A tile
 # reused over 64 tokens) only when there are at least 2 of them per SM, else 16-token pieces
@@ -20,6 +24,12 @@ MULTI_MAX_R = 128  # csrc/multi_lora/multi_lora_plan.h kMultiMaxRank: the expand
 # CTAs come from N tiles, and a piece of <= 16 tokens is one piece in either list.
 MULTI_PREFILL_PIECES_PER_SM = 2
 MULTI_EXPAND_ITEM_M = 64
+# The split decode shrink (multi_lora_plan.h kDecodeRowSplit): batches of at most this many tokens
+# run each 16-token piece as 4 CTAs of 4 rows on CUDA cores instead of one tensor-core CTA (a
+# 16-token single-adapter batch streams K on 4 SMs instead of 1). Not measured: where the
+# crossover lies is for bench/multi.py's decode cases to say.
+MULTI_DECODE_SPLIT_MAX_TOKENS = 64
+MULTI_DECODE_ROW_SPLIT = 4
 _NUM_SMS: Dict[int, int] = {}
 
 
@@ -49,43 +59,104 @@ def shrink_item_m(num_tokens: int, device: torch.device) -> int:
     return 64 if pieces64 >= MULTI_PREFILL_PIECES_PER_SM * _num_sms(device) else 16
 
 
+def shrink_row_split(num_tokens: int, item_m: int) -> int:
+    """1 or MULTI_DECODE_ROW_SPLIT: how many CTAs each 16-token piece of the shrink runs on."""
+    return MULTI_DECODE_ROW_SPLIT if item_m == 16 and num_tokens <= MULTI_DECODE_SPLIT_MAX_TOKENS else 1
+
+
 def _ranks_int32(ranks: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """The kernels read ranks as contiguous int32 (int64 ranks cost one tiny cast kernel)."""
     return None if ranks is None else ranks.to(torch.int32).contiguous()
 
 
-def multi_lora_shrink(x: torch.Tensor, lora_a_stack: torch.Tensor, index, scales: torch.Tensor,
-                      ranks: Optional[torch.Tensor], out: Optional[torch.Tensor] = None,
-                      item_m: int = 0) -> torch.Tensor:
-    """t [M, r_max] float32 = lora_shrink on validated inputs (see reference.lora_shrink): x [M, K]
-    float16/bfloat16, lora_a_stack [L, r_max, K] in x's dtype or float32, index an AdapterIndex,
-    scales [L], ranks [L] int | None. Every element of t is written. `out` receives t (tests
-    poison it); item_m (16 or 64) overrides the work-list choice (tests reach both tiles).
+Stacks = Union[torch.Tensor, Sequence[torch.Tensor]]
 
-    x and the stack are read along K as contiguous runs: a stack whose last dimension is not
+
+def _slice_groups(stacks: List[torch.Tensor], same) -> List[Tuple[int, int]]:
+    """[start, end) runs of at most MULTI_MAX_SLICES consecutive stacks with equal `same(stack)`:
+    one launch each."""
+    groups, start = [], 0
+    while start < len(stacks):
+        end = start + 1
+        while end < len(stacks) and end - start < MULTI_MAX_SLICES and same(stacks[end]) == same(stacks[start]):
+            end += 1
+        groups.append((start, end))
+        start = end
+    return groups
+
+
+def _t_rows_disjoint(t: torch.Tensor) -> bool:
+    """t [S, M, R] with unit column stride whose (slice, token) rows never overlap: the layout the
+    shrink kernel writes (csrc/multi_lora/multi_lora.cpp t_rows_disjoint, the same rule)."""
+    if t.shape[2] > 1 and t.stride(2) != 1:
+        return False
+    extent = t.shape[2]
+    for stride, size in sorted((t.stride(d), t.shape[d]) for d in range(2) if t.shape[d] > 1):
+        if stride < extent:
+            return False
+        extent = stride * size
+    return True
+
+
+def multi_lora_shrink(x: torch.Tensor, lora_a_stack: Stacks, index, scales: torch.Tensor,
+                      ranks: Optional[torch.Tensor], out: Optional[torch.Tensor] = None,
+                      item_m: int = 0, row_split: int = 0) -> torch.Tensor:
+    """t = lora_shrink on validated inputs (see reference.lora_shrink): x [M, K] float16/bfloat16,
+    lora_a_stack [L, r_max, K] (t [M, r_max] float32) or a list of S such stacks (t [S, M, r_max],
+    t[s] from stack s) in x's dtype or float32, index an AdapterIndex, scales [L], ranks [L] int |
+    None. Every element of t is written. One launch per MULTI_MAX_SLICES stacks that share their
+    strides (all of them, for stacks made alike). `out` receives t (any strides; tests poison it);
+    item_m (16 or 64) overrides the work-list choice (tests reach both tiles), row_split (1 or 4,
+    the latter with item_m 16) the split decode shrink's.
+
+    x and the stacks are read along K as contiguous runs: a stack whose last dimension is not
     unit-stride is copied on every call (keep stacks contiguous, as MultiLoRALinear does)."""
     loader.load()
-    M = x.shape[0]
-    R = lora_a_stack.shape[1]
-    t = torch.empty((M, R), dtype=torch.float32, device=x.device) if out is None else out
+    as_list = not isinstance(lora_a_stack, torch.Tensor)
+    stacks = list(lora_a_stack) if as_list else [lora_a_stack]
+    M, S, R = x.shape[0], len(stacks), stacks[0].shape[1]
+    if out is None:
+        out = torch.empty((S, M, R) if as_list else (M, R), dtype=torch.float32, device=x.device)
+    t = out if as_list else out.unsqueeze(0)
     if M == 0:
-        return t
+        return out
     item_m = item_m or shrink_item_m(M, x.device)
-    a = lora_a_stack if lora_a_stack.shape[2] <= 1 or lora_a_stack.stride(2) == 1 else lora_a_stack.contiguous()
-    torch.ops.lora_kernels.cuda_lora_shrink(unit_stride_along_k(x), a, scales.to(torch.float32).contiguous(),
-                                            _ranks_int32(ranks), index.work(item_m), index.sorted_tokens, item_m, t)
-    return t
+    row_split = row_split or shrink_row_split(M, item_m)
+    stacks = [a if a.shape[2] <= 1 or a.stride(2) == 1 else a.contiguous() for a in stacks]
+    # the kernel writes t rows with unit column stride; any other buffer goes through a dense
+    # copy (which keeps what rows outside the index's work lists hold: a padded view's zeros)
+    target = t if _t_rows_disjoint(t) else t.contiguous()
+    x, scales, ranks = unit_stride_along_k(x), scales.to(torch.float32).contiguous(), _ranks_int32(ranks)
+    work = index.work(item_m)
+    for start, end in _slice_groups(stacks, lambda a: a.stride()):
+        torch.ops.lora_kernels.cuda_lora_shrink(x, stacks[start:end], scales, ranks, work, index.sorted_tokens,
+                                                item_m, target[start:end], row_split)
+    if target is not t:
+        t.copy_(target)
+    return out
 
 
-def multi_lora_expand_(y: torch.Tensor, t: torch.Tensor, lora_b_stack: torch.Tensor, index,
-                       ranks: Optional[torch.Tensor], item_m: int = MULTI_EXPAND_ITEM_M) -> torch.Tensor:
-    """In place y[m] += lora_b_stack[i, :, :rank_i] @ t[m, :rank_i] for tokens with an adapter
-    (see reference.lora_expand_) on validated inputs: y [M, N] float16/bfloat16 (any strides),
-    t [M, r_max] float32, lora_b_stack [L, N, r_max] in y's dtype or float32 (any strides).
-    Rows of tokens with no adapter are never stored to."""
+def multi_lora_expand_(y: torch.Tensor, t: torch.Tensor, lora_b_stack: Stacks, index,
+                       ranks: Optional[torch.Tensor], item_m: int = MULTI_EXPAND_ITEM_M,
+                       offset: int = 0) -> torch.Tensor:
+    """In place, for tokens with an adapter (see reference.lora_expand_), on validated inputs:
+    y [M, N_y] float16/bfloat16 (any strides); lora_b_stack [L, N, r_max] with t [M, r_max], or a
+    list of S stacks [L, N_s, r_max] with t [S, M, r_max]: y[m, col_s + n] += B_s[i, n, :rank_i]
+    @ t[s, m, :rank_i], col_s = offset + N_0 + ... + N_{s-1}; t float32, stacks in y's dtype or
+    float32, any strides. One launch per MULTI_MAX_SLICES stacks (each slice has its own strides
+    and width: GQA's q and k/v). Rows of tokens with no adapter, and columns outside the slices,
+    are never stored to."""
     loader.load()
-    torch.ops.lora_kernels.cuda_lora_expand(y, t, lora_b_stack, _ranks_int32(ranks), index.work(item_m),
-                                            index.sorted_tokens, item_m)
+    as_list = not isinstance(lora_b_stack, torch.Tensor)
+    stacks = list(lora_b_stack) if as_list else [lora_b_stack]
+    t3 = t if as_list else t.unsqueeze(0)
+    ranks, work = _ranks_int32(ranks), index.work(item_m)
+    col = offset
+    for start in range(0, len(stacks), MULTI_MAX_SLICES):
+        group = stacks[start:start + MULTI_MAX_SLICES]
+        torch.ops.lora_kernels.cuda_lora_expand(y, t3[start:start + len(group)], group, ranks, work,
+                                                index.sorted_tokens, item_m, col)
+        col += sum(b.shape[1] for b in group)
     return y
 
 
@@ -97,8 +168,9 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a_stack: torch
     validated inputs: x [M, K] float16/bfloat16, weight [N, K] x's dtype, stacks [L, r_max, K] and
     [L, N, r_max] in x's dtype or float32, bias [N] (x's dtype or float32) or None.
 
-    Two launches: the segmented shrink (t [M, r_max] fp32), then the base GEMM over the sorted
-    token order with each segment's t . B^T added in its epilogue and y stored once
+    r_max up to MULTI_MAX_R. Two launches: the segmented shrink (t [M, r_max] fp32), then the
+    base GEMM over the sorted token order with each segment's t . B^T added in its epilogue (the
+    rank walked 8 columns a step, t read from global memory) and y stored once
     (csrc/multi_lora/multi_lora_linear.cuh). `out` receives y (tests poison it); tile_kind (1 small-M,
     2 large), tiles_per_cta and item_m (the shrink's work list) override the heuristics.
 

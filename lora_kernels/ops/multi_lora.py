@@ -234,13 +234,9 @@ def lora_shrink_op(x: Tensor, lora_a_stacks: List[Tensor], scales: Optional[Tens
         launch(x, lora_a_stacks, index, scales32, scale, ranks, out)
         return
     scales_t = _scales_tensor(scales, scale, num_adapters, x)
-    if backend == "cuda":  # one launch per slice (the C++ kernels take one stack)
+    if backend == "cuda":  # one launch for up to 4 slices
         from ..cuda.multi_lora import multi_lora_shrink as launch
-        for a, t in zip(lora_a_stacks, out):
-            if t.is_contiguous():
-                launch(x, a, index, scales_t, ranks, out=t)
-            else:  # the C++ kernel writes a contiguous t
-                t.copy_(launch(x, a, index, scales_t, ranks))
+        launch(x, lora_a_stacks, index, scales_t, ranks, out=out)
         return
     _check_torch(backend)
     for a, t in zip(lora_a_stacks, out):
@@ -261,10 +257,9 @@ def lora_expand_op(y: Tensor, t: Tensor, lora_b_stacks: List[Tensor], ranks: Opt
         from ..triton.multi_lora import expand_slices_ as launch
         launch(y, t, lora_b_stacks, index, _triton_vectors(None, ranks)[1], offset)
         return
-    if backend == "cuda":  # one launch per slice, each on its column view of y
+    if backend == "cuda":  # one launch for up to 4 slices
         from ..cuda.multi_lora import multi_lora_expand_ as launch
-        for i, (b, col) in enumerate(_slice_columns(lora_b_stacks, offset)):
-            launch(y[:, col:col + b.shape[1]], t[i], b, index, ranks)
+        launch(y, t, lora_b_stacks, index, ranks, offset=offset)
         return
     _check_torch(backend)
     for i, (b, col) in enumerate(_slice_columns(lora_b_stacks, offset)):
@@ -315,7 +310,8 @@ def _(x, weight, lora_a_stack, lora_b_stack, scales, scale, bias, ranks, index_d
 def lora_shrink(x: Tensor, lora_a_stack: Stacks, index: AdapterIndex, scales: Union[Tensor, float, None] = None,
                 ranks: Optional[Tensor] = None, *, out: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
     """The shrink half of a multi-adapter LoRA layer: each token times its adapter's A, scaled;
-    one launch for every slice (q/k/v, gate/up) on the Triton backend.
+    one launch for every slice (q/k/v, gate/up; up to 4 per launch) on the Triton and CUDA C++
+    backends.
 
     Semantics (plain torch; i = index's token_adapter[m], r_i = ranks[i] or r_max, s_i = scales[i]
     for a tensor, the float itself, or 1 for None; A_0 .. A_{S-1} the stacks)::
@@ -366,7 +362,7 @@ def lora_shrink(x: Tensor, lora_a_stack: Stacks, index: AdapterIndex, scales: Un
 def lora_expand_(y: Tensor, t: Tensor, lora_b_stack: Stacks, index: AdapterIndex,
                  ranks: Optional[Tensor] = None, offset: int = 0, *, backend: str = "auto") -> Tensor:
     """The expand half, in place: each token's shrink result times its adapter's B, added to y;
-    one launch for every slice on the Triton backend.
+    one launch for every slice (up to 4 per launch) on the Triton and CUDA C++ backends.
 
     Semantics (plain torch; i = index's token_adapter[m], r_i = ranks[i] or r_max, B_s the stacks
     [L, N_s, r_max], t [S, M, r_max] for a list of stacks, [M, r_max] for one)::

@@ -474,6 +474,13 @@ inline void ld_global_v4(uint32_t (&r)[4], const void* p) {
 }
 inline float u32_as_f32(uint32_t v) { return emu::bits_f32(v); }
 inline uint16_t ld_global_u16_rw(const uint16_t* p) { emu::global_check(p, 2, "ld_global_u16_rw"); return *p; }
+inline uint32_t ld_global_u32_rw(const uint32_t* p) {
+  if (reinterpret_cast<uintptr_t>(p) % 4) emu::fatal("ld_global_u32_rw: misaligned address");
+  emu::global_check(p, 4, "ld_global_u32_rw");
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
 inline int32_t ld_shared_s32(const int32_t* p) {
   emu::smem_read(p, 4, "ld_shared_s32");
   int32_t v;

@@ -11,7 +11,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -93,44 +93,66 @@ def _index_inputs(index, item_m: int, ranks: Optional[torch.Tensor]) -> Dict[str
     return inputs
 
 
-def run_shrink(exe: Path, x, lora_a, scales, ranks, index, item_m: int, *, seed=0,
+def _stacks(value) -> Tuple[List[torch.Tensor], bool]:
+    """(stacks, given as a list)."""
+    return (list(value), True) if isinstance(value, (list, tuple)) else ([value], False)
+
+
+def run_shrink(exe: Path, x, lora_a, scales, ranks, index, item_m: int, *, seed=0, row_split: int = 1,
                leads: Optional[Dict[str, int]] = None, t_out: Optional[torch.Tensor] = None) -> MultiRun:
-    """t = lora_shrink(x, lora_a, index, scales, ranks) by the CUDA source. x [M, K] 16-bit with
-    unit stride along K; lora_a [L, R, K] (x's dtype or fp32) with unit stride along K.
-    t_out: the output buffer (its strides; default a dense [M, R]), poisoned with NaN."""
+    """t = lora_shrink(x, lora_a, index, scales, ranks) by the CUDA source, one launch. x [M, K]
+    16-bit with unit stride along K; lora_a [L, R, K] (x's dtype or fp32) with unit stride along
+    K, or a list of 1..4 such stacks with one set of strides (t then [S, M, R]). t_out: the output
+    buffer (its strides; default dense), poisoned with NaN."""
     M, K = x.shape
-    L, R, _ = lora_a.shape
+    stacks, as_list = _stacks(lora_a)
+    L, R, _ = stacks[0].shape
+    S = len(stacks)
     assert x.dtype in (torch.float16, torch.bfloat16) and (K <= 1 or x.stride(1) == 1)
-    t = torch.full((M, R), float("nan")) if t_out is None else t_out
-    inputs = {"x": x, "a": lora_a, "scales": scales.float().contiguous(), **_index_inputs(index, item_m, ranks)}
+    assert all(a.stride() == stacks[0].stride() for a in stacks), "one set of strides for every slice"
+    if t_out is None:
+        t_out = torch.full((S, M, R) if as_list else (M, R), float("nan"))
+    t3 = t_out if as_list else t_out.unsqueeze(0)
+    inputs = {"x": x, "scales": scales.float().contiguous(), **_index_inputs(index, item_m, ranks)}
+    inputs.update({f"a{s}": a for s, a in enumerate(stacks)})
     params = {"mode": "shrink", "bf16": int(x.dtype == torch.bfloat16), "has_ranks": int(ranks is not None),
-              "a_fp32": int(lora_a.dtype == torch.float32), "M": M, "K": K, "L": L, "R": R,
+              "a_fp32": int(stacks[0].dtype == torch.float32), "S": S, "M": M, "K": K, "L": L, "R": R,
               "num_items": inputs["work"].shape[0], "item_m": item_m, "ldx": x.stride(0),
-              "lda_l": lora_a.stride(0), "lda_r": lora_a.stride(1), "ldt": t.stride(0), "seed": seed}
+              "lda_l": stacks[0].stride(0), "lda_r": stacks[0].stride(1), "ldt_s": t3.stride(0),
+              "ldt": t3.stride(1), "row_split": row_split, "seed": seed}
     slot_rank, tok_rank = token_ranks(index, ranks, R)
     # never read: x rows of tokens with no adapter (or rank 0), A rows at or past each rank
-    never_read = {"x": (tok_rank == 0)[:, None].expand(M, K),
-                  "a": (torch.arange(R)[None, :] >= slot_rank[:, None])[:, :, None].expand(L, R, K)}
-    return _run(exe, params, inputs, never_read, t, leads or {})
+    never_read = {"x": (tok_rank == 0)[:, None].expand(M, K)}
+    a_never = (torch.arange(R)[None, :] >= slot_rank[:, None])[:, :, None].expand(L, R, K)
+    never_read.update({f"a{s}": a_never for s in range(S)})
+    return _run(exe, params, inputs, never_read, t_out, leads or {})
 
 
-def run_expand(exe: Path, y, t, lora_b, ranks, index, item_m: int, *, seed=0,
+def run_expand(exe: Path, y, t, lora_b, ranks, index, item_m: int, *, seed=0, offset: int = 0,
                leads: Optional[Dict[str, int]] = None) -> MultiRun:
-    """lora_expand_(y, t, lora_b, index, ranks) by the CUDA source; y [M, N] 16-bit with its own
-    strides (the result comes back with them), t [M, R] fp32, lora_b [L, N, R], any strides."""
-    M, N = y.shape
-    L, _, R = lora_b.shape
-    inputs = {"t": t, "b": lora_b, **_index_inputs(index, item_m, ranks)}
+    """lora_expand_(y, t, lora_b, index, ranks, offset) by the CUDA source, one launch; y [M, N_y]
+    16-bit with its own strides (the result comes back with them); lora_b [L, N, R] with t
+    [M, R], or a list of 1..4 stacks [L, N_s, R] with t [S, M, R]; fp32 t, any strides."""
+    M = y.shape[0]
+    stacks, as_list = _stacks(lora_b)
+    L, _, R = stacks[0].shape
+    S = len(stacks)
+    t3 = t if as_list else t.unsqueeze(0)
+    inputs = {"t": t3, **_index_inputs(index, item_m, ranks)}
+    inputs.update({f"b{s}": b for s, b in enumerate(stacks)})
     params = {"mode": "expand", "bf16": int(y.dtype == torch.bfloat16), "has_ranks": int(ranks is not None),
-              "b_fp32": int(lora_b.dtype == torch.float32), "M": M, "N": N, "L": L, "R": R,
+              "b_fp32": int(stacks[0].dtype == torch.float32), "S": S, "M": M, "L": L, "R": R,
               "num_items": inputs["work"].shape[0], "item_m": item_m, "ldy_m": y.stride(0), "ldy_n": y.stride(1),
-              "ldt_m": t.stride(0), "ldt_r": t.stride(1), "ldb_l": lora_b.stride(0), "ldb_n": lora_b.stride(1),
-              "ldb_r": lora_b.stride(2), "seed": seed}
+              "ldt_s": t3.stride(0), "ldt_m": t3.stride(1), "ldt_r": t3.stride(2), "offset": offset, "seed": seed}
+    for s, b in enumerate(stacks):
+        params.update({f"N{s}": b.shape[1], f"ldb_l{s}": b.stride(0), f"ldb_n{s}": b.stride(1),
+                       f"ldb_r{s}": b.stride(2)})
     slot_rank, tok_rank = token_ranks(index, ranks, R)
     # never read: t columns at or past the token's rank (all of a no-adapter token's row), B
     # columns at or past each rank
-    never_read = {"t": torch.arange(R)[None, :] >= tok_rank[:, None],
-                  "b": (torch.arange(R)[None, :] >= slot_rank[:, None])[:, None, :].expand(L, N, R)}
+    never_read = {"t": (torch.arange(R)[None, :] >= tok_rank[:, None])[None].expand(S, M, R)}
+    for s, b in enumerate(stacks):
+        never_read[f"b{s}"] = (torch.arange(R)[None, :] >= slot_rank[:, None])[:, None, :].expand(L, b.shape[1], R)
     return _run(exe, params, inputs, never_read, y, leads or {})
 
 

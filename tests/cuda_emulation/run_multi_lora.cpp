@@ -6,8 +6,9 @@
 // "linear". Inputs are raw allocations DIR/<name>.bin (the tensor starts <name>_off elements in),
 // DIR/<name>.noread optionally marks bytes that must never be read; the output allocation is
 // prefilled by DIR/out_init.bin:
-//   shrink: x, a, scales, ranks (if has_ranks), work, sorted; output t
-//   expand: t, b, ranks, work, sorted; output y (updated in place)
+//   shrink: x, a0 .. a{S-1}, scales, ranks (if has_ranks), work, sorted; output t [S, M, R]
+//   expand: t [S, M, R], b0 .. b{S-1}, ranks, work, sorted; output y (updated in place; slice s
+//           at columns offset + N0 + .. + N{s-1})
 //   linear: x, w, b, bias (if has_bias), t, ranks, sorted, sorted_adapter, slot_start; output y
 // Writes DIR/out.bin (the output allocation after the run) and DIR/out_counts.bin (stores per
 // byte). Exit status: runner_io.h.
@@ -55,8 +56,10 @@ void run_shrink(Inputs& in, unsigned char* out, std::ofstream& plan_file) {
   MultiShrinkParams p{};
   const bool bf16 = in.I("bf16") != 0;
   p.a_fp32 = in.I("a_fp32") != 0;
+  p.S = int(in.I("S"));
+  if (p.S < 1 || p.S > kMultiMaxSlices) emu::fatal("S out of range");
   p.x = reinterpret_cast<const uint16_t*>(in.input("x", 2));
-  p.a = in.input("a", p.a_fp32 ? 4 : 2);
+  for (int s = 0; s < p.S; ++s) p.a[s] = in.input("a" + std::to_string(s), p.a_fp32 ? 4 : 2);
   p.scales = reinterpret_cast<const float*>(in.input("scales", 4));
   p.ranks = in.I("has_ranks") ? in.ints("ranks") : nullptr;
   p.work = in.ints("work");
@@ -65,55 +68,77 @@ void run_shrink(Inputs& in, unsigned char* out, std::ofstream& plan_file) {
   p.M = in.I("M"); p.K = in.I("K"); p.num_items = in.I("num_items"); p.R = int(in.I("R"));
   p.L = int(in.I("L"));
   p.item_m = int(in.I("item_m"));
-  p.ldx = in.I("ldx"); p.lda_l = in.I("lda_l"); p.lda_r = in.I("lda_r"); p.ldt = in.I("ldt");
+  p.row_split = in.has("row_split") ? int(in.I("row_split")) : 1;
+  p.ldx = in.I("ldx"); p.lda_l = in.I("lda_l"); p.lda_r = in.I("lda_r");
+  p.ldt_s = in.I("ldt_s"); p.ldt = in.I("ldt");
   // The same conditions as the CUDA launcher (csrc/multi_lora/multi_lora.cpp).
   p.x_vec = rows_aligned16(p.x, 2, {p.M > 1 ? p.ldx : 0});
-  p.a_vec = rows_aligned16(p.a, p.a_fp32 ? 4 : 2, {in.I("L") > 1 ? p.lda_l : 0, p.R > 1 ? p.lda_r : 0});
-  const MultiLaunchPlan plan = plan_multi_shrink(p.num_items, p.R, p.item_m, p.a_fp32);
+  p.a_vec = true;
+  for (int s = 0; s < p.S; ++s)
+    p.a_vec = p.a_vec && rows_aligned16(p.a[s], p.a_fp32 ? 4 : 2, {p.L > 1 ? p.lda_l : 0, p.R > 1 ? p.lda_r : 0});
+  const MultiLaunchPlan plan = plan_multi_shrink(p.num_items, p.R, p.item_m, p.a_fp32, p.S, p.row_split);
   if (plan.error) emu::fatal(std::string("plan: ") + plan.error);
-  plan_file << "grid_x " << plan.grid_x << "\ngrid_y " << plan.grid_y << "\nsmem_bytes " << plan.smem_bytes
-            << "\nx_vec " << p.x_vec << "\na_vec " << p.a_vec << "\n";
-  for (int64_t item = 0; item < plan.grid_x; ++item)
-    for (int chunk = 0; chunk < int(plan.grid_y); ++chunk)
-      emu::run_cta(plan.threads, plan.smem_bytes, [&](int tid) {
-        unsigned char* smem = emu::machine().smem.data();
-        if (p.item_m == kShrinkSmall) {
-          if (bf16) multi_shrink_cta<Bf16, ShrinkSmall>(p, smem, item, chunk, tid);
-          else multi_shrink_cta<Fp16, ShrinkSmall>(p, smem, item, chunk, tid);
-        } else {
-          if (bf16) multi_shrink_cta<Bf16, ShrinkLarge>(p, smem, item, chunk, tid);
-          else multi_shrink_cta<Fp16, ShrinkLarge>(p, smem, item, chunk, tid);
-        }
-      });
+  plan_file << "grid_x " << plan.grid_x << "\ngrid_y " << plan.grid_y << "\ngrid_z " << plan.grid_z
+            << "\nsmem_bytes " << plan.smem_bytes << "\nx_vec " << p.x_vec << "\na_vec " << p.a_vec << "\n";
+  for (int slice = 0; slice < int(plan.grid_z); ++slice)
+    for (int64_t item = 0; item < plan.grid_x; ++item)
+      for (int chunk = 0; chunk < int(plan.grid_y); ++chunk)
+        emu::run_cta(plan.threads, plan.smem_bytes, [&](int tid) {
+          unsigned char* smem = emu::machine().smem.data();
+          if (p.item_m == kShrinkSmall) {
+            if (bf16) multi_shrink_cta<Bf16, ShrinkSmall>(p, smem, item, chunk, slice, tid);
+            else multi_shrink_cta<Fp16, ShrinkSmall>(p, smem, item, chunk, slice, tid);
+          } else {
+            if (bf16) multi_shrink_cta<Bf16, ShrinkLarge>(p, smem, item, chunk, slice, tid);
+            else multi_shrink_cta<Fp16, ShrinkLarge>(p, smem, item, chunk, slice, tid);
+          }
+        });
 }
 
 void run_expand(Inputs& in, unsigned char* out, std::ofstream& plan_file) {
   MultiExpandParams p{};
   const bool bf16 = in.I("bf16") != 0;
   p.b_fp32 = in.I("b_fp32") != 0;
+  p.S = int(in.I("S"));
+  if (p.S < 1 || p.S > kMultiMaxSlices) emu::fatal("S out of range");
   p.y = reinterpret_cast<uint16_t*>(out);
   p.t = reinterpret_cast<const float*>(in.input("t", 4));
-  p.b = in.input("b", p.b_fp32 ? 4 : 2);
   p.ranks = in.I("has_ranks") ? in.ints("ranks") : nullptr;
   p.work = in.ints("work");
   p.sorted_tokens = in.ints("sorted");
-  p.M = in.I("M"); p.N = in.I("N"); p.num_items = in.I("num_items"); p.R = int(in.I("R"));
+  p.M = in.I("M"); p.num_items = in.I("num_items"); p.R = int(in.I("R"));
   p.L = int(in.I("L"));
   p.item_m = int(in.I("item_m"));
-  p.ldy_m = in.I("ldy_m"); p.ldy_n = in.I("ldy_n"); p.ldt_m = in.I("ldt_m"); p.ldt_r = in.I("ldt_r");
-  p.ldb_l = in.I("ldb_l"); p.ldb_n = in.I("ldb_n"); p.ldb_r = in.I("ldb_r");
-  p.b_vec = (p.R <= 1 || p.ldb_r == 1) &&
-            rows_aligned16(p.b, p.b_fp32 ? 4 : 2, {in.I("L") > 1 ? p.ldb_l : 0, p.N > 1 ? p.ldb_n : 0});
-  const MultiLaunchPlan plan = plan_multi_expand(p.num_items, p.N, p.R, p.item_m);
+  p.ldy_m = in.I("ldy_m"); p.ldy_n = in.I("ldy_n");
+  p.ldt_s = in.I("ldt_s"); p.ldt_m = in.I("ldt_m"); p.ldt_r = in.I("ldt_r");
+  int64_t col = in.I("offset"), widest = 0;
+  std::string vecs;
+  for (int s = 0; s < p.S; ++s) {
+    const std::string k = std::to_string(s);
+    MultiExpandSlice& sl = p.slices[s];
+    sl.b = in.input("b" + k, p.b_fp32 ? 4 : 2);
+    sl.N = in.I("N" + k);
+    sl.col = col;
+    col += sl.N;
+    widest = sl.N > widest ? sl.N : widest;
+    sl.ldb_l = in.I("ldb_l" + k); sl.ldb_n = in.I("ldb_n" + k); sl.ldb_r = in.I("ldb_r" + k);
+    sl.b_vec = (p.R <= 1 || sl.ldb_r == 1) &&
+               rows_aligned16(sl.b, p.b_fp32 ? 4 : 2, {p.L > 1 ? sl.ldb_l : 0, sl.N > 1 ? sl.ldb_n : 0});
+    sl.y_pairs = (sl.N <= 1 || p.ldy_n == 1) && output_pairs_aligned(p.y + sl.col, p.ldy_m, p.M);
+    vecs += "b_vec" + k + " " + std::to_string(int(sl.b_vec)) + "\ny_pairs" + k + " " +
+            std::to_string(int(sl.y_pairs)) + "\n";
+  }
+  const MultiLaunchPlan plan = plan_multi_expand(p.num_items, widest, p.R, p.item_m, p.S);
   if (plan.error) emu::fatal(std::string("plan: ") + plan.error);
-  plan_file << "grid_x " << plan.grid_x << "\ngrid_y " << plan.grid_y << "\nb_vec " << p.b_vec << "\n";
-  for (int64_t item = 0; item < plan.grid_x; ++item)
-    for (int ntile = 0; ntile < int(plan.grid_y); ++ntile)
-      emu::run_cta(plan.threads, plan.smem_bytes, [&](int tid) {
-        unsigned char* smem = emu::machine().smem.data();
-        if (bf16) multi_expand_cta<Bf16>(p, smem, item, ntile, tid);
-        else multi_expand_cta<Fp16>(p, smem, item, ntile, tid);
-      });
+  plan_file << "grid_x " << plan.grid_x << "\ngrid_y " << plan.grid_y << "\ngrid_z " << plan.grid_z << "\n" << vecs;
+  for (int slice = 0; slice < int(plan.grid_z); ++slice)
+    for (int64_t item = 0; item < plan.grid_x; ++item)
+      for (int ntile = 0; ntile < int(plan.grid_y); ++ntile)
+        emu::run_cta(plan.threads, plan.smem_bytes, [&](int tid) {
+          unsigned char* smem = emu::machine().smem.data();
+          if (bf16) multi_expand_cta<Bf16>(p, smem, item, ntile, slice, tid);
+          else multi_expand_cta<Fp16>(p, smem, item, ntile, slice, tid);
+        });
 }
 
 void run_linear(Inputs& in, unsigned char* out, std::ofstream& plan_file) {
