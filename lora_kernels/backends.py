@@ -73,7 +73,7 @@ def getenv(name: str) -> Optional[str]:
 
 
 def _interpreter_requested() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return getenv("TRITON_INTERPRET") == "1"
 
 
 _triton_installed: Optional[bool] = None  # looked up once (find_spec costs ~0.4 ms, CPU machine)
@@ -174,7 +174,7 @@ def resolve(op: str, backend: str, device: torch.device, prefer: Sequence[str] =
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = os.environ.get(ENV_VAR, "auto") or "auto"
+        backend = getenv(ENV_VAR) or "auto"
         if backend not in BACKENDS:
             raise ValueError(f"{op}: {ENV_VAR} must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":

@@ -183,10 +183,26 @@ def _input_reason(dtype: torch.dtype, r_max: int, t_dtype: Optional[torch.dtype]
 AUTO_PREFERENCE = ("triton", "cuda")
 
 
+_BACKEND_CACHE: dict = {}
+
+
 def choose_backend(op: str, device: torch.device, dtype: torch.dtype, r_max: int, backend: str = "auto",
                    t_dtype: Optional[torch.dtype] = None) -> str:
-    """The backend that runs `op` on these inputs (see backends.py for the rule)."""
-    return backends.resolve(op, backend, device, AUTO_PREFERENCE, _input_reason(dtype, r_max, t_dtype))
+    """The backend that runs `op` on these inputs (see backends.py for the rule).
+
+    Eager calls memoise the answer on everything the rule reads (as lora_linear's choose_backend:
+    the op, the requested backend, the device, the dtypes, r_max, the two environment variables
+    and whether the interpreter's bfloat16 dot is fixed). A backend whose reasons read anything
+    else must add it to the key."""
+    if torch.compiler.is_compiling() or type(backend) is not str:  # resolve() names a bad backend
+        return backends.resolve(op, backend, device, AUTO_PREFERENCE, _input_reason(dtype, r_max, t_dtype))
+    key = (op, backend, device, dtype, r_max, t_dtype, backends.getenv(backends.ENV_VAR),
+           backends.getenv("TRITON_INTERPRET"), backends.interpreter_bf16_fixed())
+    chosen = _BACKEND_CACHE.get(key)
+    if chosen is None:
+        chosen = backends.resolve(op, backend, device, AUTO_PREFERENCE, _input_reason(dtype, r_max, t_dtype))
+        _BACKEND_CACHE[key] = chosen
+    return chosen
 
 
 def _triton_vectors(scales: Optional[Tensor], ranks: Optional[Tensor]):
@@ -226,6 +242,13 @@ def lora_shrink_op(x: Tensor, lora_a_stacks: List[Tensor], scales: Optional[Tens
     written: out[i] = shrink with lora_a_stacks[i]. ``padded``: rows past the index's last update
     are not in its work lists (AdapterIndex.padded_to), so they are zeroed first."""
     index = AdapterIndex.from_data(index_data, x.shape[0], num_adapters, capacity)
+    _shrink(x, lora_a_stacks, scales, scale, ranks, index, num_adapters, padded, backend, out)
+
+
+def _shrink(x: Tensor, lora_a_stacks: List[Tensor], scales: Optional[Tensor], scale: float,
+            ranks: Optional[Tensor], index: AdapterIndex, num_adapters: int, padded: bool, backend: str,
+            out: Tensor) -> None:
+    """lora_shrink_op's work, given the index itself."""
     if padded:
         out.zero_()
     if backend == "triton":
@@ -257,6 +280,12 @@ def lora_expand_op(y: Tensor, t: Tensor, lora_b_stacks: List[Tensor], ranks: Opt
                    index_data: Tensor, num_adapters: int, capacity: int, offset: int, backend: str) -> None:
     """In place on y [M, N_y]: slice i adds t[i] @ B_i^T into columns offset + N_0 + ... + N_{i-1} on."""
     index = AdapterIndex.from_data(index_data, y.shape[0], num_adapters, capacity)
+    _expand(y, t, lora_b_stacks, ranks, index, offset, backend)
+
+
+def _expand(y: Tensor, t: Tensor, lora_b_stacks: List[Tensor], ranks: Optional[Tensor], index: AdapterIndex,
+            offset: int, backend: str) -> None:
+    """lora_expand_op's work, given the index itself."""
     if backend == "triton":
         from ..triton.multi_lora import expand_slices_ as launch
         launch(y, t, lora_b_stacks, index, _triton_vectors(None, ranks)[1], offset)
@@ -290,6 +319,13 @@ def multi_lora_linear_op(x: Tensor, weight: Tensor, lora_a_stack: Tensor, lora_b
                          index_data: Tensor, num_adapters: int, capacity: int, backend: str) -> Tensor:
     """y [M, N] in x.dtype."""
     index = AdapterIndex.from_data(index_data, x.shape[0], num_adapters, capacity)
+    return _linear(x, weight, lora_a_stack, lora_b_stack, scales, scale, bias, ranks, index, num_adapters, backend)
+
+
+def _linear(x: Tensor, weight: Tensor, lora_a_stack: Tensor, lora_b_stack: Tensor, scales: Optional[Tensor],
+            scale: float, bias: Optional[Tensor], ranks: Optional[Tensor], index: AdapterIndex,
+            num_adapters: int, backend: str) -> Tensor:
+    """multi_lora_linear_op's work, given the index itself."""
     if backend == "triton":
         from ..triton.multi_lora import multi_lora_linear as launch
         scales32, ranks = _triton_vectors(scales, ranks)
@@ -306,6 +342,28 @@ def multi_lora_linear_op(x: Tensor, weight: Tensor, lora_a_stack: Tensor, lora_b
 @multi_lora_linear_op.register_fake
 def _(x, weight, lora_a_stack, lora_b_stack, scales, scale, bias, ranks, index_data, num_adapters, capacity, backend):
     return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def _eager_direct(*tensors: Optional[Tensor]) -> bool:
+    """True when calling an op's work (_shrink, _expand, _linear) directly is indistinguishable
+    from calling the registered op, whose dispatch costs ~15 us of a call at M = 1 (CPU
+    machine): eager mode, no dispatch modes, functorch transforms or profiler (a trace shows the
+    op by its name), plain non-meta tensors, and nothing for autograd to record (the ops have no
+    formula: through the op, an input that requires grad gets torch's "no autograd formula"
+    error at backward, so such calls keep the op). The caller bumps the version counter of what
+    the op mutates, as the op's ADInplaceOrView kernel does."""
+    if torch.compiler.is_compiling() or torch.autograd._profiler_enabled():
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN_TENSOR_TYPES or t.is_meta or (grad and t.requires_grad)):
+            return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,6 +416,10 @@ def lora_shrink(x: Tensor, lora_a_stack: Stacks, index: AdapterIndex, scales: Un
         result = out if as_list else out[0]
     else:
         result, out = out, (out if as_list else out.unsqueeze(0))
+    if _eager_direct(x, out, scales, ranks, index.data, *a_stacks):
+        _shrink(x, a_stacks, scales, scale, ranks, index, index.num_adapters, index.padded, chosen, out)
+        torch.autograd.graph.increment_version(out)  # as the op does for its mutated argument
+        return result
     torch.ops.lora_kernels.lora_shrink(x, a_stacks, scales, scale, ranks, index.data, index.num_adapters,
                                        index.capacity, index.padded, chosen, out)
     return result
@@ -398,8 +460,13 @@ def lora_expand_(y: Tensor, t: Tensor, lora_b_stack: Stacks, index: AdapterIndex
     b_stacks, as_list, names = _stack_list(op, "lora_b_stack", lora_b_stack)
     _validate_expand(op, y, t, b_stacks, names, as_list, index, ranks, offset)
     chosen = choose_backend(op, y.device, y.dtype, t.shape[-1], backend, t_dtype=t.dtype)
-    torch.ops.lora_kernels.lora_expand(y, t if as_list else t.unsqueeze(0), b_stacks, ranks, index.data,
-                                       index.num_adapters, index.capacity, offset, chosen)
+    t3 = t if as_list else t.unsqueeze(0)
+    if _eager_direct(y, t, ranks, index.data, *b_stacks):
+        _expand(y, t3, b_stacks, ranks, index, offset, chosen)
+        torch.autograd.graph.increment_version(y)  # as the op does for its mutated argument
+        return y
+    torch.ops.lora_kernels.lora_expand(y, t3, b_stacks, ranks, index.data, index.num_adapters, index.capacity,
+                                       offset, chosen)
     return y
 
 
@@ -434,7 +501,11 @@ def multi_lora_linear(x: Tensor, weight: Tensor, lora_a_stack: Tensor, lora_b_st
     chosen = choose_backend(op, x.device, x.dtype, lora_a_stack.shape[1], backend)
     K, N = x.shape[-1], weight.shape[0]
     M = math.prod(x.shape[:-1])  # not reshape(-1, K): K = 0 would leave -1 undetermined
-    y = torch.ops.lora_kernels.multi_lora_linear(x.reshape(M, K), weight, lora_a_stack, lora_b_stack, scales,
-                                                 scale, bias, ranks, index.data, index.num_adapters,
-                                                 index.capacity, chosen)
+    x2 = x.reshape(M, K)
+    if _eager_direct(x, weight, lora_a_stack, lora_b_stack, scales, bias, ranks, index.data):
+        y = _linear(x2, weight, lora_a_stack, lora_b_stack, scales, scale, bias, ranks, index, index.num_adapters,
+                    chosen)
+    else:
+        y = torch.ops.lora_kernels.multi_lora_linear(x2, weight, lora_a_stack, lora_b_stack, scales, scale, bias,
+                                                     ranks, index.data, index.num_adapters, index.capacity, chosen)
     return y.reshape(*x.shape[:-1], N)
