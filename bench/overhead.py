@@ -13,7 +13,12 @@ shorter than the launch overhead, so the host is the bottleneck). Methods:
   ``ours_auto``: the same with ``backend="auto"`` (the layers' default: the backend cache's lookup);
   ``ours_<b>_op``: the same through the registered op (the dispatcher path torch.compile uses);
 * ``base_train`` / ``peft_train`` / ``ours_<b>_train``: forward + backward (x requires grad,
-  gradients by ``torch.autograd.grad``).
+  gradients by ``torch.autograd.grad``);
+* multi-adapter serving ops on the same layer, L = 4 adapter slots of rank r, the token on slot 1
+  (``MULTI_SLOTS``): ``ours_multi_<b>`` (``multi_lora_linear``), ``ours_se_<b>`` (``lora_shrink``
+  into a buffer, then ``lora_expand_`` into a copy of the base output), and on the CPU
+  ``multi_reference_work`` / ``se_reference_work``: the torch backend's arithmetic of each
+  (``reference.multi_lora_linear``; ``reference.lora_shrink`` + ``reference.lora_expand_``).
 
 Every method's output (y, or dx for the training ones) is checked against float64 before timing.
 
@@ -110,6 +115,42 @@ def overhead_methods(x, weight, lora_a, lora_b, scale, backends) -> Dict[str, Ca
     return methods
 
 
+MULTI_SLOTS = 4  # adapter slots of the multi-adapter methods (the token uses slot 1)
+
+
+def multi_methods(x, weight, lora_a, lora_b, scale, backends) -> Dict[str, Callable[[], object]]:
+    """The multi-adapter methods (module docstring); each returns y [1, N]."""
+    from lora_kernels import AdapterIndex
+    L, (r, K), N = MULTI_SLOTS, lora_a.shape, weight.shape[0]
+    a_stack = torch.stack([lora_a.roll(s, 0) for s in range(L)])  # slot 1 holds a row-rolled A
+    b_stack = torch.stack([lora_b.roll(s, 1) for s in range(L)])  # ... and the matching B
+    scales = torch.full((L,), scale, dtype=torch.float32, device=x.device)
+    index = AdapterIndex.from_token_adapters(torch.tensor([1], device=x.device), L)
+    y0 = F.linear(x, weight)
+    t_buf, y_buf = torch.empty(1, r, dtype=torch.float32, device=x.device), torch.empty_like(y0)
+    nograd = lambda fn: (lambda: _no_grad_call(fn))  # noqa: E731
+    methods = {}
+    if x.device.type == "cpu":
+        ids = index.token_adapter
+        methods["multi_reference_work"] = nograd(lambda: reference.multi_lora_linear(
+            x, weight, a_stack, b_stack, ids, scales))
+        methods["se_reference_work"] = nograd(lambda: reference.lora_expand_(
+            y_buf.copy_(y0), reference.lora_shrink(x, a_stack, ids, scales), b_stack, ids))
+    for b in backends:
+        methods[f"ours_multi_{b}"] = nograd(lambda b=b: lora_kernels.multi_lora_linear(
+            x, weight, a_stack, b_stack, index, scales, backend=b))
+        methods[f"ours_se_{b}"] = nograd(lambda b=b: lora_kernels.lora_expand_(
+            y_buf.copy_(y0), lora_kernels.lora_shrink(x, a_stack, index, scales, out=t_buf, backend=b),
+            b_stack, index, backend=b))
+    return methods
+
+
+def _multi_y64(x, weight, lora_a, lora_b, scale):
+    """float64 y of the multi-adapter methods: slot 1's adapter (A rolled by 1 row, B by 1 column)."""
+    x64, w64, a64, b64 = (t.detach().double() for t in (x, weight, lora_a.roll(1, 0), lora_b.roll(1, 1)))
+    return x64 @ w64.t() + scale * (x64 @ a64.t()) @ b64.t()
+
+
 def _checker(x, weight, lora_a, lora_b, scale):
     """check(name, output) -> relative error of y (or of dx for *_train) against float64."""
     x64, w64, a64, b64 = (t.detach().double() for t in (x, weight, lora_a, lora_b))
@@ -117,7 +158,11 @@ def _checker(x, weight, lora_a, lora_b, scale):
     y_base, dx_base = x64 @ w64.t(), dy64 @ w64
     y_ref, dx_ref = y_base + scale * (x64 @ a64.t()) @ b64.t(), dx_base + scale * (dy64 @ b64) @ a64
 
+    y_multi = _multi_y64(x, weight, lora_a, lora_b, scale)
+
     def check(name: str, out) -> float:
+        if name.startswith(("multi_", "se_", "ours_multi_", "ours_se_")):
+            return rel_error(out, y_multi)
         base = name.startswith("base")
         if name.endswith("_train"):
             return rel_error(out[0], dx_base if base else dx_ref)
@@ -182,7 +227,9 @@ def run(args, device, dtype, backends, rep_ms, log) -> Dict:
                 "times_us": {}, "errors": {}, "failed": []}
         check = _checker(x, weight, lora_a, lora_b, 2.0)
         checked = {}
-        for method, fn in overhead_methods(x, weight, lora_a, lora_b, 2.0, backends).items():
+        methods = {**overhead_methods(x, weight, lora_a, lora_b, 2.0, backends),
+                   **multi_methods(x, weight, lora_a, lora_b, 2.0, backends)}
+        for method, fn in methods.items():
             try:
                 err = check(method, fn())
                 case["errors"][method] = err
@@ -200,6 +247,9 @@ def run(args, device, dtype, backends, rep_ms, log) -> Dict:
                for ref in ("base", "reference_work") if f"ours_{b}" in t and ref in t}
     summary.update({f"ours_{b}_train_minus_base_train_us": t[f"ours_{b}_train"] - t["base_train"]
                     for b in backends if f"ours_{b}_train" in t and "base_train" in t})
+    summary.update({f"ours_{m}_{b}_minus_{m}_reference_work_us": t[f"ours_{m}_{b}"] - t[f"{m}_reference_work"]
+                    for m in ("multi", "se") for b in backends
+                    if f"ours_{m}_{b}" in t and f"{m}_reference_work" in t})
     if device.type == "cpu":
         summary["triton_launcher_host_no_launch"] = triton_launcher_host_us(calls)
     return {"cases": cases, "summary": summary, "backends": backends}

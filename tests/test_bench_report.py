@@ -73,6 +73,7 @@ def test_host_targets_from_the_overhead_summary():
     result = {"suite": "overhead-quick", "cases": [{}],
               "summary": {"ours_torch_minus_reference_work_us": 4.5, "ours_auto_minus_reference_work_us": 16.0}}
     rows = {r["method"]: r for r in targets.evaluate_host(result, ["torch", "triton"])}
+    assert "ours_multi_torch_minus_multi_reference_work_us" in rows and "ours_multi_auto" not in str(rows)
     assert rows["ours_torch_minus_reference_work_us"]["pass"] is True
     assert rows["ours_auto_minus_reference_work_us"]["pass"] is False
     assert rows["ours_triton_minus_reference_work_us"]["measured"] is None

@@ -32,5 +32,6 @@ def test_bench_overhead_quick_runs_and_checks(tmp_path):
     # issue 16's host target is evaluated on the CPU run (its value is a time: never asserted)
     rows = {r["method"]: r for r in result["targets"]}
     assert rows["ours_torch_minus_reference_work_us"]["bound"] == 15.0
-    assert all(rows[k]["measured"] is not None for k in ("ours_torch_minus_reference_work_us",
-                                                         "ours_auto_minus_reference_work_us"))
+    assert all(rows[k]["measured"] is not None for k in (
+        "ours_torch_minus_reference_work_us", "ours_auto_minus_reference_work_us",
+        "ours_multi_torch_minus_multi_reference_work_us", "ours_se_torch_minus_se_reference_work_us"))

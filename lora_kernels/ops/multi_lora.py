@@ -297,7 +297,9 @@ def _expand(y: Tensor, t: Tensor, lora_b_stacks: List[Tensor], ranks: Optional[T
         return
     _check_torch(backend)
     for i, (b, col) in enumerate(_slice_columns(lora_b_stacks, offset)):
-        reference.lora_expand_(y[:, col:col + b.shape[1]], t[i], b, index.token_adapter, ranks)
+        width = b.shape[1]
+        cols = y if col == 0 and width == y.shape[1] else y[:, col:col + width]  # no view of all of y
+        reference.lora_expand_(cols, t[i], b, index.token_adapter, ranks)
 
 
 @lora_expand_op.register_fake
@@ -501,11 +503,12 @@ def multi_lora_linear(x: Tensor, weight: Tensor, lora_a_stack: Tensor, lora_b_st
     chosen = choose_backend(op, x.device, x.dtype, lora_a_stack.shape[1], backend)
     K, N = x.shape[-1], weight.shape[0]
     M = math.prod(x.shape[:-1])  # not reshape(-1, K): K = 0 would leave -1 undetermined
-    x2 = x.reshape(M, K)
+    flat = x.dim() == 2
+    x2 = x if flat else x.reshape(M, K)
     if _eager_direct(x, weight, lora_a_stack, lora_b_stack, scales, bias, ranks, index.data):
         y = _linear(x2, weight, lora_a_stack, lora_b_stack, scales, scale, bias, ranks, index, index.num_adapters,
                     chosen)
     else:
         y = torch.ops.lora_kernels.multi_lora_linear(x2, weight, lora_a_stack, lora_b_stack, scales, scale, bias,
                                                      ranks, index.data, index.num_adapters, index.capacity, chosen)
-    return y.reshape(*x.shape[:-1], N)
+    return y if flat else y.reshape(*x.shape[:-1], N)
