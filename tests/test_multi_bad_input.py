@@ -171,3 +171,67 @@ def test_cuda_backend_on_cpu_tensors_says_why():
         with pytest.raises(lora_kernels.BackendUnavailable,
                            match=rf"^{name}: cuda: the CUDA C\+\+ kernels need CUDA tensors, got tensors on cpu"):
             op(a, "cuda")
+
+
+def _linear_grid():
+    """multi_lora_linear's inputs (after _scale_args) around the common call: dtype combinations,
+    each shape / slot / token-count mismatch, meta tensors, bias and ranks forms."""
+    from lora_kernels import AdapterIndex
+    M, N, K, L, R = 3, 5, 6, 2, 4
+    f16, f32, f64, bf16 = torch.float16, torch.float32, torch.float64, torch.bfloat16
+
+    def t(shape, dtype=f32, device="cpu"):
+        return torch.randn(shape, dtype=torch.float64).to(dtype).to(device)
+    index = AdapterIndex.from_token_adapters(torch.tensor([0, -1, 1]), L)
+    base = dict(x=t((M, K)), weight=t((N, K)), lora_a_stack=t((L, R, K)), lora_b_stack=t((L, N, R)),
+                index=index, scales=torch.rand(L), bias=None, ranks=None)
+    yield base
+    for dx in (f16, f32, f64, bf16, torch.int32):
+        for dw in (dx, f32):
+            for da in (dx, f32, f16, f64):
+                for db in (da, f32, bf16):
+                    yield dict(base, x=t((M, K), dx) if dx.is_floating_point else torch.ones(M, K, dtype=dx),
+                               weight=t((N, K), dw), lora_a_stack=t((L, R, K), da), lora_b_stack=t((L, N, R), db))
+    for bias in (t((N,)), t((N,), f16), t((N + 1,)), t((1, N)), t((N,), device="meta"), 2.0):
+        yield dict(base, bias=bias)
+    for x in (t(()), t((K,)), t((1, M, K)), t((M, K + 1)), t((M + 1, K)), "x"):
+        yield dict(base, x=x)
+    for weight in (t((N, K + 1)), t((N,)), t((0, K)), None):
+        yield dict(base, weight=weight)
+    for a in (t((L, 0, K)), t((L + 1, R, K)), t((L, R, K + 1)), t((R, K)), 1.0):
+        yield dict(base, lora_a_stack=a)
+    for b in (t((L, N, R + 1)), t((L, N + 1, R)), t((L + 1, N, R)), t((N, R))):
+        yield dict(base, lora_b_stack=b)
+    yield dict(base, lora_a_stack=t((L, 0, K)), lora_b_stack=t((L, N, 0)))  # r_max = 0
+    for ranks in (torch.tensor([1, 4], dtype=torch.int32), torch.tensor([0, 5], dtype=torch.int32),
+                  torch.tensor([1, 2, 3], dtype=torch.int32), torch.tensor([1.0, 2.0]), [1, 2]):
+        yield dict(base, ranks=ranks)
+    yield dict(base, scales=None)
+    yield dict(base, index=AdapterIndex.from_token_adapters(torch.tensor([0, 1]), L))
+    yield dict(base, index=AdapterIndex.from_token_adapters(torch.tensor([0, 1, 1]), L + 1))
+    yield dict(base, index="index")
+    for name in ("x", "weight", "lora_a_stack", "lora_b_stack", "scales"):
+        yield dict(base, **{name: base[name].to("meta")})
+
+
+def test_fast_linear_validation_decides_as_the_full_checks():
+    """multi_lora_linear's one-pass check of the common call accepts only what the full checks
+    accept, so every input gets the full checks' answer (the same error, or none)."""
+    import importlib
+    ops = importlib.import_module("lora_kernels.ops.multi_lora")
+
+    def outcome(fn, *args):
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 -- the outcome itself is compared
+            return type(e), str(e)
+    fast = 0
+    for case in _linear_grid():
+        args = tuple(case[k] for k in ("x", "weight", "lora_a_stack", "lora_b_stack", "index", "scales", "bias",
+                                       "ranks"))
+        full = outcome(ops._validate_linear_all, "multi_lora_linear", *args)
+        assert outcome(ops._validate_linear, "multi_lora_linear", *args) == full, case
+        if ops._fast_valid_linear(*args):  # every check but the ranks' (run after it) passes
+            fast += 1
+            assert outcome(ops._validate_linear_all, "multi_lora_linear", *args[:-1], None) is None, case
+    assert fast >= 20

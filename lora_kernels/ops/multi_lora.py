@@ -22,8 +22,8 @@ from torch import Tensor
 
 from .. import backends, reference
 from ..errors import BackendUnavailable
-from .._validation import (check_adapter_dtype, check_count, check_index, check_no_overlap, check_ranks,
-                           check_same_device, check_scale, check_shape, check_tensor, fail)
+from .._validation import (_FLOAT_DTYPE_SET, check_adapter_dtype, check_count, check_index, check_no_overlap,
+                           check_ranks, check_same_device, check_scale, check_shape, check_tensor, fail)
 from ..serving import AdapterIndex
 
 OPS = ("lora_shrink", "lora_expand_", "multi_lora_linear")
@@ -123,7 +123,55 @@ def _validate_expand(op, y, t, b_stacks, names, as_list, index, ranks, offset) -
     check_ranks(op, ranks, L, R)
 
 
+def _fast_valid_linear(x, weight, lora_a_stack, lora_b_stack, index, scales, bias, ranks) -> bool:
+    """True only for inputs whose every check in ``_validate_linear_all`` but the ranks' passes:
+    the common call (tensors of matching shapes, x of a float dtype, weight in x's dtype, the
+    stacks both in x's dtype or both float32, bias None or [N] in x's dtype or float32, an
+    AdapterIndex of x's M tokens, all on x's device), tested in one pass without building a
+    message. False decides nothing: the full checks then accept or raise.
+    tests/test_multi_bad_input.py checks "accepted here => accepted there" over a grid of inputs."""
+    if not (isinstance(x, Tensor) and isinstance(weight, Tensor) and isinstance(lora_a_stack, Tensor)
+            and isinstance(lora_b_stack, Tensor) and isinstance(index, AdapterIndex)):
+        return False
+    dtype, a_dtype = x.dtype, lora_a_stack.dtype
+    if (dtype not in _FLOAT_DTYPE_SET or weight.dtype != dtype or lora_b_stack.dtype != a_dtype
+            or not (a_dtype == dtype or a_dtype == torch.float32)):
+        return False
+    try:  # unpacking checks the ranks of the tensors
+        N, k_w = weight.shape
+        L, R, k_a = lora_a_stack.shape
+        l_b, n_b, r_b = lora_b_stack.shape
+        shape = x.shape
+        K = shape[-1]  # IndexError for a 0-d x
+    except (ValueError, IndexError):
+        return False
+    M = shape[0] if len(shape) == 2 else math.prod(shape[:-1])
+    if not (k_w == K and k_a == K and R >= 1 and L == index.num_adapters and l_b == L and n_b == N
+            and r_b == R and index.num_tokens == M):
+        return False
+    device = x.device
+    if not (weight.device == device and lora_a_stack.device == device and lora_b_stack.device == device
+            and index.data.device == device):
+        return False
+    for t in (scales, ranks):
+        if t is not None and not (isinstance(t, Tensor) and t.device == device):
+            return False
+    if bias is None:
+        return True
+    return (isinstance(bias, Tensor) and (bias.dtype == dtype or bias.dtype == torch.float32)
+            and bias.shape == (N,) and bias.device == device)
+
+
 def _validate_linear(op, x, weight, lora_a_stack, lora_b_stack, index, scales, bias, ranks) -> None:
+    """Every check of multi_lora_linear's inputs; the common call passes in one pass (~6 us less per
+    call, CPU machine), anything else gets the full checks' verdict."""
+    if _fast_valid_linear(x, weight, lora_a_stack, lora_b_stack, index, scales, bias, ranks):
+        check_ranks(op, ranks, index.num_adapters, lora_a_stack.shape[1])  # the full checks' last
+        return
+    _validate_linear_all(op, x, weight, lora_a_stack, lora_b_stack, index, scales, bias, ranks)
+
+
+def _validate_linear_all(op, x, weight, lora_a_stack, lora_b_stack, index, scales, bias, ranks) -> None:
     check_tensor(op, "x", x, min_ndim=1)
     check_tensor(op, "weight", weight, ndim=2)
     check_tensor(op, "lora_a_stack", lora_a_stack, ndim=3)
