@@ -314,7 +314,7 @@ def _shrink(x: Tensor, lora_a_stacks: List[Tensor], scales: Optional[Tensor], sc
                 t.copy_(launch(x, a, index, scales_t, ranks))
         return
     _check_torch(backend)
-    for a, t in zip(lora_a_stacks, out):
+    for a, t in zip(lora_a_stacks, out.unbind(0)):  # unbind: not Tensor.__iter__ (~3 us more)
         t.copy_(reference.lora_shrink(x, a, index.token_adapter, scales_t, ranks))
 
 
