@@ -62,9 +62,9 @@ def host_us_all(fns: Dict[str, Callable[[], object]], device: torch.device, call
     """Median host µs of one call of each method, `calls` calls each, timed in turns: every round
     runs `block` back-to-back calls of each method in order, so a change of load on the shared
     machine falls on all methods alike. (Timed one method after another, each over its own ~0.1 s,
-    the difference ours_torch - reference_work of one build ranged 9-18 µs over runs minutes apart
-    on the 2-core CPU machine; in turns it held within ~1 µs.) The GPU queue is drained between
-    rounds, outside the timed calls."""
+    ours_torch - reference_work of one build read 3.9-14.8 µs over five runs on the shared 2-core
+    CPU machine; in turns 3.9-4.4 µs over five, measured 2026-12-07.) The GPU queue is drained
+    between rounds, outside the timed calls."""
     for fn in fns.values():
         for _ in range(max(10, calls // 10)):
             fn()
