@@ -68,7 +68,50 @@ def _check_same_dtype(op: str, names: List[str], stacks: List[Tensor]) -> None:
             fail(op, f"{name} must have {names[0]}'s dtype ({stacks[0].dtype}), got {s.dtype}", TypeError)
 
 
+def _fast_valid_shrink(x, a_stacks, as_list, index, scales, ranks, out) -> bool:
+    """True only for inputs whose every check in ``_validate_shrink_all`` before the aliasing and
+    ranks checks passes (x [M, K] of a float dtype, stacks [L, r_max >= 1, K] of one dtype, x's
+    or float32, an AdapterIndex of M tokens, out None or [S,] M, r_max in the accumulation
+    dtype, all on x's device), tested in one pass. False decides nothing: the full checks then
+    accept or raise. tests/test_multi_bad_input.py checks it over a grid of inputs."""
+    if not (isinstance(x, Tensor) and isinstance(index, AdapterIndex) and isinstance(a_stacks[0], Tensor)):
+        return False
+    dtype, a_dtype = x.dtype, a_stacks[0].dtype
+    if dtype not in _FLOAT_DTYPE_SET or not (a_dtype == dtype or a_dtype == torch.float32):
+        return False
+    try:
+        M, K = x.shape
+        _, R, _ = a_stacks[0].shape
+    except ValueError:
+        return False
+    L, device = index.num_adapters, x.device
+    if R < 1 or index.num_tokens != M or index.data.device != device:
+        return False
+    for a in a_stacks:
+        if not (isinstance(a, Tensor) and a.dtype == a_dtype and a.device == device and a.shape == (L, R, K)):
+            return False
+    for v in (scales, ranks):
+        if v is not None and not (isinstance(v, Tensor) and v.device == device):
+            return False
+    if out is None:
+        return True
+    return (isinstance(out, Tensor) and out.device == device and out.dtype == _t_dtype(dtype, a_dtype)
+            and out.shape == ((len(a_stacks), M, R) if as_list else (M, R)))
+
+
 def _validate_shrink(op, x, a_stacks, names, as_list, index, scales, ranks, out) -> None:
+    """Every check of lora_shrink's inputs; the common call passes the shape, dtype and device
+    checks in one pass (_fast_valid_shrink), then the aliasing and ranks checks as always."""
+    if _fast_valid_shrink(x, a_stacks, as_list, index, scales, ranks, out):
+        if out is not None and not torch.compiler.is_compiling():
+            check_no_overlap(op, "out", out, x=x, lora_a_stack=a_stacks, scales=scales, ranks=ranks,
+                             index=index.data)
+        check_ranks(op, ranks, index.num_adapters, a_stacks[0].shape[1])
+        return
+    _validate_shrink_all(op, x, a_stacks, names, as_list, index, scales, ranks, out)
+
+
+def _validate_shrink_all(op, x, a_stacks, names, as_list, index, scales, ranks, out) -> None:
     check_tensor(op, "x", x, ndim=2)
     for name, a in zip(names, a_stacks):
         check_tensor(op, name, a, ndim=3)
@@ -92,7 +135,60 @@ def _validate_shrink(op, x, a_stacks, names, as_list, index, scales, ranks, out)
     check_ranks(op, ranks, L, R)
 
 
+def _fast_valid_expand(y, t, b_stacks, as_list, index, ranks, offset) -> bool:
+    """True only for inputs whose every check in ``_validate_expand_all`` before the aliasing and
+    ranks checks passes (y [M, N_y] of a float dtype, t [S,] M, r_max >= 1 in float32/64, stacks
+    [L, N_i, r_max] of one dtype, y's or float32, that fit in y from a non-negative int offset --
+    one stack at offset 0 covering y exactly -- an AdapterIndex of M tokens, all on y's device),
+    tested in one pass. False decides nothing: the full checks then accept or raise.
+    tests/test_multi_bad_input.py checks it over a grid of inputs."""
+    if not (isinstance(y, Tensor) and isinstance(t, Tensor) and isinstance(index, AdapterIndex)
+            and type(offset) is int and offset >= 0 and isinstance(b_stacks[0], Tensor)):
+        return False
+    dtype, b_dtype = y.dtype, b_stacks[0].dtype
+    if (dtype not in _FLOAT_DTYPE_SET or not (t.dtype == torch.float32 or t.dtype == torch.float64)
+            or not (b_dtype == dtype or b_dtype == torch.float32)):
+        return False
+    try:
+        M, n_y = y.shape
+        if as_list:
+            s_t, m_t, R = t.shape
+        else:
+            (m_t, R), s_t = t.shape, 1
+    except ValueError:
+        return False
+    L, device = index.num_adapters, y.device
+    if not (R >= 1 and m_t == M and s_t == len(b_stacks) and index.num_tokens == M and t.device == device
+            and index.data.device == device):
+        return False
+    if ranks is not None and not (isinstance(ranks, Tensor) and ranks.device == device):
+        return False
+    width = offset
+    for b in b_stacks:
+        if not (isinstance(b, Tensor) and b.dtype == b_dtype and b.device == device):
+            return False
+        try:
+            l_b, n_b, r_b = b.shape
+        except ValueError:
+            return False
+        if l_b != L or r_b != R:
+            return False
+        width += n_b
+    return width <= n_y and (as_list or offset != 0 or width == n_y)
+
+
 def _validate_expand(op, y, t, b_stacks, names, as_list, index, ranks, offset) -> None:
+    """Every check of lora_expand_'s inputs; the common call passes the shape, dtype and device
+    checks in one pass (_fast_valid_expand), then the aliasing and ranks checks as always."""
+    if _fast_valid_expand(y, t, b_stacks, as_list, index, ranks, offset):
+        if not torch.compiler.is_compiling():  # fake tensors under tracing have no memory
+            check_no_overlap(op, "y", y, t=t, lora_b_stack=b_stacks, ranks=ranks, index=index.data)
+        check_ranks(op, ranks, index.num_adapters, t.shape[-1])
+        return
+    _validate_expand_all(op, y, t, b_stacks, names, as_list, index, ranks, offset)
+
+
+def _validate_expand_all(op, y, t, b_stacks, names, as_list, index, ranks, offset) -> None:
     check_tensor(op, "y", y, ndim=2)
     check_tensor(op, "t", t, dtypes=(torch.float32, torch.float64), ndim=3 if as_list else 2)
     for name, b in zip(names, b_stacks):
