@@ -64,3 +64,20 @@ def test_exact_merge_target_is_relative_to_the_plain_merge():
     plain, exact = rows
     assert plain["measured"] == pytest.approx(1.2) and plain["pass"]
     assert exact["measured"] == pytest.approx(20.0 / 12.0) and not exact["pass"]
+
+
+def test_host_targets_from_the_overhead_summary():
+    """The overhead suite's µs target (CPU runs) is read from its summary, per backend and auto;
+    a number the run lacks is "not measured", never invented."""
+    from bench import targets
+    result = {"suite": "overhead-quick", "cases": [{}],
+              "summary": {"ours_torch_minus_reference_work_us": 4.5, "ours_auto_minus_reference_work_us": 16.0}}
+    rows = {r["method"]: r for r in targets.evaluate_host(result, ["torch", "triton"])}
+    assert "ours_multi_torch_minus_multi_reference_work_us" in rows and "ours_multi_auto" not in str(rows)
+    assert rows["ours_torch_minus_reference_work_us"]["pass"] is True
+    assert rows["ours_auto_minus_reference_work_us"]["pass"] is False
+    assert rows["ours_triton_minus_reference_work_us"]["measured"] is None
+    assert rows["ours_triton_minus_reference_work_us"]["pass"] is None
+    table = targets.markdown(list(rows.values()))
+    assert "<= 15.0 µs" in table and "| 4.5 µs |" in table and "| FAIL |" in table and "not measured" in table
+    assert targets.evaluate_host({"suite": "forward", "cases": [], "summary": {}}, ["torch"]) == []

@@ -28,3 +28,10 @@ def test_bench_overhead_quick_runs_and_checks(tmp_path):
     assert {"base", "reference_work", "base_train"} <= set(case["times_us"])
     assert any(k.startswith("ours_") and k.endswith("_train") for k in case["times_us"])
     assert any(k.endswith("_minus_reference_work_us") for k in result["summary"])
+    assert "ours_auto" in case["times_us"]  # the layers' default backend, timed like the others
+    # issue 16's host target is evaluated on the CPU run (its value is a time: never asserted)
+    rows = {r["method"]: r for r in result["targets"]}
+    assert rows["ours_torch_minus_reference_work_us"]["bound"] == 15.0
+    assert all(rows[k]["measured"] is not None for k in (
+        "ours_torch_minus_reference_work_us", "ours_auto_minus_reference_work_us",
+        "ours_multi_torch_minus_multi_reference_work_us", "ours_se_torch_minus_se_reference_work_us"))

@@ -148,13 +148,14 @@ def _full(t):
 
 
 class _OpCounter:
-    """Counts calls of the fused op's forward and backward implementations (the eager path)."""
+    """Counts calls of the fused op's forward and backward implementations (the eager path's
+    ``_forward``, which the registered op's forward also calls, and ``lora_linear_bwd``)."""
 
     def __init__(self):
         import importlib
         mod = importlib.import_module("lora_kernels.ops.lora_linear")  # the module, not the function
         self.mod, self.fwd, self.bwd = mod, 0, 0
-        self.orig = (mod.lora_linear_fwd, mod.lora_linear_bwd)
+        self.orig = (mod._forward, mod.lora_linear_bwd)
 
         def fwd(*a, **k):
             self.fwd += 1
@@ -163,10 +164,10 @@ class _OpCounter:
         def bwd(*a, **k):
             self.bwd += 1
             return self.orig[1](*a, **k)
-        mod.lora_linear_fwd, mod.lora_linear_bwd = fwd, bwd
+        mod._forward, mod.lora_linear_bwd = fwd, bwd
 
     def close(self):
-        self.mod.lora_linear_fwd, self.mod.lora_linear_bwd = self.orig
+        self.mod._forward, self.mod.lora_linear_bwd = self.orig
 
 
 def _mlp(backend, lora_dropout=0.0):

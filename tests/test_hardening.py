@@ -705,3 +705,31 @@ def distinct_bad_inputs():
 def test_at_least_200_distinct_bad_inputs():
     pairs = distinct_bad_inputs()
     assert len(pairs) >= 200, f"only {len(pairs)} distinct bad inputs are tried"
+
+
+def test_check_no_overlap_decides_as_the_pairwise_check():
+    """check_no_overlap reads out's storage once (host overhead per serving call): for every input
+    it raises, or not, exactly as check_no_shared_memory(input, out) does -- overlapping and
+    disjoint slices of one buffer, other buffers, empty, meta and other-device tensors, lists."""
+    from lora_kernels._validation import check_no_overlap, check_no_shared_memory
+    buf = torch.randn(64)
+    outs = [buf[:16].view(4, 4), buf[16:32].view(4, 4), buf[8:24], buf[:0], torch.randn(3, 3),
+            torch.randn(4, 4, device="meta"), buf[::2][:8]]
+    values = [buf[:4], buf[12:20], buf[32:48].view(4, 4), buf[1::2][:8], buf[15:17], buf[:0], torch.randn(5),
+              torch.randn(2, device="meta"), buf.view(8, 8).t()[:, :2], None]
+
+    def outcome(fn):
+        try:
+            fn()
+            return None
+        except ValueError as e:
+            return str(e)
+    raised = 0
+    for out in outs:
+        for value in values:
+            pair = None if value is None else outcome(lambda: check_no_shared_memory("op", "v", value, "out", out))
+            assert outcome(lambda: check_no_overlap("op", "out", out, v=value)) == pair, (out, value)
+            listed = outcome(lambda: check_no_overlap("op", "out", out, v=[torch.randn(2), value]))
+            assert listed == (None if pair is None else pair.replace("op: v ", "op: v[1] ")), (out, value)
+            raised += pair is not None
+    assert raised >= 5  # the grid has overlaps, not only disjoint pairs

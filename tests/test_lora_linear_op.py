@@ -1,4 +1,6 @@
 """The public op lora_linear: backends, autograd, registration, dropout, torch.compile."""
+import os
+
 import pytest
 import torch
 
@@ -169,3 +171,120 @@ def test_float64_gradients_are_float64_exact(path):
     for name, g, g_exact in zip(("x", "lora_a", "lora_b"), (l.grad for l in leaves), (e.grad for e in exact)):
         assert g.dtype == torch.float64
         assert_close(g, g_exact, torch.float64, what=f"grad {name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The eager fast paths (host overhead, issue 16 point 6) decide exactly what the full paths do
+# ---------------------------------------------------------------------------------------------
+
+def _outcome(fn, *args):
+    """fn's return value, or (exception type, message)."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 -- the outcome itself is compared
+        return type(e), str(e)
+
+
+def _validation_grid():
+    """lora_linear inputs around the common call: every dtype combination, each shape and rank
+    mismatch, meta and CPU tensors, 0-d/1-d/3-d x, bias forms, non-tensors and bad scales."""
+    K, N, r = 6, 5, 3
+    f16, f32, f64, bf16 = torch.float16, torch.float32, torch.float64, torch.bfloat16
+
+    def t(shape, dtype=f32, device="cpu"):
+        return torch.randn(shape, dtype=torch.float64).to(dtype).to(device)
+
+    base = dict(x=t((2, K)), weight=t((N, K)), lora_a=t((r, K)), lora_b=t((N, r)), scale=0.5, bias=None)
+    yield base
+    dtypes = (f16, f32, f64, bf16, torch.int32)
+    for dx in dtypes:
+        for dw in (dx, f32, f16):
+            for da in dtypes:
+                for db in (da, f32, bf16):
+                    yield dict(base, x=t((2, K), dx) if dx.is_floating_point else torch.ones(2, K, dtype=dx),
+                               weight=t((N, K), dw),
+                               lora_a=t((r, K), da) if da.is_floating_point else torch.ones(r, K, dtype=da),
+                               lora_b=t((N, r), db))
+    for bias in (t((N,)), t((N,), f16), t((N,), f64), t((N + 1,)), t((1, N)), t((N,), device="meta"), 3.0):
+        yield dict(base, bias=bias)
+        yield dict(base, x=t((2, K), f16), weight=t((N, K), f16), bias=bias)
+    for x in (t(()), t((K,)), t((3, 2, K)), t((2, K + 1)), t((0, K)), t((2, 0)), "x", None):
+        yield dict(base, x=x)
+    for weight in (t((N, K + 1)), t((N,)), t((1, N, K)), t((0, K)), [[1.0]]):
+        yield dict(base, weight=weight)
+    for lora_a in (t((0, K)), t((r, K + 1)), t((r,)), t((1, r, K)), t((r + 1, K))):
+        yield dict(base, lora_a=lora_a)
+    for lora_b in (t((N, r + 1)), t((N + 1, r)), t((N, 0)), t((N,)), 1):
+        yield dict(base, lora_b=lora_b)
+    for name in ("x", "weight", "lora_a", "lora_b"):
+        yield dict(base, **{name: base[name].to("meta")})
+    yield {k: (v.to("meta") if isinstance(v, torch.Tensor) else v) for k, v in base.items()}
+    for scale in (float("inf"), float("nan"), 1, True, torch.tensor(2.0), "2", 1e308 * 10, -0.0):
+        yield dict(base, scale=scale)
+
+
+def test_fast_validation_decides_as_the_full_checks():
+    """_validate's one-pass check of the common call accepts only what _validate_all accepts, so
+    every input -- good or bad -- gets the full checks' answer: the same scale or the same error."""
+    import importlib
+    ops = importlib.import_module("lora_kernels.ops.lora_linear")
+    fast_accepted = 0
+    for case in _validation_grid():
+        args = (case["x"], case["weight"], case["lora_a"], case["lora_b"], case["scale"], case["bias"])
+        full = _outcome(ops._validate_all, *args)
+        assert _outcome(ops._validate, *args) == full, case
+        scale = case["scale"]
+        if type(scale) is float and scale - scale == 0.0 and ops._fast_valid(*args[:4], args[5]):
+            fast_accepted += 1
+            assert not (isinstance(full, tuple) and isinstance(full[0], type)), (case, full)
+    assert fast_accepted >= 20  # the grid reaches the fast path, not only the fallback
+
+
+def test_getenv_reads_what_os_environ_reads(monkeypatch):
+    """backends.getenv (the backend cache's key, read per call) is os.environ.get, never stale."""
+    from unittest import mock
+    from lora_kernels.backends import getenv
+    name = "LORA_KERNELS_TEST_GETENV"
+    monkeypatch.delenv(name, raising=False)
+    assert getenv(name) is None and getenv("PATH") == os.environ.get("PATH")
+    for value in ("triton", "", "é ü", "torch"):
+        monkeypatch.setenv(name, value)
+        assert getenv(name) == os.environ.get(name) == value
+    os.environ[name] = "cuda"
+    assert getenv(name) == "cuda"
+    del os.environ[name]
+    assert getenv(name) is None
+    with mock.patch.dict(os.environ, {name: "auto"}):
+        assert getenv(name) == "auto"
+    assert getenv(name) is None
+    monkeypatch.setattr(os, "environ", {name: "replaced"})  # not os._Environ: read with .get
+    assert getenv(name) == "replaced"
+
+
+def test_backend_cache_follows_the_environment(monkeypatch, interpreter_device):
+    """choose_backend's memoised answer is re-derived when LORA_KERNELS_BACKEND changes."""
+    inp = make_lora_inputs(4, 8, 8, 2)
+    monkeypatch.delenv("LORA_KERNELS_BACKEND", raising=False)
+    assert choose_backend(inp.x, inp.lora_a, "auto") == "torch"
+    os.environ["LORA_KERNELS_BACKEND"] = "triton"
+    try:
+        assert choose_backend(inp.x, inp.lora_a, "auto") == "triton"
+    finally:
+        del os.environ["LORA_KERNELS_BACKEND"]
+    assert choose_backend(inp.x, inp.lora_a, "auto") == "torch"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_eager_paths_match_the_registered_op(dtype):
+    """The eager no-grad path (no empty t, no dispatcher) gives the op's y bit for bit, and the op
+    still returns its empty t in the accumulation dtype when t is not saved."""
+    inp = make_lora_inputs(3, 12, 10, 4, dtype)
+    with torch.no_grad():
+        y = lora_kernels.lora_linear(*inp.args(), backend="torch")
+    y_op, t = torch.ops.lora_kernels.lora_linear_fwd(inp.x, inp.weight, inp.lora_a, inp.lora_b, inp.scale,
+                                                     inp.bias, "torch", False)
+    assert torch.equal(y, y_op)
+    assert t.shape == (0, 4) and t.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    _, t_saved = torch.ops.lora_kernels.lora_linear_fwd(inp.x, inp.weight, inp.lora_a, inp.lora_b, inp.scale,
+                                                        inp.bias, "torch", True)
+    assert t_saved.shape == (3, 4) and t_saved.dtype == t.dtype

@@ -175,3 +175,168 @@ def test_cuda_backend_on_cpu_tensors_says_why():
         with pytest.raises(lora_kernels.BackendUnavailable,
                            match=rf"^{name}: cuda: the CUDA C\+\+ kernels need CUDA tensors, got tensors on cpu"):
             op(a, "cuda")
+
+
+def _linear_grid():
+    """multi_lora_linear's inputs (after _scale_args) around the common call: dtype combinations,
+    each shape / slot / token-count mismatch, meta tensors, bias and ranks forms."""
+    from lora_kernels import AdapterIndex
+    M, N, K, L, R = 3, 5, 6, 2, 4
+    f16, f32, f64, bf16 = torch.float16, torch.float32, torch.float64, torch.bfloat16
+
+    def t(shape, dtype=f32, device="cpu"):
+        return torch.randn(shape, dtype=torch.float64).to(dtype).to(device)
+    index = AdapterIndex.from_token_adapters(torch.tensor([0, -1, 1]), L)
+    base = dict(x=t((M, K)), weight=t((N, K)), lora_a_stack=t((L, R, K)), lora_b_stack=t((L, N, R)),
+                index=index, scales=torch.rand(L), bias=None, ranks=None)
+    yield base
+    for dx in (f16, f32, f64, bf16, torch.int32):
+        for dw in (dx, f32):
+            for da in (dx, f32, f16, f64):
+                for db in (da, f32, bf16):
+                    yield dict(base, x=t((M, K), dx) if dx.is_floating_point else torch.ones(M, K, dtype=dx),
+                               weight=t((N, K), dw), lora_a_stack=t((L, R, K), da), lora_b_stack=t((L, N, R), db))
+    for bias in (t((N,)), t((N,), f16), t((N + 1,)), t((1, N)), t((N,), device="meta"), 2.0):
+        yield dict(base, bias=bias)
+    for x in (t(()), t((K,)), t((1, M, K)), t((M, K + 1)), t((M + 1, K)), "x"):
+        yield dict(base, x=x)
+    for weight in (t((N, K + 1)), t((N,)), t((0, K)), None):
+        yield dict(base, weight=weight)
+    for a in (t((L, 0, K)), t((L + 1, R, K)), t((L, R, K + 1)), t((R, K)), 1.0):
+        yield dict(base, lora_a_stack=a)
+    for b in (t((L, N, R + 1)), t((L, N + 1, R)), t((L + 1, N, R)), t((N, R))):
+        yield dict(base, lora_b_stack=b)
+    yield dict(base, lora_a_stack=t((L, 0, K)), lora_b_stack=t((L, N, 0)))  # r_max = 0
+    for ranks in (torch.tensor([1, 4], dtype=torch.int32), torch.tensor([0, 5], dtype=torch.int32),
+                  torch.tensor([1, 2, 3], dtype=torch.int32), torch.tensor([1.0, 2.0]), [1, 2]):
+        yield dict(base, ranks=ranks)
+    yield dict(base, scales=None)
+    yield dict(base, index=AdapterIndex.from_token_adapters(torch.tensor([0, 1]), L))
+    yield dict(base, index=AdapterIndex.from_token_adapters(torch.tensor([0, 1, 1]), L + 1))
+    yield dict(base, index="index")
+    for name in ("x", "weight", "lora_a_stack", "lora_b_stack", "scales"):
+        yield dict(base, **{name: base[name].to("meta")})
+
+
+def test_fast_linear_validation_decides_as_the_full_checks():
+    """multi_lora_linear's one-pass check of the common call accepts only what the full checks
+    accept, so every input gets the full checks' answer (the same error, or none)."""
+    import importlib
+    ops = importlib.import_module("lora_kernels.ops.multi_lora")
+
+    def outcome(fn, *args):
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 -- the outcome itself is compared
+            return type(e), str(e)
+    fast = 0
+    for case in _linear_grid():
+        args = tuple(case[k] for k in ("x", "weight", "lora_a_stack", "lora_b_stack", "index", "scales", "bias",
+                                       "ranks"))
+        full = outcome(ops._validate_linear_all, "multi_lora_linear", *args)
+        assert outcome(ops._validate_linear, "multi_lora_linear", *args) == full, case
+        if ops._fast_valid_linear(*args):  # every check but the ranks' (run after it) passes
+            fast += 1
+            assert outcome(ops._validate_linear_all, "multi_lora_linear", *args[:-1], None) is None, case
+    assert fast >= 20
+
+
+def _outcome(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 -- the outcome itself is compared
+        return type(e), str(e)
+
+
+def _shrink_expand_grid():
+    """(x, a_stacks, as_list, index, scales, ranks, out) and (y, t, b_stacks, as_list, index, ranks,
+    offset) around the common calls: dtypes, shapes, lists, out / offset forms, aliasing, ranks."""
+    from lora_kernels import AdapterIndex
+    M, N, K, L, R = 3, 5, 6, 2, 4
+    f16, f32, f64 = torch.float16, torch.float32, torch.float64
+
+    def t(shape, dtype=f32, device="cpu"):
+        return torch.randn(shape, dtype=torch.float64).to(dtype).to(device)
+    index = AdapterIndex.from_token_adapters(torch.tensor([0, -1, 1]), L)
+    other = AdapterIndex.from_token_adapters(torch.tensor([0, 1]), L)
+    r_ok, r_bad = torch.tensor([1, 4], dtype=torch.int32), torch.tensor([0, 5], dtype=torch.int32)
+    shrinks, expands = [], []
+    x, a, out = t((M, K)), t((L, R, K)), t((M, R))
+    shrinks.append((x, [a], False, index, torch.rand(L), None, None))
+    for dx in (f16, f32, f64, torch.int32):
+        for da in (dx, f32, f16):
+            xx = t((M, K), dx) if dx.is_floating_point else torch.ones(M, K, dtype=dx)
+            aa = t((L, R, K), da) if da.is_floating_point else torch.ones(L, R, K, dtype=da)
+            for o in (None, t((M, R)), t((M, R), f64)):
+                shrinks.append((xx, [aa], False, index, None, None, o))
+    for aa in ([t((L, 0, K))], [t((L + 1, R, K))], [t((L, R, K + 1))], [t((R, K))], [a, t((L, R, K), f16)],
+               [a, t((L, R + 1, K))], [a, a.to("meta")], [1.0]):
+        shrinks.append((x, aa, len(aa) > 1, index, None, None, None))
+    for o, as_list in ((t((2, M, R)), True), (t((M, R)), True), (t((M, R + 1)), False), (t((M + 1, R)), False),
+                       (t((M, R), device="meta"), False), (t((M, R), f16), False), ("out", False)):
+        shrinks.append((x, [a, a] if as_list else [a], as_list, index, None, None, o))
+    buf = t((M, K + R))
+    shrinks.append((buf[:, :K], [a], False, index, None, None, buf[:, K - 2:K - 2 + R]))  # out overlaps x
+    shrinks.append((buf[:, :K], [a], False, index, None, None, buf[:, K:]))  # disjoint slices: fine
+    for ranks in (r_ok, r_bad, torch.tensor([1, 2, 3], dtype=torch.int32), torch.tensor([1.0, 2.0]), [1, 2]):
+        shrinks.append((x, [a], False, index, None, ranks, out))
+    for idx in (other, "index"):
+        shrinks.append((x, [a], False, idx, None, None, None))
+    shrinks.append((x.to("meta"), [a], False, index, None, None, None))
+    shrinks.append((x, [a], False, index, torch.rand(L, device="meta"), None, None))
+
+    y, tt, b = t((M, N)), t((M, R)), t((L, N, R))
+    expands.append((y, tt, [b], False, index, None, 0))
+    for dy in (f16, f32, f64, torch.int32):
+        for db in (dy, f32, f16):
+            for dt in (f32, f64, f16):
+                yy = t((M, N), dy) if dy.is_floating_point else torch.ones(M, N, dtype=dy)
+                bb = t((L, N, R), db) if db.is_floating_point else torch.ones(L, N, R, dtype=db)
+                expands.append((yy, t((M, R), dt), [bb], False, index, None, 0))
+    for offset in (1, -1, True, 2.0, None):
+        expands.append((y, tt, [t((L, N - 1, R))], False, index, None, offset))
+    expands.append((y, tt, [t((L, N - 1, R))], False, index, None, 0))  # one stack must cover y
+    for bs, tt2 in (([t((L, 2, R)), t((L, 3, R))], t((2, M, R))), ([t((L, 2, R)), t((L, 4, R))], t((2, M, R))),
+                    ([t((L, 2, R)), t((L, 3, R), f16)], t((2, M, R))), ([t((L, 2, R))], t((2, M, R))),
+                    ([t((L, 2, R)), t((L, 2, R + 1))], t((2, M, R))), ([t((L, 2, R)), t((L + 1, 2, R))], t((2, M, R))),
+                    ([t((L, 2, R)), t((2, R))], t((2, M, R))), ([t((L, 2, R)), t((L, 3, R))], t((M, R)))):
+        expands.append((y, tt2, bs, True, index, None, 0))
+    for tt2 in (t((M, R + 1)), t((M + 1, R)), t((M, 0)), t((1, M, R)), t((M, R), device="meta"), "t"):
+        expands.append((y, tt2, [b], False, index, None, 0))
+    buf = t((M, N + R))
+    expands.append((buf[:, :N], buf[:, N - 1:N - 1 + R], [b], False, index, None, 0))  # t overlaps y
+    expands.append((y, tt, [y.view(1, M, N).expand(L, M, N)[:, :, :R].transpose(1, 2)[:, :N]], False, index,
+                    None, 0))
+    for ranks in (r_ok, r_bad, torch.tensor([1, 2, 3], dtype=torch.int32), [1, 2]):
+        expands.append((y, tt, [b], False, index, ranks, 0))
+    for idx in (other, "index"):
+        expands.append((y, tt, [b], False, idx, None, 0))
+    expands.append((y.to("meta"), tt, [b], False, index, None, 0))
+    return shrinks, expands
+
+
+def test_fast_shrink_expand_validation_decides_as_the_full_checks():
+    """lora_shrink's / lora_expand_'s one-pass check of the common call accepts only inputs that
+    pass every full check before the aliasing and ranks checks (which then run as always), so
+    every input gets the full checks' answer."""
+    import importlib
+    ops = importlib.import_module("lora_kernels.ops.multi_lora")
+    shrinks, expands = _shrink_expand_grid()
+    fast = 0
+    for x, a, as_list, index, scales, ranks, out in shrinks:
+        names = [f"lora_a_stack[{i}]" for i in range(len(a))] if as_list else ["lora_a_stack"]
+        args = ("lora_shrink", x, a, names, as_list, index, scales, ranks, out)
+        full = _outcome(ops._validate_shrink_all, *args)
+        assert _outcome(ops._validate_shrink, *args) == full, args
+        if ops._fast_valid_shrink(x, a, as_list, index, scales, ranks, out):
+            fast += 1
+            assert full is None or "shares memory" in full[1] or "ranks" in full[1], (args, full)
+    for y, t, b, as_list, index, ranks, offset in expands:
+        names = [f"lora_b_stack[{i}]" for i in range(len(b))] if as_list else ["lora_b_stack"]
+        args = ("lora_expand_", y, t, b, names, as_list, index, ranks, offset)
+        full = _outcome(ops._validate_expand_all, *args)
+        assert _outcome(ops._validate_expand, *args) == full, args
+        if ops._fast_valid_expand(y, t, b, as_list, index, ranks, offset):
+            fast += 1
+            assert full is None or "shares memory" in full[1] or "ranks" in full[1], (args, full)
+    assert fast >= 30

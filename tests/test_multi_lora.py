@@ -306,3 +306,94 @@ def test_index_hypothesis(ids, L, wide):
     """Any mapping (-1 and every slot below L, any order, empty batch): the index's invariants."""
     dtype = torch.int64 if wide else torch.int32
     _check_index(torch.tensor([i if i < L else -1 for i in ids], dtype=dtype), L)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_eager_direct_calls_match_the_registered_ops(backend, interpreter_device, monkeypatch):
+    """Eager calls skip the dispatcher (host overhead at decode): the same bits as through the
+    registered ops, on a padded index too, and the written tensor's version counter moves as the
+    op's ADInplaceOrView kernel moves it (Triton writes through pointers: only the bump shows it)."""
+    from lora_kernels.ops import multi_lora as ops
+    inp = make_multi_inputs(5, 12, 16, 3, 4, ranks="mixed")
+    index = lora_kernels.AdapterIndex.with_capacity(8, 3)
+    index.update_(inp.token_adapter)
+    x = torch.cat([inp.x, rand(2, 16)])  # 7 rows: 5 live, 2 padding
+    padded = index.padded_to(7)
+    y0 = rand(7, 12)
+
+    def run():
+        out = torch.full((7, 4), float("nan"))
+        v0 = out._version
+        t = lora_kernels.lora_shrink(x, inp.lora_a, padded, inp.scales, inp.ranks, out=out, backend=backend)
+        assert t is out and out._version > v0
+        y = y0.clone()
+        v0 = y._version
+        lora_kernels.lora_expand_(y, t, inp.lora_b, padded, inp.ranks, backend=backend)
+        assert y._version > v0
+        z = lora_kernels.multi_lora_linear(x, inp.weight, inp.lora_a, inp.lora_b, padded, inp.scales, inp.bias,
+                                           inp.ranks, backend=backend)
+        return t, y, z
+    with torch.no_grad():
+        direct = run()
+        calls = []
+        monkeypatch.setattr(ops, "_eager_direct", lambda *t: calls.append(1) and False)
+        through_op = run()
+    assert len(calls) == 3
+    for a, b in zip(direct, through_op):
+        assert torch.equal(a, b)
+
+
+def test_eager_direct_only_without_autograd_or_modes():
+    """An input that requires grad (grad enabled), a dispatch mode or a profiler keeps the op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from lora_kernels.ops import multi_lora as ops
+    inp = make_multi_inputs(3, 5, 4, 2, 2)
+    a = inp.lora_a.clone().requires_grad_(True)
+    assert ops._eager_direct(inp.x, inp.lora_a) and not ops._eager_direct(inp.x, a)
+    with torch.no_grad():
+        assert ops._eager_direct(inp.x, a)
+    assert not ops._eager_direct(inp.x, inp.x.to("meta"))
+
+    class Seen(TorchDispatchMode):
+        names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+    with Seen():
+        assert not ops._eager_direct(inp.x)
+        lora_kernels.multi_lora_linear(inp.x, inp.weight, inp.lora_a, inp.lora_b, inp.index(), inp.scales)
+    assert any("lora_kernels.multi_lora_linear" in n for n in Seen.names)
+    with torch.profiler.profile() as prof:
+        lora_kernels.multi_lora_linear(inp.x, inp.weight, inp.lora_a, inp.lora_b, inp.index(), inp.scales)
+    assert any(e.name == "lora_kernels::multi_lora_linear" for e in prof.events())
+
+
+def test_eager_direct_calls_bump_what_they_write(monkeypatch):
+    """A kernel that writes through pointers (Triton, CUDA on a GPU) moves no version counter; the
+    eager direct path moves out's / y's itself, as the op's ADInplaceOrView kernel does."""
+    from lora_kernels.ops import multi_lora as ops
+    monkeypatch.setattr(ops, "_shrink", lambda *args: None)  # stands in for a pointer-writing kernel
+    monkeypatch.setattr(ops, "_expand", lambda *args: None)
+    inp = make_multi_inputs(3, 5, 4, 2, 2)
+    out, y = torch.zeros(3, 2), torch.zeros(3, 5)
+    with torch.no_grad():
+        v_out, v_y = out._version, y._version
+        lora_kernels.lora_shrink(inp.x, inp.lora_a, inp.index(), inp.scales, out=out)
+        lora_kernels.lora_expand_(y, out, inp.lora_b, inp.index())
+    assert out._version > v_out and y._version > v_y
+
+
+def test_backend_cache_follows_the_environment(monkeypatch, interpreter_device):
+    """The multi-adapter ops' memoised backend choice is re-derived when LORA_KERNELS_BACKEND changes."""
+    from lora_kernels.ops.multi_lora import choose_backend
+    monkeypatch.delenv("LORA_KERNELS_BACKEND", raising=False)
+    cpu = torch.device("cpu")
+    assert choose_backend("lora_shrink", cpu, torch.float32, 8) == "torch"
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "triton")
+    assert choose_backend("lora_shrink", cpu, torch.float32, 8) == "triton"
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="LORA_KERNELS_BACKEND"):
+        choose_backend("lora_shrink", cpu, torch.float32, 8)
+    monkeypatch.delenv("LORA_KERNELS_BACKEND")
+    assert choose_backend("lora_shrink", cpu, torch.float32, 8) == "torch"

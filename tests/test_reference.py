@@ -56,3 +56,21 @@ def test_merge_several_adapters_equals_sum():
     lora_kernels.merge_(w_multi, [a for a, _, _ in adapters], [b for _, b, _ in adapters], [s for *_, s in adapters])
     expected = w.double() + sum(s * b.double() @ a.double() for a, b, s in adapters)
     assert_close(w_multi, expected, torch.float32)
+
+
+@pytest.mark.parametrize("dtype, adapter_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float32),
+                                                  (torch.bfloat16, torch.bfloat16), (torch.float64, torch.float64)])
+@pytest.mark.parametrize("with_keep", [False, True])
+def test_lora_linear_forward_same_bits_as_plain_casts(dtype, adapter_dtype, with_keep):
+    """lora_linear_forward skips no-op .to calls (host overhead): bit for bit the written-out
+    formula with every cast made."""
+    inp = make_lora_inputs(5, 9, 13, 3, dtype, adapter_dtype=adapter_dtype)
+    keep = (torch.rand(5, 13, generator=torch.Generator().manual_seed(1)) > 0.3) if with_keep else None
+    p = 0.3 if with_keep else 0.0
+    y, t = reference.lora_linear_forward(inp.x, inp.weight, inp.lora_a, inp.lora_b, inp.scale, inp.bias, keep, p)
+    acc = reference.acc_dtype(dtype, adapter_dtype)
+    t_ref = reference.lora_input(inp.x, p, dropout_mask=keep).to(acc) @ inp.lora_a.to(acc).t()
+    y_ref = torch.addmm(inp.x.to(acc) @ inp.weight.to(acc).t(), t_ref, inp.lora_b.to(acc).t(), alpha=inp.scale)
+    y_ref += inp.bias.to(acc)
+    assert torch.equal(t, t_ref) and t.dtype == acc
+    assert torch.equal(y, y_ref.to(dtype)) and y.dtype == dtype

@@ -22,8 +22,8 @@ from torch import Tensor
 
 from .. import backends, reference
 from ..errors import BackendUnavailable
-from .._validation import (check_adapter_dtype, check_count, check_index, check_no_overlap, check_ranks,
-                           check_same_device, check_scale, check_shape, check_tensor, fail)
+from .._validation import (_FLOAT_DTYPE_SET, check_adapter_dtype, check_count, check_index, check_no_overlap,
+                           check_ranks, check_same_device, check_scale, check_shape, check_tensor, fail)
 from ..serving import AdapterIndex
 
 OPS = ("lora_shrink", "lora_expand_", "multi_lora_linear")
@@ -68,7 +68,50 @@ def _check_same_dtype(op: str, names: List[str], stacks: List[Tensor]) -> None:
             fail(op, f"{name} must have {names[0]}'s dtype ({stacks[0].dtype}), got {s.dtype}", TypeError)
 
 
+def _fast_valid_shrink(x, a_stacks, as_list, index, scales, ranks, out) -> bool:
+    """True only for inputs whose every check in ``_validate_shrink_all`` before the aliasing and
+    ranks checks passes (x [M, K] of a float dtype, stacks [L, r_max >= 1, K] of one dtype, x's
+    or float32, an AdapterIndex of M tokens, out None or [S,] M, r_max in the accumulation
+    dtype, all on x's device), tested in one pass. False decides nothing: the full checks then
+    accept or raise. tests/test_multi_bad_input.py checks it over a grid of inputs."""
+    if not (isinstance(x, Tensor) and isinstance(index, AdapterIndex) and isinstance(a_stacks[0], Tensor)):
+        return False
+    dtype, a_dtype = x.dtype, a_stacks[0].dtype
+    if dtype not in _FLOAT_DTYPE_SET or not (a_dtype == dtype or a_dtype == torch.float32):
+        return False
+    try:
+        M, K = x.shape
+        _, R, _ = a_stacks[0].shape
+    except ValueError:
+        return False
+    L, device = index.num_adapters, x.device
+    if R < 1 or index.num_tokens != M or index.data.device != device:
+        return False
+    for a in a_stacks:
+        if not (isinstance(a, Tensor) and a.dtype == a_dtype and a.device == device and a.shape == (L, R, K)):
+            return False
+    for v in (scales, ranks):
+        if v is not None and not (isinstance(v, Tensor) and v.device == device):
+            return False
+    if out is None:
+        return True
+    return (isinstance(out, Tensor) and out.device == device and out.dtype == _t_dtype(dtype, a_dtype)
+            and out.shape == ((len(a_stacks), M, R) if as_list else (M, R)))
+
+
 def _validate_shrink(op, x, a_stacks, names, as_list, index, scales, ranks, out) -> None:
+    """Every check of lora_shrink's inputs; the common call passes the shape, dtype and device
+    checks in one pass (_fast_valid_shrink), then the aliasing and ranks checks as always."""
+    if _fast_valid_shrink(x, a_stacks, as_list, index, scales, ranks, out):
+        if out is not None and not torch.compiler.is_compiling():
+            check_no_overlap(op, "out", out, x=x, lora_a_stack=a_stacks, scales=scales, ranks=ranks,
+                             index=index.data)
+        check_ranks(op, ranks, index.num_adapters, a_stacks[0].shape[1])
+        return
+    _validate_shrink_all(op, x, a_stacks, names, as_list, index, scales, ranks, out)
+
+
+def _validate_shrink_all(op, x, a_stacks, names, as_list, index, scales, ranks, out) -> None:
     check_tensor(op, "x", x, ndim=2)
     for name, a in zip(names, a_stacks):
         check_tensor(op, name, a, ndim=3)
@@ -92,7 +135,60 @@ def _validate_shrink(op, x, a_stacks, names, as_list, index, scales, ranks, out)
     check_ranks(op, ranks, L, R)
 
 
+def _fast_valid_expand(y, t, b_stacks, as_list, index, ranks, offset) -> bool:
+    """True only for inputs whose every check in ``_validate_expand_all`` before the aliasing and
+    ranks checks passes (y [M, N_y] of a float dtype, t [S,] M, r_max >= 1 in float32/64, stacks
+    [L, N_i, r_max] of one dtype, y's or float32, that fit in y from a non-negative int offset --
+    one stack at offset 0 covering y exactly -- an AdapterIndex of M tokens, all on y's device),
+    tested in one pass. False decides nothing: the full checks then accept or raise.
+    tests/test_multi_bad_input.py checks it over a grid of inputs."""
+    if not (isinstance(y, Tensor) and isinstance(t, Tensor) and isinstance(index, AdapterIndex)
+            and type(offset) is int and offset >= 0 and isinstance(b_stacks[0], Tensor)):
+        return False
+    dtype, b_dtype = y.dtype, b_stacks[0].dtype
+    if (dtype not in _FLOAT_DTYPE_SET or not (t.dtype == torch.float32 or t.dtype == torch.float64)
+            or not (b_dtype == dtype or b_dtype == torch.float32)):
+        return False
+    try:
+        M, n_y = y.shape
+        if as_list:
+            s_t, m_t, R = t.shape
+        else:
+            (m_t, R), s_t = t.shape, 1
+    except ValueError:
+        return False
+    L, device = index.num_adapters, y.device
+    if not (R >= 1 and m_t == M and s_t == len(b_stacks) and index.num_tokens == M and t.device == device
+            and index.data.device == device):
+        return False
+    if ranks is not None and not (isinstance(ranks, Tensor) and ranks.device == device):
+        return False
+    width = offset
+    for b in b_stacks:
+        if not (isinstance(b, Tensor) and b.dtype == b_dtype and b.device == device):
+            return False
+        try:
+            l_b, n_b, r_b = b.shape
+        except ValueError:
+            return False
+        if l_b != L or r_b != R:
+            return False
+        width += n_b
+    return width <= n_y and (as_list or offset != 0 or width == n_y)
+
+
 def _validate_expand(op, y, t, b_stacks, names, as_list, index, ranks, offset) -> None:
+    """Every check of lora_expand_'s inputs; the common call passes the shape, dtype and device
+    checks in one pass (_fast_valid_expand), then the aliasing and ranks checks as always."""
+    if _fast_valid_expand(y, t, b_stacks, as_list, index, ranks, offset):
+        if not torch.compiler.is_compiling():  # fake tensors under tracing have no memory
+            check_no_overlap(op, "y", y, t=t, lora_b_stack=b_stacks, ranks=ranks, index=index.data)
+        check_ranks(op, ranks, index.num_adapters, t.shape[-1])
+        return
+    _validate_expand_all(op, y, t, b_stacks, names, as_list, index, ranks, offset)
+
+
+def _validate_expand_all(op, y, t, b_stacks, names, as_list, index, ranks, offset) -> None:
     check_tensor(op, "y", y, ndim=2)
     check_tensor(op, "t", t, dtypes=(torch.float32, torch.float64), ndim=3 if as_list else 2)
     for name, b in zip(names, b_stacks):
@@ -123,7 +219,55 @@ def _validate_expand(op, y, t, b_stacks, names, as_list, index, ranks, offset) -
     check_ranks(op, ranks, L, R)
 
 
+def _fast_valid_linear(x, weight, lora_a_stack, lora_b_stack, index, scales, bias, ranks) -> bool:
+    """True only for inputs whose every check in ``_validate_linear_all`` but the ranks' passes:
+    the common call (tensors of matching shapes, x of a float dtype, weight in x's dtype, the
+    stacks both in x's dtype or both float32, bias None or [N] in x's dtype or float32, an
+    AdapterIndex of x's M tokens, all on x's device), tested in one pass without building a
+    message. False decides nothing: the full checks then accept or raise.
+    tests/test_multi_bad_input.py checks "accepted here => accepted there" over a grid of inputs."""
+    if not (isinstance(x, Tensor) and isinstance(weight, Tensor) and isinstance(lora_a_stack, Tensor)
+            and isinstance(lora_b_stack, Tensor) and isinstance(index, AdapterIndex)):
+        return False
+    dtype, a_dtype = x.dtype, lora_a_stack.dtype
+    if (dtype not in _FLOAT_DTYPE_SET or weight.dtype != dtype or lora_b_stack.dtype != a_dtype
+            or not (a_dtype == dtype or a_dtype == torch.float32)):
+        return False
+    try:  # unpacking checks the ranks of the tensors
+        N, k_w = weight.shape
+        L, R, k_a = lora_a_stack.shape
+        l_b, n_b, r_b = lora_b_stack.shape
+        shape = x.shape
+        K = shape[-1]  # IndexError for a 0-d x
+    except (ValueError, IndexError):
+        return False
+    M = shape[0] if len(shape) == 2 else math.prod(shape[:-1])
+    if not (k_w == K and k_a == K and R >= 1 and L == index.num_adapters and l_b == L and n_b == N
+            and r_b == R and index.num_tokens == M):
+        return False
+    device = x.device
+    if not (weight.device == device and lora_a_stack.device == device and lora_b_stack.device == device
+            and index.data.device == device):
+        return False
+    for t in (scales, ranks):
+        if t is not None and not (isinstance(t, Tensor) and t.device == device):
+            return False
+    if bias is None:
+        return True
+    return (isinstance(bias, Tensor) and (bias.dtype == dtype or bias.dtype == torch.float32)
+            and bias.shape == (N,) and bias.device == device)
+
+
 def _validate_linear(op, x, weight, lora_a_stack, lora_b_stack, index, scales, bias, ranks) -> None:
+    """Every check of multi_lora_linear's inputs; the common call passes in one pass (~6 us less per
+    call, CPU machine), anything else gets the full checks' verdict."""
+    if _fast_valid_linear(x, weight, lora_a_stack, lora_b_stack, index, scales, bias, ranks):
+        check_ranks(op, ranks, index.num_adapters, lora_a_stack.shape[1])  # the full checks' last
+        return
+    _validate_linear_all(op, x, weight, lora_a_stack, lora_b_stack, index, scales, bias, ranks)
+
+
+def _validate_linear_all(op, x, weight, lora_a_stack, lora_b_stack, index, scales, bias, ranks) -> None:
     check_tensor(op, "x", x, min_ndim=1)
     check_tensor(op, "weight", weight, ndim=2)
     check_tensor(op, "lora_a_stack", lora_a_stack, ndim=3)
@@ -183,10 +327,26 @@ def _input_reason(dtype: torch.dtype, r_max: int, t_dtype: Optional[torch.dtype]
 AUTO_PREFERENCE = ("triton", "cuda")
 
 
+_BACKEND_CACHE: dict = {}
+
+
 def choose_backend(op: str, device: torch.device, dtype: torch.dtype, r_max: int, backend: str = "auto",
                    t_dtype: Optional[torch.dtype] = None) -> str:
-    """The backend that runs `op` on these inputs (see backends.py for the rule)."""
-    return backends.resolve(op, backend, device, AUTO_PREFERENCE, _input_reason(dtype, r_max, t_dtype))
+    """The backend that runs `op` on these inputs (see backends.py for the rule).
+
+    Eager calls memoise the answer on everything the rule reads (as lora_linear's choose_backend:
+    the op, the requested backend, the device, the dtypes, r_max, the two environment variables
+    and whether the interpreter's bfloat16 dot is fixed). A backend whose reasons read anything
+    else must add it to the key."""
+    if torch.compiler.is_compiling() or type(backend) is not str:  # resolve() names a bad backend
+        return backends.resolve(op, backend, device, AUTO_PREFERENCE, _input_reason(dtype, r_max, t_dtype))
+    key = (op, backend, device, dtype, r_max, t_dtype, backends.getenv(backends.ENV_VAR),
+           backends.getenv("TRITON_INTERPRET"), backends.interpreter_bf16_fixed())
+    chosen = _BACKEND_CACHE.get(key)
+    if chosen is None:
+        chosen = backends.resolve(op, backend, device, AUTO_PREFERENCE, _input_reason(dtype, r_max, t_dtype))
+        _BACKEND_CACHE[key] = chosen
+    return chosen
 
 
 def _triton_vectors(scales: Optional[Tensor], ranks: Optional[Tensor]):
@@ -226,6 +386,13 @@ def lora_shrink_op(x: Tensor, lora_a_stacks: List[Tensor], scales: Optional[Tens
     written: out[i] = shrink with lora_a_stacks[i]. ``padded``: rows past the index's last update
     are not in its work lists (AdapterIndex.padded_to), so they are zeroed first."""
     index = AdapterIndex.from_data(index_data, x.shape[0], num_adapters, capacity)
+    _shrink(x, lora_a_stacks, scales, scale, ranks, index, num_adapters, padded, backend, out)
+
+
+def _shrink(x: Tensor, lora_a_stacks: List[Tensor], scales: Optional[Tensor], scale: float,
+            ranks: Optional[Tensor], index: AdapterIndex, num_adapters: int, padded: bool, backend: str,
+            out: Tensor) -> None:
+    """lora_shrink_op's work, given the index itself."""
     if padded:
         out.zero_()
     if backend == "triton":
@@ -239,7 +406,7 @@ def lora_shrink_op(x: Tensor, lora_a_stacks: List[Tensor], scales: Optional[Tens
         launch(x, lora_a_stacks, index, scales_t, ranks, out=out)
         return
     _check_torch(backend)
-    for a, t in zip(lora_a_stacks, out):
+    for a, t in zip(lora_a_stacks, out.unbind(0)):  # unbind: not Tensor.__iter__ (~3 us more)
         t.copy_(reference.lora_shrink(x, a, index.token_adapter, scales_t, ranks))
 
 
@@ -253,6 +420,12 @@ def lora_expand_op(y: Tensor, t: Tensor, lora_b_stacks: List[Tensor], ranks: Opt
                    index_data: Tensor, num_adapters: int, capacity: int, offset: int, backend: str) -> None:
     """In place on y [M, N_y]: slice i adds t[i] @ B_i^T into columns offset + N_0 + ... + N_{i-1} on."""
     index = AdapterIndex.from_data(index_data, y.shape[0], num_adapters, capacity)
+    _expand(y, t, lora_b_stacks, ranks, index, offset, backend)
+
+
+def _expand(y: Tensor, t: Tensor, lora_b_stacks: List[Tensor], ranks: Optional[Tensor], index: AdapterIndex,
+            offset: int, backend: str) -> None:
+    """lora_expand_op's work, given the index itself."""
     if backend == "triton":
         from ..triton.multi_lora import expand_slices_ as launch
         launch(y, t, lora_b_stacks, index, _triton_vectors(None, ranks)[1], offset)
@@ -263,7 +436,9 @@ def lora_expand_op(y: Tensor, t: Tensor, lora_b_stacks: List[Tensor], ranks: Opt
         return
     _check_torch(backend)
     for i, (b, col) in enumerate(_slice_columns(lora_b_stacks, offset)):
-        reference.lora_expand_(y[:, col:col + b.shape[1]], t[i], b, index.token_adapter, ranks)
+        width = b.shape[1]
+        cols = y if col == 0 and width == y.shape[1] else y[:, col:col + width]  # no view of all of y
+        reference.lora_expand_(cols, t[i], b, index.token_adapter, ranks)
 
 
 @lora_expand_op.register_fake
@@ -285,6 +460,13 @@ def multi_lora_linear_op(x: Tensor, weight: Tensor, lora_a_stack: Tensor, lora_b
                          index_data: Tensor, num_adapters: int, capacity: int, backend: str) -> Tensor:
     """y [M, N] in x.dtype."""
     index = AdapterIndex.from_data(index_data, x.shape[0], num_adapters, capacity)
+    return _linear(x, weight, lora_a_stack, lora_b_stack, scales, scale, bias, ranks, index, num_adapters, backend)
+
+
+def _linear(x: Tensor, weight: Tensor, lora_a_stack: Tensor, lora_b_stack: Tensor, scales: Optional[Tensor],
+            scale: float, bias: Optional[Tensor], ranks: Optional[Tensor], index: AdapterIndex,
+            num_adapters: int, backend: str) -> Tensor:
+    """multi_lora_linear_op's work, given the index itself."""
     if backend == "triton":
         from ..triton.multi_lora import multi_lora_linear as launch
         scales32, ranks = _triton_vectors(scales, ranks)
@@ -301,6 +483,28 @@ def multi_lora_linear_op(x: Tensor, weight: Tensor, lora_a_stack: Tensor, lora_b
 @multi_lora_linear_op.register_fake
 def _(x, weight, lora_a_stack, lora_b_stack, scales, scale, bias, ranks, index_data, num_adapters, capacity, backend):
     return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def _eager_direct(*tensors: Optional[Tensor]) -> bool:
+    """True when calling an op's work (_shrink, _expand, _linear) directly is indistinguishable
+    from calling the registered op, whose dispatch costs ~15 us of a call at M = 1 (CPU
+    machine): eager mode, no dispatch modes, functorch transforms or profiler (a trace shows the
+    op by its name), plain non-meta tensors, and nothing for autograd to record (the ops have no
+    formula: through the op, an input that requires grad gets torch's "no autograd formula"
+    error at backward, so such calls keep the op). The caller bumps the version counter of what
+    the op mutates, as the op's ADInplaceOrView kernel does."""
+    if torch.compiler.is_compiling() or torch.autograd._profiler_enabled():
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN_TENSOR_TYPES or t.is_meta or (grad and t.requires_grad)):
+            return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,6 +558,10 @@ def lora_shrink(x: Tensor, lora_a_stack: Stacks, index: AdapterIndex, scales: Un
         result = out if as_list else out[0]
     else:
         result, out = out, (out if as_list else out.unsqueeze(0))
+    if _eager_direct(x, out, scales, ranks, index.data, *a_stacks):
+        _shrink(x, a_stacks, scales, scale, ranks, index, index.num_adapters, index.padded, chosen, out)
+        torch.autograd.graph.increment_version(out)  # as the op does for its mutated argument
+        return result
     torch.ops.lora_kernels.lora_shrink(x, a_stacks, scales, scale, ranks, index.data, index.num_adapters,
                                        index.capacity, index.padded, chosen, out)
     return result
@@ -394,8 +602,13 @@ def lora_expand_(y: Tensor, t: Tensor, lora_b_stack: Stacks, index: AdapterIndex
     b_stacks, as_list, names = _stack_list(op, "lora_b_stack", lora_b_stack)
     _validate_expand(op, y, t, b_stacks, names, as_list, index, ranks, offset)
     chosen = choose_backend(op, y.device, y.dtype, t.shape[-1], backend, t_dtype=t.dtype)
-    torch.ops.lora_kernels.lora_expand(y, t if as_list else t.unsqueeze(0), b_stacks, ranks, index.data,
-                                       index.num_adapters, index.capacity, offset, chosen)
+    t3 = t if as_list else t.unsqueeze(0)
+    if _eager_direct(y, t, ranks, index.data, *b_stacks):
+        _expand(y, t3, b_stacks, ranks, index, offset, chosen)
+        torch.autograd.graph.increment_version(y)  # as the op does for its mutated argument
+        return y
+    torch.ops.lora_kernels.lora_expand(y, t3, b_stacks, ranks, index.data, index.num_adapters, index.capacity,
+                                       offset, chosen)
     return y
 
 
@@ -430,7 +643,12 @@ def multi_lora_linear(x: Tensor, weight: Tensor, lora_a_stack: Tensor, lora_b_st
     chosen = choose_backend(op, x.device, x.dtype, lora_a_stack.shape[1], backend)
     K, N = x.shape[-1], weight.shape[0]
     M = math.prod(x.shape[:-1])  # not reshape(-1, K): K = 0 would leave -1 undetermined
-    y = torch.ops.lora_kernels.multi_lora_linear(x.reshape(M, K), weight, lora_a_stack, lora_b_stack, scales,
-                                                 scale, bias, ranks, index.data, index.num_adapters,
-                                                 index.capacity, chosen)
-    return y.reshape(*x.shape[:-1], N)
+    flat = x.dim() == 2
+    x2 = x if flat else x.reshape(M, K)
+    if _eager_direct(x, weight, lora_a_stack, lora_b_stack, scales, bias, ranks, index.data):
+        y = _linear(x2, weight, lora_a_stack, lora_b_stack, scales, scale, bias, ranks, index, index.num_adapters,
+                    chosen)
+    else:
+        y = torch.ops.lora_kernels.multi_lora_linear(x2, weight, lora_a_stack, lora_b_stack, scales, scale, bias,
+                                                     ranks, index.data, index.num_adapters, index.capacity, chosen)
+    return y if flat else y.reshape(*x.shape[:-1], N)
