@@ -178,12 +178,12 @@ def _triton_version():
 
 @pytest.mark.parametrize("name", WS)
 def test_warp_specialization_takes_effect_on_sm90(compiled, name):
-    """triton 3.8 specializes the persistent TMA loop on sm_90 (one TMA producer warp group, two
+    """triton 3.6 (the GPU machines', checked by tests/lanes/gpu_versions.sh) and 3.8 (the CPU
+    machine's) specialize the persistent TMA loop on sm_90 (one TMA producer warp group, two
     consumers, registers rebalanced with setmaxnreg) under the conditions in
-    triton/lora_linear_tma.py; older triton is not checked in this lane."""
-    if _triton_version() < (3, 8):
-        pytest.skip("sm_90 warp specialization checked with triton 3.8 only; this triton's Hopper pass "
-                    "(add_hopper_warpspec) was not compiled against in the CPU lane")
+    triton/lora_linear_tma.py: 12 warps, 168 registers, no spill under both."""
+    if _triton_version() < (3, 6):
+        pytest.skip("sm_90 warp specialization is checked with triton 3.6 and 3.8; older triton was not tried")
     report = compiled[name]
     assert report["warp_specialized"], f"{name}: no ttg.warp_specialize in the TTGIR: {report}"
     assert report["setmaxnreg"], f"{name}: no setmaxnreg in the PTX: {report}"
