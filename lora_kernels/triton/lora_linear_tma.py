@@ -20,8 +20,9 @@ import triton.language as tl
 from .lora_linear import _grouped_tile, _lora_dot, _lora_epilogue_store
 
 # Warp specialization on sm_90 (triton 3.8, and 3.6 -- the GPU machines' -- the same; found by
-# compiling for sm_90a on a CPU, and from triton's own sources): sm_90 runs the Hopper pass `add_hopper_warpspec` (backends/nvidia/
-# compiler.py, make_ttgir; tl.range's docstring still says "only supported on Blackwell"). It
+# compiling for sm_90a on a CPU, and from triton's own sources): sm_90 runs the Hopper pass
+# `add_hopper_warpspec` (backends/nvidia/compiler.py, make_ttgir; tl.range's docstring still
+# says "only supported on Blackwell"). It
 # turns a `tl.range(..., warp_specialize=True)` loop into `ttg.warp_specialize` (one 4-warp TMA
 # producer, `setmaxnreg`-balanced, and two 4-warp consumers that split BLOCK_M between them:
 # 12 warps for a 128-row tile) only when
