@@ -302,3 +302,33 @@ def assert_lora_linear_fwd_matches_float64(inp: LoraInputs, y: torch.Tensor, t: 
     if t is not None:
         t_dtype = torch.float32 if inp.lora_a.dtype == dtype else dtype  # fp32 adapters run split
         assert_close(t, inp.x.double() @ inp.lora_a.double().t(), t_dtype, what="t")
+
+
+def require_hopper_with_sm90_kernels() -> None:
+    """GPU-lane guard of the sm90 test files: skip off an sm_90 GPU; fail (not skip) on one where
+    the extension cannot load or was built without the sm90 kernels -- that is a broken install."""
+    import pytest
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the sm90 kernels need an sm_90 GPU (H100/H200)")
+    from lora_kernels.cuda import loader
+    from lora_kernels.cuda import lora_linear as cl
+    reason = loader.unavailable_reason()
+    if reason is not None:
+        pytest.fail(f"the CUDA extension is not usable on this GPU machine: {reason}")
+    loader.load()
+    if not cl.sm90_built():
+        pytest.fail("the CUDA extension was built without the sm90 kernels (see lora_kernels/cuda/sources.py: "
+                    "CUTLASS headers from nvidia-cutlass and a 9.0a target are needed)")
+
+
+def assert_no_host_sync(step: Callable[[], None]) -> None:
+    """Runs `step` once to warm up (first launches may compile or allocate), then again with
+    torch's sync debug mode raising on any host synchronisation."""
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()

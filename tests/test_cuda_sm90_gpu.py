@@ -15,6 +15,7 @@ import torch
 
 import lora_kernels
 from cases import make_lora_inputs
+from cases import require_hopper_with_sm90_kernels
 from cases import assert_lora_linear_fwd_matches_float64 as _check
 from cases import cuda_lora_linear_fwd as _fwd
 from tolerances import assert_close, poison_
@@ -26,17 +27,7 @@ DTYPES = [torch.bfloat16, torch.float16]
 
 @pytest.fixture(scope="module", autouse=True)
 def hopper():
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the sm90 kernels need an sm_90 GPU (H100/H200)")
-    from lora_kernels.cuda import loader
-    from lora_kernels.cuda import lora_linear as cl
-    reason = loader.unavailable_reason()
-    if reason is not None:
-        pytest.fail(f"the CUDA extension is not usable on this GPU machine: {reason}")
-    loader.load()
-    if not cl.sm90_built():
-        pytest.fail("the CUDA extension was built without the sm90 kernels (see lora_kernels/cuda/sources.py: "
-                    "CUTLASS headers from nvidia-cutlass and a 9.0a target are needed)")
+    require_hopper_with_sm90_kernels()
 
 
 

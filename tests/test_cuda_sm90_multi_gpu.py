@@ -15,7 +15,7 @@ import torch
 
 import lora_kernels
 from bench.suites import token_adapters
-from cases import make_multi_inputs
+from cases import assert_no_host_sync, make_multi_inputs, require_hopper_with_sm90_kernels
 from lora_kernels import AdapterIndex
 from tolerances import assert_close, poison_
 
@@ -26,17 +26,7 @@ DTYPES = [torch.bfloat16, torch.float16]
 
 @pytest.fixture(scope="module", autouse=True)
 def hopper():
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the sm90 kernels need an sm_90 GPU (H100/H200)")
-    from lora_kernels.cuda import loader
-    from lora_kernels.cuda import lora_linear as cl
-    reason = loader.unavailable_reason()
-    if reason is not None:
-        pytest.fail(f"the CUDA extension is not usable on this GPU machine: {reason}")
-    loader.load()
-    if not cl.sm90_built():
-        pytest.fail("the CUDA extension was built without the sm90 kernels (see lora_kernels/cuda/sources.py: "
-                    "CUTLASS headers from nvidia-cutlass and a 9.0a target are needed)")
+    require_hopper_with_sm90_kernels()
 
 
 @pytest.fixture
@@ -183,12 +173,5 @@ def test_sm90_multi_no_host_synchronisation(sm90_calls):
         lora_kernels.multi_lora_linear(inp.x, inp.weight, inp.lora_a, inp.lora_b, index, inp.scales, inp.bias,
                                        inp.ranks, backend="cuda")
 
-    step()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
+    assert_no_host_sync(step)
     assert len(sm90_calls) == 2

@@ -11,6 +11,7 @@ import lora_kernels
 from lora_kernels import AdapterIndex, reference
 from bench.suites import token_adapters
 from cases import GPU_MULTI_CASES, make_multi_inputs
+from cases import assert_no_host_sync
 from tolerances import assert_close, poison_, rand
 
 pytestmark = pytest.mark.gpu
@@ -232,14 +233,7 @@ def test_no_host_synchronisation():
         lora_kernels.multi_lora_linear(inp.x, inp.weight, inp.lora_a, inp.lora_b, index, inp.scales, inp.bias,
                                        inp.ranks, backend="cuda")
 
-    step()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
+    assert_no_host_sync(step)
 
 
 def test_multi_lora_linear_module_on_cuda_backend():

@@ -10,6 +10,7 @@ import lora_kernels
 from lora_kernels import AdapterIndex, MultiLoRALinear, reference
 from bench.suites import token_adapters
 from cases import GPU_MULTI_CASES, make_multi_inputs
+from cases import assert_no_host_sync
 from tolerances import assert_close, poison_, rand
 
 pytestmark = pytest.mark.gpu
@@ -166,14 +167,7 @@ def test_no_host_synchronisation():
         t = lora_kernels.lora_shrink(inp.x, inp.lora_a, index, inp.scales, inp.ranks)
         lora_kernels.lora_expand_(y, t, inp.lora_b, index, inp.ranks)
 
-    step()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
+    assert_no_host_sync(step)
 
 
 def test_out_of_range_id_is_a_device_side_assert():
