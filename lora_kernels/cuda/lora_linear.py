@@ -153,7 +153,6 @@ def lora_tail(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale
     CUTLASS's alignment checks want. An fp32 lora_a enters as its two 16-bit halves,
     t = x @ A_hi.T + x @ A_lo.T."""
     dtype = x.dtype
-    M, r, N = x.shape[0], lora_a.shape[0], lora_b.shape[0]
     if lora_a.dtype == torch.float32:
         a_hi, a_lo = split16(lora_a, dtype)
         t = _x_a_fp32(x, a_hi) + _x_a_fp32(x, a_lo)
@@ -161,27 +160,39 @@ def lora_tail(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale
         t = _x_a_fp32(x, lora_a)
     if t_out is not None:
         t_out.copy_(t)
-    ts_hi, ts_lo = split16(t * scale, dtype)
-    b_fp32 = lora_b.dtype == torch.float32
-    L = 3 * r if b_fp32 else 2 * r
+    return hi_lo_tail(t * scale, lora_b, dtype)
+
+
+def hi_lo_tail(ts: torch.Tensor, right: torch.Tensor, dtype: torch.dtype,
+               rank_major: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(tail_x [M, L8], tail_w) in `dtype` with tail_x @ tail_w'.T = ts @ right.T to fp32-like
+    accuracy, for ts [M, r] fp32 and right [C, r] (16-bit or fp32): the rows of lora_tail's and
+    dx_tail's tables. tail_w' is tail_w [C, L8], or with `rank_major` its transpose of a dense
+    [L8, C] tensor (C contiguous: the dx kernel reads A that way, MN-major), which is returned."""
+    M, r = ts.shape
+    C = right.shape[0]
+    ts_hi, ts_lo = split16(ts, dtype)
+    right_fp32 = right.dtype == torch.float32
+    L = 3 * r if right_fp32 else 2 * r
     L8 = -(-L // 8) * 8
-    tail_x = torch.empty((M, L8), dtype=dtype, device=x.device)
-    tail_w = torch.empty((N, L8), dtype=dtype, device=x.device)
+    tail_x = torch.empty((M, L8), dtype=dtype, device=ts.device)
+    stored = torch.empty((L8, C) if rank_major else (C, L8), dtype=dtype, device=ts.device)
+    tail_w = stored.t() if rank_major else stored   # [C, L8] either way
     if L8 > L:
         tail_x[:, L:].zero_()
         tail_w[:, L:].zero_()
     tail_x[:, :r] = ts_hi
     tail_x[:, r:2 * r] = ts_lo
-    if b_fp32:
-        b_hi, b_lo = split16(lora_b, dtype)
+    if right_fp32:
+        w_hi, w_lo = split16(right, dtype)
         tail_x[:, 2 * r:L] = ts_hi
-        tail_w[:, :r] = b_hi
-        tail_w[:, r:2 * r] = b_hi
-        tail_w[:, 2 * r:L] = b_lo
+        tail_w[:, :r] = w_hi
+        tail_w[:, r:2 * r] = w_hi
+        tail_w[:, 2 * r:L] = w_lo
     else:
-        tail_w[:, :r] = lora_b
-        tail_w[:, r:L] = lora_b
-    return tail_x, tail_w
+        tail_w[:, :r] = right
+        tail_w[:, r:L] = right
+    return tail_x, stored
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,33 +306,12 @@ def dx_tail(dy: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
     fp16 loss scaling a large scale can overflow us before dx itself would: GradScaler then
     skips the step and lowers the scale)."""
     dtype = dy.dtype
-    M, r, K = dy.shape[0], lora_a.shape[0], lora_a.shape[1]
     if lora_b.dtype == torch.float32:
         b_hi, b_lo = split16(lora_b, dtype)
         u = _x_a_fp32(dy, b_hi.t()) + _x_a_fp32(dy, b_lo.t())
     else:
         u = _x_a_fp32(dy, lora_b.t())
-    us_hi, us_lo = split16(u * scale, dtype)
-    a_fp32 = lora_a.dtype == torch.float32
-    L = 3 * r if a_fp32 else 2 * r
-    L8 = -(-L // 8) * 8
-    tail_x = torch.empty((M, L8), dtype=dtype, device=dy.device)
-    tail_w = torch.empty((L8, K), dtype=dtype, device=dy.device)
-    if L8 > L:
-        tail_x[:, L:].zero_()
-        tail_w[L:].zero_()
-    tail_x[:, :r] = us_hi
-    tail_x[:, r:2 * r] = us_lo
-    if a_fp32:
-        a_hi, a_lo = split16(lora_a, dtype)
-        tail_x[:, 2 * r:L] = us_hi
-        tail_w[:r] = a_hi
-        tail_w[r:2 * r] = a_hi
-        tail_w[2 * r:L] = a_lo
-    else:
-        tail_w[:r] = lora_a
-        tail_w[r:L] = lora_a
-    return u, tail_x, tail_w
+    return (u, *hi_lo_tail(u * scale, lora_a.t(), dtype, rank_major=True))
 
 
 def _launch_sm90_dx(dy, weight, tail_x, tail_w, dx, tile: int) -> None:
