@@ -153,12 +153,16 @@ def test_odd_sizes_and_no_ranks_tensor(interpreter_device):
     check_linear(inp, lin(16, 5, fused=True, tiles=2))
 
 
-def test_fp32_adapters_over_fp16_base(interpreter_device):
-    """PEFT's default: fp32 adapters; the shrink splits A into two fp16 halves."""
-    inp = make_multi_inputs(33, 24, 40, 4, 8, torch.float16, dist="prefill", adapter_dtype=torch.float32,
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fp32_adapters_over_16_bit_base(interpreter_device, dtype):
+    """PEFT's default: fp32 adapters; the shrink splits A into two 16-bit halves (with 64-row
+    pieces as t^T = A_hi @ x^T + A_lo @ x^T, the split A as the dot's left operand)."""
+    inp = make_multi_inputs(70, 24, 40, 4, 8, dtype, dist="prefill", adapter_dtype=torch.float32,
                             ranks="mixed")
     check_shrink_expand(inp, seg(16, 8))
+    check_shrink_expand(inp, seg(64, 8))
     check_linear(inp, lin(16, 8, fused=True))
+    check_linear(inp, lin(16, 8, fused=False))
 
 
 def test_non_contiguous_operands(interpreter_device):
