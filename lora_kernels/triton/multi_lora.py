@@ -44,6 +44,11 @@ length <= T)". Consequences, by design:
   (``linear_config``); the expand is one rank-deep dot per segment in the epilogue (t from
   registers), or per segment and T_CHUNK-wide rank chunk (t from memory), before the single
   rounding store.
+* Every loop with a tensor-core dot is software-pipelined on sm_90a (cp.async copies of every
+  dot operand, no wait for all copies or all MMAs, no register -> shared-memory store; compiled
+  TTGIR, checked in the CPU lane by tests/test_triton_multi_compile.py) but one: the chunked
+  epilogue on wgmma tiles, whose converted B chunk is stored to shared memory per chunk (that
+  test's named exemption says why).
 * Deterministic: every output element is written by exactly one program, with a fixed order of
   accumulation; no atomics anywhere (no split-K).
 
@@ -178,14 +183,14 @@ def lora_shrink_kernel(
             a_base = (_slice_pick(s, a_ptr0, a_ptr1, a_ptr2, a_ptr3)
                       + tl.maximum(slot, 0).to(tl.int64) * stride_al)
             if SPLIT_A and BLOCK_M >= 64:
-                # t^T = A_hi @ x^T + A_lo @ x^T: the split A is the dot's left operand, which the
-                # tensor cores read from registers (wgmma), so the hi/lo halves never go to shared
-                # memory and the K loop stays pipelined (split as A @ x^T ... with A on the right,
-                # each half was stored to shared memory mid-iteration and the loop waited for
-                # every MMA: compiled TTGIR, sm_90a, triton 3.6/3.8; see
-                # tests/test_triton_multi_compile.py).
-                # The halves accumulate apart: a dot whose accumulator is the other's result in
-                # the same iteration waits for it (warp_group_dot_wait {pendings = 0}).
+                # t^T = A_hi @ x^T + A_lo @ x^T: the split A is the dot's left operand, which
+                # wgmma reads from registers, so the hi/lo halves never go to shared memory and
+                # the K loop stays pipelined. As x @ A_half^T (A the right operand, read from
+                # shared memory) each half was stored to shared memory mid-iteration and the loop
+                # waited for every MMA twice (TTGIR, sm_90a, triton 3.8). The halves accumulate
+                # apart: a dot accumulating onto the other's result of the same iteration waited
+                # for it (warp_group_dot_wait {pendings = 0}). 16-row pieces (mma.sync, operands
+                # in registers either way) keep the plain orientation: t^T spilled 88 B there.
                 t_hi = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
                 t_lo = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
                 for k0 in range(0, K, BLOCK_K):
@@ -578,7 +583,8 @@ def segment_config(M: int, K: int, R: int, elem_bytes: int, num_sms: int,
       4 stages keep ~32 KB of loads in flight per program (Little's law for one SM at ~1 us
       latency); 64 for 64-row pieces (x tile 8 KB, A tile up to 16 KB), 32 when an fp32 A is split
       in the loop (`split_adapters`: its fp32 tile and both 16-bit halves sit in registers;
-      ptxas -v, sm_90a, triton 3.8: 8 B spilled per thread at rank 128 with 64, none with 32).
+      ptxas -v, sm_90a, triton 3.8: 8 B spilled per thread at rank 128 with 64, none with 32 --
+      measured before the split shrink computed t^T; not re-measured since).
     * Expand: 64-token pieces always, walked in 16-row sub-tiles (EXPAND_BLOCK_M) up to the
       piece's length. Its parallelism comes from the N tiles (BLOCK_N = 128: 32 programs per
       piece at N = 4096), so it never needs small pieces to fill the GPU; a piece of c <= 16
@@ -685,9 +691,9 @@ def _ranks_arg(ranks: Optional[torch.Tensor], fallback: torch.Tensor) -> Tuple[t
 # The widest rank tile a kernel holds whole: the shrink's rank chunk, and the expand's B tile
 # (loaded once per piece) up to this rank; past it the expand walks EXPAND_RANK_CHUNK-row
 # chunks. Compile facts for sm_90a (ptxas -v on a CPU, triton 3.8,
-# tests/test_triton_multi_compile.py): the shrink at 128 uses 168 registers (174 splitting an
-# fp32 A), the whole-rank expand at 128 252-255, neither spills. Not measured on a GPU:
-# bench/multi.py is where the chunk widths get measured.
+# tests/test_triton_multi_compile.py): the shrink at 128 uses 168 registers (255 splitting an
+# fp32 A: t^T in two accumulators), the whole-rank expand at 128 184-255 (8 warps), neither
+# spills. Not measured on a GPU: bench/multi.py is where the chunk widths get measured.
 RANK_CHUNK = 128
 # Rank chunk of the fused kernels' t-from-memory epilogue (multi_lora_linear_chunked_kernel):
 # a [BM, chunk] fp32 slice of t, its tf32 split and a [chunk, BN] slice of B sit beside the
