@@ -153,12 +153,16 @@ def test_odd_sizes_and_no_ranks_tensor(interpreter_device):
     check_linear(inp, lin(16, 5, fused=True, tiles=2))
 
 
-def test_fp32_adapters_over_fp16_base(interpreter_device):
-    """PEFT's default: fp32 adapters; the shrink splits A into two fp16 halves."""
-    inp = make_multi_inputs(33, 24, 40, 4, 8, torch.float16, dist="prefill", adapter_dtype=torch.float32,
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fp32_adapters_over_16_bit_base(interpreter_device, dtype):
+    """PEFT's default: fp32 adapters; the shrink splits A into two 16-bit halves (with 64-row
+    pieces as t^T = A_hi @ x^T + A_lo @ x^T, the split A as the dot's left operand)."""
+    inp = make_multi_inputs(70, 24, 40, 4, 8, dtype, dist="prefill", adapter_dtype=torch.float32,
                             ranks="mixed")
     check_shrink_expand(inp, seg(16, 8))
+    check_shrink_expand(inp, seg(64, 8))
     check_linear(inp, lin(16, 8, fused=True))
+    check_linear(inp, lin(16, 8, fused=False))
 
 
 def test_non_contiguous_operands(interpreter_device):
@@ -256,6 +260,54 @@ def test_tf32_split_is_exact_and_hi_is_tf32(interpreter_device):
     lo_tf32 = (lo.view(torch.int32) & ~0x1FFF).view(torch.float32)  # hardware truncation
     rel = ((hi.double() + lo_tf32.double() - t.double()).abs() / t.double().abs()).max()
     assert rel < 2.0 ** -20
+
+
+@triton.jit
+def _hi_again_kernel(t_ptr, hi_ptr, diff_ptr):
+    from lora_kernels.triton.multi_lora import _tf32_hi_again
+    offs = tl.arange(0, 1024)
+    t = tl.load(t_ptr + offs)
+    _, lo = _tf32_split(t)
+    tl.store(hi_ptr + offs, _tf32_hi_again(t))
+    tl.store(diff_ptr + offs, t - lo)
+
+
+def test_second_hi_values_equal_the_split_bitwise(interpreter_device):
+    """_epilogue_dot's second reads of t_hi / b_hi (separate values for the compiler) are the
+    split's hi exactly: _tf32_hi_again(t) and t - lo."""
+    t = torch.randn(1024) * torch.logspace(-20, 20, 1024)
+    hi, lo = torch.empty_like(t), torch.empty_like(t)
+    _split_kernel[(1,)](t, hi, lo)
+    again, diff = torch.empty_like(t), torch.empty_like(t)
+    _hi_again_kernel[(1,)](t, again, diff)
+    assert torch.equal(again.view(torch.int32), hi.view(torch.int32))
+    assert torch.equal(diff.view(torch.int32), hi.view(torch.int32))
+
+
+@triton.jit
+def _epilogue_dot_kernel(t_ptr, b_ptr, out_ptr, PRECISION: tl.constexpr, SEPARATE_B: tl.constexpr):
+    from lora_kernels.triton.multi_lora import _epilogue_dot
+    offs_m = tl.arange(0, 16)
+    offs_r = tl.arange(0, 32)
+    offs_n = tl.arange(0, 16)
+    t = tl.load(t_ptr + offs_m[:, None] * 32 + offs_r[None, :])
+    b = tl.load(b_ptr + offs_r[:, None] * 16 + offs_n[None, :])
+    acc = _epilogue_dot(t, b, tl.zeros((16, 16), dtype=tl.float32), PRECISION, SEPARATE_B)
+    tl.store(out_ptr + offs_m[:, None] * 16 + offs_n[None, :], acc)
+
+
+@pytest.mark.parametrize("separate_b", [False, True])
+@pytest.mark.parametrize("precision,b_dtype", [("tf32x2", torch.bfloat16), ("tf32x3", torch.float32)])
+def test_epilogue_dot_products_sum_to_t_at_b(interpreter_device, precision, b_dtype, separate_b):
+    """The GPU paths' split products (the interpreter's tf32 dots are fp32-exact, so this checks
+    the algebra: a missing or doubled hi/lo term is off by ~2^-11, the kept terms by < 2^-20)."""
+    t = torch.randn(16, 32) * 3.0
+    b = torch.randn(32, 16).to(b_dtype)
+    out = torch.empty(16, 16)
+    _epilogue_dot_kernel[(1,)](t, b, out, precision, separate_b)
+    ref = t.double() @ b.double()
+    mag = t.double().abs() @ b.double().abs()
+    assert ((out.double() - ref).abs() / mag).max() < 2.0 ** -20
 
 
 def test_segment_and_linear_heuristics():

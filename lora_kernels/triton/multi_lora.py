@@ -44,6 +44,11 @@ length <= T)". Consequences, by design:
   (``linear_config``); the expand is one rank-deep dot per segment in the epilogue (t from
   registers), or per segment and T_CHUNK-wide rank chunk (t from memory), before the single
   rounding store.
+* Every loop with a tensor-core dot is software-pipelined on sm_90a (cp.async copies of every
+  dot operand, no wait for all copies or all MMAs, no register -> shared-memory store; compiled
+  TTGIR, checked in the CPU lane by tests/test_triton_multi_compile.py) but one: the chunked
+  epilogue on wgmma tiles, whose converted B chunk is stored to shared memory per chunk (that
+  test's named exemption says why).
 * Deterministic: every output element is written by exactly one program, with a fixed order of
   accumulation; no atomics anywhere (no split-K).
 
@@ -107,6 +112,33 @@ def _work_item(work_ptr, item):
     return slot, start, length
 
 
+@triton.jit
+def _rank_chunks_dot(acc, t_ptr, b_ptr, tok, rows_ok, offs_r, offs_n, rank, N,
+                     stride_tm, stride_tr, stride_br, stride_bn, BLOCK_R: tl.constexpr,
+                     PRECISION: tl.constexpr, SEPARATE_B: tl.constexpr):
+    """acc += t[tok, :rank] @ B[:, :rank].T (B^T chunks [BLOCK_R, BN] at b_ptr), walked in BLOCK_R
+    rank chunks, t's rows gathered through tok (rows_ok: rows to read; others read as zeros).
+
+    The loop covers the rank rounded down to 8 entries, its loads masked at that bound: B's rank
+    is its contiguous dimension, and a mask that varies entry by entry makes 16-bit loads
+    2 bytes wide, too narrow for cp.async (the compiler then loaded B synchronously and
+    converted it through shared memory in every iteration; TTGIR, sm_90a, triton 3.8). The
+    rank % 8 entries left (none at the usual ranks) take one exactly-masked chunk after it.
+    SEPARATE_B: see _epilogue_dot (True for mma.sync tiles, BLOCK_M < 64 rows)."""
+    rank8 = rank // 8 * 8
+    for r0 in range(0, rank8, BLOCK_R):
+        offs_rc = r0 + offs_r
+        ts = _gather_rows(t_ptr, tok, rows_ok, offs_rc, rank8, stride_tm, stride_tr).to(tl.float32)
+        b = _load_tile(b_ptr, offs_rc, offs_n, rank8, N, stride_br, stride_bn)
+        acc = _epilogue_dot(ts, b, acc, PRECISION, SEPARATE_B)
+    if rank8 < rank:
+        offs_rc = rank8 + offs_r
+        ts = _gather_rows(t_ptr, tok, rows_ok, offs_rc, rank, stride_tm, stride_tr).to(tl.float32)
+        b = _load_tile(b_ptr, offs_rc, offs_n, rank, N, stride_br, stride_bn)
+        acc = _epilogue_dot(ts, b, acc, PRECISION, SEPARATE_B)
+    return acc
+
+
 # ----------------------------------------------------------------------------------------------
 # Segmented shrink and expand (several output slices per launch: grid axis 2 is the slice)
 # ----------------------------------------------------------------------------------------------
@@ -150,11 +182,33 @@ def lora_shrink_kernel(
         if r0 < rank:  # chunks wholly past the rank (and the no-adapter group) only store zeros
             a_base = (_slice_pick(s, a_ptr0, a_ptr1, a_ptr2, a_ptr3)
                       + tl.maximum(slot, 0).to(tl.int64) * stride_al)
-            for k0 in range(0, K, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                x = _gather_rows(x_ptr, tok, row_ok, offs_k, K, stride_xm, stride_xk)
-                a = _load_tile(a_base, offs_k, offs_r, K, rank, stride_ak, stride_ar)  # A^T [BK, BR]
-                t = _shrink_dot(x, a, t, SPLIT_A, PRECISION)
+            if SPLIT_A and BLOCK_M >= 64:
+                # t^T = A_hi @ x^T + A_lo @ x^T: the split A is the dot's left operand, which
+                # wgmma reads from registers, so the hi/lo halves never go to shared memory and
+                # the K loop stays pipelined. As x @ A_half^T (A the right operand, read from
+                # shared memory) each half was stored to shared memory mid-iteration and the loop
+                # waited for every MMA twice (TTGIR, sm_90a, triton 3.8). The halves accumulate
+                # apart: a dot accumulating onto the other's result of the same iteration waited
+                # for it (warp_group_dot_wait {pendings = 0}). 16-row pieces (mma.sync, operands
+                # in registers either way) keep the plain orientation: t^T spilled 88 B there.
+                t_hi = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
+                t_lo = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
+                for k0 in range(0, K, BLOCK_K):
+                    offs_k = k0 + tl.arange(0, BLOCK_K)
+                    x = _gather_rows(x_ptr, tok, row_ok, offs_k, K, stride_xm, stride_xk)
+                    a = _load_tile(a_base, offs_r, offs_k, rank, K, stride_ar, stride_ak)  # A [BR, BK]
+                    a_hi = a.to(x.dtype)
+                    a_lo = (a - a_hi.to(tl.float32)).to(x.dtype)
+                    x_t = tl.trans(x)
+                    t_hi = tl.dot(a_hi, x_t, t_hi)
+                    t_lo = tl.dot(a_lo, x_t, t_lo)
+                t = tl.trans(t_hi + t_lo)
+            else:
+                for k0 in range(0, K, BLOCK_K):
+                    offs_k = k0 + tl.arange(0, BLOCK_K)
+                    x = _gather_rows(x_ptr, tok, row_ok, offs_k, K, stride_xm, stride_xk)
+                    a = _load_tile(a_base, offs_k, offs_r, K, rank, stride_ak, stride_ar)  # A^T [BK, BR]
+                    t = _shrink_dot(x, a, t, SPLIT_A, PRECISION)
             # where, not a product: a non-finite x must not turn the zero columns into NaN
             t = tl.where(offs_r[None, :] < rank, t * _scale_of(scales_ptr, slot, scale, HAS_SCALES), 0.0)
         _store_rows(t_ptr + s.to(tl.int64) * stride_ts, t, tok, row_ok, offs_r, R, stride_tm, stride_tr)
@@ -195,11 +249,8 @@ def lora_expand_kernel(
                 row_ok = offs_i < length
                 tok = tl.load(tok_ptr + start + offs_i, mask=row_ok, other=0)
                 y = _gather_rows(y_base, tok, row_ok, offs_n, N, stride_ym, stride_yn).to(tl.float32)
-                for r0 in range(0, rank, BLOCK_R):
-                    offs_rc = r0 + offs_r
-                    b = _load_tile(b_base, offs_rc, offs_n, rank, N, stride_br, stride_bn)  # [BR, BN]
-                    t = _gather_rows(t_base, tok, row_ok, offs_rc, rank, stride_tm, stride_tr).to(tl.float32)
-                    y = _lora_dot(t, b, y, PRECISION)
+                y = _rank_chunks_dot(y, t_base, b_base, tok, row_ok, offs_r, offs_n, rank, N,
+                                     stride_tm, stride_tr, stride_br, stride_bn, BLOCK_R, PRECISION, BLOCK_M < 64)
                 _store_rows(y_base, y, tok, row_ok, offs_n, N, stride_ym, stride_yn)
         else:
             b = _load_tile(b_base, offs_r, offs_n, rank, N, stride_br, stride_bn)  # B^T tile [BR, BN]
@@ -209,7 +260,7 @@ def lora_expand_kernel(
                 tok = tl.load(tok_ptr + start + offs_i, mask=row_ok, other=0)
                 t = _gather_rows(t_base, tok, row_ok, offs_r, rank, stride_tm, stride_tr).to(tl.float32)
                 y = _gather_rows(y_base, tok, row_ok, offs_n, N, stride_ym, stride_yn).to(tl.float32)
-                y = _lora_dot(t, b, y, PRECISION)
+                y = _epilogue_dot(t, b, y, PRECISION, False)  # b: loaded once, before the loop
                 _store_rows(y_base, y, tok, row_ok, offs_n, N, stride_ym, stride_yn)
 
 
@@ -383,29 +434,51 @@ def multi_lora_linear_kernel(
 
 
 @triton.jit
-def _epilogue_dot(t, b, acc, LORA_PRECISION: tl.constexpr):
+def _epilogue_dot(t, b, acc, LORA_PRECISION: tl.constexpr, SEPARATE_B: tl.constexpr):
     """acc += t @ b (_lora_dot), with fp32 b ("tf32x3") as three tf32 dots chained into acc: t and b
-    split into tf32 hi + exact lo (_tf32_split), the lo x hi, hi x lo, then hi x hi products. The
+    split into tf32 hi + exact lo (_tf32_split), the hi x hi, lo x hi and hi x lo products. The
     same ~2^-22 relative error as tl.dot's tf32x3, without the separate accumulator tile tl.dot
     sums its small products in (ptxas -v, sm_90a, triton 3.8: 20-64 B spilled per thread at
-    128x128 with t chunks of 16-32 columns; none chained)."""
+    128x128 with t chunks of 16-32 columns; none chained).
+
+    Inside a loop the compiler makes each mma.sync dot's register operand straight from the
+    shared-memory copy the pipeline filled, except for a value that already fed an earlier dot,
+    or an earlier dot's operand, as an operand of its own: that one went through a register ->
+    shared-memory store in every iteration (TTGIR, sm_90a, triton 3.8). So the second use of
+    t_hi is a second, equal value (_tf32_hi_again), and with SEPARATE_B (b loaded in the loop,
+    mma.sync tiles: BLOCK_M < 64) so is b_hi's, and tf32x2's second dot reads b + 0.0 (b, up to
+    the sign of a zero). Without it b's operands are shared: a loop-invariant b's are made once
+    before the loop, and wgmma reads b from shared memory, where a second copy would only add a
+    store."""
     if LORA_PRECISION == "tf32x3":
+        bf = b.to(tl.float32)
         t_hi, t_lo = _tf32_split(t)
-        b_hi, b_lo = _tf32_split(b.to(tl.float32))
-        acc = tl.dot(t_lo, b_hi, acc, input_precision="tf32")
-        acc = tl.dot(t_hi, b_lo, acc, input_precision="tf32")
+        b_hi, b_lo = _tf32_split(bf)
         acc = tl.dot(t_hi, b_hi, acc, input_precision="tf32")
+        acc = tl.dot(t_lo, _tf32_hi_again(bf) if SEPARATE_B else b_hi, acc, input_precision="tf32")
+        acc = tl.dot(_tf32_hi_again(t), b_lo, acc, input_precision="tf32")
+    elif LORA_PRECISION == "tf32x2":
+        bf = b.to(tl.float32)
+        hi, lo = _tf32_split(t)
+        acc = tl.dot(hi, bf, acc, input_precision="tf32")
+        acc = tl.dot(lo, bf + 0.0 if SEPARATE_B else bf, acc, input_precision="tf32")
     else:
         acc = _lora_dot(t, b, acc, LORA_PRECISION)
     return acc
 
 
 @triton.jit
+def _tf32_hi_again(t):
+    """_tf32_split(t)[0] by other ops (shifts for the mask), so the compiler keeps it apart."""
+    return (((t.to(tl.uint32, bitcast=True) + 0x1000) >> 13) << 13).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _segments_expand_store_chunked(acc, t_ptr, b_ptr, bias_ptr, ranks_ptr, sorted_slot_ptr, slot_start_ptr, y_ptr,
                                    tok, row_ok, offs_p, offs_n, offs_r, p0, p_end, N, R, L,
                                    stride_tm, stride_tr, stride_bl, stride_bn, stride_br, stride_ym, stride_yn,
-                                   HAS_BIAS: tl.constexpr, HAS_RANKS: tl.constexpr, BLOCK_R: tl.constexpr,
-                                   LORA_PRECISION: tl.constexpr):
+                                   HAS_BIAS: tl.constexpr, HAS_RANKS: tl.constexpr, BLOCK_M: tl.constexpr,
+                                   BLOCK_R: tl.constexpr, LORA_PRECISION: tl.constexpr):
     """_segments_expand_store with t [rows, rank] read from memory (the segmented shrink's
     output) in BLOCK_R chunks: one rank-chunk dot per segment and chunk, then the single
     rounding store."""
@@ -416,11 +489,9 @@ def _segments_expand_store_chunked(acc, t_ptr, b_ptr, bias_ptr, ranks_ptr, sorte
         if rank > 0:
             in_seg = row_ok & (offs_p >= p) & (offs_p < seg_end)
             b_base = b_ptr + slot.to(tl.int64) * stride_bl
-            for r0 in range(0, rank, BLOCK_R):
-                offs_rc = r0 + offs_r
-                ts = _gather_rows(t_ptr, tok, in_seg, offs_rc, rank, stride_tm, stride_tr).to(tl.float32)
-                b = _load_tile(b_base, offs_rc, offs_n, rank, N, stride_br, stride_bn)  # B^T chunk [BR, BN]
-                acc = _epilogue_dot(ts, b, acc, LORA_PRECISION)
+            acc = _rank_chunks_dot(acc, t_ptr, b_base, tok, in_seg, offs_r, offs_n, rank, N,
+                                   stride_tm, stride_tr, stride_br, stride_bn, BLOCK_R, LORA_PRECISION,
+                                   BLOCK_M < 64)
         p = seg_end
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
@@ -465,7 +536,7 @@ def multi_lora_linear_chunked_kernel(
         _segments_expand_store_chunked(acc, t_ptr, b_ptr, bias_ptr, ranks_ptr, sorted_slot_ptr, slot_start_ptr,
                                        y_ptr, tok, row_ok, offs_p, offs_n, offs_r, p0, p_end, N, R, L,
                                        stride_tm, stride_tr, stride_bl, stride_bn, stride_br, stride_ym, stride_yn,
-                                       HAS_BIAS, HAS_RANKS, BLOCK_R, LORA_PRECISION)
+                                       HAS_BIAS, HAS_RANKS, BLOCK_M, BLOCK_R, LORA_PRECISION)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -484,6 +555,7 @@ class SegmentConfig:
     num_warps: int
     num_stages: int
     expand_item_m: int = 64
+    expand_num_warps: int = 4
 
 
 # Below this many tokens the batch is treated as decode-like (16-row pieces). Reasoning, not a
@@ -511,7 +583,8 @@ def segment_config(M: int, K: int, R: int, elem_bytes: int, num_sms: int,
       4 stages keep ~32 KB of loads in flight per program (Little's law for one SM at ~1 us
       latency); 64 for 64-row pieces (x tile 8 KB, A tile up to 16 KB), 32 when an fp32 A is split
       in the loop (`split_adapters`: its fp32 tile and both 16-bit halves sit in registers;
-      ptxas -v, sm_90a, triton 3.8: 8 B spilled per thread at rank 128 with 64, none with 32).
+      ptxas -v, sm_90a, triton 3.8: 8 B spilled per thread at rank 128 with 64, none with 32 --
+      measured before the split shrink computed t^T; not re-measured since).
     * Expand: 64-token pieces always, walked in 16-row sub-tiles (EXPAND_BLOCK_M) up to the
       piece's length. Its parallelism comes from the N tiles (BLOCK_N = 128: 32 programs per
       piece at N = 4096), so it never needs small pieces to fill the GPU; a piece of c <= 16
@@ -519,9 +592,10 @@ def segment_config(M: int, K: int, R: int, elem_bytes: int, num_sms: int,
       long segment reuses each B tile [128, r] (<= 32 KB at r = 128) over 64 tokens, not 16.
     """
     fp32 = elem_bytes >= 4
+    expand_warps = EXPAND_WIDE_NUM_WARPS if block_r_for(R) == RANK_CHUNK else 4
     if triton.cdiv(M, 64) >= PREFILL_PIECES_PER_SM * num_sms:
-        return SegmentConfig(64, 32 if fp32 or split_adapters else 64, block_r_for(R), 128, 4, 4, 64)
-    return SegmentConfig(16, 128 if fp32 else 256, 16, 128, 4, 4, 64)
+        return SegmentConfig(64, 32 if fp32 or split_adapters else 64, block_r_for(R), 128, 4, 4, 64, expand_warps)
+    return SegmentConfig(16, 128 if fp32 else 256, 16, 128, 4, 4, 64, expand_warps)
 
 
 # Fused kernel: where t comes from. In the kernel, each program computes t for its row block once
@@ -617,9 +691,9 @@ def _ranks_arg(ranks: Optional[torch.Tensor], fallback: torch.Tensor) -> Tuple[t
 # The widest rank tile a kernel holds whole: the shrink's rank chunk, and the expand's B tile
 # (loaded once per piece) up to this rank; past it the expand walks EXPAND_RANK_CHUNK-row
 # chunks. Compile facts for sm_90a (ptxas -v on a CPU, triton 3.8,
-# tests/test_triton_multi_compile.py): the shrink at 128 uses 168 registers (174 splitting an
-# fp32 A), the whole-rank expand at 128 252-255, neither spills. Not measured on a GPU:
-# bench/multi.py is where the chunk widths get measured.
+# tests/test_triton_multi_compile.py): the shrink at 128 uses 168 registers (255 splitting an
+# fp32 A: t^T in two accumulators), the whole-rank expand at 128 184-255 (8 warps), neither
+# spills. Not measured on a GPU: bench/multi.py is where the chunk widths get measured.
 RANK_CHUNK = 128
 # Rank chunk of the fused kernels' t-from-memory epilogue (multi_lora_linear_chunked_kernel):
 # a [BM, chunk] fp32 slice of t, its tf32 split and a [chunk, BN] slice of B sit beside the
@@ -652,6 +726,16 @@ MAX_REGISTERS = 255
 # sm_90a, triton 3.8): 128-row chunks spilled 220 B per thread (16-bit B) and 764 B (fp32 B,
 # tf32x3) at rank 512; EXPAND_RANK_CHUNK rows spill nothing.
 EXPAND_RANK_CHUNK = 32
+# The expand's software pipeline: its row loop gathers each 16-row sub-tile's token ids, then t's
+# rows through them (two levels of loads), and the compiler spreads num_stages - 2 stages over
+# the levels: from 5 on each level gets two, so the t copy for the next sub-tile is in flight
+# while one is computed (the loop waits for "all but the newest" copies, never for all; with
+# 3-4 it waited for every copy each iteration; TTGIR, sm_90a, triton 3.8). The chunked expand's
+# rank loop is pipelined the same way. Compile facts (ptxas -v, sm_90a, triton 3.8): no spill at
+# any suite config with 4 warps, except the whole-rank tile at padded rank 128 (16 B with bf16
+# B, 4 B with fp32 B), which takes EXPAND_WIDE_NUM_WARPS (none). Not measured on a GPU.
+EXPAND_NUM_STAGES = 5
+EXPAND_WIDE_NUM_WARPS = 8
 
 
 def expand_block_r(R: int) -> Tuple[int, bool]:
@@ -751,7 +835,7 @@ def expand_slices_(y: torch.Tensor, t: torch.Tensor, b_stacks: List[torch.Tensor
             HAS_RANKS=has_ranks,
             ITEM_M=cfg.expand_item_m, BLOCK_M=min(EXPAND_BLOCK_M, cfg.expand_item_m), BLOCK_N=cfg.expand_block_n,
             BLOCK_R=block_r, RANK_CHUNKED=rank_chunked, PRECISION=lora_precision,
-            num_warps=cfg.num_warps, num_stages=1,
+            num_warps=cfg.expand_num_warps, num_stages=EXPAND_NUM_STAGES,
         )
     return y
 
