@@ -233,7 +233,7 @@ def _forward(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: f
     if backend == "triton":
         from ..triton.lora_linear import lora_linear_fwd as launch
         y, t = launch(x2, weight, lora_a, lora_b, scale, bias, save_t, dropout_p=dropout_p,
-                      seed=dropout_seed)
+                      seed=dropout_seed, want_t=save_t)
     elif backend == "cuda":
         if dropout_seed is not None:
             raise backends.BackendUnavailable(f"{OP}: {_input_reason(x, lora_a, True)('cuda')}")
