@@ -774,9 +774,10 @@ class _Launch:
 
 
 # (M, C, D, R, x dtype, b dtype, device type, SMs, dropout, mask epilogue, config, shrink) -> _Launch
-# (the dtypes give plan_forward's elem_bytes and split_adapters). Cleared with the config functions' caches when the tuned
-# table changes (configs.set_table / reset: _clear_config_caches), and when it grows past
-# _LAUNCH_CACHE_MAX keys (a bound, not a measured size: a model has a few dozen layer shapes).
+# (the dtypes give plan_forward's elem_bytes and split_adapters). Cleared with the config
+# functions' caches when the tuned table changes (configs.set_table / reset / record into the
+# table in use: _clear_config_caches), and when it grows past _LAUNCH_CACHE_MAX keys (a bound,
+# not a measured size: a model has a few dozen layer shapes).
 _LAUNCHES: dict = {}
 _LAUNCH_CACHE_MAX = 4096
 
