@@ -55,9 +55,9 @@ TARGETS = {
 }
 
 
-# suite -> [(target name, summary key template, bound in µs, also for backend="auto")]: host
-# time per call, CPU runs. Point 6 of issue 16 sets 15 µs for lora_linear's eager call; the
-# multi-adapter ops' rows hold them to the same bound.
+# suite -> [(target name, summary key template, bound in µs, also for backend="auto" -- or None:
+# the key names no backend, one row)]: host time per call, CPU runs. Point 6 of issue 16 sets
+# 15 µs for lora_linear's eager call; the multi-adapter ops' rows hold them to the same bound.
 HOST_TARGETS = {
     "overhead": [
         ("eager host overhead per call at M = 1: lora_linear minus the torch backend's arithmetic "
@@ -65,6 +65,15 @@ HOST_TARGETS = {
         ("the same for multi_lora_linear (L = 4)", "ours_multi_{b}_minus_multi_reference_work_us", 15.0, False),
         ("the same for lora_shrink + lora_expand_ (two calls, L = 4)", "ours_se_{b}_minus_se_reference_work_us",
          15.0, False),
+        # The Triton backend's host work, its kernels' launches stubbed (bench/overhead.py,
+        # TRITON_HOST_NOTE): excludes Triton's own launch cost and the driver call (need a GPU).
+        ("Triton launch path's host work at M = 1, kernels stubbed (8B q/o, r = 16; CPU machine): "
+         "the forward launcher", "triton_host_fwd_launcher_us", 15.0, None),
+        ("the same: eager lora_linear(backend='triton')", "triton_host_eager_fwd_us", 15.0, None),
+        ("the same: the backward launcher (dx, dA, dB)", "triton_host_bwd_launcher_us", 15.0, None),
+        ("the same: multi_lora_linear(backend='triton'), L = 4", "triton_host_multi_eager_us", 15.0, None),
+        ("the same: lora_shrink + lora_expand_ (backend='triton', two calls)", "triton_host_se_eager_us", 15.0,
+         None),
     ],
 }
 
@@ -76,7 +85,8 @@ def evaluate_host(result: Dict, backends: List[str]) -> List[Dict]:
     suite = result["suite"].split("-")[0]
     rows = []
     for name, template, bound, with_auto in HOST_TARGETS.get(suite, []):
-        for b in (*result.get("backends", backends), *(("auto",) if with_auto else ())):
+        per_backend = (*result.get("backends", backends), *(("auto",) if with_auto else ()))
+        for b in (per_backend if with_auto is not None else ("",)):
             key = template.format(b=b)
             measured = result.get("summary", {}).get(key)
             if not isinstance(measured, (int, float)) or not math.isfinite(measured):

@@ -20,6 +20,9 @@ def test_bench_training_quick_runs_and_checks(tmp_path):
 
 
 def test_bench_overhead_quick_runs_and_checks(tmp_path):
+    import importlib
+    caches = [importlib.import_module(f"lora_kernels.ops.{m}")._BACKEND_CACHE for m in ("lora_linear", "multi_lora")]
+    before = [set(c) for c in caches]
     assert main(["--quick", "--suite", "overhead", "--out", str(tmp_path), "--device", "cpu"]) == 0
     (path,) = tmp_path.glob("*overhead*.json")
     result = json.loads(path.read_text())
@@ -35,3 +38,18 @@ def test_bench_overhead_quick_runs_and_checks(tmp_path):
     assert all(rows[k]["measured"] is not None for k in (
         "ours_torch_minus_reference_work_us", "ours_auto_minus_reference_work_us",
         "ours_multi_torch_minus_multi_reference_work_us", "ours_se_torch_minus_se_reference_work_us"))
+    # the Triton launch path's host work with its kernels stubbed: in the summary, the targets
+    # and the table, and every stub, SM count and backend-cache entry is undone afterwards
+    stubbed = {f"triton_host_{m}_us" for m in ("fwd_launcher", "eager_fwd", "bwd_launcher", "multi_eager",
+                                                  "se_eager")}
+    assert stubbed <= set(result["summary"]) and all(rows[k]["measured"] is not None for k in stubbed)
+    md = (tmp_path / path.name.replace(".json", ".md")).read_text()
+    assert "kernels stubbed" in md and "EXCLUDES Triton's own launch cost" in md
+    from bench.overhead import STUBBED_KERNELS, _NoLaunch
+    for mod, names in STUBBED_KERNELS:
+        assert not any(isinstance(getattr(importlib.import_module(mod), n), _NoLaunch) for n in names)
+    ll = importlib.import_module("lora_kernels.triton.lora_linear")
+    assert ll._num_sms(__import__("torch").device("cpu")) == 4 and not ll._LAUNCHES
+    # no backend-cache entry made under the stubs is left (on the CPU the suite times no Triton)
+    (new_ll, new_multi) = (set(c) - b for c, b in zip(caches, before))
+    assert all(k[0] != "triton" for k in new_ll) and all(k[1] != "triton" for k in new_multi)

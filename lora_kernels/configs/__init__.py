@@ -49,10 +49,13 @@ def new_table(device_name: str, num_sms: int, triton_version: str, written: str 
 
 
 def record(table: Dict, kind: str, key: Dict, config: Dict, us: Optional[float] = None) -> None:
-    """Put (key -> config) into `table`, replacing an entry with the same key."""
+    """Put (key -> config) into `table`, replacing an entry with the same key (when `table` is the
+    one in use, the config functions' caches are cleared: the next launch reads the new entry)."""
     entries = table["entries"].setdefault(kind, [])
     entries[:] = [e for e in entries if e["key"] != key]
     entries.append({"key": dict(key), "config": dict(config), "us": us})
+    if table is _active:  # the table in use changed: the config functions' answers may have
+        _clear_config_caches()
 
 
 def save_table(table: Dict, path: str) -> None:
@@ -110,6 +113,7 @@ def _clear_config_caches() -> None:
         mod.forward_config.cache_clear()
         mod.shrink_config.cache_clear()
         mod.plan_forward.cache_clear()
+        mod.clear_launch_cache()
 
 
 def _current_table() -> Optional[Dict]:

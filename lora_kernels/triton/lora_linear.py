@@ -460,7 +460,15 @@ def _sm_count(device_index: int) -> int:
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter: any small number exercises multi-tile programs and split-K
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    if device.index is None:  # "cuda": whichever device is current now
+        return _sm_count(torch.cuda.current_device())
+    n = _SMS_BY_DEVICE.get(device)
+    if n is None:
+        n = _SMS_BY_DEVICE[device] = _sm_count(device.index)
+    return n
+
+
+_SMS_BY_DEVICE: dict = {}  # torch.device("cuda", i) -> SM count (a dict hit, not an lru_cache call)
 
 
 def t_chunk(block_r: int) -> int:
@@ -665,13 +673,48 @@ def plan_forward(M: int, N: int, K: int, r: int, elem_bytes: int, num_sms: int, 
 REDUCE_BLOCK = (32, 128)  # splitk_reduce_kernel tile: 16 KB of fp32 per partial, coalesced rows
 
 
+def _reduce_grid(M: int, N: int) -> Tuple[int, int]:
+    return _cdiv(M, REDUCE_BLOCK[0]), _cdiv(N, REDUCE_BLOCK[1])
+
+
+_REDUCE_KW = {"BLOCK_M": REDUCE_BLOCK[0], "BLOCK_N": REDUCE_BLOCK[1], "num_warps": 4}
+
+
+def _launch_reduce(ws, out, grid, S, M, N, ws_strides, out_strides) -> None:
+    """out = sum_s ws[s] in a fixed order (splitk_reduce_kernel): ws [S, M, N] fp32 with
+    `ws_strides`, out [M, N] with `out_strides`. out may be ws[0] itself (the strides of that
+    view, the pointer of ws): each program reads all partials of its tile before it stores it."""
+    splitk_reduce_kernel[grid](ws, out, M, N, S, *ws_strides, *out_strides, **_REDUCE_KW)
+
+
 def _reduce(ws: torch.Tensor, out: torch.Tensor) -> None:
     """out = ws.sum(0) in a fixed order (splitk_reduce_kernel). ws [S, M, N] fp32."""
     S, M, N = ws.shape
-    bm, bn = REDUCE_BLOCK
-    splitk_reduce_kernel[(_cdiv(M, bm), _cdiv(N, bn))](
-        ws, out, M, N, S, *ws.stride(), *out.stride(),
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+    _launch_reduce(ws, out, _reduce_grid(M, N), S, M, N, ws.stride(), out.stride())
+
+
+def _strides3(t: torch.Tensor) -> Tuple[int, int, int]:
+    """The strides of t.unsqueeze(0) for a 2-D t, without making the view (a view costs ~2 us
+    of host time, CPU machine): the kernels take a split stride they never step with one split."""
+    s0, s1 = t.stride()
+    return t.shape[0] * s0, s0, s1
+
+
+def _shrink_kw(config: ShrinkConfig) -> dict:
+    """lora_shrink_kernel's constexprs and launch options that follow from its config."""
+    return {"BLOCK_M": config.block_m, "BLOCK_K": config.block_k, "BLOCK_R": config.block_r,
+            "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def _launch_shrink_kernel(x, a_arg, stride_ah, a_halves, t, t_strides, grid, k_tiles, M, D, R, t_scale,
+                          seed, dropout_threshold, config_kw: dict, precision: str) -> None:
+    """lora_shrink_kernel over grid (row blocks, K splits) into t (strides `t_strides`, 3-D);
+    config_kw: _shrink_kw of its config."""
+    lora_shrink_kernel[grid](
+        x, a_arg, t, seed if seed is not None else t,
+        M, D, R, float(t_scale), dropout_threshold, k_tiles,
+        *x.stride(), stride_ah, *a_arg.stride(), *t_strides,
+        DROPOUT=seed is not None, A_HALVES=a_halves, PRECISION=precision, **config_kw)
 
 
 def launch_shrink(x: torch.Tensor, a: torch.Tensor, t: torch.Tensor, *, t_scale: float = 1.0,
@@ -691,24 +734,80 @@ def launch_shrink(x: torch.Tensor, a: torch.Tensor, t: torch.Tensor, *, t_scale:
     if t.dim() == 2 and splits > 1:
         out = t
         t = torch.empty((splits, M, R), dtype=torch.float32, device=x.device)
+        t_strides = t.stride()
     elif t.dim() == 2:
-        out, t = None, t.unsqueeze(0)
+        out, t_strides = None, _strides3(t)
     else:
-        out = None
+        out, t_strides = None, t.stride()
     a_arg, stride_ah, a_halves = _adapter_operand(x, a)
-    precision = base_precision(x.dtype, x.device)
-    lora_shrink_kernel[(_cdiv(M, config.block_m), splits)](
-        x, a_arg, t, seed if seed is not None else t,
-        M, D, R, float(t_scale), dropout_threshold, k_per_split // config.block_k,
-        *x.stride(), stride_ah, *a_arg.stride(), *t.stride(),
-        DROPOUT=seed is not None, A_HALVES=a_halves,
-        BLOCK_M=config.block_m, BLOCK_K=config.block_k, BLOCK_R=config.block_r, PRECISION=precision,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+    _launch_shrink_kernel(x, a_arg, stride_ah, a_halves, t, t_strides, (_cdiv(M, config.block_m), splits),
+                          k_per_split // config.block_k, M, D, R, t_scale, seed, dropout_threshold,
+                          _shrink_kw(config), base_precision(x.dtype, x.device))
     if out is not None:
         _reduce(t, out)
         return 1
     return splits
+
+
+class _Launch:
+    """The host-side decisions of one launch_fused key (plan_forward's plan and the ints and
+    strings derived from it), computed once per key: a decode step repeats the same few keys
+    hundreds of times (issue 16 point 6)."""
+    __slots__ = ("plan", "k_tiles", "shrink_k_tiles", "t_chunk", "t_reduce_grid", "out_reduce_grid",
+                 "base_prec", "lora_prec", "fused_kw", "shrink_kw")
+
+    def __init__(self, plan: Plan, M: int, C: int, R: int, base_prec: Optional[str], lora_prec: str):
+        cfg = plan.fused
+        self.plan = plan
+        self.k_tiles = plan.k_per_split // cfg.block_k
+        self.shrink_k_tiles = plan.shrink_k_per_split // plan.shrink.block_k if plan.shrink is not None else 0
+        self.t_chunk = t_chunk(cfg.block_r)
+        self.t_reduce_grid = _reduce_grid(M, R)
+        self.out_reduce_grid = _reduce_grid(M, C)
+        self.base_prec = base_prec  # None: read per call (fp32 x on a GPU follows allow_tf32)
+        self.lora_prec = lora_prec
+        # the fused kernel's constexprs and launch options that follow from the config
+        self.fused_kw = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
+                         "BLOCK_R": cfg.block_r, "T_CHUNK": self.t_chunk, "GROUP_M": cfg.group_m,
+                         "LORA_PRECISION": lora_prec, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        self.shrink_kw = _shrink_kw(plan.shrink) if plan.shrink is not None else None
+
+
+# (M, C, D, R, x dtype, b dtype, device type, SMs, dropout, mask epilogue, config, shrink) -> _Launch
+# (the dtypes give plan_forward's elem_bytes and split_adapters). Cleared with the config
+# functions' caches when the tuned table changes (configs.set_table / reset / record into the
+# table in use: _clear_config_caches), and when it grows past _LAUNCH_CACHE_MAX keys (a bound,
+# not a measured size: a model has a few dozen layer shapes).
+_LAUNCHES: dict = {}
+_LAUNCH_CACHE_MAX = 4096
+
+
+def clear_launch_cache() -> None:
+    _LAUNCHES.clear()
+
+
+def launch_decisions(M: int, C: int, D: int, R: int, x_dtype: torch.dtype, b_dtype: torch.dtype,
+                     device: torch.device, num_sms: int, *, dropout: bool = False, mask_epilogue: bool = False,
+                     config: Optional[ForwardConfig] = None, shrink: Optional[ShrinkConfig] = None,
+                     cached: bool = True) -> _Launch:
+    """The _Launch of a launch_fused call (cached per key unless `cached` is False: the tests
+    compare both)."""
+    split_adapters = b_dtype == torch.float32 and x_dtype != torch.float32
+    elem_bytes = x_dtype.itemsize
+    key = (M, C, D, R, x_dtype, b_dtype, device.type, num_sms, dropout, mask_epilogue, config, shrink)
+    hit = _LAUNCHES.get(key) if cached else None
+    if hit is not None:
+        return hit
+    plan = plan_forward(M, C, D, R, elem_bytes, num_sms, dropout=dropout, mask_epilogue=mask_epilogue,
+                        split_adapters=split_adapters, config=config, shrink=shrink)
+    per_call = device.type == "cuda" and x_dtype == torch.float32
+    rec = _Launch(plan, M, C, R, None if per_call else base_precision(x_dtype, device),
+                  lora_precision_for(b_dtype, device))
+    if cached:
+        if len(_LAUNCHES) >= _LAUNCH_CACHE_MAX:
+            _LAUNCHES.clear()
+        _LAUNCHES[key] = rec
+    return rec
 
 
 def launch_fused(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
@@ -724,63 +823,84 @@ def launch_fused(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Ten
 
     When the plan says so (plan_forward), t is first computed by the split-K shrink
     (t_scale * drop(x) @ a.T with shrink_seed's mask: the forward's dropout), and the fused kernel
-    reads it; with several K splits the kernel writes fp32 partials that one reduce launch sums."""
+    reads it; with several K splits the kernel writes fp32 partials that one reduce launch sums.
+
+    Host work per call (issue 16 point 6): the decisions come from launch_decisions' cache; one
+    fp32 workspace at most per K-split stage (the shrink's partials are summed in place into
+    their split 0 when t is not stored); no tensor views (3-D strides are passed as ints)."""
     M, D = x.shape
     C, R = w.shape[0], a.shape[0]
     if M == 0 or C == 0:
         return
     dev = x.device
-    split_adapters = b.dtype == torch.float32 and x.dtype != torch.float32
-    plan = plan_forward(M, C, D, R, x.element_size(), _num_sms(dev), dropout=shrink_seed is not None,
-                        mask_epilogue=seed is not None, split_adapters=split_adapters, config=config,
-                        shrink=shrink)
+    x_dtype, b_dtype, num_sms = x.dtype, b.dtype, _num_sms(dev)
+    dropout, mask_epilogue = shrink_seed is not None, seed is not None
+    rec = _LAUNCHES.get((M, C, D, R, x_dtype, b_dtype, dev.type, num_sms, dropout, mask_epilogue, config, shrink))
+    if rec is None:
+        rec = launch_decisions(M, C, D, R, x_dtype, b_dtype, dev, num_sms, dropout=dropout,
+                               mask_epilogue=mask_epilogue, config=config, shrink=shrink)
+    plan = rec.plan
     cfg = plan.fused
+    base_prec = rec.base_prec or base_precision(x.dtype, dev)
     t_src, t_splits = t, 1
+    t_strides = _strides3(t) if t is not None and load_t else None
     if plan.shrink is not None and not load_t:
-        if plan.t_reduce or plan.shrink_grid[1] == 1:
+        sc, (m_blocks, s_splits) = plan.shrink, plan.shrink_grid
+        a_arg, stride_ah, a_halves = _adapter_operand(x, a)
+        shrink_args = (rec.shrink_k_tiles, M, D, R, t_scale, shrink_seed, shrink_threshold, rec.shrink_kw,
+                       base_prec)
+        if s_splits == 1:  # the shrink writes t itself
             t_src = t if store_t else torch.empty((M, R), dtype=torch.float32, device=dev)
-            launch_shrink(x, a, t_src, t_scale=t_scale, seed=shrink_seed, dropout_threshold=shrink_threshold,
-                          config=plan.shrink)
+            t_strides = _strides3(t_src)
+            _launch_shrink_kernel(x, a_arg, stride_ah, a_halves, t_src, t_strides, plan.shrink_grid, *shrink_args)
             store_t = False  # t_src is t itself
-        else:
-            t_src = torch.empty((plan.shrink_grid[1], M, R), dtype=torch.float32, device=dev)
-            t_splits = launch_shrink(x, a, t_src, t_scale=t_scale, seed=shrink_seed,
-                                     dropout_threshold=shrink_threshold, config=plan.shrink)
+        elif plan.t_reduce:  # partials, summed by one reduce launch into t (or into partial 0)
+            ws = torch.empty((s_splits, M, R), dtype=torch.float32, device=dev)
+            ws_strides = ws.stride()
+            _launch_shrink_kernel(x, a_arg, stride_ah, a_halves, ws, ws_strides, plan.shrink_grid, *shrink_args)
+            if store_t:
+                t_src, t_strides = t, _strides3(t)
+                _launch_reduce(ws, t, rec.t_reduce_grid, s_splits, M, R, ws_strides, t.stride())
+                store_t = False  # t_src is t itself
+            else:
+                t_src, t_strides = ws, ws_strides  # t = ws[0]: the kernel reads one split
+                _launch_reduce(ws, ws, rec.t_reduce_grid, s_splits, M, R, ws_strides, ws_strides[1:])
+        else:  # partials, summed by the fused kernel as it loads t
+            t_src = torch.empty((s_splits, M, R), dtype=torch.float32, device=dev)
+            t_strides = t_src.stride()
+            _launch_shrink_kernel(x, a_arg, stride_ah, a_halves, t_src, t_strides, plan.shrink_grid, *shrink_args)
+            t_splits = s_splits
         load_t = True
-    if plan.fused_grid[1] > 1 and not load_t:
+    splits = plan.fused_grid[1]
+    if splits > 1 and not load_t:
         raise ValueError("launch_fused: a K-split config needs t precomputed (precompute_t)")
-    if t_src is not None and t_src.dim() == 2:
-        t_src = t_src.unsqueeze(0)
-    base_prec, lora_prec = base_precision(x.dtype, dev), lora_precision_for(b.dtype, dev)
-    if cfg.persistent_tma and load_t and not store_t and plan.fused_grid[1] == 1:
+    if cfg.persistent_tma and load_t and not store_t and splits == 1:
         from .lora_linear_tma import launch_tma, tma_layout
         w_kn = tma_layout(x, w, y)
         if w_kn is not None:
-            launch_tma(x, w, b, bias, y, t_src, t_splits, scale=scale, seed=seed,
+            t3 = t_src.unsqueeze(0) if t_src.dim() == 2 else t_src[:t_splits]
+            launch_tma(x, w, b, bias, y, t3, t_splits, scale=scale, seed=seed,
                        dropout_threshold=dropout_threshold, cfg=cfg, num_sms=_num_sms(dev), w_kn=w_kn,
-                       base_prec=base_prec, lora_prec=lora_prec, t_chunk=t_chunk(cfg.block_r),
+                       base_prec=base_prec, lora_prec=rec.lora_prec, t_chunk=rec.t_chunk,
                        warp_specialize=cfg.warp_specialize)
             return
-    out = y if plan.fused_grid[1] == 1 else torch.empty((plan.fused_grid[1], M, C), dtype=torch.float32,
-                                                         device=dev)
-    out3 = out if out.dim() == 3 else out.unsqueeze(0)
+    if splits == 1:
+        out, out_strides = y, _strides3(y)
+    else:
+        out = torch.empty((splits, M, C), dtype=torch.float32, device=dev)
+        out_strides = out.stride()
     a_arg, stride_ah, a_halves = (a, 0, False) if load_t else _adapter_operand(x, a)
-    ts = t_src if load_t else out3
-    st = t if store_t else out3[0]
+    ts, ts_strides = (t_src, t_strides) if load_t else (out, out_strides)
+    st, st_strides = (t, t.stride()) if store_t else (out, out_strides[1:])
     lora_linear_fwd_kernel[plan.fused_grid](
-        x, w, a_arg, b, bias if bias is not None else y, out3, ts, st, seed if seed is not None else y,
-        M, C, D, R, float(scale), dropout_threshold, cfg.tiles_per_program, plan.k_per_split // cfg.block_k,
-        t_splits,
-        *x.stride(), *w.stride(), stride_ah, *a_arg.stride(), *b.stride(), *out3.stride(), *ts.stride(),
-        *st.stride(),
+        x, w, a_arg, b, bias if bias is not None else y, out, ts, st, seed if seed is not None else y,
+        M, C, D, R, float(scale), dropout_threshold, cfg.tiles_per_program, rec.k_tiles, t_splits,
+        *x.stride(), *w.stride(), stride_ah, *a_arg.stride(), *b.stride(), *out_strides, *ts_strides,
+        *st_strides,
         HAS_BIAS=bias is not None, STORE_T=store_t, LOAD_T=load_t, DROPOUT_OUT=seed is not None,
-        A_HALVES=a_halves,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_r,
-        T_CHUNK=t_chunk(cfg.block_r), GROUP_M=cfg.group_m, BASE_PRECISION=base_prec, LORA_PRECISION=lora_prec,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    if out is not y:
-        _reduce(out, y)
+        A_HALVES=a_halves, BASE_PRECISION=base_prec, **rec.fused_kw)
+    if splits > 1:
+        _launch_reduce(out, y, rec.out_reduce_grid, splits, M, C, out_strides, y.stride())
 
 
 def dropout_mask(seed: torch.Tensor, rows: int, cols: int, p: float) -> torch.Tensor:
@@ -800,7 +920,8 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
                     config: Optional[ForwardConfig] = None, out: Optional[torch.Tensor] = None,
                     t_out: Optional[torch.Tensor] = None, *, dropout_p: float = 0.0,
                     seed: Optional[torch.Tensor] = None,
-                    shrink: Optional[ShrinkConfig] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                    shrink: Optional[ShrinkConfig] = None,
+                    want_t: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Launch the fused forward on validated inputs.
 
     x [M, K] (any strides), weight [N, K], lora_a [r, K], lora_b [N, r], bias [N] | None.
@@ -808,14 +929,18 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
     [0, r]), where drop(x) = x * keep / (1 - dropout_p) with keep drawn from `seed` (int64 [1] on
     x's device; None = no dropout). `out` / `t_out` (tests poison them) receive y and t when given;
     `config` / `shrink` override the heuristics (tests use them to reach every code path at small
-    sizes). Dropout always computes t in the shrink first (each mask bit drawn once)."""
+    sizes). Dropout always computes t in the shrink first (each mask bit drawn once).
+    `want_t` False (with save_t False and no t_out): t comes back as None instead of an empty
+    tensor (the eager path drops it: one allocation less per call)."""
     M, K = x.shape
     N, r = weight.shape[0], lora_a.shape[0]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out
     if t_out is not None:
         t = t_out
-    else:
+    elif save_t or want_t:
         t = torch.empty((M if save_t else 0, r), dtype=torch.float32, device=x.device)
+    else:
+        t = None
     if M == 0 or N == 0:
         if save_t:
             t.zero_()

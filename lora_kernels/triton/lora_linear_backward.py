@@ -27,7 +27,8 @@ import triton.language as tl
 
 from ..reference import dropout_threshold
 from .lora_linear import (ForwardConfig, ShrinkConfig, _a_operand, _cdiv, _fold_halves, _keep_mask, _load_tile,
-                          _num_sms, _philox_key, block_r_for, launch_fused, launch_shrink, lora_precision_for, split_adapter)
+                          _num_sms, _philox_key, _strides3, block_r_for, launch_fused, launch_shrink, lora_precision_for,
+                          split_adapter)
 
 
 @triton.jit
@@ -200,8 +201,15 @@ def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
     dropout = seed is not None
     threshold = dropout_threshold(dropout_p) if dropout else 0
     keep_scale = 1.0 / (1.0 - dropout_p) if dropout else 1.0
-    empty = lambda dtype: torch.empty((0,), dtype=dtype, device=dev)  # noqa: E731
-    dx, da, db, dbias = empty(x.dtype), empty(lora_a.dtype), empty(lora_b.dtype), empty(bias_dtype or x.dtype)
+    # Host work per call (issue 16 point 6): an empty [0] stands in only for a gradient that is not
+    # needed, and 3-D views (a split axis of one) are passed as strides, not made (~2 us each).
+    dx = da = db = dbias = None
+
+    def result():
+        empty = lambda dtype: torch.empty((0,), dtype=dtype, device=dev)  # noqa: E731
+        return (dx if dx is not None else empty(x.dtype), da if da is not None else empty(lora_a.dtype),
+                db if db is not None else empty(lora_b.dtype),
+                dbias if dbias is not None else empty(bias_dtype or x.dtype))
 
     u_given = u is not None and need_a and not need_x
     if not u_given:
@@ -216,7 +224,69 @@ def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
         launch_shrink(dy, lora_b.t(), u, config=u_config)
 
     if not (need_a or need_b or need_bias):
-        return dx, da, db, dbias
+        return result()
+    cfg = grad_config or weight_grad_config(M, N, K, r, x.element_size(), _num_sms(dev), need_a, need_b)
+    split = max(1, min(cfg.split_m, _cdiv(M, cfg.block_m)))
+    rows_per_split = max(1, _cdiv(_cdiv(M, split), cfg.block_m)) * cfg.block_m
+    split = max(1, _cdiv(M, rows_per_split))
+    # One split writes the gradients themselves (split stride 0); several write fp32 partials that
+    # torch sums in a fixed order below.
+    def buffer(needed, shape, dtype):
+        """(gradient or None, kernel buffer, its 3-D strides [split, rows, cols]); an unneeded one
+        passes dy as a pointer it never touches (strides of an empty [1, 0, 0])."""
+        if not needed:
+            return None, dy, (1, 1, 1)
+        if split == 1:  # the kernel's view: out.unsqueeze(0)
+            out = torch.empty(shape, dtype=dtype, device=dev)
+            st = out.stride()
+            return out, out, (shape[0] * st[0], *st) if len(st) == 2 else (shape[0] * st[0], st[0], 1)
+        buf = torch.empty((split, *shape), dtype=torch.float32, device=dev)
+        return None, buf, buf.stride() if len(shape) == 2 else (*buf.stride(), 1)
+    da_out, da_buf, da_st = buffer(need_a, (r, K), lora_a.dtype)
+    db_out, db_buf, db_st = buffer(need_b, (N, r), lora_b.dtype)
+    dbias_out, dbias_buf, dbias_st = buffer(need_bias, (N,), bias_dtype)
+    if M == 0:
+        for needed, buf in ((need_a, da_buf), (need_b, db_buf), (need_bias, dbias_buf)):
+            if needed:
+                buf.zero_()
+    else:
+        num_a_tiles = _cdiv(K, cfg.block_c) if need_a else 0
+        num_b_tiles = _cdiv(N, cfg.block_c) if (need_b or need_bias) else 0
+        halves = cfg.halves if cfg.halves is not None else x.dtype == torch.bfloat16
+        halves = halves and x.dtype in (torch.float16, torch.bfloat16) and dy.dtype == x.dtype
+        # u, t: fp32 [M, r] -> [2, M, r] in x's dtype, once per call (small next to x and dy); the
+        # kernel takes the pointer of the first half (or of u / t) and the 3-D strides
+        if halves and need_a:
+            u_arg = split_adapter(u, x.dtype)
+            u_st = u_arg.stride()
+        else:
+            u_arg = u if need_a else dy
+            u_st = _strides3(u_arg)
+        if halves and need_b:
+            t_arg = split_adapter(t, x.dtype)
+            t_st = t_arg.stride()
+        else:
+            t_arg = t if need_b else dy
+            t_st = _strides3(t_arg)
+        if num_a_tiles + num_b_tiles:
+            lora_weight_grads_kernel[(num_a_tiles + num_b_tiles, split)](
+                x, u_arg, dy, t_arg, seed if dropout else dy,
+                da_buf, db_buf, dbias_buf,
+                M, N, K, r, rows_per_split, num_a_tiles, threshold, scale * keep_scale, scale,
+                *x.stride(), *u_st, *dy.stride(), *t_st, *da_st, *db_st, dbias_st[0],
+                HAS_DA=need_a, HAS_DB=need_b, HAS_DBIAS=need_bias, DROPOUT=dropout, HALVES=halves,
+                BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, BLOCK_R=cfg.block_r,
+                PRECISION=lora_precision_for(torch.float32, dev),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+    finish = lambda out, buf, dtype: out if split == 1 else buf.sum(0).to(dtype)  # noqa: E731
+    if need_a:
+        da = finish(da_out, da_buf, lora_a.dtype)
+    if need_b:
+        db = finish(db_out, db_buf, lora_b.dtype)
+    if need_bias:
+        dbias = finish(dbias_out, dbias_buf, bias_dtype)
+    return result()
     cfg = grad_config or weight_grad_config(M, N, K, r, x.element_size(), _num_sms(dev), need_a, need_b)
     split = max(1, min(cfg.split_m, _cdiv(M, cfg.block_m)))
     rows_per_split = max(1, _cdiv(_cdiv(M, split), cfg.block_m)) * cfg.block_m

@@ -1,0 +1,130 @@
+"""The Triton forward launcher's host-side caches (issue 16 point 6: host work per eager call):
+``launch_decisions`` memoises, per launch key, the plan and everything derived from it. Checked
+on the CPU from the config functions alone (no kernel runs): the cached answers equal the
+uncached ones over a grid of shapes, dtypes, flags and SM counts, and a change of the tuned
+table through lora_kernels.configs' API (set_table, reset, record into the table in use) reaches
+the next launch. No timing is asserted here (times belong in bench/overhead.py)."""
+import itertools
+
+import pytest
+import torch
+
+from lora_kernels import configs
+from lora_kernels.triton import lora_linear as ll
+
+NUM_SMS = 132
+SHAPES = [(M, N, K, r) for M, N, K, r in itertools.product((1, 3, 16, 17, 64, 200, 1024, 4096),
+                                                              (16, 70, 4096), (80, 4096, 14336), (1, 16, 64, 128))]
+DTYPES = [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32), (torch.float32, torch.float32)]
+
+
+@pytest.fixture(autouse=True)
+def _no_table():
+    configs.set_table(None)
+    yield
+    configs.reset()
+
+
+def _fields(rec):
+    return {k: getattr(rec, k) for k in ll._Launch.__slots__}
+
+
+def _expected(M, N, K, r, x_dtype, b_dtype, device, num_sms, dropout, mask):
+    """What the launcher derives from plan_forward, computed here from scratch."""
+    plan = ll.plan_forward.__wrapped__(M, N, K, r, x_dtype.itemsize, num_sms, dropout=dropout, mask_epilogue=mask,
+                                       split_adapters=b_dtype == torch.float32 and x_dtype != torch.float32)
+    cfg = plan.fused
+    return plan, {
+        "k_tiles": plan.k_per_split // cfg.block_k,
+        "shrink_k_tiles": plan.shrink_k_per_split // plan.shrink.block_k if plan.shrink else 0,
+        "t_chunk": ll.t_chunk(cfg.block_r),
+        "t_reduce_grid": (-(-M // ll.REDUCE_BLOCK[0]), -(-r // ll.REDUCE_BLOCK[1])),
+        "out_reduce_grid": (-(-M // ll.REDUCE_BLOCK[0]), -(-N // ll.REDUCE_BLOCK[1])),
+        "lora_prec": ll.lora_precision_for(b_dtype, device),
+    }
+
+
+@pytest.mark.parametrize("x_dtype,b_dtype", DTYPES)
+@pytest.mark.parametrize("device", [torch.device("cpu"), torch.device("cuda", 0)])
+def test_cached_decisions_equal_uncached_over_a_grid(x_dtype, b_dtype, device):
+    """launch_decisions (torch.device('cuda', 0) only names the device: nothing runs on it)."""
+    ll.clear_launch_cache()
+    for (M, N, K, r), num_sms, dropout, mask in itertools.product(SHAPES, (4, NUM_SMS), (False, True),
+                                                                 (False, True)):
+        args = (M, N, K, r, x_dtype, b_dtype, device, num_sms)
+        kw = {"dropout": dropout, "mask_epilogue": mask}
+        first = ll.launch_decisions(*args, **kw)
+        again = ll.launch_decisions(*args, **kw)
+        fresh = ll.launch_decisions(*args, **kw, cached=False)
+        assert again is first  # served from the cache
+        assert _fields(fresh) == _fields(first)
+        plan, derived = _expected(*args, dropout, mask)
+        assert first.plan == plan
+        assert {k: getattr(first, k) for k in derived} == derived
+        # fp32 x on a GPU reads allow_tf32 per call (None here); every other precision is fixed
+        per_call = device.type == "cuda" and x_dtype == torch.float32
+        assert first.base_prec == (None if per_call else ll.base_precision(x_dtype, device))
+        assert first.fused_kw["BLOCK_N"] == plan.fused.block_n and first.fused_kw["T_CHUNK"] == derived["t_chunk"]
+        assert (first.shrink_kw is None) == (plan.shrink is None)
+
+
+def test_explicit_configs_are_part_of_the_key():
+    cfg = ll.ForwardConfig(16, 16, 16, 16, 1, 2, 4, 2, split_k=2, precompute_t=True)
+    sc = ll.ShrinkConfig(16, 16, 16, 4, 2, split_k=3)
+    args = (20, 70, 192, 6, torch.float32, torch.float32, torch.device("cpu"), 4)
+    plain = ll.launch_decisions(*args)
+    forced = ll.launch_decisions(*args, config=cfg, shrink=sc)
+    assert forced.plan.fused == cfg and forced.plan.shrink == sc and forced.plan.fused_grid[1] == 2
+    assert ll.launch_decisions(*args) is plain and ll.launch_decisions(*args, config=cfg, shrink=sc) is forced
+
+
+def _tuned_table(M, N, K, r):
+    table = configs.new_table("NVIDIA H200", NUM_SMS, "3.6.0")
+    key = {"M": M, "N": N, "K": K, "r": r, "elem_bytes": 2, "mask_epilogue": False, "split_adapters": False}
+    tuned = {"block_m": 64, "block_n": 256, "block_k": 64, "block_r": 16, "tiles_per_program": 1, "group_m": 4,
+             "num_warps": 8, "num_stages": 4, "split_k": 1, "precompute_t": True}
+    configs.record(table, "forward", key, tuned, 31.0)
+    return table, key, tuned
+
+
+def test_a_table_change_through_the_configs_api_reaches_the_next_launch():
+    args = (1024, 4096, 4096, 16, torch.bfloat16, torch.bfloat16, torch.device("cuda", 0), NUM_SMS)
+    heuristic = ll.launch_decisions(*args)
+    table, key, tuned = _tuned_table(1024, 4096, 4096, 16)
+    configs.set_table(table)  # clears the cache
+    rec = ll.launch_decisions(*args)
+    assert rec is not heuristic and rec.plan.fused.block_n == 256 and rec.fused_kw["BLOCK_N"] == 256
+    configs.record(table, "forward", key, {**tuned, "block_n": 128, "num_stages": 3})  # the table in use
+    rec = ll.launch_decisions(*args)
+    assert rec.plan.fused.block_n == 128 and rec.fused_kw["num_stages"] == 3
+    other = configs.new_table("NVIDIA H200", NUM_SMS, "3.6.0")
+    configs.record(other, "forward", key, {**tuned, "block_n": 64})  # not in use: nothing changes
+    assert ll.launch_decisions(*args) is rec
+    configs.set_table(None)
+    assert ll.launch_decisions(*args).plan == heuristic.plan
+    configs.set_table(table)
+    configs.reset()  # forgets the table (no CUDA here: none is loaded again)
+    assert ll.launch_decisions(*args).plan == heuristic.plan
+
+
+def test_the_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(ll, "_LAUNCH_CACHE_MAX", 8)
+    ll.clear_launch_cache()
+    for M in range(1, 30):
+        ll.launch_decisions(M, 64, 64, 8, torch.float32, torch.float32, torch.device("cpu"), 4)
+        assert len(ll._LAUNCHES) <= 8
+
+
+def test_the_eager_forward_skips_the_empty_t(interpreter_device):
+    """want_t=False: the launcher returns t = None (the eager path drops it); the registered op
+    still returns an empty [0, r] fp32 t, and y is the same either way."""
+    from cases import make_lora_inputs
+    inp = make_lora_inputs(3, 40, 48, 5, torch.float32)
+    y1, t1 = ll.lora_linear_fwd(*inp.args(), save_t=False)
+    y2, t2 = ll.lora_linear_fwd(*inp.args(), save_t=False, want_t=False)
+    assert t1.shape == (0, 5) and t1.dtype == torch.float32 and t2 is None
+    assert torch.equal(y1, y2)
+    y3, t3 = ll.lora_linear_fwd(*inp.args(), save_t=True, want_t=False)  # save_t wins
+    assert t3.shape == (3, 5) and torch.equal(y3, y1)
+    y4, t4 = torch.ops.lora_kernels.lora_linear_fwd(*inp.args(), "triton", False)
+    assert t4.shape == (0, 5) and t4.dtype == torch.float32 and torch.equal(y4, y1)
