@@ -14,6 +14,7 @@ needing 256 KiB at rank 128.)"""
 import itertools
 
 import pytest
+import torch
 
 from aot import SM90_MAX_SHARED_BYTES, compiled_in_subprocess, print_compile_report
 
@@ -82,7 +83,7 @@ def launch_configs():
                       TILES_PER_PROGRAM=t.tiles_per_program, GROUP_M=t.group_m, BASE_PRECISION="tf32",
                       LORA_PRECISION=lora_prec)
         if t_given:
-            chunk = ml.t_chunk_for(R, fp32)
+            chunk = ml.t_chunk_for(R, torch.float32 if fp32 else torch.bfloat16, t.block_m, t.block_n, t.num_warps)
             name = f"linear t-given {tiles} chunk={chunk} adapters={adt}"
             out[name] = (ml.multi_lora_linear_chunked_kernel,
                          dict(HAS_BIAS=True, HAS_RANKS=True, BLOCK_R=chunk, **common), t.num_warps, t.num_stages,
@@ -145,24 +146,30 @@ def test_compiles_for_sm90_fits_and_never_spills(compiled, name):
     assert report["spill_bytes"] == 0, f"{name}: {report}"
 
 
+def _wide_fp32_b_chunked(name):
+    """multi_lora_linear_chunked_kernel on wgmma tiles (BLOCK_M >= 64) with fp32 B."""
+    return (name.startswith("linear t-given") and not name.startswith("linear t-given BM=16 ")
+            and name.endswith("adapters=fp32"))
+
+
 def _wgmma_chunk_epilogue(name, loop):
     """The one named exemption: the rank-chunk loop of multi_lora_linear_chunked_kernel's epilogue
-    on wgmma tiles (BLOCK_M >= 64), the loop over T_CHUNK-wide chunks of t and B that follows the
-    base K loop. Its dot multiplies t (fp32, split into tf32 hi/lo in registers: the register
-    operand wgmma allows) by a B^T chunk that must be an fp32 (tf32) operand in shared memory,
-    while B is 16-bit (converted in registers) or fp32 split into tf32 hi/lo (in registers): the
-    converted chunk is stored to shared memory in the loop (1 store for 16-bit B, 2 for fp32 B)
-    and each dot on it waits for the MMA (1 wait per dot: 2 / 3) before the buffer is reused.
-    The loads themselves are pipelined (t and B both by cp.async, asserted). Removing it needs B
-    as the register operand, i.e. the kernel's tile computed transposed (y^T = W x^T + B t^T)
-    with t split before the kernel -- not done yet."""
-    if not name.startswith("linear t-given") or name.startswith("linear t-given BM=16 "):
+    on wgmma tiles (BLOCK_M >= 64) with fp32 B, the loop over rank chunks of t and B that follows
+    the base K loop. Its three tf32 dots multiply t (split into tf32 hi/lo in registers: the
+    register operand wgmma allows) by B^T chunks that must be tf32 operands in shared memory,
+    while B's tf32 hi and lo halves are made in registers: both are stored to shared memory in
+    the loop (2 stores) and each dot on them waits for the MMA (3 waits) before the buffers are
+    reused. The loads themselves are pipelined (t and B both by cp.async, asserted). Removing it
+    needs B as the register operand, i.e. the kernel's tile computed transposed
+    (y^T = W x^T + B t^T), or B split into hi/lo stacks before the kernel -- not done yet.
+    (bf16 B no longer takes it: _split16_dot makes t the 16-bit register operand and reads B's
+    chunk as the pipeline copied it.)"""
+    if not _wide_fp32_b_chunked(name):
         return False
     if " to %rank8" not in loop["loop"]:  # the chunk loop runs to the rank rounded down to 8
         return False
-    fp32_b = name.endswith("adapters=fp32")
     return (loop["sync_loads_into_dot"] == 0 and loop["async_wait_all"] == 0 and loop["async_copies"] >= 2
-            and loop["local_stores"] == (2 if fp32_b else 1) and loop["mma_wait_all"] == (3 if fp32_b else 2))
+            and loop["local_stores"] == 2 and loop["mma_wait_all"] == 3)
 
 
 @pytest.mark.parametrize("name", [c[0] for c in _cases()])
@@ -170,7 +177,8 @@ def test_k_loops_are_pipelined_and_never_wait_for_all(compiled, name):
     """Every innermost loop with a tensor-core dot (K loops, the expand's row loop, rank-chunk
     loops): no synchronous load into a dot operand, no wait for all copies or all MMAs, no
     register -> shared-memory store (tests/aot.py k_loop_report), but for the named exemption
-    (_wgmma_chunk_epilogue), which is held to its exact counts."""
+    (_wgmma_chunk_epilogue: one loop in each wgmma-tile chunked kernel with fp32 B, none
+    elsewhere), which is held to its exact counts."""
     loops = compiled[name]["k_loops"]
     assert loops, f"{name}: no K loop with a dot found in the TTGIR"
     chunk_loops = 0
@@ -182,7 +190,7 @@ def test_k_loops_are_pipelined_and_never_wait_for_all(compiled, name):
         assert loop["async_wait_all"] == 0, f"{name}: {loop}"
         assert loop["mma_wait_all"] == 0, f"{name}: {loop}"
         assert loop["local_stores"] == 0, f"{name}: {loop}"
-    assert chunk_loops <= 1, f"{name}: {loops}"
+    assert chunk_loops == (1 if _wide_fp32_b_chunked(name) else 0), f"{name}: {loops}"
 
 
 if __name__ == "__main__":

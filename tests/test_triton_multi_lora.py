@@ -310,6 +310,27 @@ def test_epilogue_dot_products_sum_to_t_at_b(interpreter_device, precision, b_dt
     assert ((out.double() - ref).abs() / mag).max() < 2.0 ** -20
 
 
+def test_wgmma_chunk_epilogue_splits_t_into_bf16_halves(interpreter_device, monkeypatch):
+    """The GPU path of the chunked epilogue on wgmma tiles (BLOCK_M >= 64) with bf16 B: t as
+    bf16 hi + lo halves against B itself (_split16_dot), forced here by the GPU's precision
+    choice. A cancelling case: columns 2j and 2j+1 of each A are equal up to 2^-6 of their size
+    and B's are opposite, so the adapter term is t's small differences. t rounded to bf16 alone
+    (t_lo dropped) is 13x over the bf16 tolerance here (1.3e-1); hi + lo keeps ~16 bits and passes."""
+    ml = _ml()
+    monkeypatch.setattr(ml, "lora_precision_for", lambda dt, dev: "tf32x3" if dt == torch.float32 else "tf32x2")
+    inp = make_multi_inputs(70, 40, 48, 3, 32, torch.bfloat16, dist="zipf", ranks=[32, 16, 30], bias=False,
+                            poison_padding=False, seed=3)
+    a, b = inp.lora_a.double(), inp.lora_b.double()
+    a[:, 1::2] = a[:, 0::2] * (1 + 2.0 ** -6 * torch.randn(a[:, 0::2].shape, dtype=torch.float64))
+    b[:, :, 1::2] = -b[:, :, 0::2]
+    inp = replace(inp, lora_a=a.to(torch.bfloat16), lora_b=b.to(torch.bfloat16),
+                  weight=inp.weight * 1e-3)
+    keep = reference.rank_keep(inp.ranks, 3, 32, "cpu")
+    inp.lora_a.masked_fill_(~keep[:, :, None], float("nan"))
+    inp.lora_b.masked_fill_(~keep[:, None, :], float("nan"))
+    check_linear(inp, lin(64, 32, fused=False), torch_out=False)
+
+
 def test_segment_and_linear_heuristics():
     ml = _ml()
     assert ml.segment_config(64, 4096, 16, 2, 132).item_m == 16           # decode
@@ -332,6 +353,12 @@ def test_segment_and_linear_heuristics():
     assert big_rank.block_n == ml.linear_tiles(4096, 4096, 4096, 16, 2, 132).block_n
     runs = -(-4096 // big_rank.block_n) // big_rank.tiles_per_program
     assert (4096 // big_rank.block_m) * runs >= 132
-    assert ml.t_chunk_for(8, False) == 16 and ml.t_chunk_for(512, False) == ml.T_CHUNK
-    assert ml.t_chunk_for(512, True) == ml.T_CHUNK_FP32_B
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    assert ml.t_chunk_for(8, bf16, 64, 64, 4) == 16 and ml.t_chunk_for(512, bf16, 64, 64, 4) == ml.T_CHUNK
+    assert ml.t_chunk_for(512, fp32, 64, 64, 4) == ml.T_CHUNK_FP32_B
+    # bf16 B on wgmma tiles with 64 accumulator registers per thread: _split16_dot's second one
+    assert ml.t_chunk_for(512, bf16, 128, 128, 8) == ml.T_CHUNK_SPLIT16_WIDE
+    assert ml.t_chunk_for(512, bf16, 64, 128, 4) == ml.T_CHUNK_SPLIT16_WIDE
+    assert ml.t_chunk_for(512, fp16, 128, 128, 8) == ml.T_CHUNK   # fp16 keeps tf32x2
+    assert ml.t_chunk_for(512, bf16, 16, 128, 4) == ml.T_CHUNK    # mma.sync tiles: tf32x2
     assert ml.expand_block_r(128) == (128, False) and ml.expand_block_r(512) == (ml.EXPAND_RANK_CHUNK, True)

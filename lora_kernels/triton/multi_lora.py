@@ -36,7 +36,8 @@ length <= T)". Consequences, by design:
   (>= 16); that padding only costs MMA issue slots, which these bandwidth-bound kernels have to
   spare (see the arithmetic in ``segment_config``).
 * The shrink intermediate t stays fp32 end to end; ``t @ B`` keeps it fp32-accurate on tensor
-  cores ("tf32x2" for 16-bit B, tf32x3 for fp32 B: see ``_lora_dot``).
+  cores ("tf32x2" for 16-bit B, tf32x3 for fp32 B: see ``_lora_dot``), but for the chunked
+  epilogue on wgmma tiles with bf16 B: t as bf16 hi + lo halves, ~16 bits (``_split16_dot``).
 * The fused kernel's rows are the sorted token order, so a row block touches one adapter
   (prefill) or a few (decode): t is computed in the base GEMM's K loop when the block holds one
   segment, by one masked K loop per segment otherwise, or beforehand by the segmented shrink
@@ -47,8 +48,8 @@ length <= T)". Consequences, by design:
 * Every loop with a tensor-core dot is software-pipelined on sm_90a (cp.async copies of every
   dot operand, no wait for all copies or all MMAs, no register -> shared-memory store; compiled
   TTGIR, checked in the CPU lane by tests/test_triton_multi_compile.py) but one: the chunked
-  epilogue on wgmma tiles, whose converted B chunk is stored to shared memory per chunk (that
-  test's named exemption says why).
+  epilogue on wgmma tiles with fp32 B, whose tf32 hi/lo B chunks are stored to shared memory
+  per chunk (that test's named exemption says why).
 * Deterministic: every output element is written by exactly one program, with a fixed order of
   accumulation; no atomics anywhere (no split-K).
 
@@ -115,7 +116,7 @@ def _work_item(work_ptr, item):
 @triton.jit
 def _rank_chunks_dot(acc, t_ptr, b_ptr, tok, rows_ok, offs_r, offs_n, rank, N,
                      stride_tm, stride_tr, stride_br, stride_bn, BLOCK_R: tl.constexpr,
-                     PRECISION: tl.constexpr, SEPARATE_B: tl.constexpr):
+                     PRECISION: tl.constexpr, SEPARATE_B: tl.constexpr, SPLIT16_T: tl.constexpr):
     """acc += t[tok, :rank] @ B[:, :rank].T (B^T chunks [BLOCK_R, BN] at b_ptr), walked in BLOCK_R
     rank chunks, t's rows gathered through tok (rows_ok: rows to read; others read as zeros).
 
@@ -124,19 +125,54 @@ def _rank_chunks_dot(acc, t_ptr, b_ptr, tok, rows_ok, offs_r, offs_n, rank, N,
     2 bytes wide, too narrow for cp.async (the compiler then loaded B synchronously and
     converted it through shared memory in every iteration; TTGIR, sm_90a, triton 3.8). The
     rank % 8 entries left (none at the usual ranks) take one exactly-masked chunk after it.
-    SEPARATE_B: see _epilogue_dot (True for mma.sync tiles, BLOCK_M < 64 rows)."""
+    SEPARATE_B: see _epilogue_dot (True for mma.sync tiles, BLOCK_M < 64 rows). SPLIT16_T (wgmma
+    tiles, BLOCK_M >= 64): with "tf32x2" and a bf16 B, each chunk's dot is _split16_dot's."""
+    SPLIT16: tl.constexpr = SPLIT16_T and PRECISION == "tf32x2" and b_ptr.dtype.element_ty == tl.bfloat16
+    acc_lo = tl.zeros_like(acc)  # _split16_dot's t_lo products (not used otherwise)
     rank8 = rank // 8 * 8
     for r0 in range(0, rank8, BLOCK_R):
         offs_rc = r0 + offs_r
         ts = _gather_rows(t_ptr, tok, rows_ok, offs_rc, rank8, stride_tm, stride_tr).to(tl.float32)
         b = _load_tile(b_ptr, offs_rc, offs_n, rank8, N, stride_br, stride_bn)
-        acc = _epilogue_dot(ts, b, acc, PRECISION, SEPARATE_B)
+        acc, acc_lo = _chunk_dot(ts, b, acc, acc_lo, PRECISION, SEPARATE_B, SPLIT16)
     if rank8 < rank:
         offs_rc = rank8 + offs_r
         ts = _gather_rows(t_ptr, tok, rows_ok, offs_rc, rank, stride_tm, stride_tr).to(tl.float32)
         b = _load_tile(b_ptr, offs_rc, offs_n, rank, N, stride_br, stride_bn)
-        acc = _epilogue_dot(ts, b, acc, PRECISION, SEPARATE_B)
+        acc, acc_lo = _chunk_dot(ts, b, acc, acc_lo, PRECISION, SEPARATE_B, SPLIT16)
+    if SPLIT16:
+        acc += acc_lo
     return acc
+
+
+@triton.jit
+def _chunk_dot(t, b, acc, acc_lo, PRECISION: tl.constexpr, SEPARATE_B: tl.constexpr, SPLIT16: tl.constexpr):
+    """(acc, acc_lo) after one rank chunk of _rank_chunks_dot: _split16_dot's two products into
+    acc and acc_lo with SPLIT16, else acc += t @ b by _epilogue_dot (acc_lo unchanged)."""
+    if SPLIT16:
+        acc, acc_lo = _split16_dot(t, b, acc, acc_lo)
+    else:
+        acc = _epilogue_dot(t, b, acc, PRECISION, SEPARATE_B)
+    return acc, acc_lo
+
+
+@triton.jit
+def _split16_dot(t, b, acc, acc_lo):
+    """(acc + t_hi @ b, acc_lo + t_lo @ b) for fp32 t [BM, BR] and a bf16 b [BR, BN]: two native
+    bf16 dots with fp32 accumulation, t = t_hi + t_lo + e with t_hi = bf16(t),
+    t_lo = bf16(t - t_hi), |e| <= 2^-16 |t| (cuda/lora_linear.py split16's split), b exact.
+    On wgmma tiles the bf16 b is the shared-memory operand as the pipeline's cp.async copy left
+    it and the split t the register operand, so the rank-chunk loop neither converts b nor
+    stores to shared memory (tf32x2 needed b as fp32 in shared memory: one store and a wait per
+    dot; TTGIR, sm_90a, triton 3.8). The two products go to separate accumulators: chained into
+    one, the second dot waited for the first (warp_group_dot_wait {pendings = 0} in every
+    iteration; same compile). Not for fp16 b: fp16 halves overflow where |t| > 65504 and t_lo
+    keeps no bits in fp16's subnormal range, so fp16 keeps tf32x2."""
+    t_hi = t.to(tl.bfloat16)
+    t_lo = (t - t_hi.to(tl.float32)).to(tl.bfloat16)
+    acc = tl.dot(t_hi, b, acc)
+    acc_lo = tl.dot(t_lo, b, acc_lo)
+    return acc, acc_lo
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,7 +286,8 @@ def lora_expand_kernel(
                 tok = tl.load(tok_ptr + start + offs_i, mask=row_ok, other=0)
                 y = _gather_rows(y_base, tok, row_ok, offs_n, N, stride_ym, stride_yn).to(tl.float32)
                 y = _rank_chunks_dot(y, t_base, b_base, tok, row_ok, offs_r, offs_n, rank, N,
-                                     stride_tm, stride_tr, stride_br, stride_bn, BLOCK_R, PRECISION, BLOCK_M < 64)
+                                     stride_tm, stride_tr, stride_br, stride_bn, BLOCK_R, PRECISION, BLOCK_M < 64,
+                                     False)
                 _store_rows(y_base, y, tok, row_ok, offs_n, N, stride_ym, stride_yn)
         else:
             b = _load_tile(b_base, offs_r, offs_n, rank, N, stride_br, stride_bn)  # B^T tile [BR, BN]
@@ -491,7 +528,7 @@ def _segments_expand_store_chunked(acc, t_ptr, b_ptr, bias_ptr, ranks_ptr, sorte
             b_base = b_ptr + slot.to(tl.int64) * stride_bl
             acc = _rank_chunks_dot(acc, t_ptr, b_base, tok, in_seg, offs_r, offs_n, rank, N,
                                    stride_tm, stride_tr, stride_br, stride_bn, BLOCK_R, LORA_PRECISION,
-                                   BLOCK_M < 64)
+                                   BLOCK_M < 64, BLOCK_M >= 64)
         p = seg_end
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
@@ -701,13 +738,25 @@ RANK_CHUNK = 128
 # 128-column chunks spilled 40-44 B per thread (16-bit adapters) and 608-1324 B (fp32 adapters)
 # at 128x64 and 64x64; 32 columns spill nothing with 16-bit B, while fp32 B (three tf32 dots)
 # still spilled 28 B at 64x128 with 32 and nothing with 16. Narrower chunks only add loop steps.
+# A bf16 B on wgmma tiles (BLOCK_M >= 64) adds _split16_dot's second accumulator: with 64 or more
+# accumulator registers per thread (128x128 at 8 warps, 64x128 at 4) 32 columns used all 255
+# registers and spilled 4 B at 128x128 (one tile per program); 16 spill nothing (same compile).
 T_CHUNK = 32
 T_CHUNK_FP32_B = 16
+T_CHUNK_SPLIT16_WIDE = 16
+SPLIT16_WIDE_ACC_REGS = 64
 
 
-def t_chunk_for(R: int, fp32_b: bool) -> int:
-    """The chunked epilogue's rank chunk for stacks of rank R (padded) and B's dtype."""
-    return min(block_r_for(R), T_CHUNK_FP32_B if fp32_b else T_CHUNK)
+def t_chunk_for(R: int, b_dtype: torch.dtype, block_m: int, block_n: int, num_warps: int) -> int:
+    """The chunked epilogue's rank chunk for stacks of rank R (padded), B's dtype and the tile."""
+    if b_dtype == torch.float32:
+        chunk = T_CHUNK_FP32_B
+    elif (b_dtype == torch.bfloat16 and block_m >= 64
+          and block_m * block_n // (32 * num_warps) >= SPLIT16_WIDE_ACC_REGS):
+        chunk = T_CHUNK_SPLIT16_WIDE
+    else:
+        chunk = T_CHUNK
+    return min(block_r_for(R), chunk)
 
 
 # maxnreg of multi_lora_linear_chunked_kernel's launches: the whole register file a thread may
@@ -906,7 +955,7 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a_stack: torch
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
             *lora_b_stack.stride(), t.stride(0), t.stride(1), y.stride(0), y.stride(1),
             HAS_BIAS=bias is not None, HAS_RANKS=has_ranks,
-            BLOCK_R=t_chunk_for(R, lora_b_stack.dtype == torch.float32), maxnreg=MAX_REGISTERS, **common)
+            BLOCK_R=t_chunk_for(R, lora_b_stack.dtype, tiles.block_m, tiles.block_n, tiles.num_warps), maxnreg=MAX_REGISTERS, **common)
         return y
     multi_lora_linear_kernel[grid](
         x, weight, bias_arg, lora_a_stack, lora_b_stack, scales_t, ranks_t, y,
