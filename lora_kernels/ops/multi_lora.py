@@ -53,6 +53,8 @@ def _scale_args(op: str, scales, num_adapters: int) -> Tuple[Optional[Tensor], f
     """(scales tensor or None, scalar scale): a [L] tensor, a finite float, or None (= 1)."""
     if scales is None:
         return None, 1.0
+    if type(scales) is Tensor and scales.dtype in _FLOAT_DTYPE_SET and scales.shape == (num_adapters,):
+        return scales, 1.0  # the checks below pass: a float [L] tensor, read in one pass
     if isinstance(scales, Tensor):
         check_tensor(op, "scales", scales, ndim=1)
         check_shape(op, "scales", scales, (num_adapters,), "one scale per adapter slot, L = index.num_adapters")
@@ -337,7 +339,13 @@ def choose_backend(op: str, device: torch.device, dtype: torch.dtype, r_max: int
     Eager calls memoise the answer on everything the rule reads (as lora_linear's choose_backend:
     the op, the requested backend, the device, the dtypes, r_max, the two environment variables
     and whether the interpreter's bfloat16 dot is fixed). A backend whose reasons read anything
-    else must add it to the key."""
+    else must add it to the key.
+
+    An explicit "torch" resolves to "torch" whatever the device, inputs and environment (the
+    variable only replaces "auto"; the torch backend has no reason to refuse an input), so it is
+    returned at once."""
+    if backend == "torch" and type(backend) is str:
+        return backend
     if torch.compiler.is_compiling() or type(backend) is not str:  # resolve() names a bad backend
         return backends.resolve(op, backend, device, AUTO_PREFERENCE, _input_reason(dtype, r_max, t_dtype))
     key = (op, backend, device, dtype, r_max, t_dtype, backends.getenv(backends.ENV_VAR),
@@ -406,8 +414,16 @@ def _shrink(x: Tensor, lora_a_stacks: List[Tensor], scales: Optional[Tensor], sc
         launch(x, lora_a_stacks, index, scales_t, ranks, out=out)
         return
     _check_torch(backend)
-    for a, t in zip(lora_a_stacks, out.unbind(0)):  # unbind: not Tensor.__iter__ (~3 us more)
-        t.copy_(reference.lora_shrink(x, a, index.token_adapter, scales_t, ranks))
+    _shrink_torch(x, lora_a_stacks, scales_t, ranks, index, out.unbind(0))  # unbind: not Tensor.__iter__ (~3 us more)
+
+
+def _shrink_torch(x: Tensor, lora_a_stacks: List[Tensor], scales_t: Tensor, ranks: Optional[Tensor],
+                  index: AdapterIndex, outs: Sequence[Tensor]) -> None:
+    """The torch backend's shrink into outs[i] [M, r_max] (the slices of out): the eager call of
+    one stack passes its 2-D out itself, not a view of a 3-D one (a view costs ~2 us, CPU machine)."""
+    ids = index.token_adapter
+    for a, t in zip(lora_a_stacks, outs):
+        t.copy_(reference.lora_shrink(x, a, ids, scales_t, ranks))
 
 
 @lora_shrink_op.register_fake
@@ -435,10 +451,18 @@ def _expand(y: Tensor, t: Tensor, lora_b_stacks: List[Tensor], ranks: Optional[T
         launch(y, t, lora_b_stacks, index, ranks, offset=offset)
         return
     _check_torch(backend)
-    for i, (b, col) in enumerate(_slice_columns(lora_b_stacks, offset)):
+    _expand_torch(y, t.unbind(0), lora_b_stacks, ranks, index, offset)
+
+
+def _expand_torch(y: Tensor, ts: Sequence[Tensor], lora_b_stacks: List[Tensor], ranks: Optional[Tensor],
+                  index: AdapterIndex, offset: int) -> None:
+    """The torch backend's expand of ts[i] [M, r_max] (the slices of t): the eager call of one
+    stack passes its 2-D t itself, not a view of a 3-D one (a view costs ~2 us, CPU machine)."""
+    ids, n_y = index.token_adapter, y.shape[1]
+    for t_i, (b, col) in zip(ts, _slice_columns(lora_b_stacks, offset)):
         width = b.shape[1]
-        cols = y if col == 0 and width == y.shape[1] else y[:, col:col + width]  # no view of all of y
-        reference.lora_expand_(cols, t[i], b, index.token_adapter, ranks)
+        cols = y if col == 0 and width == n_y else y[:, col:col + width]  # no view of all of y
+        reference.lora_expand_(cols, t_i, b, ids, ranks)
 
 
 @lora_expand_op.register_fake
@@ -496,13 +520,16 @@ def _eager_direct(*tensors: Optional[Tensor]) -> bool:
     formula: through the op, an input that requires grad gets torch's "no autograd formula"
     error at backward, so such calls keep the op). The caller bumps the version counter of what
     the op mutates, as the op's ADInplaceOrView kernel does."""
-    if torch.compiler.is_compiling() or torch.autograd._profiler_enabled():
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._are_functorch_transforms_active() or torch.autograd._profiler_enabled()):
         return False
-    if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
-        return False
-    grad = torch.is_grad_enabled()
-    for t in tensors:
-        if t is not None and (type(t) not in _PLAIN_TENSOR_TYPES or t.is_meta or (grad and t.requires_grad)):
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if t is not None and (type(t) not in _PLAIN_TENSOR_TYPES or t.is_meta or t.requires_grad):
+                return False
+        return True
+    for t in tensors:  # no_grad (serving): requires_grad is not read
+        if t is not None and (type(t) not in _PLAIN_TENSOR_TYPES or t.is_meta):
             return False
     return True
 
@@ -556,14 +583,21 @@ def lora_shrink(x: Tensor, lora_a_stack: Stacks, index: AdapterIndex, scales: Un
     if out is None:
         out = x.new_empty((len(a_stacks), x.shape[0], R), dtype=_t_dtype(x.dtype, a_stacks[0].dtype))
         result = out if as_list else out[0]
-    else:
-        result, out = out, (out if as_list else out.unsqueeze(0))
-    if _eager_direct(x, out, scales, ranks, index.data, *a_stacks):
-        _shrink(x, a_stacks, scales, scale, ranks, index, index.num_adapters, index.padded, chosen, out)
-        torch.autograd.graph.increment_version(out)  # as the op does for its mutated argument
+    else:  # the op takes out [S, M, r_max]: one stack's [M, r_max] gets its view when needed
+        result, out = out, (out if as_list else None)
+    if _eager_direct(x, result, scales, ranks, index.data, *a_stacks):
+        if chosen == "torch" and not as_list:  # _shrink's work on the 2-D out itself, no [1, M, r_max] view
+            if index.padded:
+                result.zero_()
+            _shrink_torch(x, a_stacks, _scales_tensor(scales, scale, index.num_adapters, x), ranks, index, (result,))
+        else:
+            _shrink(x, a_stacks, scales, scale, ranks, index, index.num_adapters, index.padded, chosen,
+                    result.unsqueeze(0) if out is None else out)
+        torch.autograd.graph.increment_version(result)  # as the op does for its mutated argument
         return result
     torch.ops.lora_kernels.lora_shrink(x, a_stacks, scales, scale, ranks, index.data, index.num_adapters,
-                                       index.capacity, index.padded, chosen, out)
+                                       index.capacity, index.padded, chosen,
+                                       result.unsqueeze(0) if out is None else out)
     return result
 
 
@@ -602,12 +636,14 @@ def lora_expand_(y: Tensor, t: Tensor, lora_b_stack: Stacks, index: AdapterIndex
     b_stacks, as_list, names = _stack_list(op, "lora_b_stack", lora_b_stack)
     _validate_expand(op, y, t, b_stacks, names, as_list, index, ranks, offset)
     chosen = choose_backend(op, y.device, y.dtype, t.shape[-1], backend, t_dtype=t.dtype)
-    t3 = t if as_list else t.unsqueeze(0)
     if _eager_direct(y, t, ranks, index.data, *b_stacks):
-        _expand(y, t3, b_stacks, ranks, index, offset, chosen)
+        if chosen == "torch":  # _expand's work on t's 2-D slices, no [1, M, r_max] view of one
+            _expand_torch(y, t.unbind(0) if as_list else (t,), b_stacks, ranks, index, offset)
+        else:
+            _expand(y, t if as_list else t.unsqueeze(0), b_stacks, ranks, index, offset, chosen)
         torch.autograd.graph.increment_version(y)  # as the op does for its mutated argument
         return y
-    torch.ops.lora_kernels.lora_expand(y, t3, b_stacks, ranks, index.data, index.num_adapters, index.capacity,
+    torch.ops.lora_kernels.lora_expand(y, t if as_list else t.unsqueeze(0), b_stacks, ranks, index.data, index.num_adapters, index.capacity,
                                        offset, chosen)
     return y
 
