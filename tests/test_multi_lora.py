@@ -334,13 +334,15 @@ def test_eager_direct_calls_match_the_registered_ops(backend, interpreter_device
                                            inp.ranks, backend=backend)
         return t, y, z
     with torch.no_grad():
+        common = run()  # the one-pass paths of the common call (_shrink_common, _expand_common)
+        monkeypatch.setattr(ops, "_FAST_COMMON", False)
         direct = run()
         calls = []
         monkeypatch.setattr(ops, "_eager_direct", lambda *t: calls.append(1) and False)
         through_op = run()
     assert len(calls) == 3
-    for a, b in zip(direct, through_op):
-        assert torch.equal(a, b)
+    for a, b, c in zip(common, direct, through_op):
+        assert torch.equal(a, c) and torch.equal(b, c)
 
 
 def test_eager_direct_only_without_autograd_or_modes():

@@ -510,6 +510,9 @@ def _(x, weight, lora_a_stack, lora_b_stack, scales, scale, bias, ranks, index_d
 
 
 _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+# The one-pass paths of the common eager call (_shrink_common, _expand_common); tests turn them
+# off to compare with the general path.
+_FAST_COMMON = True
 
 
 def _eager_direct(*tensors: Optional[Tensor]) -> bool:
@@ -531,6 +534,129 @@ def _eager_direct(*tensors: Optional[Tensor]) -> bool:
     for t in tensors:  # no_grad (serving): requires_grad is not read
         if t is not None and (type(t) not in _PLAIN_TENSOR_TYPES or t.is_meta):
             return False
+    return True
+
+
+def _eager_modes_off() -> bool:
+    """No torch.compile tracing, dispatch mode, functorch transform or profiler: _eager_direct's
+    conditions on the state, apart from the tensors."""
+    return not (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+                or torch._C._are_functorch_transforms_active() or torch.autograd._profiler_enabled())
+
+
+def _disjoint_from(out: Tensor, *inputs: Optional[Tensor]) -> bool:
+    """True only where check_no_overlap(op, ..., out, **inputs) passes (decided as
+    _validation._no_overlap_contiguous does: contiguous plain tensors whose byte ranges miss
+    out's); False decides nothing."""
+    if not out.is_contiguous():
+        return False
+    lo = out.data_ptr()
+    hi = lo + out.nbytes
+    for t in inputs:
+        if t is not None:
+            if not t.is_contiguous():
+                return False
+            t_lo = t.data_ptr()
+            if t_lo < hi and lo < t_lo + t.nbytes:
+                return False
+    return True
+
+
+def _shrink_common(x, a, index, scales, scale, ranks, out, backend):
+    """lora_shrink's common eager call in one pass: one stack (a plain tensor), an AdapterIndex,
+    ``scales`` as _scale_args returned it, ``out`` None or a contiguous [M, r_max] buffer of the
+    accumulation dtype, every tensor plain, contiguous, on x's CPU or CUDA device, sharing no
+    bytes with out, nothing requiring grad under grad mode, no mode active. Returns the result
+    after doing the work, or None having done nothing and checked nothing that the full path
+    would not check the same way: every check of the full path but the ranks' passes for such
+    inputs (the one-pass shape, dtype and device check, the aliasing check), then the ranks
+    check, the backend choice and the work run as there. ~2x less host time than the general
+    path (CPU machine, overhead suite); tests/test_multi_bad_input.py compares the two over a
+    grid of good and bad inputs."""
+    if not (type(x) is Tensor and type(a) in _PLAIN_TENSOR_TYPES and type(index) is AdapterIndex
+            and (x.is_cpu or x.is_cuda)):
+        return None
+    dtype, a_dtype = x.dtype, a.dtype
+    if dtype not in _FLOAT_DTYPE_SET or not (a_dtype == dtype or a_dtype == torch.float32):
+        return None
+    x_shape, a_shape = x.shape, a.shape
+    if len(x_shape) != 2 or len(a_shape) != 3:
+        return None
+    M, K = x_shape
+    L, R, k_a = a_shape
+    data = index.data
+    if not (R >= 1 and k_a == K and L == index.num_adapters and index.num_tokens == M):
+        return None
+    device = x.device
+    if a.device != device or data.device != device:
+        return None
+    for v in (scales, ranks):
+        if v is not None and not (type(v) is Tensor and v.device == device):
+            return None
+    if out is not None:
+        if not (type(out) is Tensor and out.device == device and out.shape == (M, R)
+                and out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+                and _disjoint_from(out, x, a, scales, ranks, data)):
+            return None
+    if not _eager_modes_off() or (torch.is_grad_enabled() and (
+            x.requires_grad or a.requires_grad or (out is not None and out.requires_grad)
+            or (scales is not None and scales.requires_grad) or (ranks is not None and ranks.requires_grad))):
+        return None
+    check_ranks("lora_shrink", ranks, L, R)
+    chosen = choose_backend("lora_shrink", device, dtype, R, backend)
+    if chosen == "torch":
+        t = reference.lora_shrink(x, a, index.token_adapter, _scales_tensor(scales, scale, L, x), ranks)
+        if out is None:
+            return t  # a new [M, r_max] tensor, every element written
+        out.copy_(t)  # padding rows (padded_to) are -1 in token_adapter: written as zeros too
+    else:
+        result = out if out is not None else x.new_empty((M, R), dtype=torch.float32)
+        _shrink(x, [a], scales, scale, ranks, index, L, index.padded, chosen, result.unsqueeze(0))
+        out = result
+    torch.autograd.graph.increment_version(out)  # as the op does for its mutated argument
+    return out
+
+
+def _expand_common(y, t, b, index, ranks, offset, backend) -> bool:
+    """lora_expand_'s common eager call in one pass (as _shrink_common): one stack (a plain
+    tensor) over all of y (offset 0), t [M, r_max] float32/64, y of a float dtype, the stack in
+    y's dtype or float32, every tensor plain, contiguous, on y's CPU or CUDA device, none sharing
+    bytes with y, nothing requiring grad under grad mode, no mode active. True after doing the
+    work; False having done nothing (the full path then decides). tests/test_multi_bad_input.py
+    compares the two over a grid of good and bad inputs."""
+    if not (type(y) is Tensor and type(t) is Tensor and type(b) in _PLAIN_TENSOR_TYPES
+            and type(index) is AdapterIndex and type(offset) is int and offset == 0 and (y.is_cpu or y.is_cuda)):
+        return False
+    dtype, t_dtype, b_dtype = y.dtype, t.dtype, b.dtype
+    if (dtype not in _FLOAT_DTYPE_SET or not (t_dtype == torch.float32 or t_dtype == torch.float64)
+            or not (b_dtype == dtype or b_dtype == torch.float32)):
+        return False
+    y_shape, t_shape, b_shape = y.shape, t.shape, b.shape
+    if len(y_shape) != 2 or len(t_shape) != 2 or len(b_shape) != 3:
+        return False
+    M, N = y_shape
+    m_t, R = t_shape
+    L, n_b, r_b = b_shape
+    data = index.data
+    if not (R >= 1 and m_t == M and n_b == N and r_b == R and L == index.num_adapters and index.num_tokens == M):
+        return False
+    device = y.device
+    if t.device != device or b.device != device or data.device != device:
+        return False
+    if ranks is not None and not (type(ranks) is Tensor and ranks.device == device):
+        return False
+    if not _disjoint_from(y, t, b, ranks, data):
+        return False
+    if not _eager_modes_off() or (torch.is_grad_enabled() and (
+            y.requires_grad or t.requires_grad or b.requires_grad or (ranks is not None and ranks.requires_grad))):
+        return False
+    check_ranks("lora_expand_", ranks, L, R)
+    chosen = choose_backend("lora_expand_", device, dtype, R, backend, t_dtype=t_dtype)
+    if chosen == "torch":
+        reference.lora_expand_(y, t, b, index.token_adapter, ranks)
+    else:
+        _expand(y, t.unsqueeze(0), [b], ranks, index, 0, chosen)
+    torch.autograd.graph.increment_version(y)  # as the op does for its mutated argument
     return True
 
 
@@ -572,11 +698,15 @@ def lora_shrink(x: Tensor, lora_a_stack: Stacks, index: AdapterIndex, scales: Un
     element is written.
     """
     op = "lora_shrink"
-    a_stacks, as_list, names = _stack_list(op, "lora_a_stack", lora_a_stack)
     if isinstance(index, AdapterIndex):
         scales, scale = _scale_args(op, scales, index.num_adapters)
     else:
         scale = 1.0
+    if _FAST_COMMON:
+        result = _shrink_common(x, lora_a_stack, index, scales, scale, ranks, out, backend)
+        if result is not None:
+            return result
+    a_stacks, as_list, names = _stack_list(op, "lora_a_stack", lora_a_stack)
     _validate_shrink(op, x, a_stacks, names, as_list, index, scales, ranks, out)
     R = a_stacks[0].shape[1]
     chosen = choose_backend(op, x.device, x.dtype, R, backend)
@@ -633,6 +763,8 @@ def lora_expand_(y: Tensor, t: Tensor, lora_b_stack: Stacks, index: AdapterIndex
     Returns: y.
     """
     op = "lora_expand_"
+    if _FAST_COMMON and _expand_common(y, t, lora_b_stack, index, ranks, offset, backend):
+        return y
     b_stacks, as_list, names = _stack_list(op, "lora_b_stack", lora_b_stack)
     _validate_expand(op, y, t, b_stacks, names, as_list, index, ranks, offset)
     chosen = choose_backend(op, y.device, y.dtype, t.shape[-1], backend, t_dtype=t.dtype)
