@@ -450,3 +450,41 @@ def test_contiguous_aliasing_check_decides_as_the_full_check(monkeypatch):
                     assert verdict is None, (out.shape, out.stride(), v.shape, v.stride(), verdict)
                 assert _outcome(lambda: V.check_no_overlap("op", "out", out, **inputs)) == verdict
     assert passed >= 50, passed
+
+
+def test_common_linear_path_decides_and_computes_as_the_general_path(monkeypatch):
+    """multi_lora_linear's one-pass path of the common eager call (_linear_common) gives what the
+    general path gives -- the same error, or the same y -- over the grid of good and bad inputs,
+    a padded index, float scales, Parameters, and inputs that require grad."""
+    import importlib
+    from lora_kernels import AdapterIndex
+    ops = importlib.import_module("lora_kernels.ops.multi_lora")
+    cases = list(_linear_grid())
+    base = cases[0]
+    L = base["index"].num_adapters
+    padded = AdapterIndex.with_capacity(6, L).update_(torch.tensor([1, -1])).padded_to(3)
+    cases += [dict(base, index=padded, ranks=torch.tensor([2, 4], dtype=torch.int32)), dict(base, scales=0.25),
+              dict(base, weight=torch.nn.Parameter(base["weight"].clone())),
+              dict(base, lora_a_stack=base["lora_a_stack"].clone().requires_grad_(True)),
+              dict(base, x=base["x"].t().contiguous().t()), dict(base, bias=torch.randn(5))]
+    taken = []
+    real = ops._linear_common
+    def counted(*args):
+        y = real(*args)
+        taken.append(y is not None)
+        return y
+    monkeypatch.setattr(ops, "_linear_common", counted)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            for case in cases:
+                args = tuple(case[k] for k in ("x", "weight", "lora_a_stack", "lora_b_stack", "index", "scales",
+                                               "bias", "ranks"))
+                results = []
+                for fast in (True, False):
+                    monkeypatch.setattr(ops, "_FAST_COMMON", fast)
+                    results.append(_public_outcome(lora_kernels.multi_lora_linear, *args, backend="torch"))
+                r1, r2 = results
+                if isinstance(r1, torch.Tensor):
+                    r1, r2 = r1.detach(), r2.detach()
+                assert _same(r1, r2), (case, r1, r2)
+    assert sum(taken) >= 20, sum(taken)

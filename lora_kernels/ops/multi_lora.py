@@ -510,8 +510,8 @@ def _(x, weight, lora_a_stack, lora_b_stack, scales, scale, bias, ranks, index_d
 
 
 _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
-# The one-pass paths of the common eager call (_shrink_common, _expand_common); tests turn them
-# off to compare with the general path.
+# The one-pass paths of the common eager call (_shrink_common, _expand_common, _linear_common);
+# tests turn them off to compare with the general path.
 _FAST_COMMON = True
 
 
@@ -658,6 +658,53 @@ def _expand_common(y, t, b, index, ranks, offset, backend) -> bool:
         _expand(y, t.unsqueeze(0), [b], ranks, index, 0, chosen)
     torch.autograd.graph.increment_version(y)  # as the op does for its mutated argument
     return True
+
+
+def _linear_common(x, weight, a, b, index, scales, scale, bias, ranks, backend):
+    """multi_lora_linear's common eager call in one pass (as _shrink_common): x [M, K] of a float
+    dtype, weight [N, K] in x's dtype, the stacks [L, r_max >= 1, K] / [L, N, r_max] both in x's
+    dtype or both float32, bias None or [N] in x's dtype or float32, every tensor plain on x's
+    CPU or CUDA device, nothing requiring grad under grad mode, no mode active: every check of
+    the general path but the ranks' passes (_fast_valid_linear's conditions, 2-D x), then the
+    ranks check, the backend choice and the work run as there. Returns y, or None having done
+    nothing. tests/test_multi_bad_input.py compares the two paths over a grid of inputs."""
+    if not (type(x) is Tensor and type(weight) in _PLAIN_TENSOR_TYPES and type(a) in _PLAIN_TENSOR_TYPES
+            and type(b) in _PLAIN_TENSOR_TYPES and type(index) is AdapterIndex and (x.is_cpu or x.is_cuda)):
+        return None
+    dtype, a_dtype = x.dtype, a.dtype
+    if (dtype not in _FLOAT_DTYPE_SET or weight.dtype != dtype or b.dtype != a_dtype
+            or not (a_dtype == dtype or a_dtype == torch.float32)):
+        return None
+    x_shape, w_shape, a_shape, b_shape = x.shape, weight.shape, a.shape, b.shape
+    if len(x_shape) != 2 or len(w_shape) != 2 or len(a_shape) != 3 or len(b_shape) != 3:
+        return None
+    M, K = x_shape
+    N, k_w = w_shape
+    L, R, k_a = a_shape
+    data = index.data
+    if not (k_w == K and k_a == K and R >= 1 and L == index.num_adapters and b_shape == (L, N, R)
+            and index.num_tokens == M):
+        return None
+    device = x.device
+    if weight.device != device or a.device != device or b.device != device or data.device != device:
+        return None
+    for v in (scales, ranks):
+        if v is not None and not (type(v) is Tensor and v.device == device):
+            return None
+    if bias is not None and not (type(bias) in _PLAIN_TENSOR_TYPES and (bias.dtype == dtype or bias.dtype == torch.float32)
+                                 and bias.shape == (N,) and bias.device == device):
+        return None
+    if not _eager_modes_off() or (torch.is_grad_enabled() and (
+            x.requires_grad or weight.requires_grad or a.requires_grad or b.requires_grad
+            or (bias is not None and bias.requires_grad) or (scales is not None and scales.requires_grad)
+            or (ranks is not None and ranks.requires_grad))):
+        return None
+    check_ranks("multi_lora_linear", ranks, L, R)
+    chosen = choose_backend("multi_lora_linear", device, dtype, R, backend)
+    if chosen == "torch":
+        return reference.multi_lora_linear(x, weight, a, b, index.token_adapter, _scales_tensor(scales, scale, L, x),
+                                           bias, ranks)
+    return _linear(x, weight, a, b, scales, scale, bias, ranks, index, L, chosen)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -807,6 +854,10 @@ def multi_lora_linear(x: Tensor, weight: Tensor, lora_a_stack: Tensor, lora_b_st
         scales, scale = _scale_args(op, scales, index.num_adapters)
     else:
         scale = 1.0
+    if _FAST_COMMON:
+        y = _linear_common(x, weight, lora_a_stack, lora_b_stack, index, scales, scale, bias, ranks, backend)
+        if y is not None:
+            return y
     _validate_linear(op, x, weight, lora_a_stack, lora_b_stack, index, scales, bias, ranks)
     chosen = choose_backend(op, x.device, x.dtype, lora_a_stack.shape[1], backend)
     K, N = x.shape[-1], weight.shape[0]
