@@ -423,7 +423,7 @@ def _shrink_torch(x: Tensor, lora_a_stacks: List[Tensor], scales_t: Tensor, rank
     one stack passes its 2-D out itself, not a view of a 3-D one (a view costs ~2 us, CPU machine)."""
     ids = index.token_adapter
     for a, t in zip(lora_a_stacks, outs):
-        t.copy_(reference.lora_shrink(x, a, ids, scales_t, ranks))
+        reference.lora_shrink(x, a, ids, scales_t, ranks, out=t)  # written in place, no copy
 
 
 @lora_shrink_op.register_fake
@@ -604,11 +604,9 @@ def _shrink_common(x, a, index, scales, scale, ranks, out, backend):
         return None
     check_ranks("lora_shrink", ranks, L, R)
     chosen = choose_backend("lora_shrink", device, dtype, R, backend)
-    if chosen == "torch":
-        t = reference.lora_shrink(x, a, index.token_adapter, _scales_tensor(scales, scale, L, x), ranks)
-        if out is None:
-            return t  # a new [M, r_max] tensor, every element written
-        out.copy_(t)  # padding rows (padded_to) are -1 in token_adapter: written as zeros too
+    if chosen == "torch":  # its in-place writes move out's version counter (no bump needed)
+        # every element written; padding rows (padded_to) are -1 in token_adapter: zeros
+        return reference.lora_shrink(x, a, index.token_adapter, _scales_tensor(scales, scale, L, x), ranks, out)
     else:
         result = out if out is not None else x.new_empty((M, R), dtype=torch.float32)
         _shrink(x, [a], scales, scale, ranks, index, L, index.padded, chosen, result.unsqueeze(0))
@@ -652,10 +650,10 @@ def _expand_common(y, t, b, index, ranks, offset, backend) -> bool:
         return False
     check_ranks("lora_expand_", ranks, L, R)
     chosen = choose_backend("lora_expand_", device, dtype, R, backend, t_dtype=t_dtype)
-    if chosen == "torch":
+    if chosen == "torch":  # y.copy_ there moves y's version counter (no bump needed)
         reference.lora_expand_(y, t, b, index.token_adapter, ranks)
-    else:
-        _expand(y, t.unsqueeze(0), [b], ranks, index, 0, chosen)
+        return True
+    _expand(y, t.unsqueeze(0), [b], ranks, index, 0, chosen)
     torch.autograd.graph.increment_version(y)  # as the op does for its mutated argument
     return True
 
