@@ -544,6 +544,15 @@ def _eager_modes_off() -> bool:
                 or torch._C._are_functorch_transforms_active() or torch.autograd._profiler_enabled())
 
 
+_CPU = torch.device("cpu")
+
+
+def _on(t: Tensor, device: torch.device) -> bool:
+    """t.device == device, where `device` is _CPU for CPU tensors (which have no index): then
+    ``t.is_cpu`` answers without building t's device."""
+    return t.is_cpu if device is _CPU else t.device == device
+
+
 def _disjoint_from(out: Tensor, *inputs: Optional[Tensor]) -> bool:
     """True only where check_no_overlap(op, ..., out, **inputs) passes (decided as
     _validation._no_overlap_contiguous does: contiguous plain tensors whose byte ranges miss
@@ -587,14 +596,14 @@ def _shrink_common(x, a, index, scales, scale, ranks, out, backend):
     data = index.data
     if not (R >= 1 and k_a == K and L == index.num_adapters and index.num_tokens == M):
         return None
-    device = x.device
-    if a.device != device or data.device != device:
+    device = _CPU if x.is_cpu else x.device
+    if not (_on(a, device) and _on(data, device)):
         return None
     for v in (scales, ranks):
-        if v is not None and not (type(v) is Tensor and v.device == device):
+        if v is not None and not (type(v) is Tensor and _on(v, device)):
             return None
     if out is not None:
-        if not (type(out) is Tensor and out.device == device and out.shape == (M, R)
+        if not (type(out) is Tensor and _on(out, device) and out.shape == (M, R)
                 and out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
                 and _disjoint_from(out, x, a, scales, ranks, data)):
             return None
@@ -638,10 +647,10 @@ def _expand_common(y, t, b, index, ranks, offset, backend) -> bool:
     data = index.data
     if not (R >= 1 and m_t == M and n_b == N and r_b == R and L == index.num_adapters and index.num_tokens == M):
         return False
-    device = y.device
-    if t.device != device or b.device != device or data.device != device:
+    device = _CPU if y.is_cpu else y.device
+    if not (_on(t, device) and _on(b, device) and _on(data, device)):
         return False
-    if ranks is not None and not (type(ranks) is Tensor and ranks.device == device):
+    if ranks is not None and not (type(ranks) is Tensor and _on(ranks, device)):
         return False
     if not _disjoint_from(y, t, b, ranks, data):
         return False
@@ -683,14 +692,14 @@ def _linear_common(x, weight, a, b, index, scales, scale, bias, ranks, backend):
     if not (k_w == K and k_a == K and R >= 1 and L == index.num_adapters and b_shape == (L, N, R)
             and index.num_tokens == M):
         return None
-    device = x.device
-    if weight.device != device or a.device != device or b.device != device or data.device != device:
+    device = _CPU if x.is_cpu else x.device
+    if not (_on(weight, device) and _on(a, device) and _on(b, device) and _on(data, device)):
         return None
     for v in (scales, ranks):
-        if v is not None and not (type(v) is Tensor and v.device == device):
+        if v is not None and not (type(v) is Tensor and _on(v, device)):
             return None
     if bias is not None and not (type(bias) in _PLAIN_TENSOR_TYPES and (bias.dtype == dtype or bias.dtype == torch.float32)
-                                 and bias.shape == (N,) and bias.device == device):
+                                 and bias.shape == (N,) and _on(bias, device)):
         return None
     if not _eager_modes_off() or (torch.is_grad_enabled() and (
             x.requires_grad or weight.requires_grad or a.requires_grad or b.requires_grad
