@@ -357,19 +357,22 @@ def _row_chunks(M: int, per_row: int):
 
 
 def lora_shrink(x: torch.Tensor, lora_a_stack: torch.Tensor, token_adapter: torch.Tensor,
-                scales: torch.Tensor, ranks: Optional[torch.Tensor] = None) -> torch.Tensor:
+                scales: torch.Tensor, ranks: Optional[torch.Tensor] = None,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """t[m] = scales[i] * lora_a_stack[i, :rank_i] @ x[m] (zero past rank_i), i = token_adapter[m];
     t[m] = 0 where i = -1.
 
     x [M, K], lora_a_stack [L, r_max, K], token_adapter [M] int, scales [L], ranks [L] int | None
-    -> t [M, r_max] in the accumulation dtype (float32; float64 for float64 inputs)."""
+    -> t [M, r_max] in the accumulation dtype (float32; float64 for float64 inputs), written
+    into `out` when given (an [M, r_max] tensor of that dtype sharing no memory with the inputs:
+    the same arithmetic, no copy of t)."""
     acc = acc_dtype(x.dtype, lora_a_stack.dtype)
     M, (L, R, K) = x.shape[0], lora_a_stack.shape
     keep = rank_keep(ranks, L, R, x.device)
     ids = token_adapter.to(device=x.device, dtype=torch.int64)
     has = ids >= 0
     sel = ids.clamp(min=0)
-    t = torch.zeros(M, R, dtype=acc, device=x.device)
+    t = torch.zeros(M, R, dtype=acc, device=x.device) if out is None else out.zero_()
     for s, e in _row_chunks(M, R * K):
         a_tok = lora_a_stack[sel[s:e]].to(acc)                                  # [m, R, K]
         prod = torch.bmm(a_tok, x[s:e].to(acc).unsqueeze(-1)).squeeze(-1)       # [m, R]

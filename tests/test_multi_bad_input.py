@@ -340,3 +340,151 @@ def test_fast_shrink_expand_validation_decides_as_the_full_checks():
             fast += 1
             assert full is None or "shares memory" in full[1] or "ranks" in full[1], (args, full)
     assert fast >= 30
+
+
+def _public_outcome(fn, *args, **kwargs):
+    """(exception type, message) or the returned tensor's copy."""
+    try:
+        r = fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 -- the outcome itself is compared
+        return type(e), str(e)
+    return r.clone() if isinstance(r, torch.Tensor) else r
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+                and (a.is_meta or torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())))
+    return a == b
+
+
+def _shares(out, *inputs) -> bool:
+    ptr = out.untyped_storage().data_ptr()
+    return any(isinstance(v, torch.Tensor) and not v.is_meta and v.untyped_storage().data_ptr() == ptr
+               for v in inputs)
+
+
+def test_common_call_paths_decide_and_compute_as_the_general_path(monkeypatch):
+    """lora_shrink / lora_expand_'s one-pass paths of the common eager call (_shrink_common,
+    _expand_common) give what the general path gives -- the same error, or the same result and the
+    same bits written to out / y -- over the grid of good and bad inputs, a padded index, a
+    non-contiguous out / y, inputs aliasing them, and inputs that require grad."""
+    import importlib
+    from lora_kernels import AdapterIndex
+    ops = importlib.import_module("lora_kernels.ops.multi_lora")
+    shrinks, expands = _shrink_expand_grid()
+    M, K, L, R = 3, 6, 2, 4
+    x, a = torch.randn(M, K), torch.randn(L, R, K)
+    padded = AdapterIndex.with_capacity(5, L).update_(torch.tensor([1, 0])).padded_to(M)
+    shrinks.append((x, [a], False, padded, torch.rand(L), torch.tensor([3, 4]), torch.randn(M, R)))
+    shrinks.append((x, [a], False, padded, 0.5, None, None))
+    shrinks.append((x, [a], False, shrinks[0][3], torch.rand(L), None, torch.randn(R, M).t()))  # strided out
+    shrinks.append((x, [a.clone().requires_grad_(True)], False, shrinks[0][3], None, None, torch.randn(M, R)))
+    y = torch.randn(M, 5)
+    expands.append((y, torch.randn(M, R), [torch.randn(L, 5, R)], False, padded, torch.tensor([2, 4]), 0))
+    expands.append((torch.randn(5, M).t(), torch.randn(M, R), [torch.randn(L, 5, R)], False, padded, None, 0))
+    expands.append((y, torch.randn(M, R).requires_grad_(True), [torch.randn(L, 5, R)], False, padded, None, 0))
+    taken = {"shrink": 0, "expand": 0}
+    real_shrink, real_expand = ops._shrink_common, ops._expand_common
+
+    def count(name, fn, done):
+        def wrapped(*args):
+            r = fn(*args)
+            taken[name] += bool(done(r))
+            return r
+        return wrapped
+    monkeypatch.setattr(ops, "_shrink_common", count("shrink", real_shrink, lambda r: r is not None))
+    monkeypatch.setattr(ops, "_expand_common", count("expand", real_expand, lambda r: r))
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            for x, a, as_list, index, scales, ranks, out in shrinks:
+                results = []
+                for fast in (True, False):
+                    monkeypatch.setattr(ops, "_FAST_COMMON", fast)
+                    # poisoned, out's strides kept (clone preserves a dense layout); a view of x stays a view
+                    o = out
+                    if isinstance(out, torch.Tensor) and not out.is_meta and not _shares(out, x):
+                        o = out.clone().fill_(float("nan"))
+                    res = _public_outcome(lora_kernels.lora_shrink, x, a if as_list else a[0], index, scales, ranks,
+                                          out=o, backend="torch")
+                    results.append((res, o.clone() if isinstance(o, torch.Tensor) and not o.is_meta else None))
+                (r1, o1), (r2, o2) = results
+                assert _same(r1, r2) and (o1 is None or _same(o1, o2)), (x.shape, index, scales, ranks, r1, r2)
+            for y, t, b, as_list, index, ranks, offset in expands:
+                results = []
+                for fast in (True, False):
+                    monkeypatch.setattr(ops, "_FAST_COMMON", fast)
+                    yy = y  # a fresh y with y's strides; a view sharing t's / B's buffer stays one
+                    if isinstance(y, torch.Tensor) and not y.is_meta and not _shares(y, t, *b):
+                        yy = y.clone()
+                    res = _public_outcome(lora_kernels.lora_expand_, yy, t, b if as_list else b[0], index, ranks,
+                                          offset, backend="torch")
+                    results.append(res)
+                assert _same(results[0], results[1]), (y.shape, t, index, ranks, offset, results)
+    assert taken["shrink"] >= 10 and taken["expand"] >= 10, taken
+
+
+def test_contiguous_aliasing_check_decides_as_the_full_check(monkeypatch):
+    """check_no_overlap's data-pointer decision (_no_overlap_contiguous) passes only where the
+    full check (internal overlap, then storage and byte ranges per input) passes: over pairs of
+    views of one buffer (slices, disjoint and overlapping, transposes, expands, empty views) and
+    of separate tensors."""
+    from lora_kernels import _validation as V
+    buf = torch.randn(6, 8)
+    views = [buf, buf[:2], buf[2:4], buf[:, :3], buf[:, 3:], buf.t(), buf[1:3, 2:5], buf.view(-1)[5:11],
+             buf.view(-1)[11:13], buf[:0], buf[0:1, :].expand(3, 8), torch.randn(3, 4), torch.randn(0),
+             torch.randn(4, 2).t(), buf.view(-1)[47:48]]
+
+    def full(out, **inputs):
+        with monkeypatch.context() as m:
+            m.setattr(V, "_no_overlap_contiguous", lambda *a: False)
+            return _outcome(lambda: V.check_no_overlap("op", "out", out, **inputs))
+    passed = 0
+    for out in views:
+        for v in views:
+            for inputs in ({"a": v}, {"a": None, "b": [v, None]}, {"a": (views[11], v)}):
+                fast = V._no_overlap_contiguous(out, inputs)
+                verdict = full(out, **inputs)
+                if fast:
+                    passed += 1
+                    assert verdict is None, (out.shape, out.stride(), v.shape, v.stride(), verdict)
+                assert _outcome(lambda: V.check_no_overlap("op", "out", out, **inputs)) == verdict
+    assert passed >= 50, passed
+
+
+def test_common_linear_path_decides_and_computes_as_the_general_path(monkeypatch):
+    """multi_lora_linear's one-pass path of the common eager call (_linear_common) gives what the
+    general path gives -- the same error, or the same y -- over the grid of good and bad inputs,
+    a padded index, float scales, Parameters, and inputs that require grad."""
+    import importlib
+    from lora_kernels import AdapterIndex
+    ops = importlib.import_module("lora_kernels.ops.multi_lora")
+    cases = list(_linear_grid())
+    base = cases[0]
+    L = base["index"].num_adapters
+    padded = AdapterIndex.with_capacity(6, L).update_(torch.tensor([1, -1])).padded_to(3)
+    cases += [dict(base, index=padded, ranks=torch.tensor([2, 4], dtype=torch.int32)), dict(base, scales=0.25),
+              dict(base, weight=torch.nn.Parameter(base["weight"].clone())),
+              dict(base, lora_a_stack=base["lora_a_stack"].clone().requires_grad_(True)),
+              dict(base, x=base["x"].t().contiguous().t()), dict(base, bias=torch.randn(5))]
+    taken = []
+    real = ops._linear_common
+    def counted(*args):
+        y = real(*args)
+        taken.append(y is not None)
+        return y
+    monkeypatch.setattr(ops, "_linear_common", counted)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            for case in cases:
+                args = tuple(case[k] for k in ("x", "weight", "lora_a_stack", "lora_b_stack", "index", "scales",
+                                               "bias", "ranks"))
+                results = []
+                for fast in (True, False):
+                    monkeypatch.setattr(ops, "_FAST_COMMON", fast)
+                    results.append(_public_outcome(lora_kernels.multi_lora_linear, *args, backend="torch"))
+                r1, r2 = results
+                if isinstance(r1, torch.Tensor):
+                    r1, r2 = r1.detach(), r2.detach()
+                assert _same(r1, r2), (case, r1, r2)
+    assert sum(taken) >= 20, sum(taken)

@@ -334,13 +334,15 @@ def test_eager_direct_calls_match_the_registered_ops(backend, interpreter_device
                                            inp.ranks, backend=backend)
         return t, y, z
     with torch.no_grad():
+        common = run()  # the one-pass paths of the common call (_shrink_common, _expand_common)
+        monkeypatch.setattr(ops, "_FAST_COMMON", False)
         direct = run()
         calls = []
         monkeypatch.setattr(ops, "_eager_direct", lambda *t: calls.append(1) and False)
         through_op = run()
     assert len(calls) == 3
-    for a, b in zip(direct, through_op):
-        assert torch.equal(a, b)
+    for a, b, c in zip(common, direct, through_op):
+        assert torch.equal(a, c) and torch.equal(b, c)
 
 
 def test_eager_direct_only_without_autograd_or_modes():
@@ -397,3 +399,15 @@ def test_backend_cache_follows_the_environment(monkeypatch, interpreter_device):
         choose_backend("lora_shrink", cpu, torch.float32, 8)
     monkeypatch.delenv("LORA_KERNELS_BACKEND")
     assert choose_backend("lora_shrink", cpu, torch.float32, 8) == "torch"
+
+
+def test_reference_shrink_into_out_is_the_allocating_shrink():
+    """reference.lora_shrink(..., out=) (what the torch backend's eager shrink runs) writes every
+    element of a poisoned out, strided or not, with the bits of the allocating call."""
+    from lora_kernels import reference
+    inp = make_multi_inputs(7, 12, 16, 3, 4, ranks="mixed")
+    ids = torch.tensor([0, -1, 2, 1, 1, -1, 2])
+    for out in (torch.full((7, 4), float("nan")), torch.full((4, 7), float("nan")).t()):
+        want = reference.lora_shrink(inp.x, inp.lora_a, ids, inp.scales, inp.ranks)
+        got = reference.lora_shrink(inp.x, inp.lora_a, ids, inp.scales, inp.ranks, out=out)
+        assert got is out and torch.equal(out, want)

@@ -53,6 +53,8 @@ def _scale_args(op: str, scales, num_adapters: int) -> Tuple[Optional[Tensor], f
     """(scales tensor or None, scalar scale): a [L] tensor, a finite float, or None (= 1)."""
     if scales is None:
         return None, 1.0
+    if type(scales) is Tensor and scales.dtype in _FLOAT_DTYPE_SET and scales.shape == (num_adapters,):
+        return scales, 1.0  # the checks below pass: a float [L] tensor, read in one pass
     if isinstance(scales, Tensor):
         check_tensor(op, "scales", scales, ndim=1)
         check_shape(op, "scales", scales, (num_adapters,), "one scale per adapter slot, L = index.num_adapters")
@@ -337,7 +339,13 @@ def choose_backend(op: str, device: torch.device, dtype: torch.dtype, r_max: int
     Eager calls memoise the answer on everything the rule reads (as lora_linear's choose_backend:
     the op, the requested backend, the device, the dtypes, r_max, the two environment variables
     and whether the interpreter's bfloat16 dot is fixed). A backend whose reasons read anything
-    else must add it to the key."""
+    else must add it to the key.
+
+    An explicit "torch" resolves to "torch" whatever the device, inputs and environment (the
+    variable only replaces "auto"; the torch backend has no reason to refuse an input), so it is
+    returned at once."""
+    if backend == "torch" and type(backend) is str:
+        return backend
     if torch.compiler.is_compiling() or type(backend) is not str:  # resolve() names a bad backend
         return backends.resolve(op, backend, device, AUTO_PREFERENCE, _input_reason(dtype, r_max, t_dtype))
     key = (op, backend, device, dtype, r_max, t_dtype, backends.getenv(backends.ENV_VAR),
@@ -406,8 +414,16 @@ def _shrink(x: Tensor, lora_a_stacks: List[Tensor], scales: Optional[Tensor], sc
         launch(x, lora_a_stacks, index, scales_t, ranks, out=out)
         return
     _check_torch(backend)
-    for a, t in zip(lora_a_stacks, out.unbind(0)):  # unbind: not Tensor.__iter__ (~3 us more)
-        t.copy_(reference.lora_shrink(x, a, index.token_adapter, scales_t, ranks))
+    _shrink_torch(x, lora_a_stacks, scales_t, ranks, index, out.unbind(0))  # unbind: not Tensor.__iter__ (~3 us more)
+
+
+def _shrink_torch(x: Tensor, lora_a_stacks: List[Tensor], scales_t: Tensor, ranks: Optional[Tensor],
+                  index: AdapterIndex, outs: Sequence[Tensor]) -> None:
+    """The torch backend's shrink into outs[i] [M, r_max] (the slices of out): the eager call of
+    one stack passes its 2-D out itself, not a view of a 3-D one (a view costs ~2 us, CPU machine)."""
+    ids = index.token_adapter
+    for a, t in zip(lora_a_stacks, outs):
+        reference.lora_shrink(x, a, ids, scales_t, ranks, out=t)  # written in place, no copy
 
 
 @lora_shrink_op.register_fake
@@ -435,10 +451,18 @@ def _expand(y: Tensor, t: Tensor, lora_b_stacks: List[Tensor], ranks: Optional[T
         launch(y, t, lora_b_stacks, index, ranks, offset=offset)
         return
     _check_torch(backend)
-    for i, (b, col) in enumerate(_slice_columns(lora_b_stacks, offset)):
+    _expand_torch(y, t.unbind(0), lora_b_stacks, ranks, index, offset)
+
+
+def _expand_torch(y: Tensor, ts: Sequence[Tensor], lora_b_stacks: List[Tensor], ranks: Optional[Tensor],
+                  index: AdapterIndex, offset: int) -> None:
+    """The torch backend's expand of ts[i] [M, r_max] (the slices of t): the eager call of one
+    stack passes its 2-D t itself, not a view of a 3-D one (a view costs ~2 us, CPU machine)."""
+    ids, n_y = index.token_adapter, y.shape[1]
+    for t_i, (b, col) in zip(ts, _slice_columns(lora_b_stacks, offset)):
         width = b.shape[1]
-        cols = y if col == 0 and width == y.shape[1] else y[:, col:col + width]  # no view of all of y
-        reference.lora_expand_(cols, t[i], b, index.token_adapter, ranks)
+        cols = y if col == 0 and width == n_y else y[:, col:col + width]  # no view of all of y
+        reference.lora_expand_(cols, t_i, b, ids, ranks)
 
 
 @lora_expand_op.register_fake
@@ -486,6 +510,9 @@ def _(x, weight, lora_a_stack, lora_b_stack, scales, scale, bias, ranks, index_d
 
 
 _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+# The one-pass paths of the common eager call (_shrink_common, _expand_common, _linear_common);
+# tests turn them off to compare with the general path.
+_FAST_COMMON = True
 
 
 def _eager_direct(*tensors: Optional[Tensor]) -> bool:
@@ -496,15 +523,195 @@ def _eager_direct(*tensors: Optional[Tensor]) -> bool:
     formula: through the op, an input that requires grad gets torch's "no autograd formula"
     error at backward, so such calls keep the op). The caller bumps the version counter of what
     the op mutates, as the op's ADInplaceOrView kernel does."""
-    if torch.compiler.is_compiling() or torch.autograd._profiler_enabled():
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._are_functorch_transforms_active() or torch.autograd._profiler_enabled()):
         return False
-    if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
-        return False
-    grad = torch.is_grad_enabled()
-    for t in tensors:
-        if t is not None and (type(t) not in _PLAIN_TENSOR_TYPES or t.is_meta or (grad and t.requires_grad)):
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if t is not None and (type(t) not in _PLAIN_TENSOR_TYPES or t.is_meta or t.requires_grad):
+                return False
+        return True
+    for t in tensors:  # no_grad (serving): requires_grad is not read
+        if t is not None and (type(t) not in _PLAIN_TENSOR_TYPES or t.is_meta):
             return False
     return True
+
+
+def _eager_modes_off() -> bool:
+    """No torch.compile tracing, dispatch mode, functorch transform or profiler: _eager_direct's
+    conditions on the state, apart from the tensors."""
+    return not (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+                or torch._C._are_functorch_transforms_active() or torch.autograd._profiler_enabled())
+
+
+_CPU = torch.device("cpu")
+
+
+def _on(t: Tensor, device: torch.device) -> bool:
+    """t.device == device, where `device` is _CPU for CPU tensors (which have no index): then
+    ``t.is_cpu`` answers without building t's device."""
+    return t.is_cpu if device is _CPU else t.device == device
+
+
+def _disjoint_from(out: Tensor, *inputs: Optional[Tensor]) -> bool:
+    """True only where check_no_overlap(op, ..., out, **inputs) passes (decided as
+    _validation._no_overlap_contiguous does: contiguous plain tensors whose byte ranges miss
+    out's); False decides nothing."""
+    if not out.is_contiguous():
+        return False
+    lo = out.data_ptr()
+    hi = lo + out.nbytes
+    for t in inputs:
+        if t is not None:
+            if not t.is_contiguous():
+                return False
+            t_lo = t.data_ptr()
+            if t_lo < hi and lo < t_lo + t.nbytes:
+                return False
+    return True
+
+
+def _shrink_common(x, a, index, scales, scale, ranks, out, backend):
+    """lora_shrink's common eager call in one pass: one stack (a plain tensor), an AdapterIndex,
+    ``scales`` as _scale_args returned it, ``out`` None or a contiguous [M, r_max] buffer of the
+    accumulation dtype, every tensor plain, contiguous, on x's CPU or CUDA device, sharing no
+    bytes with out, nothing requiring grad under grad mode, no mode active. Returns the result
+    after doing the work, or None having done nothing and checked nothing that the full path
+    would not check the same way: every check of the full path but the ranks' passes for such
+    inputs (the one-pass shape, dtype and device check, the aliasing check), then the ranks
+    check, the backend choice and the work run as there. ~2x less host time than the general
+    path (CPU machine, overhead suite); tests/test_multi_bad_input.py compares the two over a
+    grid of good and bad inputs."""
+    if not (type(x) is Tensor and type(a) in _PLAIN_TENSOR_TYPES and type(index) is AdapterIndex
+            and (x.is_cpu or x.is_cuda)):
+        return None
+    dtype, a_dtype = x.dtype, a.dtype
+    if dtype not in _FLOAT_DTYPE_SET or not (a_dtype == dtype or a_dtype == torch.float32):
+        return None
+    x_shape, a_shape = x.shape, a.shape
+    if len(x_shape) != 2 or len(a_shape) != 3:
+        return None
+    M, K = x_shape
+    L, R, k_a = a_shape
+    data = index.data
+    if not (R >= 1 and k_a == K and L == index.num_adapters and index.num_tokens == M):
+        return None
+    device = _CPU if x.is_cpu else x.device
+    if not (_on(a, device) and _on(data, device)):
+        return None
+    for v in (scales, ranks):
+        if v is not None and not (type(v) is Tensor and _on(v, device)):
+            return None
+    if out is not None:
+        if not (type(out) is Tensor and _on(out, device) and out.shape == (M, R)
+                and out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+                and _disjoint_from(out, x, a, scales, ranks, data)):
+            return None
+    if not _eager_modes_off() or (torch.is_grad_enabled() and (
+            x.requires_grad or a.requires_grad or (out is not None and out.requires_grad)
+            or (scales is not None and scales.requires_grad) or (ranks is not None and ranks.requires_grad))):
+        return None
+    check_ranks("lora_shrink", ranks, L, R)
+    chosen = choose_backend("lora_shrink", device, dtype, R, backend)
+    if chosen == "torch":  # its in-place writes move out's version counter (no bump needed)
+        # every element written; padding rows (padded_to) are -1 in token_adapter: zeros
+        return reference.lora_shrink(x, a, index.token_adapter, _scales_tensor(scales, scale, L, x), ranks, out)
+    else:
+        result = out if out is not None else x.new_empty((M, R), dtype=torch.float32)
+        _shrink(x, [a], scales, scale, ranks, index, L, index.padded, chosen, result.unsqueeze(0))
+        out = result
+    torch.autograd.graph.increment_version(out)  # as the op does for its mutated argument
+    return out
+
+
+def _expand_common(y, t, b, index, ranks, offset, backend) -> bool:
+    """lora_expand_'s common eager call in one pass (as _shrink_common): one stack (a plain
+    tensor) over all of y (offset 0), t [M, r_max] float32/64, y of a float dtype, the stack in
+    y's dtype or float32, every tensor plain, contiguous, on y's CPU or CUDA device, none sharing
+    bytes with y, nothing requiring grad under grad mode, no mode active. True after doing the
+    work; False having done nothing (the full path then decides). tests/test_multi_bad_input.py
+    compares the two over a grid of good and bad inputs."""
+    if not (type(y) is Tensor and type(t) is Tensor and type(b) in _PLAIN_TENSOR_TYPES
+            and type(index) is AdapterIndex and type(offset) is int and offset == 0 and (y.is_cpu or y.is_cuda)):
+        return False
+    dtype, t_dtype, b_dtype = y.dtype, t.dtype, b.dtype
+    if (dtype not in _FLOAT_DTYPE_SET or not (t_dtype == torch.float32 or t_dtype == torch.float64)
+            or not (b_dtype == dtype or b_dtype == torch.float32)):
+        return False
+    y_shape, t_shape, b_shape = y.shape, t.shape, b.shape
+    if len(y_shape) != 2 or len(t_shape) != 2 or len(b_shape) != 3:
+        return False
+    M, N = y_shape
+    m_t, R = t_shape
+    L, n_b, r_b = b_shape
+    data = index.data
+    if not (R >= 1 and m_t == M and n_b == N and r_b == R and L == index.num_adapters and index.num_tokens == M):
+        return False
+    device = _CPU if y.is_cpu else y.device
+    if not (_on(t, device) and _on(b, device) and _on(data, device)):
+        return False
+    if ranks is not None and not (type(ranks) is Tensor and _on(ranks, device)):
+        return False
+    if not _disjoint_from(y, t, b, ranks, data):
+        return False
+    if not _eager_modes_off() or (torch.is_grad_enabled() and (
+            y.requires_grad or t.requires_grad or b.requires_grad or (ranks is not None and ranks.requires_grad))):
+        return False
+    check_ranks("lora_expand_", ranks, L, R)
+    chosen = choose_backend("lora_expand_", device, dtype, R, backend, t_dtype=t_dtype)
+    if chosen == "torch":  # y.copy_ there moves y's version counter (no bump needed)
+        reference.lora_expand_(y, t, b, index.token_adapter, ranks)
+        return True
+    _expand(y, t.unsqueeze(0), [b], ranks, index, 0, chosen)
+    torch.autograd.graph.increment_version(y)  # as the op does for its mutated argument
+    return True
+
+
+def _linear_common(x, weight, a, b, index, scales, scale, bias, ranks, backend):
+    """multi_lora_linear's common eager call in one pass (as _shrink_common): x [M, K] of a float
+    dtype, weight [N, K] in x's dtype, the stacks [L, r_max >= 1, K] / [L, N, r_max] both in x's
+    dtype or both float32, bias None or [N] in x's dtype or float32, every tensor plain on x's
+    CPU or CUDA device, nothing requiring grad under grad mode, no mode active: every check of
+    the general path but the ranks' passes (_fast_valid_linear's conditions, 2-D x), then the
+    ranks check, the backend choice and the work run as there. Returns y, or None having done
+    nothing. tests/test_multi_bad_input.py compares the two paths over a grid of inputs."""
+    if not (type(x) is Tensor and type(weight) in _PLAIN_TENSOR_TYPES and type(a) in _PLAIN_TENSOR_TYPES
+            and type(b) in _PLAIN_TENSOR_TYPES and type(index) is AdapterIndex and (x.is_cpu or x.is_cuda)):
+        return None
+    dtype, a_dtype = x.dtype, a.dtype
+    if (dtype not in _FLOAT_DTYPE_SET or weight.dtype != dtype or b.dtype != a_dtype
+            or not (a_dtype == dtype or a_dtype == torch.float32)):
+        return None
+    x_shape, w_shape, a_shape, b_shape = x.shape, weight.shape, a.shape, b.shape
+    if len(x_shape) != 2 or len(w_shape) != 2 or len(a_shape) != 3 or len(b_shape) != 3:
+        return None
+    M, K = x_shape
+    N, k_w = w_shape
+    L, R, k_a = a_shape
+    data = index.data
+    if not (k_w == K and k_a == K and R >= 1 and L == index.num_adapters and b_shape == (L, N, R)
+            and index.num_tokens == M):
+        return None
+    device = _CPU if x.is_cpu else x.device
+    if not (_on(weight, device) and _on(a, device) and _on(b, device) and _on(data, device)):
+        return None
+    for v in (scales, ranks):
+        if v is not None and not (type(v) is Tensor and _on(v, device)):
+            return None
+    if bias is not None and not (type(bias) in _PLAIN_TENSOR_TYPES and (bias.dtype == dtype or bias.dtype == torch.float32)
+                                 and bias.shape == (N,) and _on(bias, device)):
+        return None
+    if not _eager_modes_off() or (torch.is_grad_enabled() and (
+            x.requires_grad or weight.requires_grad or a.requires_grad or b.requires_grad
+            or (bias is not None and bias.requires_grad) or (scales is not None and scales.requires_grad)
+            or (ranks is not None and ranks.requires_grad))):
+        return None
+    check_ranks("multi_lora_linear", ranks, L, R)
+    chosen = choose_backend("multi_lora_linear", device, dtype, R, backend)
+    if chosen == "torch":
+        return reference.multi_lora_linear(x, weight, a, b, index.token_adapter, _scales_tensor(scales, scale, L, x),
+                                           bias, ranks)
+    return _linear(x, weight, a, b, scales, scale, bias, ranks, index, L, chosen)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -545,25 +752,36 @@ def lora_shrink(x: Tensor, lora_a_stack: Stacks, index: AdapterIndex, scales: Un
     element is written.
     """
     op = "lora_shrink"
-    a_stacks, as_list, names = _stack_list(op, "lora_a_stack", lora_a_stack)
     if isinstance(index, AdapterIndex):
         scales, scale = _scale_args(op, scales, index.num_adapters)
     else:
         scale = 1.0
+    if _FAST_COMMON:
+        result = _shrink_common(x, lora_a_stack, index, scales, scale, ranks, out, backend)
+        if result is not None:
+            return result
+    a_stacks, as_list, names = _stack_list(op, "lora_a_stack", lora_a_stack)
     _validate_shrink(op, x, a_stacks, names, as_list, index, scales, ranks, out)
     R = a_stacks[0].shape[1]
     chosen = choose_backend(op, x.device, x.dtype, R, backend)
     if out is None:
         out = x.new_empty((len(a_stacks), x.shape[0], R), dtype=_t_dtype(x.dtype, a_stacks[0].dtype))
         result = out if as_list else out[0]
-    else:
-        result, out = out, (out if as_list else out.unsqueeze(0))
-    if _eager_direct(x, out, scales, ranks, index.data, *a_stacks):
-        _shrink(x, a_stacks, scales, scale, ranks, index, index.num_adapters, index.padded, chosen, out)
-        torch.autograd.graph.increment_version(out)  # as the op does for its mutated argument
+    else:  # the op takes out [S, M, r_max]: one stack's [M, r_max] gets its view when needed
+        result, out = out, (out if as_list else None)
+    if _eager_direct(x, result, scales, ranks, index.data, *a_stacks):
+        if chosen == "torch" and not as_list:  # _shrink's work on the 2-D out itself, no [1, M, r_max] view
+            if index.padded:
+                result.zero_()
+            _shrink_torch(x, a_stacks, _scales_tensor(scales, scale, index.num_adapters, x), ranks, index, (result,))
+        else:
+            _shrink(x, a_stacks, scales, scale, ranks, index, index.num_adapters, index.padded, chosen,
+                    result.unsqueeze(0) if out is None else out)
+        torch.autograd.graph.increment_version(result)  # as the op does for its mutated argument
         return result
     torch.ops.lora_kernels.lora_shrink(x, a_stacks, scales, scale, ranks, index.data, index.num_adapters,
-                                       index.capacity, index.padded, chosen, out)
+                                       index.capacity, index.padded, chosen,
+                                       result.unsqueeze(0) if out is None else out)
     return result
 
 
@@ -599,15 +817,19 @@ def lora_expand_(y: Tensor, t: Tensor, lora_b_stack: Stacks, index: AdapterIndex
     Returns: y.
     """
     op = "lora_expand_"
+    if _FAST_COMMON and _expand_common(y, t, lora_b_stack, index, ranks, offset, backend):
+        return y
     b_stacks, as_list, names = _stack_list(op, "lora_b_stack", lora_b_stack)
     _validate_expand(op, y, t, b_stacks, names, as_list, index, ranks, offset)
     chosen = choose_backend(op, y.device, y.dtype, t.shape[-1], backend, t_dtype=t.dtype)
-    t3 = t if as_list else t.unsqueeze(0)
     if _eager_direct(y, t, ranks, index.data, *b_stacks):
-        _expand(y, t3, b_stacks, ranks, index, offset, chosen)
+        if chosen == "torch":  # _expand's work on t's 2-D slices, no [1, M, r_max] view of one
+            _expand_torch(y, t.unbind(0) if as_list else (t,), b_stacks, ranks, index, offset)
+        else:
+            _expand(y, t if as_list else t.unsqueeze(0), b_stacks, ranks, index, offset, chosen)
         torch.autograd.graph.increment_version(y)  # as the op does for its mutated argument
         return y
-    torch.ops.lora_kernels.lora_expand(y, t3, b_stacks, ranks, index.data, index.num_adapters, index.capacity,
+    torch.ops.lora_kernels.lora_expand(y, t if as_list else t.unsqueeze(0), b_stacks, ranks, index.data, index.num_adapters, index.capacity,
                                        offset, chosen)
     return y
 
@@ -639,6 +861,10 @@ def multi_lora_linear(x: Tensor, weight: Tensor, lora_a_stack: Tensor, lora_b_st
         scales, scale = _scale_args(op, scales, index.num_adapters)
     else:
         scale = 1.0
+    if _FAST_COMMON:
+        y = _linear_common(x, weight, lora_a_stack, lora_b_stack, index, scales, scale, bias, ranks, backend)
+        if y is not None:
+            return y
     _validate_linear(op, x, weight, lora_a_stack, lora_b_stack, index, scales, bias, ranks)
     chosen = choose_backend(op, x.device, x.dtype, lora_a_stack.shape[1], backend)
     K, N = x.shape[-1], weight.shape[0]
