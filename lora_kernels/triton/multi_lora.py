@@ -402,28 +402,33 @@ def _segments_expand_store(acc, t, b_ptr, bias_ptr, ranks_ptr, sorted_slot_ptr, 
 
 
 # Runtime ints that vary per call are never specialised (no "== 1" constant, no divisibility
-# variant): the fused linear compiles once per layer configuration whatever M and the tiles per
-# program are (issue 16, point 6; the single-adapter forward does the same, lora_linear.py).
+# variant; issue 16, point 6; the single-adapter forward does the same, lora_linear.py): the
+# chunked linear compiles once per layer configuration whatever M and the tiles per program are.
+# The fused linear keeps M specialised and TILES_PER_PROGRAM a constexpr (one variant per value
+# the config gives a layer, a divisor of its N-tile count): either as a plain runtime int made
+# ptxas spill its 16-row decode tiles -- 12 B at padded rank 32 unbounded, 52 B at rank 16
+# bounded at 255 registers, 32-56 B at 128/168 (ptxas -v, sm_90a, triton 3.8) -- and no bound
+# was spill-free for both.
 _PER_CALL_INTS = ["M", "tiles_per_program"]
 
 
-@triton.jit(do_not_specialize=_PER_CALL_INTS)
+@triton.jit
 def multi_lora_linear_kernel(
     x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, scales_ptr, ranks_ptr, y_ptr,
     tok_ptr, sorted_slot_ptr, slot_start_ptr,
-    M, N, K, R, L, scale, tiles_per_program,
+    M, N, K, R, L, scale,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_al, stride_ar, stride_ak,
     stride_bl, stride_bn, stride_br, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_RANKS: tl.constexpr, SPLIT_A: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    MANY_TILES: tl.constexpr, GROUP_M: tl.constexpr,
+    TILES_PER_PROGRAM: tl.constexpr, GROUP_M: tl.constexpr,
     BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
 ):
-    """t computed here, held in registers over the program's tiles_per_program N tiles (t from
+    """t computed here, held in registers over the program's TILES_PER_PROGRAM N tiles (t from
     the segmented shrink takes multi_lora_linear_chunked_kernel)."""
     num_m_blocks = tl.cdiv(M, BLOCK_M)
     num_n_tiles = tl.cdiv(N, BLOCK_N)
-    num_n_runs = tl.cdiv(num_n_tiles, tiles_per_program)
+    num_n_runs = tl.cdiv(num_n_tiles, TILES_PER_PROGRAM)
     # Grouped order (as lora_linear.py): GROUP_M row blocks sweep the same W run together.
     m_block, n_run = _grouped_tile(tl.program_id(0), num_m_blocks, num_n_runs, GROUP_M)
 
@@ -434,7 +439,7 @@ def multi_lora_linear_kernel(
     row_ok = offs_p < M
     tok = tl.load(tok_ptr + offs_p, mask=row_ok, other=0)
     offs_r = tl.arange(0, BLOCK_R)
-    first_tile = n_run * tiles_per_program
+    first_tile = n_run * TILES_PER_PROGRAM
     offs_n = first_tile * BLOCK_N + tl.arange(0, BLOCK_N)
 
     first_slot = tl.load(sorted_slot_ptr + p0)
@@ -465,19 +470,15 @@ def multi_lora_linear_kernel(
                            HAS_BIAS, HAS_RANKS, LORA_PRECISION)
 
     # The program's remaining N tiles reuse t from registers: only the base K loop runs again.
-    # MANY_TILES (tiles_per_program > 1) is the one constexpr: without the loop the decode tiles
-    # need fewer registers (16x64 at padded rank 32: 12 B spilled with the loop compiled in,
-    # ptxas sm_90a, triton 3.8), so a layer has at most two variants whatever M is.
-    if MANY_TILES:
-        last_tile = tl.minimum(first_tile + tiles_per_program, num_n_tiles)
-        for tile in range(first_tile + 1, last_tile):
-            offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-            acc = _base_rows(x_ptr, w_ptr, tok, row_ok, offs_n, N, K, stride_xm, stride_xk, stride_wn,
-                             stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, BASE_PRECISION)
-            _segments_expand_store(acc, t, b_ptr, bias_ptr, ranks_ptr, sorted_slot_ptr, slot_start_ptr, y_ptr,
-                                   tok, row_ok, offs_p, offs_n, offs_r, p0, p_end, N, R, L,
-                                   stride_bl, stride_bn, stride_br, stride_ym, stride_yn,
-                                   HAS_BIAS, HAS_RANKS, LORA_PRECISION)
+    last_tile = tl.minimum(first_tile + TILES_PER_PROGRAM, num_n_tiles)
+    for tile in range(first_tile + 1, last_tile):
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = _base_rows(x_ptr, w_ptr, tok, row_ok, offs_n, N, K, stride_xm, stride_xk, stride_wn,
+                         stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, BASE_PRECISION)
+        _segments_expand_store(acc, t, b_ptr, bias_ptr, ranks_ptr, sorted_slot_ptr, slot_start_ptr, y_ptr,
+                               tok, row_ok, offs_p, offs_n, offs_r, p0, p_end, N, R, L,
+                               stride_bl, stride_bn, stride_br, stride_ym, stride_yn,
+                               HAS_BIAS, HAS_RANKS, LORA_PRECISION)
 
 
 @triton.jit
@@ -774,9 +775,9 @@ def t_chunk_for(R: int, b_dtype: torch.dtype, block_m: int, block_n: int, num_wa
 # see the dynamic shared memory, 36-115 KB per block here, that already limits the kernel to 1-6
 # blocks per SM) and spilled long-lived values to reach it: 4-24 B per thread at 48-72
 # registers on the decode tiles (BLOCK_M 16); with the bound it uses 54-120 and spills nothing
-# (ptxas -v, sm_90a, triton 3.8). multi_lora_linear_kernel takes it only with its tile loop
-# compiled in (MANY_TILES; see its launch): without the loop, bounded at 255 (or 128, 168) ptxas
-# scheduled its decode tiles up to the bound and then spilled (4-88 B), unbounded nothing.
+# (ptxas -v, sm_90a, triton 3.8). Not for multi_lora_linear_kernel: bounded at 255 (or 128, 168)
+# ptxas schedules its decode tiles up to the bound and then spills (4-88 B), unbounded it
+# spills nothing.
 MAX_REGISTERS = 255
 
 
@@ -967,17 +968,12 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a_stack: torch
             HAS_BIAS=bias is not None, HAS_RANKS=has_ranks,
             BLOCK_R=t_chunk_for(R, lora_b_stack.dtype, tiles.block_m, tiles.block_n, tiles.num_warps), maxnreg=MAX_REGISTERS, **common)
         return y
-    # With the tile loop compiled in, ptxas's own occupancy target spilled the 16x64 decode tile at
-    # padded rank 32 (96 registers, 12 B); bounded at 255 it takes 199 and spills nothing (shared
-    # memory, 84 KB, already limits it to 2 blocks per SM). Without the loop no bound is needed.
-    many_tiles = tiles.tiles_per_program > 1
     multi_lora_linear_kernel[grid](
         x, weight, bias_arg, lora_a_stack, lora_b_stack, scales_t, ranks_t, y,
         index.sorted_tokens, index.sorted_adapter, index.slot_start,
-        M, N, K, R, L, float(scale), tiles.tiles_per_program,
+        M, N, K, R, L, float(scale),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), *lora_a_stack.stride(),
         *lora_b_stack.stride(), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, HAS_SCALES=scales is not None, HAS_RANKS=has_ranks,
-        SPLIT_A=split_a, BLOCK_R=tiles.block_r, MANY_TILES=many_tiles,
-        **(dict(maxnreg=MAX_REGISTERS) if many_tiles else {}), **common)
+        SPLIT_A=split_a, BLOCK_R=tiles.block_r, TILES_PER_PROGRAM=tiles.tiles_per_program, **common)
     return y
