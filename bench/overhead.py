@@ -129,7 +129,7 @@ MULTI_SLOTS = 4  # adapter slots of the multi-adapter methods (the token uses sl
 def multi_methods(x, weight, lora_a, lora_b, scale, backends) -> Dict[str, Callable[[], object]]:
     """The multi-adapter methods (module docstring); each returns y [1, N]."""
     from lora_kernels import AdapterIndex
-    L, (r, K), N = MULTI_SLOTS, lora_a.shape, weight.shape[0]
+    L, r = MULTI_SLOTS, lora_a.shape[0]
     a_stack = torch.stack([lora_a.roll(s, 0) for s in range(L)])  # slot 1 holds a row-rolled A
     b_stack = torch.stack([lora_b.roll(s, 1) for s in range(L)])  # ... and the matching B
     scales = torch.full((L,), scale, dtype=torch.float32, device=x.device)

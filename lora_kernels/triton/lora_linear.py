@@ -845,7 +845,7 @@ def launch_fused(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Ten
     t_src, t_splits = t, 1
     t_strides = _strides3(t) if t is not None and load_t else None
     if plan.shrink is not None and not load_t:
-        sc, (m_blocks, s_splits) = plan.shrink, plan.shrink_grid
+        s_splits = plan.shrink_grid[1]
         a_arg, stride_ah, a_halves = _adapter_operand(x, a)
         shrink_args = (rec.shrink_k_tiles, M, D, R, t_scale, shrink_seed, shrink_threshold, rec.shrink_kw,
                        base_prec)
