@@ -194,19 +194,20 @@ struct MultiLaunchPlan {
 constexpr const char* kMultiRankError = "r_max must be in [1, 512] for the CUDA kernels";
 constexpr const char* kMultiSlicesError = "the CUDA kernels take 1 to 4 slices per launch";
 
+// The checks every shrink / expand plan starts with: null, or the error of r_max R / S slices.
+inline const char* rank_and_slices_error(int R, int S) {
+  if (R < 1 || R > kMultiMaxRank) return kMultiRankError;
+  if (S < 1 || S > kMultiMaxSlices) return kMultiSlicesError;
+  return nullptr;
+}
+
 // Shrink: one CTA per (work-list piece [x sub-piece], rank chunk of RB, slice); item_m picks the
 // tile; row_split (1 or kDecodeRowSplit, 16-token pieces only) splits each piece into sub-pieces.
 inline MultiLaunchPlan plan_multi_shrink(int64_t num_items, int R, int item_m, bool a_fp32, int S = 1,
                                          int row_split = 1) {
   MultiLaunchPlan plan;
-  if (R < 1 || R > kMultiMaxRank) {
-    plan.error = kMultiRankError;
-    return plan;
-  }
-  if (S < 1 || S > kMultiMaxSlices) {
-    plan.error = kMultiSlicesError;
-    return plan;
-  }
+  plan.error = rank_and_slices_error(R, S);
+  if (plan.error != nullptr) return plan;
   int rb = 0;
   if (item_m == kShrinkSmall) {
     rb = ShrinkSmall::RB;
@@ -233,14 +234,8 @@ inline MultiLaunchPlan plan_multi_shrink(int64_t num_items, int R, int item_m, b
 // narrower slice's CTAs past its width return at once). Pieces of 16 or 64 tokens both fit the tile.
 inline MultiLaunchPlan plan_multi_expand(int64_t num_items, int64_t N, int R, int item_m, int S = 1) {
   MultiLaunchPlan plan;
-  if (R < 1 || R > kMultiMaxRank) {
-    plan.error = kMultiRankError;
-    return plan;
-  }
-  if (S < 1 || S > kMultiMaxSlices) {
-    plan.error = kMultiSlicesError;
-    return plan;
-  }
+  plan.error = rank_and_slices_error(R, S);
+  if (plan.error != nullptr) return plan;
   if (item_m != 16 && item_m != 64) {
     plan.error = "item_m must be 16 or 64 (the AdapterIndex work lists)";
     return plan;
