@@ -63,6 +63,22 @@ def test_index_empty_batch():
     assert index.num_tokens == 0 and index.work(16).shape == (0, 3)
 
 
+def test_index_views_made_once_follow_update_and_data():
+    """The views are cached per index (host time), so they must stay views of data: an update_
+    reaches views taken before it, and a replaced data tensor gets fresh views."""
+    index = AdapterIndex.with_capacity(40, 6)
+    before = (index.sorted_tokens, index.sorted_adapter, index.slot_start, index.work(16), index.work(64))
+    ids = token_adapters("zipf", 33, 6, seed=3)
+    index.update_(ids)
+    fresh = AdapterIndex.with_capacity(40, 6).update_(ids)
+    after = (index.sorted_tokens, index.sorted_adapter, index.slot_start, index.work(16), index.work(64))
+    for old, new, want in zip(before, after, (fresh.sorted_tokens, fresh.sorted_adapter, fresh.slot_start,
+                                              fresh.work(16), fresh.work(64))):
+        assert new is old and torch.equal(old, want)
+    index.data = index.data.clone().fill_(-7)
+    assert (index.sorted_tokens == -7).all() and index.sorted_tokens is not before[0]
+
+
 def test_index_sizes_depend_only_on_M_and_L():
     a = AdapterIndex.from_token_adapters(token_adapters("decode", 50, 9, 1), 9)
     b = AdapterIndex.from_token_adapters(token_adapters("one", 50, 9, 2), 9)

@@ -618,7 +618,9 @@ def _shrink_common(x, a, index, scales, scale, ranks, out, backend):
         return reference.lora_shrink(x, a, index.token_adapter, _scales_tensor(scales, scale, L, x), ranks, out)
     else:
         result = out if out is not None else x.new_empty((M, R), dtype=torch.float32)
-        _shrink(x, [a], scales, scale, ranks, index, L, index.padded, chosen, result.unsqueeze(0))
+        # the Triton launcher takes one slice's 2-D out as it is (no view: ~2 us)
+        _shrink(x, [a], scales, scale, ranks, index, L, index.padded, chosen,
+                result if chosen == "triton" else result.unsqueeze(0))
         out = result
     torch.autograd.graph.increment_version(out)  # as the op does for its mutated argument
     return out
@@ -662,7 +664,7 @@ def _expand_common(y, t, b, index, ranks, offset, backend) -> bool:
     if chosen == "torch":  # y.copy_ there moves y's version counter (no bump needed)
         reference.lora_expand_(y, t, b, index.token_adapter, ranks)
         return True
-    _expand(y, t.unsqueeze(0), [b], ranks, index, 0, chosen)
+    _expand(y, t if chosen == "triton" else t.unsqueeze(0), [b], ranks, index, 0, chosen)  # as in _shrink_common
     torch.autograd.graph.increment_version(y)  # as the op does for its mutated argument
     return True
 

@@ -448,8 +448,10 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def block_r_for(r: int) -> int:
-    """Rank padded to a power of two >= 16: tl.dot needs every dimension >= 16."""
-    return max(16, triton.next_power_of_2(r))
+    """Rank padded to a power of two >= 16: tl.dot needs every dimension >= 16. Plain Python, not
+    triton.next_power_of_2 (a constexpr function under triton 3.8: its call path costs ~1-2 us
+    from host code, and the launchers ask several times per call)."""
+    return 16 if r <= 16 else 1 << (r - 1).bit_length()
 
 
 @functools.lru_cache(maxsize=None)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .lora_linear import _grouped_tile, _lora_dot, _lora_epilogue_store
+from .lora_linear import _cdiv, _grouped_tile, _lora_dot, _lora_epilogue_store
 
 # Warp specialization on sm_90 (triton 3.8, and 3.6 -- the GPU machines' -- the same; found by
 # compiling for sm_90a on a CPU, and from triton's own sources): sm_90 runs the Hopper pass
@@ -151,7 +151,7 @@ def launch_tma(x, w, b, bias, y, t_src, t_splits, *, scale, seed, dropout_thresh
     M, K = x.shape
     C = w.shape[0]
     warp_specialize = warp_specialize and ws_applies(cfg, t_src, t_splits, b, seed is not None)
-    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(C, cfg.block_n)
+    tiles = _cdiv(M, cfg.block_m) * _cdiv(C, cfg.block_n)
     programs = max(1, min(num_sms, tiles))
     if x.device.type == "cuda":
         _ensure_allocator()

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from .lora_linear import _cdiv, block_r_for
 
 MODE_APPLY = 0
 MODE_COUNT_NONFINITE = 1
@@ -227,10 +228,10 @@ def merge_config(N: int, K: int, r: int, elem_bytes: int, n_contiguous: bool, ex
     long_side = 128 if elem_bytes <= 2 else 64
     if exact:
         block_n, block_k = (long_side, 32) if n_contiguous else (32, long_side)
-        block_r = min(32, max(16, triton.next_power_of_2(max(r, 1))))
+        block_r = min(32, block_r_for(r))
         return MergeConfig(block_n, block_k, block_r, num_warps=8)
     block_n, block_k = (long_side, 64) if n_contiguous else (64, long_side)
-    block_r = min(32, max(16, triton.next_power_of_2(max(r, 1))))
+    block_r = min(32, block_r_for(r))
     return MergeConfig(block_n, block_k, block_r, num_warps=4)
 
 
@@ -258,7 +259,7 @@ def _launch(mode: int, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch
                               exact=mode in (MODE_MERGE_EXACT, MODE_UNMERGE_EXACT))
     c = reference.logical_weight(codes, fan_in_fan_out) if codes is not None else w
     dummy = w  # pointer for arguments a mode does not touch
-    grid = (triton.cdiv(N, config.block_n) * triton.cdiv(K, config.block_k),)
+    grid = (_cdiv(N, config.block_n) * _cdiv(K, config.block_k),)
     merge_kernel[grid](
         w, lora_a, lora_b, c, escape_index if escape_index is not None else dummy,
         escape_value if escape_value is not None else dummy, status if status is not None else dummy,

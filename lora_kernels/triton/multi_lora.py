@@ -61,6 +61,7 @@ override for that.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -69,8 +70,8 @@ import triton
 import triton.language as tl
 
 from ..serving import AdapterIndex
-from .lora_linear import (ForwardConfig, _grouped_tile, _load_tile, _lora_dot, _num_sms, _shrink_dot, _tf32_split,
-                          _tile_candidates, base_precision, block_r_for, lora_precision_for)
+from .lora_linear import (ForwardConfig, _cdiv, _grouped_tile, _load_tile, _lora_dot, _num_sms, _shrink_dot,
+                          _strides3, _tf32_split, _tile_candidates, base_precision, block_r_for, lora_precision_for)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -617,6 +618,7 @@ PREFILL_PIECES_PER_SM = 2
 EXPAND_BLOCK_M = 16  # the expand's row sub-tile: the smallest tl.dot M
 
 
+@functools.lru_cache(maxsize=4096)  # pure function of ints, called on every launch
 def segment_config(M: int, K: int, R: int, elem_bytes: int, num_sms: int,
                    split_adapters: bool = False) -> SegmentConfig:
     """Tiles for lora_shrink / lora_expand_ (design reasoning for Hopper; not measured).
@@ -641,7 +643,7 @@ def segment_config(M: int, K: int, R: int, elem_bytes: int, num_sms: int,
     """
     fp32 = elem_bytes >= 4
     expand_warps = EXPAND_WIDE_NUM_WARPS if block_r_for(R) == RANK_CHUNK else 4
-    if triton.cdiv(M, 64) >= PREFILL_PIECES_PER_SM * num_sms:
+    if _cdiv(M, 64) >= PREFILL_PIECES_PER_SM * num_sms:
         return SegmentConfig(64, 32 if fp32 or split_adapters else 64, block_r_for(R), 128, 4, 4, 64, expand_warps)
     return SegmentConfig(16, 128 if fp32 else 256, 16, 128, 4, 4, 64, expand_warps)
 
@@ -702,11 +704,11 @@ def linear_tiles(M: int, N: int, K: int, R: int, elem_bytes: int, num_sms: int) 
     cands = list(_tile_candidates(M, block_r, fp32, block_r >= 64 or fp32))
     if 16 < M <= 64:
         cands += [(64, 32) + cands[-1][2:], (64, 16) + cands[-1][2:]]
-    programs = [triton.cdiv(M, bm) * triton.cdiv(N, bn) for bm, bn, *_ in cands]
+    programs = [_cdiv(M, bm) * _cdiv(N, bn) for bm, bn, *_ in cands]
     full = [i for i, p in enumerate(programs) if p >= num_sms]
     choice = full[0] if full else max(range(len(cands)), key=lambda i: (programs[i], -i))
     bm, bn, bk, warps, stages = cands[choice]
-    num_m_blocks, num_n_tiles = triton.cdiv(M, bm), triton.cdiv(N, bn)
+    num_m_blocks, num_n_tiles = _cdiv(M, bm), _cdiv(N, bn)
     tiles = 1
     for d in range(num_n_tiles, 0, -1):
         if num_n_tiles % d == 0 and num_m_blocks * (num_n_tiles // d) >= num_sms:
@@ -715,6 +717,7 @@ def linear_tiles(M: int, N: int, K: int, R: int, elem_bytes: int, num_sms: int) 
     return ForwardConfig(bm, bn, bk, block_r, tiles, 8, warps, stages)
 
 
+@functools.lru_cache(maxsize=4096)  # pure function of ints, called on every launch
 def linear_config(M: int, N: int, K: int, R: int, L: int, elem_bytes: int, num_sms: int,
                   split_adapters: bool = False) -> LinearConfig:
     """Tiles of the fused kernel, and whether t is computed inside it (see
@@ -829,6 +832,18 @@ def _pointers4(group: List[torch.Tensor]) -> List[torch.Tensor]:
     return list(group) + [group[0]] * (MAX_SLICES - len(group))
 
 
+def _slices_of(t: torch.Tensor, start: int, end: int) -> Tuple[torch.Tensor, Tuple[int, int, int]]:
+    """(t[start:end], its strides) for t [S, M, R], or for t [M, R] as one slice (start 0, end 1)
+    with the strides of t.unsqueeze(0): a view is made only for a part of t (a view costs ~2 us
+    of host time on the CPU machine; one group of slices, the usual call, needs none)."""
+    if t.dim() == 2:
+        return t, _strides3(t)
+    if start == 0 and end == t.shape[0]:
+        return t, t.stride()
+    part = t[start:end]
+    return part, part.stride()
+
+
 def _pad4(values: List[int]) -> List[int]:
     return list(values) + [0] * (MAX_SLICES - len(values))
 
@@ -839,7 +854,7 @@ def shrink_slices(x: torch.Tensor, a_stacks: List[torch.Tensor], index: AdapterI
     """out[s] = shrink of x with a_stacks[s] (see reference.lora_shrink), all slices in one launch
     (grid axis 2). x [M, K], a_stacks S x [L, r_max, K] (one dtype and shape), scales [L] fp32 or
     None (then the float `scale` for every slot), ranks [L] int | None, out [S, M, r_max] fp32
-    (any strides). Every element of out[:, rows covered by the index] is written."""
+    (any strides; [M, r_max] for one slice). Every element of out[:, rows covered by the index] is written."""
     M, K = x.shape
     R = a_stacks[0].shape[1]
     if M == 0:
@@ -852,12 +867,12 @@ def shrink_slices(x: torch.Tensor, a_stacks: List[torch.Tensor], index: AdapterI
     ranks_t, has_ranks = _ranks_arg(ranks, work)
     scales_t = scales if scales is not None else work
     for start, end in _slice_groups(a_stacks, lambda a: a.stride()):
-        group, t = a_stacks[start:end], out[start:end]
-        grid = (work.shape[0], triton.cdiv(R, block_r), end - start)
+        group, t, t_strides = a_stacks[start:end], *_slices_of(out, start, end)
+        grid = (work.shape[0], _cdiv(R, block_r), end - start)
         lora_shrink_kernel[grid](
             x, *_pointers4(group), scales_t, ranks_t, work, index.sorted_tokens, t,
             K, R, float(scale),
-            x.stride(0), x.stride(1), *group[0].stride(), *t.stride(),
+            x.stride(0), x.stride(1), *group[0].stride(), *t_strides,
             HAS_SCALES=scales is not None, HAS_RANKS=has_ranks, SPLIT_A=split_a,
             BLOCK_M=cfg.item_m, BLOCK_K=cfg.shrink_block_k, BLOCK_R=block_r, PRECISION=precision,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -871,7 +886,7 @@ def expand_slices_(y: torch.Tensor, t: torch.Tensor, b_stacks: List[torch.Tensor
     """In place y[m, col_s + n] += B_s[i, n, :rank_i] @ t[s, m, :rank_i] for tokens with an
     adapter (see reference.lora_expand_), col_s = offset + N_0 + ... + N_{s-1}; all slices in one
     launch (grid axis 2, N tiles up to the widest slice). y [M, N_y] any strides, t [S, M, r_max]
-    fp32, b_stacks S x [L, N_s, r_max] (one dtype; the N dimension's and rank's strides equal)."""
+    fp32 ([M, r_max] for one slice), b_stacks S x [L, N_s, r_max] (one dtype; the N dimension's and rank's strides equal)."""
     M = y.shape[0]
     R = t.shape[-1]
     widths = [b.shape[1] for b in b_stacks]
@@ -885,13 +900,13 @@ def expand_slices_(y: torch.Tensor, t: torch.Tensor, b_stacks: List[torch.Tensor
     block_r, rank_chunked = expand_block_r(R)
     for start, end in _slice_groups(b_stacks, lambda b: b.stride()[1:]):
         group = b_stacks[start:end]
-        grid = (work.shape[0], triton.cdiv(max(widths[start:end]), cfg.expand_block_n), end - start)
-        ts = t[start:end]
+        grid = (work.shape[0], _cdiv(max(widths[start:end]), cfg.expand_block_n), end - start)
+        ts, ts_strides = _slices_of(t, start, end)
         lora_expand_kernel[grid](
             y, ts, *_pointers4(group), ranks_t, work, index.sorted_tokens,
             R, *_pad4(widths[start:end]), *_pad4(cols[start:end]),
             *_pad4([b.stride(0) for b in group]),
-            y.stride(0), y.stride(1), *ts.stride(), group[0].stride(1), group[0].stride(2),
+            y.stride(0), y.stride(1), *ts_strides, group[0].stride(1), group[0].stride(2),
             HAS_RANKS=has_ranks,
             ITEM_M=cfg.expand_item_m, BLOCK_M=min(EXPAND_BLOCK_M, cfg.expand_item_m), BLOCK_N=cfg.expand_block_n,
             BLOCK_R=block_r, RANK_CHUNKED=rank_chunked, PRECISION=lora_precision,
@@ -945,13 +960,13 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a_stack: torch
         # rows past the index's work lists (a padded_to view) must read as zeros
         alloc = torch.zeros if index.capacity != M else torch.empty
         t = shrink_slices(x, [lora_a_stack], index, scales, scale, ranks,
-                          alloc((1, M, R), dtype=torch.float32, device=x.device), cfg.segment)[0]
+                          alloc((M, R), dtype=torch.float32, device=x.device), cfg.segment)
     base_prec = base_precision(x.dtype, x.device)
     lora_precision = lora_precision_for(lora_b_stack.dtype, x.device)
     ranks_t, has_ranks = _ranks_arg(ranks, index.data)
     scales_t = scales if scales is not None else index.data
-    num_m_blocks = triton.cdiv(M, tiles.block_m)
-    num_runs = triton.cdiv(triton.cdiv(N, tiles.block_n), tiles.tiles_per_program)
+    num_m_blocks = _cdiv(M, tiles.block_m)
+    num_runs = _cdiv(_cdiv(N, tiles.block_n), tiles.tiles_per_program)
     bias_arg = bias if bias is not None else y
     grid = (num_m_blocks * num_runs,)
     common = dict(BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
