@@ -52,7 +52,7 @@ def launch_configs():
     variant; the runtime ints are the suite's largest layer)."""
     from lora_kernels.triton import multi_lora as ml
     from lora_kernels.triton.lora_linear import block_r_for
-    out, widest = {}, {}
+    out = {}
     for (K, N, M, R, L), adt in itertools.product(_suite(), ADAPTER_DTYPES):
         fp32 = adt == "fp32"
         lora_prec = "tf32x3" if fp32 else "tf32x2"
@@ -74,11 +74,9 @@ def launch_configs():
             f"{' chunked' if c['RANK_CHUNKED'] else ''} w{ec.expand_num_warps} B={adt}"] = (
                 ml.lora_expand_kernel, c, ec.expand_num_warps, ml.EXPAND_NUM_STAGES)
         t = cfg.tiles
-        # M and tiles_per_program are runtime ints the chunked kernel never specialises
-        # (ml._PER_CALL_INTS). The fused kernel's TILES_PER_PROGRAM is a
-        # constexpr that only bounds the loop over a program's N tiles: any value > 1 compiles to
-        # the same loop (ptxas -v: 2, 8 and 224 gave equal registers and spills), 1 can fold it
-        # away. One value > 1 (the largest seen) stands for all.
+        # M and tiles_per_program are runtime ints neither linear kernel specialises
+        # (ml._PER_CALL_INTS): one compiled kernel per tile config stands for every M and every
+        # tiles-per-program value (checked by test_per_call_ints_compile_to_one_kernel).
         tiles = f"BM={t.block_m} BN={t.block_n} BK={t.block_k} w{t.num_warps} s{t.num_stages}"
         common = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m,
                       BASE_PRECISION="tf32", LORA_PRECISION=lora_prec)
@@ -89,15 +87,11 @@ def launch_configs():
                          dict(HAS_BIAS=True, HAS_RANKS=True, BLOCK_R=chunk, **common), t.num_warps, t.num_stages,
                          dict(maxnreg=ml.MAX_REGISTERS))
         else:
-            many = t.tiles_per_program > 1
-            name = f"linear fused-shrink {tiles} tiles{'>1' if many else '=1'} BR={t.block_r} adapters={adt}"
+            name = f"linear fused-shrink {tiles} BR={t.block_r} adapters={adt}"
             out[name] = (ml.multi_lora_linear_kernel,
                          dict(HAS_BIAS=True, HAS_SCALES=True, HAS_RANKS=True, SPLIT_A=fp32, BLOCK_R=t.block_r,
-                              TILES_PER_PROGRAM=t.tiles_per_program, **common),
+                              **common),
                          t.num_warps, t.num_stages)
-            widest[name] = max(widest.get(name, 0), t.tiles_per_program)
-    for name, tpp in widest.items():
-        out[name][1]["TILES_PER_PROGRAM"] = tpp
     return out
 
 
@@ -121,15 +115,17 @@ def _args(kernel, constexprs, adt):
                     stride_bn=R, stride_br=1)
     common = dict(x_ptr="*bf16", w_ptr="*bf16", bias_ptr="*bf16", b_ptr=ad, ranks_ptr="*i32", y_ptr="*bf16",
                   tok_ptr="*i32", sorted_slot_ptr="*i32", slot_start_ptr="*i32", M=M, N=N, K=K, R=R, L=L,
+                  tiles_per_program=7,
                   stride_xm=K, stride_xk=1, stride_wn=K, stride_wk=1,
                   **dict(zip(("stride_bl", "stride_bn", "stride_br"), _strides(L, N, R))), stride_ym=N, stride_yn=1)
     if kernel is ml.multi_lora_linear_chunked_kernel:
-        return dict(common, tiles_per_program=7, t_ptr="*fp32", stride_tm=R, stride_tr=1)
+        return dict(common, t_ptr="*fp32", stride_tm=R, stride_tr=1)
     return dict(common, a_ptr=ad, scales_ptr="*fp32", scale=1.0,
                 **dict(zip(("stride_al", "stride_ar", "stride_ak"), _strides(L, R, K))))
 
 
 PER_CALL_VARIANTS = ("per-call ints: M=1 tiles=1", "per-call ints: M=4095 tiles=8")
+PER_CALL_KERNELS = ("linear t-given", "linear fused-shrink")  # multi_lora_linear_(chunked_)kernel
 
 
 def _cases():
@@ -137,12 +133,13 @@ def _cases():
     for name, (kernel, constexprs, warps, stages, *options) in configs:
         adt = "fp32" if "fp32" in name else "bf16"
         yield (name, kernel, _args(kernel, constexprs, adt), constexprs, warps, stages, *options)
-    # the first t-given linear config again at other per-call ints: the same compiled kernel
-    name, (kernel, constexprs, warps, stages, *options) = next(c for c in configs if c[0].startswith("linear t-given"))
-    adt = "fp32" if "fp32" in name else "bf16"
-    for variant, M, tiles in zip(PER_CALL_VARIANTS, (1, 4095), (1, 8)):
-        args = dict(_args(kernel, constexprs, adt), M=M, tiles_per_program=tiles)
-        yield (f"{name} [{variant}]", kernel, args, constexprs, warps, stages, *options)
+    # the first config of each linear kernel again at other per-call ints: the same compiled kernel
+    for prefix in PER_CALL_KERNELS:
+        name, (kernel, constexprs, warps, stages, *options) = next(c for c in configs if c[0].startswith(prefix))
+        adt = "fp32" if "fp32" in name else "bf16"
+        for variant, M, tiles in zip(PER_CALL_VARIANTS, (1, 4095), (1, 8)):
+            args = dict(_args(kernel, constexprs, adt), M=M, tiles_per_program=tiles)
+            yield (f"{name} [{variant}]", kernel, args, constexprs, warps, stages, *options)
 
 
 @pytest.fixture(scope="module")
@@ -205,12 +202,16 @@ def test_k_loops_are_pipelined_and_never_wait_for_all(compiled, name):
     assert chunk_loops == (1 if _wide_fp32_b_chunked(name) else 0), f"{name}: {loops}"
 
 
-def test_per_call_ints_compile_to_one_kernel(compiled):
-    """M and tiles_per_program vary per call (issue 16, point 6): for the chunked linear, 1 vs 8
-    tiles and M = 1 vs 4095 (odd, not a multiple of 16) must not make another compiled variant."""
-    hashes = {compiled[n]["hash"] for n in compiled if n.endswith(tuple(f"[{v}]" for v in PER_CALL_VARIANTS))}
+@pytest.mark.parametrize("prefix", PER_CALL_KERNELS)
+def test_per_call_ints_compile_to_one_kernel(compiled, prefix):
+    """M and tiles_per_program vary per call (issue 16, point 6): for each linear kernel (the
+    chunked one and the fused-shrink one), 1 vs 8 tiles and M = 1 vs 4095 (odd, not a multiple of
+    16) must not make another compiled variant than the suite config's (M = 4096, 7 tiles)."""
+    variants = [n for n in compiled if n.startswith(prefix) and n.endswith(tuple(f"[{v}]" for v in PER_CALL_VARIANTS))]
+    assert len(variants) == len(PER_CALL_VARIANTS), variants
+    hashes = {compiled[n]["hash"] for n in variants}
     assert len(hashes) == 1, hashes
-    base = next(n for n in compiled if n.endswith(f"[{PER_CALL_VARIANTS[0]}]")).rsplit(" [", 1)[0]
+    base = variants[0].rsplit(" [", 1)[0]
     assert compiled[base]["hash"] in hashes
 
 

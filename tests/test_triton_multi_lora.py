@@ -198,6 +198,14 @@ def test_linear_distributions(interpreter_device, dist, dtype, fused):
     check_linear(inp, lin(32, 8, fused, tiles=2, group_m=2))
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["shrink-in-kernel", "t-precomputed"])
+def test_linear_last_run_of_n_tiles_shorter(interpreter_device, fused):
+    """tiles_per_program is a runtime int: 5 N tiles of 16 at 3 tiles per program make runs of 3
+    and 2 tiles (the second program stops at the last tile), 2 row blocks, grouped order."""
+    inp = make_multi_inputs(21, 70, 24, 3, 8, dist="zipf", ranks="mixed", seed=3)
+    check_linear(inp, lin(16, 8, fused, tiles=3, group_m=2, block_n=16))
+
+
 def test_linear_single_and_multi_segment_blocks(interpreter_device):
     """Row blocks wholly inside one segment take the fused K loop; blocks that straddle segments
     (and the no-adapter tail) take the per-segment loops. Both in one launch."""

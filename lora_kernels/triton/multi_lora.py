@@ -403,33 +403,37 @@ def _segments_expand_store(acc, t, b_ptr, bias_ptr, ranks_ptr, sorted_slot_ptr, 
 
 
 # Runtime ints that vary per call are never specialised (no "== 1" constant, no divisibility
-# variant; issue 16, point 6; the single-adapter forward does the same, lora_linear.py): the
-# chunked linear compiles once per layer configuration whatever M and the tiles per program are.
-# The fused linear keeps M specialised and TILES_PER_PROGRAM a constexpr (one variant per value
-# the config gives a layer, a divisor of its N-tile count): either as a plain runtime int made
-# ptxas spill its 16-row decode tiles -- 12 B at padded rank 32 unbounded, 52 B at rank 16
-# bounded at 255 registers, 32-56 B at 128/168 (ptxas -v, sm_90a, triton 3.8) -- and no bound
-# was spill-free for both.
+# variant; issue 16, point 6; the single-adapter forward does the same, lora_linear.py): both
+# linear kernels compile once per layer configuration whatever M and the tiles per program are.
+# The fused kernel's loop over a program's further N tiles counts from 1 (see there): written as
+# range(first_tile + 1, min(first_tile + tiles_per_program, num_n_tiles)) with a runtime bound,
+# ptxas spilled its 16x64 decode tile at padded rank 32 (96 registers, 12 B; bounded at 255
+# registers the rank-16 tile spilled 52 B instead, 32-56 B at 128/168), which is why it once
+# kept TILES_PER_PROGRAM a constexpr; counted from 1 it spills nothing at any suite config
+# (ptxas -v, sm_90a, triton 3.6 and 3.8; tests/test_triton_multi_compile.py). The configs that
+# had TILES_PER_PROGRAM = 1 (no loop) now carry the loop: up to +54 registers (64x64: 118 -> 168,
+# 128x128 rank 16: 163 -> 217; triton 3.8), but no config's blocks per SM change, as shared
+# memory (or, at 128x128, the registers already) limited them. Not timed on a GPU.
 _PER_CALL_INTS = ["M", "tiles_per_program"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_CALL_INTS)
 def multi_lora_linear_kernel(
     x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, scales_ptr, ranks_ptr, y_ptr,
     tok_ptr, sorted_slot_ptr, slot_start_ptr,
-    M, N, K, R, L, scale,
+    M, N, K, R, L, tiles_per_program, scale,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_al, stride_ar, stride_ak,
     stride_bl, stride_bn, stride_br, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_RANKS: tl.constexpr, SPLIT_A: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    TILES_PER_PROGRAM: tl.constexpr, GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr,
     BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
 ):
-    """t computed here, held in registers over the program's TILES_PER_PROGRAM N tiles (t from
+    """t computed here, held in registers over the program's tiles_per_program N tiles (t from
     the segmented shrink takes multi_lora_linear_chunked_kernel)."""
     num_m_blocks = tl.cdiv(M, BLOCK_M)
     num_n_tiles = tl.cdiv(N, BLOCK_N)
-    num_n_runs = tl.cdiv(num_n_tiles, TILES_PER_PROGRAM)
+    num_n_runs = tl.cdiv(num_n_tiles, tiles_per_program)
     # Grouped order (as lora_linear.py): GROUP_M row blocks sweep the same W run together.
     m_block, n_run = _grouped_tile(tl.program_id(0), num_m_blocks, num_n_runs, GROUP_M)
 
@@ -440,7 +444,7 @@ def multi_lora_linear_kernel(
     row_ok = offs_p < M
     tok = tl.load(tok_ptr + offs_p, mask=row_ok, other=0)
     offs_r = tl.arange(0, BLOCK_R)
-    first_tile = n_run * TILES_PER_PROGRAM
+    first_tile = n_run * tiles_per_program
     offs_n = first_tile * BLOCK_N + tl.arange(0, BLOCK_N)
 
     first_slot = tl.load(sorted_slot_ptr + p0)
@@ -471,8 +475,11 @@ def multi_lora_linear_kernel(
                            HAS_BIAS, HAS_RANKS, LORA_PRECISION)
 
     # The program's remaining N tiles reuse t from registers: only the base K loop runs again.
-    last_tile = tl.minimum(first_tile + TILES_PER_PROGRAM, num_n_tiles)
-    for tile in range(first_tile + 1, last_tile):
+    # Counted from 1, not as range(first_tile + 1, last_tile): with the runtime tiles_per_program
+    # that form made ptxas spill 12 B at 16x64, padded rank 32 (see _PER_CALL_INTS); this one
+    # spills nothing. Compile facts, not understood beyond that.
+    for i in range(1, tl.minimum(tiles_per_program, num_n_tiles - first_tile)):
+        tile = first_tile + i
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = _base_rows(x_ptr, w_ptr, tok, row_ok, offs_n, N, K, stride_xm, stride_xk, stride_wn,
                          stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, BASE_PRECISION)
@@ -986,9 +993,9 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a_stack: torch
     multi_lora_linear_kernel[grid](
         x, weight, bias_arg, lora_a_stack, lora_b_stack, scales_t, ranks_t, y,
         index.sorted_tokens, index.sorted_adapter, index.slot_start,
-        M, N, K, R, L, float(scale),
+        M, N, K, R, L, tiles.tiles_per_program, float(scale),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), *lora_a_stack.stride(),
         *lora_b_stack.stride(), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, HAS_SCALES=scales is not None, HAS_RANKS=has_ranks,
-        SPLIT_A=split_a, BLOCK_R=tiles.block_r, TILES_PER_PROGRAM=tiles.tiles_per_program, **common)
+        SPLIT_A=split_a, BLOCK_R=tiles.block_r, **common)
     return y
