@@ -191,9 +191,12 @@ def _rank_chunks_dot_t4(acc_t, t4_ptr, b_ptr, tok, rows_ok, offs_n, rank, N,
     masked to its columns (every rank entry appears at four columns: a 4-byte copy each), and x
     their elementwise hi + lo: a selection by a column-index select (tl.where) or a concatenation
     of B's halves made the compiler store x to shared memory in every iteration, and a K over 16
-    split the dot and stored too (TTGIR, sm_90a, triton 3.8). The untransposed products needed
-    B's halves in shared memory (a store and a wait per dot per iteration), and three dots into
-    one accumulator waited for each other (warp_group_dot_wait {pendings = 0}). One loop to the
+    split the dot and stored too; three separate dots into one accumulator waited for each other
+    (warp_group_dot_wait {pendings = 0}; TTGIR, sm_90a, triton 3.8, a model of this loop). The
+    untransposed products (tl.dot's tf32x3 or _epilogue_dot's) needed B's halves in shared memory:
+    two stores and three waits per iteration. Costs, not measured on a GPU: t4 is 4x t's bytes
+    (written once by the shrink, read per N tile), and the dot's K is 4 r where tf32x3 issued
+    3 r. One loop to the
     rank, masked there: B's copies are 4 bytes wide anyway (each entry at four columns), and t4's
     mask steps by 4 columns (16 bytes)."""
     offs_j = tl.arange(0, 4 * BLOCK_R)
@@ -1038,7 +1041,8 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a_stack: torch
     fp32 or None (the float `scale` for every slot), bias [N] | None, ranks [L] int | None.
     `config` overrides the heuristic (tests use it to reach both the fused-shrink and the
     precomputed-t paths at small sizes). Without the fused shrink (always at r_max > RANK_CHUNK)
-    the segmented shrink runs first and the chunked-epilogue kernel reads its t."""
+    the segmented shrink runs first and the chunked-epilogue kernel reads its t (fp32 B on GPU
+    wgmma tiles: t split, an [M, 4 r_max] fp32 buffer; splits_t4)."""
     M, K = x.shape
     N = weight.shape[0]
     L, R, _ = lora_a_stack.shape
