@@ -5,8 +5,8 @@ L in {8, 128}, ranks 8 to 512, 16-bit and fp32 adapters), and for each:
 
 * it fits in the shared memory a block may use there;
 * ptxas -v reports no spill at all;
-* its loops with a tensor-core dot are pipelined and never wait for all copies or MMAs (one
-  named exemption, held to exact counts: _wgmma_chunk_epilogue).
+* its loops with a tensor-core dot are pipelined, never wait for all copies or MMAs and never
+  store a register value to shared memory (no exemption).
 
 The interpreter accepts constructs the compiler rejects, and it cannot see shared memory or
 registers: this is the CPU lane's only check of those. (It caught the tf32x3 t @ B product
@@ -60,12 +60,14 @@ def launch_configs():
         t_given = block_r_for(R) > ml.RANK_CHUNK or not cfg.fused_shrink  # as ml.multi_lora_linear
         segs = [cfg.segment] if t_given else []
         segs.append(ml.segment_config(M, K, R, 2, NUM_SMS, fp32))  # lora_shrink / shrink_slices alone
-        for sc in segs:
-            block_r = min(sc.shrink_block_r, ml.RANK_CHUNK)
+        # the chunked kernel's shrink stores t split (t4) where that kernel takes it so
+        t4 = t_given and ml.splits_t4(torch.float32 if fp32 else torch.bfloat16, lora_prec, cfg.tiles.block_m)
+        for sc, split_t4 in zip(segs, (t4, False)):
+            block_r = min(sc.shrink_block_r, ml.T4_SHRINK_MAX_BLOCK_R if split_t4 else ml.RANK_CHUNK)
             c = dict(HAS_SCALES=True, HAS_RANKS=True, SPLIT_A=fp32, BLOCK_M=sc.item_m, BLOCK_K=sc.shrink_block_k,
-                     BLOCK_R=block_r, PRECISION="tf32")
+                     BLOCK_R=block_r, PRECISION="tf32", SPLIT_T4=split_t4)
             out[f"shrink BM={sc.item_m} BK={sc.shrink_block_k} BR={block_r} w{sc.num_warps} s{sc.num_stages}"
-                f" A={adt}"] = (ml.lora_shrink_kernel, c, sc.num_warps, sc.num_stages)
+                f"{' t4' if split_t4 else ''} A={adt}"] = (ml.lora_shrink_kernel, c, sc.num_warps, sc.num_stages)
         ec = ml.segment_config(M, N, R, 2, NUM_SMS)  # expand_slices_: y's element size
         block_r, rank_chunked = ml.expand_block_r(R)
         c = dict(HAS_RANKS=True, ITEM_M=ec.expand_item_m, BLOCK_M=min(ml.EXPAND_BLOCK_M, ec.expand_item_m),
@@ -81,11 +83,15 @@ def launch_configs():
         common = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m,
                       BASE_PRECISION="tf32", LORA_PRECISION=lora_prec)
         if t_given:
-            chunk = ml.t_chunk_for(R, torch.float32 if fp32 else torch.bfloat16, t.block_m, t.block_n, t.num_warps)
-            name = f"linear t-given {tiles} chunk={chunk} adapters={adt}"
+            b_dtype = torch.float32 if fp32 else torch.bfloat16
+            split_t4 = ml.splits_t4(b_dtype, lora_prec, t.block_m)
+            chunk = ml.t_chunk_for(R, b_dtype, t.block_m, t.block_n, t.num_warps, split_t4)
+            warps = ml.chunked_num_warps(t.num_warps, t.block_n, split_t4)
+            name = (f"linear t-given {tiles} chunk={chunk}{f' t4 w{warps}' if split_t4 else ''}"
+                    f" adapters={adt}")
             out[name] = (ml.multi_lora_linear_chunked_kernel,
-                         dict(HAS_BIAS=True, HAS_RANKS=True, BLOCK_R=chunk, **common), t.num_warps, t.num_stages,
-                         dict(maxnreg=ml.MAX_REGISTERS))
+                         dict(HAS_BIAS=True, HAS_RANKS=True, SPLIT_T4=split_t4, BLOCK_R=chunk, **common),
+                         warps, t.num_stages, dict(maxnreg=ml.MAX_REGISTERS))
         else:
             name = f"linear fused-shrink {tiles} BR={t.block_r} adapters={adt}"
             out[name] = (ml.multi_lora_linear_kernel,
@@ -119,7 +125,8 @@ def _args(kernel, constexprs, adt):
                   stride_xm=K, stride_xk=1, stride_wn=K, stride_wk=1,
                   **dict(zip(("stride_bl", "stride_bn", "stride_br"), _strides(L, N, R))), stride_ym=N, stride_yn=1)
     if kernel is ml.multi_lora_linear_chunked_kernel:
-        return dict(common, t_ptr="*fp32", stride_tm=R, stride_tr=1)
+        t_width = 4 * R if constexprs["SPLIT_T4"] else R  # t4: t split (hi, hi, lo, lo)
+        return dict(common, t_ptr="*fp32", stride_tm=t_width, stride_tr=1)
     return dict(common, a_ptr=ad, scales_ptr="*fp32", scale=1.0,
                 **dict(zip(("stride_al", "stride_ar", "stride_ak"), _strides(L, R, K))))
 
@@ -155,51 +162,19 @@ def test_compiles_for_sm90_fits_and_never_spills(compiled, name):
     assert report["spill_bytes"] == 0, f"{name}: {report}"
 
 
-def _wide_fp32_b_chunked(name):
-    """multi_lora_linear_chunked_kernel on wgmma tiles (BLOCK_M >= 64) with fp32 B."""
-    return (name.startswith("linear t-given") and not name.startswith("linear t-given BM=16 ")
-            and name.endswith("adapters=fp32"))
-
-
-def _wgmma_chunk_epilogue(name, loop):
-    """The one named exemption: the rank-chunk loop of multi_lora_linear_chunked_kernel's epilogue
-    on wgmma tiles (BLOCK_M >= 64) with fp32 B, the loop over rank chunks of t and B that follows
-    the base K loop. Its three tf32 dots multiply t (split into tf32 hi/lo in registers: the
-    register operand wgmma allows) by B^T chunks that must be tf32 operands in shared memory,
-    while B's tf32 hi and lo halves are made in registers: both are stored to shared memory in
-    the loop (2 stores) and each dot on them waits for the MMA (3 waits) before the buffers are
-    reused. The loads themselves are pipelined (t and B both by cp.async, asserted). Removing it
-    needs B as the register operand, i.e. the kernel's tile computed transposed
-    (y^T = W x^T + B t^T), or B split into hi/lo stacks before the kernel -- not done yet.
-    (bf16 B no longer takes it: _split16_dot makes t the 16-bit register operand and reads B's
-    chunk as the pipeline copied it.)"""
-    if not _wide_fp32_b_chunked(name):
-        return False
-    if " to %rank8" not in loop["loop"]:  # the chunk loop runs to the rank rounded down to 8
-        return False
-    return (loop["sync_loads_into_dot"] == 0 and loop["async_wait_all"] == 0 and loop["async_copies"] >= 2
-            and loop["local_stores"] == 2 and loop["mma_wait_all"] == 3)
-
-
 @pytest.mark.parametrize("name", [c[0] for c in _cases()])
 def test_k_loops_are_pipelined_and_never_wait_for_all(compiled, name):
     """Every innermost loop with a tensor-core dot (K loops, the expand's row loop, rank-chunk
     loops): no synchronous load into a dot operand, no wait for all copies or all MMAs, no
-    register -> shared-memory store (tests/aot.py k_loop_report), but for the named exemption
-    (_wgmma_chunk_epilogue: one loop in each wgmma-tile chunked kernel with fp32 B, none
-    elsewhere), which is held to its exact counts."""
+    register -> shared-memory store (tests/aot.py k_loop_report). No exemption: the chunked
+    epilogue on wgmma tiles with fp32 B takes t split (multi_lora._rank_chunks_dot_t4)."""
     loops = compiled[name]["k_loops"]
     assert loops, f"{name}: no K loop with a dot found in the TTGIR"
-    chunk_loops = 0
     for loop in loops:
-        if _wgmma_chunk_epilogue(name, loop):
-            chunk_loops += 1
-            continue
         assert loop["sync_loads_into_dot"] == 0, f"{name}: {loop}"
         assert loop["async_wait_all"] == 0, f"{name}: {loop}"
         assert loop["mma_wait_all"] == 0, f"{name}: {loop}"
         assert loop["local_stores"] == 0, f"{name}: {loop}"
-    assert chunk_loops == (1 if _wide_fp32_b_chunked(name) else 0), f"{name}: {loops}"
 
 
 @pytest.mark.parametrize("prefix", PER_CALL_KERNELS)

@@ -339,6 +339,26 @@ def test_wgmma_chunk_epilogue_splits_t_into_bf16_halves(interpreter_device, monk
     check_linear(inp, lin(64, 32, fused=False), torch_out=False)
 
 
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_wgmma_chunk_epilogue_fp32_b_takes_t_split(interpreter_device, monkeypatch, x_dtype):
+    """The GPU path of the chunked epilogue on wgmma tiles (BLOCK_M >= 64) with fp32 B: the
+    shrink stores t split (t4: hi, hi, lo, lo columns) and the epilogue's transposed dots take B's
+    hi and lo from two masked loads (_rank_chunks_dot_t4), forced here by the GPU's precision
+    choice. The interpreter's tf32 dots are fp32-exact, so this checks the algebra: the adapter
+    term dominates y (W scaled by 1e-3), so with fp32 x a dropped hi/lo half of B or t (~2^-11
+    of it; B's lo dropped gave 1.4e-4) is far over the fp32 bound (at most twice the plain-torch
+    error, >= 5e-7); bf16 x checks the path's layout and masks at a 16-bit x. Ranks 32, 13, 30
+    and 5 (not multiples of the 4-entry chunk) end the chunks mid-way; the stacks past each rank
+    are NaN; 70 rows: two 64-row blocks, one partial."""
+    ml = _ml()
+    monkeypatch.setattr(ml, "lora_precision_for", lambda dt, dev: "tf32x3" if dt == torch.float32 else "tf32x2")
+    assert ml.splits_t4(torch.float32, "tf32x3", 64)
+    inp = make_multi_inputs(70, 40, 48, 4, 32, x_dtype, adapter_dtype=torch.float32, dist="zipf",
+                            ranks=[32, 13, 30, 5], seed=5)
+    inp = replace(inp, weight=inp.weight * 1e-3)
+    check_linear(inp, lin(64, 32, fused=False))
+
+
 def test_segment_and_linear_heuristics():
     ml = _ml()
     assert ml.segment_config(64, 4096, 16, 2, 132).item_m == 16           # decode
@@ -363,7 +383,13 @@ def test_segment_and_linear_heuristics():
     assert (4096 // big_rank.block_m) * runs >= 132
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
     assert ml.t_chunk_for(8, bf16, 64, 64, 4) == 16 and ml.t_chunk_for(512, bf16, 64, 64, 4) == ml.T_CHUNK
-    assert ml.t_chunk_for(512, fp32, 64, 64, 4) == ml.T_CHUNK_FP32_B
+    assert ml.t_chunk_for(512, fp32, 64, 64, 4) == ml.T_CHUNK_FP32_B   # mma.sync / interpreter
+    # fp32 B on GPU wgmma tiles: t split (_rank_chunks_dot_t4), 8 warps from BLOCK_N 128 on
+    assert ml.splits_t4(fp32, "tf32x3", 64) and not ml.splits_t4(fp32, "tf32x3", 16)
+    assert not ml.splits_t4(bf16, "tf32x2", 64) and not ml.splits_t4(fp32, "ieee", 64)
+    assert ml.t_chunk_for(512, fp32, 64, 64, 4, split_t4=True) == ml.T_CHUNK_T4
+    assert ml.chunked_num_warps(4, 128, True) == 8 and ml.chunked_num_warps(4, 64, True) == 4
+    assert ml.chunked_num_warps(4, 128, False) == 4
     # bf16 B on wgmma tiles with 64 accumulator registers per thread: _split16_dot's second one
     assert ml.t_chunk_for(512, bf16, 128, 128, 8) == ml.T_CHUNK_SPLIT16_WIDE
     assert ml.t_chunk_for(512, bf16, 64, 128, 4) == ml.T_CHUNK_SPLIT16_WIDE

@@ -38,6 +38,8 @@ length <= T)". Consequences, by design:
 * The shrink intermediate t stays fp32 end to end; ``t @ B`` keeps it fp32-accurate on tensor
   cores ("tf32x2" for 16-bit B, tf32x3 for fp32 B: see ``_lora_dot``), but for the chunked
   epilogue on wgmma tiles with bf16 B: t as bf16 hi + lo halves, ~16 bits (``_split16_dot``).
+  There with fp32 B the shrink stores t split into tf32 hi/lo columns (t4, 4x t's bytes) and
+  the epilogue's dots are transposed (``_rank_chunks_dot_t4``).
 * The fused kernel's rows are the sorted token order, so a row block touches one adapter
   (prefill) or a few (decode): t is computed in the base GEMM's K loop when the block holds one
   segment, by one masked K loop per segment otherwise, or beforehand by the segmented shrink
@@ -47,9 +49,7 @@ length <= T)". Consequences, by design:
   rounding store.
 * Every loop with a tensor-core dot is software-pipelined on sm_90a (cp.async copies of every
   dot operand, no wait for all copies or all MMAs, no register -> shared-memory store; compiled
-  TTGIR, checked in the CPU lane by tests/test_triton_multi_compile.py) but one: the chunked
-  epilogue on wgmma tiles with fp32 B, whose tf32 hi/lo B chunks are stored to shared memory
-  per chunk (that test's named exemption says why).
+  TTGIR, checked in the CPU lane by tests/test_triton_multi_compile.py, no exemption).
 * Deterministic: every output element is written by exactly one program, with a fixed order of
   accumulation; no atomics anywhere (no split-K).
 
@@ -168,12 +168,59 @@ def _split16_dot(t, b, acc, acc_lo):
     dot; TTGIR, sm_90a, triton 3.8). The two products go to separate accumulators: chained into
     one, the second dot waited for the first (warp_group_dot_wait {pendings = 0} in every
     iteration; same compile). Not for fp16 b: fp16 halves overflow where |t| > 65504 and t_lo
-    keeps no bits in fp16's subnormal range, so fp16 keeps tf32x2."""
+    keeps no bits in fp16's subnormal range, so fp16 keeps tf32x2. (fp32 b on wgmma tiles:
+    _rank_chunks_dot_t4.)"""
     t_hi = t.to(tl.bfloat16)
     t_lo = (t - t_hi.to(tl.float32)).to(tl.bfloat16)
     acc = tl.dot(t_hi, b, acc)
     acc_lo = tl.dot(t_lo, b, acc_lo)
     return acc, acc_lo
+
+
+@triton.jit
+def _rank_chunks_dot_t4(acc_t, t4_ptr, b_ptr, tok, rows_ok, offs_n, rank, N,
+                        stride_tm, stride_tr, stride_br, stride_bn, BLOCK_R: tl.constexpr):
+    """acc_t [BN, BM] += (t[tok, :rank] @ B[:, :rank].T)^T for an fp32 B (B [N, rank] at b_ptr), with t
+    given as _store_split4's t4 [rows, 4 r_max] (hi, hi, lo, lo): "tf32x3" on wgmma tiles.
+
+    Transposed, so that B is the dot's register operand and t4 the shared-memory one, as its
+    cp.async copy left it: each chunk is one tf32 dot of K = 4 BLOCK_R, x [BN, 4 BLOCK_R] @
+    t4^T [4 BLOCK_R, BM], where x holds B's tf32 hi and lo (_tf32_split, lo rounded to tf32 again)
+    at the columns that meet t's hi, lo, hi, lo: x t4^T sums b_hi t_hi + b_lo t_hi + b_hi t_lo +
+    b_lo t_lo, every operand exact in tf32, so the error is fp32 accumulation plus ~2^-22 |t||b|
+    (tl.dot's tf32x3 keeps the first three). x's even and odd columns are two loads of B, each
+    masked to its columns (every rank entry appears at four columns: a 4-byte copy each), and x
+    their elementwise hi + lo: a selection by a column-index select (tl.where) or a concatenation
+    of B's halves made the compiler store x to shared memory in every iteration, and a K over 16
+    split the dot and stored too; three separate dots into one accumulator waited for each other
+    (warp_group_dot_wait {pendings = 0}; TTGIR, sm_90a, triton 3.8, a model of this loop). The
+    untransposed products (tl.dot's tf32x3 or _epilogue_dot's) needed B's halves in shared memory:
+    two stores and three waits per iteration. Costs, not measured on a GPU: t4 is 4x t's bytes
+    (written once by the shrink, read per N tile), and the dot's K is 4 r where tf32x3 issued
+    3 r. One loop to the
+    rank, masked there: B's copies are 4 bytes wide anyway (each entry at four columns), and t4's
+    mask steps by 4 columns (16 bytes)."""
+    offs_j = tl.arange(0, 4 * BLOCK_R)
+    odd = (offs_j % 2 == 1)[None, :]
+    n_ok = (offs_n < N)[:, None]
+    for r0 in range(0, rank, BLOCK_R):
+        acc_t = _t4_chunk_dot(acc_t, t4_ptr, b_ptr, tok, rows_ok, offs_n, offs_j, odd, n_ok, r0, rank,
+                              stride_tm, stride_tr, stride_br, stride_bn)
+    return acc_t
+
+
+@triton.jit
+def _t4_chunk_dot(acc_t, t4_ptr, b_ptr, tok, rows_ok, offs_n, offs_j, odd, n_ok, r0, bound,
+                  stride_tm, stride_tr, stride_br, stride_bn):
+    """One rank chunk [r0, r0 + len(offs_j) / 4) of _rank_chunks_dot_t4, entries past `bound` zero."""
+    t4 = _gather_rows(t4_ptr, tok, rows_ok, 4 * r0 + offs_j, 4 * bound, stride_tm, stride_tr)
+    rr = r0 + offs_j // 4
+    ptrs = b_ptr + offs_n[:, None].to(tl.int64) * stride_bn + rr[None, :].to(tl.int64) * stride_br
+    ok = n_ok & (rr[None, :] < bound)
+    b_even = tl.load(ptrs, mask=ok & ~odd, other=0.0)
+    b_odd = tl.load(ptrs, mask=ok & odd, other=0.0)
+    x = _tf32_split(b_even)[0] + _tf32_split(_tf32_split(b_odd)[1])[0]
+    return tl.dot(x, tl.trans(t4), acc_t, input_precision="tf32")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,9 +250,11 @@ def lora_shrink_kernel(
     stride_xm, stride_xk, stride_al, stride_ar, stride_ak, stride_ts, stride_tm, stride_tr,
     HAS_SCALES: tl.constexpr, HAS_RANKS: tl.constexpr, SPLIT_A: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT_T4: tl.constexpr = False,
 ):
     """t[s, tok, r0:r0+BLOCK_R] for the tokens of one work-list piece, one rank chunk and one
-    slice s (stack a_ptr_s; the slices of a launch share the stacks' strides)."""
+    slice s (stack a_ptr_s; the slices of a launch share the stacks' strides). SPLIT_T4: t is
+    stored as _store_split4's [.., 4 r_max] (hi, hi, lo, lo) columns instead."""
     slot, start, length = _work_item(work_ptr, tl.program_id(0))
     r0 = tl.program_id(1) * BLOCK_R
     s = tl.program_id(2)
@@ -248,7 +297,28 @@ def lora_shrink_kernel(
                     t = _shrink_dot(x, a, t, SPLIT_A, PRECISION)
             # where, not a product: a non-finite x must not turn the zero columns into NaN
             t = tl.where(offs_r[None, :] < rank, t * _scale_of(scales_ptr, slot, scale, HAS_SCALES), 0.0)
-        _store_rows(t_ptr + s.to(tl.int64) * stride_ts, t, tok, row_ok, offs_r, R, stride_tm, stride_tr)
+        if SPLIT_T4:
+            _store_split4(t_ptr + s.to(tl.int64) * stride_ts, t, tok, row_ok, r0, R, stride_tm, stride_tr)
+        else:
+            _store_rows(t_ptr + s.to(tl.int64) * stride_ts, t, tok, row_ok, offs_r, R, stride_tm, stride_tr)
+
+
+@triton.jit
+def _store_split4(ptr, t, rows, row_ok, r0, R, stride_rows, stride_cols):
+    """Rows `rows` of the [.., 4 R] split t4 for t = columns r0.. of t: columns 4r, 4r+1 = t_hi[:, r]
+    and 4r+2, 4r+3 = t_lo[:, r],
+    t_hi = tf32(t) and t_lo = tf32(t - t_hi) (_tf32_split), both exact tf32 operands; t = t_hi + t_lo
+    up to 2^-22 |t|. The operand _rank_chunks_dot_t4 reads as the shared-memory side of its dot."""
+    t_hi, t_lo = _tf32_split(t)
+    t_lo = _tf32_split(t_lo)[0]
+    offs_r = r0 + tl.arange(0, t.shape[1])
+    base = ptr + rows[:, None].to(tl.int64) * stride_rows
+    cols = 4 * offs_r[None, :].to(tl.int64)
+    mask = row_ok[:, None] & (offs_r[None, :] < R)
+    tl.store(base + cols * stride_cols, t_hi, mask=mask)
+    tl.store(base + (cols + 1) * stride_cols, t_hi, mask=mask)
+    tl.store(base + (cols + 2) * stride_cols, t_lo, mask=mask)
+    tl.store(base + (cols + 3) * stride_cols, t_lo, mask=mask)
 
 
 @triton.jit
@@ -534,10 +604,13 @@ def _segments_expand_store_chunked(acc, t_ptr, b_ptr, bias_ptr, ranks_ptr, sorte
                                    tok, row_ok, offs_p, offs_n, offs_r, p0, p_end, N, R, L,
                                    stride_tm, stride_tr, stride_bl, stride_bn, stride_br, stride_ym, stride_yn,
                                    HAS_BIAS: tl.constexpr, HAS_RANKS: tl.constexpr, BLOCK_M: tl.constexpr,
-                                   BLOCK_R: tl.constexpr, LORA_PRECISION: tl.constexpr):
+                                   BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, LORA_PRECISION: tl.constexpr,
+                                   SPLIT_T4: tl.constexpr):
     """_segments_expand_store with t [rows, rank] read from memory (the segmented shrink's
     output) in BLOCK_R chunks: one rank-chunk dot per segment and chunk, then the single
-    rounding store."""
+    rounding store. SPLIT_T4: t_ptr is the split t4 (_store_split4) and the products are
+    _rank_chunks_dot_t4's, summed transposed over the row block's segments and added to acc once."""
+    acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # SPLIT_T4's (not used otherwise)
     p = p0
     while p < p_end:
         slot, seg_end = _segment_bounds(sorted_slot_ptr, slot_start_ptr, p, p_end, L)
@@ -545,10 +618,16 @@ def _segments_expand_store_chunked(acc, t_ptr, b_ptr, bias_ptr, ranks_ptr, sorte
         if rank > 0:
             in_seg = row_ok & (offs_p >= p) & (offs_p < seg_end)
             b_base = b_ptr + slot.to(tl.int64) * stride_bl
-            acc = _rank_chunks_dot(acc, t_ptr, b_base, tok, in_seg, offs_r, offs_n, rank, N,
-                                   stride_tm, stride_tr, stride_br, stride_bn, BLOCK_R, LORA_PRECISION,
-                                   BLOCK_M < 64, BLOCK_M >= 64)
+            if SPLIT_T4:
+                acc_t = _rank_chunks_dot_t4(acc_t, t_ptr, b_base, tok, in_seg, offs_n, rank, N,
+                                            stride_tm, stride_tr, stride_br, stride_bn, BLOCK_R)
+            else:
+                acc = _rank_chunks_dot(acc, t_ptr, b_base, tok, in_seg, offs_r, offs_n, rank, N,
+                                       stride_tm, stride_tr, stride_br, stride_bn, BLOCK_R, LORA_PRECISION,
+                                       BLOCK_M < 64, BLOCK_M >= 64)
         p = seg_end
+    if SPLIT_T4:
+        acc += tl.trans(acc_t)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
         acc += bias.to(tl.float32)[None, :]
@@ -565,14 +644,15 @@ def multi_lora_linear_chunked_kernel(
     HAS_BIAS: tl.constexpr, HAS_RANKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
-    BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr, SPLIT_T4: tl.constexpr = False,
 ):
     """multi_lora_linear_kernel with t [M, r_max] fp32 from the segmented shrink, left in memory:
     each N tile's epilogue streams it in BLOCK_R-wide rank chunks (T_CHUNK;
     _segments_expand_store_chunked), so no rank-wide tile is ever held in registers. Taken for
     every rank where the launch config does not fuse the shrink (ranks past
     FUSED_SHRINK_MAX_BLOCK_R, fp32 adapters, blocks expected to hold many adapters). Same grid
-    and row order as the fused kernel."""
+    and row order as the fused kernel. SPLIT_T4 (fp32 B, "tf32x3", wgmma tiles: splits_t4): t
+    is given as the shrink's split t4 [M, 4 r_max] and BLOCK_R is _rank_chunks_dot_t4's chunk."""
     num_m_blocks = tl.cdiv(M, BLOCK_M)
     num_n_tiles = tl.cdiv(N, BLOCK_N)
     num_n_runs = tl.cdiv(num_n_tiles, tiles_per_program)
@@ -592,7 +672,7 @@ def multi_lora_linear_chunked_kernel(
         _segments_expand_store_chunked(acc, t_ptr, b_ptr, bias_ptr, ranks_ptr, sorted_slot_ptr, slot_start_ptr,
                                        y_ptr, tok, row_ok, offs_p, offs_n, offs_r, p0, p_end, N, R, L,
                                        stride_tm, stride_tr, stride_bl, stride_bn, stride_br, stride_ym, stride_yn,
-                                       HAS_BIAS, HAS_RANKS, BLOCK_M, BLOCK_R, LORA_PRECISION)
+                                       HAS_BIAS, HAS_RANKS, BLOCK_M, BLOCK_N, BLOCK_R, LORA_PRECISION, SPLIT_T4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -753,6 +833,11 @@ def _ranks_arg(ranks: Optional[torch.Tensor], fallback: torch.Tensor) -> Tuple[t
 # fp32 A: t^T in two accumulators), the whole-rank expand at 128 184-255 (8 warps), neither
 # spills. Not measured on a GPU: bench/multi.py is where the chunk widths get measured.
 RANK_CHUNK = 128
+# The shrink's rank chunk when it stores t split (SPLIT_T4, _store_split4): at 128 the split and
+# its four stores beside the 64 x 128 t (fp32 A split on wgmma tiles, 255 registers already)
+# spilled 148 B per thread (ptxas -v, sm_90a, triton 3.8; as one joined store 640 B); at 64 none
+# (172 registers). The cost: x read once per 64 ranks at padded rank 128. Not measured on a GPU.
+T4_SHRINK_MAX_BLOCK_R = 64
 # Rank chunk of the fused kernels' t-from-memory epilogue (multi_lora_linear_chunked_kernel):
 # a [BM, chunk] fp32 slice of t, its tf32 split and a [chunk, BN] slice of B sit beside the
 # accumulator. Compile facts (ptxas -v, sm_90a, triton 3.8; tests/test_triton_multi_compile.py):
@@ -762,14 +847,42 @@ RANK_CHUNK = 128
 # A bf16 B on wgmma tiles (BLOCK_M >= 64) adds _split16_dot's second accumulator: with 64 or more
 # accumulator registers per thread (128x128 at 8 warps, 64x128 at 4) 32 columns used all 255
 # registers and spilled 4 B at 128x128 (one tile per program); 16 spill nothing (same compile).
+# fp32 B on wgmma tiles with "tf32x3" (splits_t4: _rank_chunks_dot_t4) takes T_CHUNK_T4 rank
+# entries per chunk, a dot of K = 4 * T_CHUNK_T4 = 16: with K = 32 the compiler split the dot in
+# two and stored its register operand to shared memory in every iteration (TTGIR, sm_90a, triton
+# 3.8, a model of the loop). T_CHUNK_FP32_B is fp32 B's chunk elsewhere (mma.sync tiles).
 T_CHUNK = 32
 T_CHUNK_FP32_B = 16
+T_CHUNK_T4 = 4
 T_CHUNK_SPLIT16_WIDE = 16
 SPLIT16_WIDE_ACC_REGS = 64
 
 
-def t_chunk_for(R: int, b_dtype: torch.dtype, block_m: int, block_n: int, num_warps: int) -> int:
-    """The chunked epilogue's rank chunk for stacks of rank R (padded), B's dtype and the tile."""
+def splits_t4(b_dtype: torch.dtype, lora_precision: str, block_m: int) -> bool:
+    """Whether multi_lora_linear_chunked_kernel takes t split (SPLIT_T4: _rank_chunks_dot_t4):
+    fp32 B with "tf32x3" (GPUs) on wgmma tiles (BLOCK_M >= 64)."""
+    return b_dtype == torch.float32 and lora_precision == "tf32x3" and block_m >= 64
+
+
+# Warps of splits_t4's launches with BLOCK_N >= T4_WIDE_BLOCK_N: each thread holds two [BLOCK_N,
+# 4 T_CHUNK_T4] B loads, their split and the transposed accumulator beside acc; at 64x128 with 4
+# warps that spilled 264 B per thread, with 8 none (239 registers; ptxas -v, sm_90a, triton 3.8).
+# 128x128 already has 8. Not measured on a GPU.
+T4_WIDE_BLOCK_N = 128
+T4_WIDE_NUM_WARPS = 8
+
+
+def chunked_num_warps(num_warps: int, block_n: int, split_t4: bool) -> int:
+    """Warps of a multi_lora_linear_chunked_kernel launch on tiles of `num_warps` (see T4_WIDE_NUM_WARPS)."""
+    return max(num_warps, T4_WIDE_NUM_WARPS) if split_t4 and block_n >= T4_WIDE_BLOCK_N else num_warps
+
+
+def t_chunk_for(R: int, b_dtype: torch.dtype, block_m: int, block_n: int, num_warps: int,
+                split_t4: bool = False) -> int:
+    """The chunked epilogue's rank chunk for stacks of rank R (padded), B's dtype and the tile
+    (split_t4: splits_t4's path)."""
+    if split_t4:
+        return T_CHUNK_T4
     if b_dtype == torch.float32:
         chunk = T_CHUNK_FP32_B
     elif (b_dtype == torch.bfloat16 and block_m >= 64
@@ -857,18 +970,20 @@ def _pad4(values: List[int]) -> List[int]:
 
 def shrink_slices(x: torch.Tensor, a_stacks: List[torch.Tensor], index: AdapterIndex, scales: Optional[torch.Tensor],
                   scale: float, ranks: Optional[torch.Tensor], out: torch.Tensor,
-                  config: Optional[SegmentConfig] = None) -> torch.Tensor:
+                  config: Optional[SegmentConfig] = None, split_t4: bool = False) -> torch.Tensor:
     """out[s] = shrink of x with a_stacks[s] (see reference.lora_shrink), all slices in one launch
     (grid axis 2). x [M, K], a_stacks S x [L, r_max, K] (one dtype and shape), scales [L] fp32 or
     None (then the float `scale` for every slot), ranks [L] int | None, out [S, M, r_max] fp32
-    (any strides; [M, r_max] for one slice). Every element of out[:, rows covered by the index] is written."""
+    (any strides; [M, r_max] for one slice). Every element of out[:, rows covered by the index] is
+    written. split_t4: out is [S, M, 4 r_max] (or [M, 4 r_max]), t in _store_split4's (hi, hi, lo,
+    lo) columns (multi_lora_linear's t4)."""
     M, K = x.shape
     R = a_stacks[0].shape[1]
     if M == 0:
         return out
     split_a = a_stacks[0].dtype == torch.float32 and x.dtype != torch.float32
     cfg = config or segment_config(M, K, R, x.element_size(), _num_sms(x.device), split_a)
-    block_r = min(cfg.shrink_block_r, RANK_CHUNK)
+    block_r = min(cfg.shrink_block_r, T4_SHRINK_MAX_BLOCK_R if split_t4 else RANK_CHUNK)
     work = index.work(cfg.item_m)
     precision = base_precision(x.dtype, x.device)
     ranks_t, has_ranks = _ranks_arg(ranks, work)
@@ -882,7 +997,7 @@ def shrink_slices(x: torch.Tensor, a_stacks: List[torch.Tensor], index: AdapterI
             x.stride(0), x.stride(1), *group[0].stride(), *t_strides,
             HAS_SCALES=scales is not None, HAS_RANKS=has_ranks, SPLIT_A=split_a,
             BLOCK_M=cfg.item_m, BLOCK_K=cfg.shrink_block_k, BLOCK_R=block_r, PRECISION=precision,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            SPLIT_T4=split_t4, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out
 
@@ -949,7 +1064,8 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a_stack: torch
     fp32 or None (the float `scale` for every slot), bias [N] | None, ranks [L] int | None.
     `config` overrides the heuristic (tests use it to reach both the fused-shrink and the
     precomputed-t paths at small sizes). Without the fused shrink (always at r_max > RANK_CHUNK)
-    the segmented shrink runs first and the chunked-epilogue kernel reads its t."""
+    the segmented shrink runs first and the chunked-epilogue kernel reads its t (fp32 B on GPU
+    wgmma tiles: t split, an [M, 4 r_max] fp32 buffer; splits_t4)."""
     M, K = x.shape
     N = weight.shape[0]
     L, R, _ = lora_a_stack.shape
@@ -962,14 +1078,17 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a_stack: torch
     chunked = block_r_for(R) > RANK_CHUNK
     if not chunked and cfg.fused_shrink and tiles.block_r < block_r_for(R):
         raise ValueError(f"multi_lora_linear: config block_r {tiles.block_r} < padded rank {block_r_for(R)}")
+    base_prec = base_precision(x.dtype, x.device)
+    lora_precision = lora_precision_for(lora_b_stack.dtype, x.device)
+    split_t4 = splits_t4(lora_b_stack.dtype, lora_precision, tiles.block_m)
     t = None
     if chunked or not cfg.fused_shrink:
         # rows past the index's work lists (a padded_to view) must read as zeros
         alloc = torch.zeros if index.capacity != M else torch.empty
+        width = 4 * R if split_t4 else R  # t4: t split for _rank_chunks_dot_t4
         t = shrink_slices(x, [lora_a_stack], index, scales, scale, ranks,
-                          alloc((M, R), dtype=torch.float32, device=x.device), cfg.segment)
-    base_prec = base_precision(x.dtype, x.device)
-    lora_precision = lora_precision_for(lora_b_stack.dtype, x.device)
+                          alloc((M, width), dtype=torch.float32, device=x.device), cfg.segment,
+                          split_t4=split_t4)
     ranks_t, has_ranks = _ranks_arg(ranks, index.data)
     scales_t = scales if scales is not None else index.data
     num_m_blocks = _cdiv(M, tiles.block_m)
@@ -987,8 +1106,10 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a_stack: torch
             M, N, K, R, L, tiles.tiles_per_program,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
             *lora_b_stack.stride(), t.stride(0), t.stride(1), y.stride(0), y.stride(1),
-            HAS_BIAS=bias is not None, HAS_RANKS=has_ranks,
-            BLOCK_R=t_chunk_for(R, lora_b_stack.dtype, tiles.block_m, tiles.block_n, tiles.num_warps), maxnreg=MAX_REGISTERS, **common)
+            HAS_BIAS=bias is not None, HAS_RANKS=has_ranks, SPLIT_T4=split_t4,
+            BLOCK_R=t_chunk_for(R, lora_b_stack.dtype, tiles.block_m, tiles.block_n, tiles.num_warps, split_t4),
+            maxnreg=MAX_REGISTERS,
+            **dict(common, num_warps=chunked_num_warps(tiles.num_warps, tiles.block_n, split_t4)))
         return y
     multi_lora_linear_kernel[grid](
         x, weight, bias_arg, lora_a_stack, lora_b_stack, scales_t, ranks_t, y,
