@@ -900,7 +900,8 @@ def t_chunk_for(R: int, b_dtype: torch.dtype, block_m: int, block_n: int, num_wa
 # registers on the decode tiles (BLOCK_M 16); with the bound it uses 54-120 and spills nothing
 # (ptxas -v, sm_90a, triton 3.8). Not for multi_lora_linear_kernel: bounded at 255 (or 128, 168)
 # ptxas schedules its decode tiles up to the bound and then spills (4-88 B), unbounded it
-# spills nothing.
+# spills nothing (measured with its earlier tile-loop form and TILES_PER_PROGRAM a constexpr; not
+# re-measured since the loop counts from 1, see _PER_CALL_INTS).
 MAX_REGISTERS = 255
 
 
