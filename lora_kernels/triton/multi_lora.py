@@ -197,9 +197,8 @@ def _rank_chunks_dot_t4(acc_t, t4_ptr, b_ptr, tok, rows_ok, offs_n, rank, N,
     untransposed products (tl.dot's tf32x3 or _epilogue_dot's) needed B's halves in shared memory:
     two stores and three waits per iteration. Costs, not measured on a GPU: t4 is 4x t's bytes
     (written once by the shrink, read per N tile), and the dot's K is 4 r where tf32x3 issued
-    3 r. One loop to the
-    rank, masked there: B's copies are 4 bytes wide anyway (each entry at four columns), and t4's
-    mask steps by 4 columns (16 bytes)."""
+    3 r. One loop to the rank, masked there: B's copies are 4 bytes wide anyway (each entry at
+    four columns), and t4's mask steps by 4 columns (16 bytes)."""
     offs_j = tl.arange(0, 4 * BLOCK_R)
     odd = (offs_j % 2 == 1)[None, :]
     n_ok = (offs_n < N)[:, None]
@@ -305,10 +304,10 @@ def lora_shrink_kernel(
 
 @triton.jit
 def _store_split4(ptr, t, rows, row_ok, r0, R, stride_rows, stride_cols):
-    """Rows `rows` of the [.., 4 R] split t4 for t = columns r0.. of t: columns 4r, 4r+1 = t_hi[:, r]
-    and 4r+2, 4r+3 = t_lo[:, r],
-    t_hi = tf32(t) and t_lo = tf32(t - t_hi) (_tf32_split), both exact tf32 operands; t = t_hi + t_lo
-    up to 2^-22 |t|. The operand _rank_chunks_dot_t4 reads as the shared-memory side of its dot."""
+    """Rows `rows` of the [.., 4 R] split t4 for t = columns r0.. of t: columns 4r, 4r+1 =
+    t_hi[:, r] and 4r+2, 4r+3 = t_lo[:, r], t_hi = tf32(t) and t_lo = tf32(t - t_hi)
+    (_tf32_split), both exact tf32 operands; t = t_hi + t_lo up to 2^-22 |t|. The operand
+    _rank_chunks_dot_t4 reads as the shared-memory side of its dot."""
     t_hi, t_lo = _tf32_split(t)
     t_lo = _tf32_split(t_lo)[0]
     offs_r = r0 + tl.arange(0, t.shape[1])
