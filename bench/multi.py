@@ -17,6 +17,9 @@ timed under CUDA graphs on a GPU (DESIGN.md section 7; GPU_BASELINES.md's multi-
   in one op); ``peft_loop_layer``: base then the PEFT loop. ``linear/base`` is ours_linear / base
   (the first backend's).
 * ``ours_index``: building the AdapterIndex (reported in the case, outside the table).
+* ``ours_linear_triton_fp32ab`` / ``ours_linear_triton_fp32ab_untransposed`` (GPU, 16-bit x):
+  ``multi_lora_linear`` with the same adapters in fp32, with and without the t4 epilogue
+  (triton/multi_lora.py SPLIT_T4_ENABLED): the pair that should decide that switch.
 * ``ours_linear_cuda_mma`` (Hopper only): ``multi_lora_linear`` on the mma.sync kernel, where
   ``ours_linear_cuda`` takes the sm90 tail GEMM with a per-slot tail when its tail is at most
   K / 8 columns (lora_kernels/cuda/multi_lora_sm90.py): the pair is what measures that threshold
@@ -127,6 +130,17 @@ def _mma_sync_linear(x, weight, lora_a, lora_b, index, scales, ranks):
         multi_lora_sm90.ENABLED = True
 
 
+def _untransposed_fp32_b_linear(x, weight, lora_a, lora_b, index, scales, ranks):
+    """backend="triton" multi_lora_linear with fp32 adapters and the t4 epilogue switched off
+    (triton/multi_lora.py SPLIT_T4_ENABLED; captured once under CUDA graphs)."""
+    from lora_kernels.triton import multi_lora
+    multi_lora.SPLIT_T4_ENABLED = False
+    try:
+        return lora_kernels.multi_lora_linear(x, weight, lora_a, lora_b, index, scales, None, ranks, backend="triton")
+    finally:
+        multi_lora.SPLIT_T4_ENABLED = True
+
+
 def run_case(layer, r, L, M, dist, dtype, device, backends, rep_ms) -> Dict:
     name, K, N = layer
     rnd = seeded_randn(device, dtype, M * 7919 + K * 31 + N + r * 13 + L)
@@ -182,6 +196,17 @@ def run_case(layer, r, L, M, dist, dtype, device, backends, rep_ms) -> Dict:
         # (lora_kernels/cuda/multi_lora_sm90.py): the pair measures its SM90_MULTI_TAIL_DIVISOR threshold.
         methods["ours_linear_cuda_mma"] = lambda: _mma_sync_linear(x, weight, lora_a, lora_b, index, scales, ranks)
         kind["ours_linear_cuda_mma"] = "layer"
+
+    if "triton" in backends and device.type == "cuda" and dtype != torch.float32:
+        # fp32 adapters (PEFT's default) over 16-bit x: the t4 epilogue (fp32 B on wgmma tiles) and the
+        # untransposed tf32x3 one it replaced -- the pair that should decide SPLIT_T4_ENABLED. The
+        # adapters hold the same values as the 16-bit ones, so the expectation is the same.
+        a32, b32 = lora_a.float(), lora_b.float()
+        methods["ours_linear_triton_fp32ab"] = lambda: lora_kernels.multi_lora_linear(
+            x, weight, a32, b32, index, scales, None, ranks, backend="triton")
+        methods["ours_linear_triton_fp32ab_untransposed"] = lambda: _untransposed_fp32_b_linear(
+            x, weight, a32, b32, index, scales, ranks)
+        kind.update({"ours_linear_triton_fp32ab": "layer", "ours_linear_triton_fp32ab_untransposed": "layer"})
 
     def check(method: str, out: torch.Tensor) -> float:
         if kind[method] == "t":

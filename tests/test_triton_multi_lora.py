@@ -340,7 +340,8 @@ def test_wgmma_chunk_epilogue_splits_t_into_bf16_halves(interpreter_device, monk
 
 
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
-def test_wgmma_chunk_epilogue_fp32_b_takes_t_split(interpreter_device, monkeypatch, x_dtype):
+@pytest.mark.parametrize("t4", [True, False], ids=["t4", "untransposed"])
+def test_wgmma_chunk_epilogue_fp32_b_takes_t_split(interpreter_device, monkeypatch, x_dtype, t4):
     """The GPU path of the chunked epilogue on wgmma tiles (BLOCK_M >= 64) with fp32 B: the
     shrink stores t split (t4: hi, hi, lo, lo columns) and the epilogue's transposed dots take B's
     hi and lo from two masked loads (_rank_chunks_dot_t4), forced here by the GPU's precision
@@ -349,10 +350,12 @@ def test_wgmma_chunk_epilogue_fp32_b_takes_t_split(interpreter_device, monkeypat
     of it; B's lo dropped gave 1.4e-4) is far over the fp32 bound (at most twice the plain-torch
     error, >= 5e-7); bf16 x checks the path's layout and masks at a 16-bit x. Ranks 32, 13, 30
     and 5 (not multiples of the 4-entry chunk) end the chunks mid-way; the stacks past each rank
-    are NaN; 70 rows: two 64-row blocks, one partial."""
+    are NaN; 70 rows: two 64-row blocks, one partial. "untransposed": SPLIT_T4_ENABLED off (what
+    bench/multi.py times beside it), the tf32x3 epilogue on the same tiles."""
     ml = _ml()
     monkeypatch.setattr(ml, "lora_precision_for", lambda dt, dev: "tf32x3" if dt == torch.float32 else "tf32x2")
-    assert ml.splits_t4(torch.float32, "tf32x3", 64)
+    monkeypatch.setattr(ml, "SPLIT_T4_ENABLED", t4)
+    assert ml.splits_t4(torch.float32, "tf32x3", 64) == t4
     inp = make_multi_inputs(70, 40, 48, 4, 32, x_dtype, adapter_dtype=torch.float32, dist="zipf",
                             ranks=[32, 13, 30, 5], seed=5)
     inp = replace(inp, weight=inp.weight * 1e-3)

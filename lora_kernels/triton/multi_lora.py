@@ -857,10 +857,16 @@ T_CHUNK_SPLIT16_WIDE = 16
 SPLIT16_WIDE_ACC_REGS = 64
 
 
+# The t4 path on (splits_t4). Chosen for its compile facts (no store, no wait; see
+# _rank_chunks_dot_t4), not by a measurement yet: bench/multi.py's ours_linear_triton_fp32ab_untransposed
+# switches it off to time the untransposed tf32x3 epilogue beside it (ours_linear_triton_fp32ab).
+SPLIT_T4_ENABLED = True
+
+
 def splits_t4(b_dtype: torch.dtype, lora_precision: str, block_m: int) -> bool:
     """Whether multi_lora_linear_chunked_kernel takes t split (SPLIT_T4: _rank_chunks_dot_t4):
-    fp32 B with "tf32x3" (GPUs) on wgmma tiles (BLOCK_M >= 64)."""
-    return b_dtype == torch.float32 and lora_precision == "tf32x3" and block_m >= 64
+    fp32 B with "tf32x3" (GPUs) on wgmma tiles (BLOCK_M >= 64), unless SPLIT_T4_ENABLED is off."""
+    return SPLIT_T4_ENABLED and b_dtype == torch.float32 and lora_precision == "tf32x3" and block_m >= 64
 
 
 # Warps of splits_t4's launches with BLOCK_N >= T4_WIDE_BLOCK_N: each thread holds two [BLOCK_N,
