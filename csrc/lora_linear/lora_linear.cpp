@@ -7,6 +7,7 @@
 // stride); lora_b [N, r] in x's dtype or float32, any strides; bias [N] contiguous, x's dtype or
 // float32; y [M, N] x's dtype with unit column stride; t [M, r] float32 with unit column stride.
 #include "lora_linear/lora_linear.h"
+#include "common/torch_checks.h"
 
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -24,14 +25,6 @@ namespace lora_kernels {
 namespace {
 
 constexpr const char* kOp = "cuda_lora_linear_fwd";
-
-std::string shape_str(const at::Tensor& t) {
-  std::ostringstream s;
-  s << t.sizes();
-  return s.str();
-}
-
-bool is_16bit(at::ScalarType d) { return d == at::kHalf || d == at::kBFloat16; }
 
 void check_matrix(const at::Tensor& t, const char* name, int64_t rows, int64_t cols, const char* meaning) {
   TORCH_CHECK(t.dim() == 2, kOp, ": ", name, " must be 2-D, got ", t.dim(), "-D with shape ", shape_str(t));

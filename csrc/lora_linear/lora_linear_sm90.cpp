@@ -10,6 +10,7 @@
 // dimension, 16-byte aligned starts and row strides (TMA); bias [N] float32 contiguous or None.
 // dx: dy [M, N], weight [N, K], tail_x [M, L], tail_w [L, K], dx [M, K], the same rules.
 #include "lora_linear/lora_linear_sm90.h"
+#include "common/torch_checks.h"
 #include "lora_linear/lora_linear_sm90_op.h"
 
 #include <c10/cuda/CUDAGuard.h>
@@ -29,12 +30,6 @@ namespace {
 
 constexpr const char* kOp = "cuda_lora_linear_sm90_fwd";
 constexpr const char* kOpDx = "cuda_lora_linear_sm90_dx";
-
-std::string shape_str(const at::Tensor& t) {
-  std::ostringstream s;
-  s << t.sizes();
-  return s.str();
-}
 
 // The device's compute capability as major * 10 + minor, read once per device.
 int capability(int device) {

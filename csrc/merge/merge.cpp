@@ -8,6 +8,7 @@
 // weight), any strides; codes int8 with the weight's shape, any strides; escape_index int64 [C],
 // escape_value weight's dtype [C] and status int32 [2], contiguous.
 #include "merge/merge.h"
+#include "common/torch_checks.h"
 
 #include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -26,12 +27,6 @@ namespace lora_kernels {
 namespace {
 
 constexpr const char* kOp = "cuda_merge_";
-
-std::string shape_str(const at::Tensor& t) {
-  std::ostringstream s;
-  s << t.sizes();
-  return s.str();
-}
 
 void check_vector(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t size, const char* meaning) {
   TORCH_CHECK(t.scalar_type() == dtype, kOp, ": ", name, " must be ", dtype, ", got ", t.scalar_type());

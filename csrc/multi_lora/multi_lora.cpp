@@ -12,6 +12,7 @@
 // input); multi_lora_linear's t [M, R]; scales [L] float32 and ranks [L] int32 contiguous; work
 // [I, 3] and sorted_tokens [M] int32 contiguous (AdapterIndex views).
 #include "multi_lora/multi_lora.h"
+#include "common/torch_checks.h"
 
 #include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -36,8 +37,6 @@ std::string shape_of(const at::Tensor& t) {
   s << t.sizes();
   return s.str();
 }
-
-bool is_16bit(at::ScalarType d) { return d == at::kHalf || d == at::kBFloat16; }
 
 void check_devices(const char* op, const char* first_name, const at::Tensor& first,
                    const std::vector<std::pair<const char*, const at::Tensor*>>& others) {
