@@ -181,6 +181,20 @@ def weight_grad_config(M: int, N: int, K: int, r: int, elem_bytes: int, num_sms:
     return WeightGradConfig(block_m, block_c, block_r_for(r), split, 4, 3)
 
 
+def _rank_operand(v: Optional[torch.Tensor], needed: bool, halves: bool, dtype: torch.dtype,
+                  unused: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int, int]]:
+    """(tensor, 3-D strides [half, rows, cols]) of u or t (fp32 [M, r]) for lora_weight_grads_kernel:
+    with `halves`, [2, M, r] in `dtype` (split_adapter, once per call: small next to x and dy), the
+    kernel taking the first half's pointer; else v itself; `unused` (a pointer never read) when
+    not needed."""
+    if not needed:
+        return unused, _strides3(unused)
+    if halves:
+        split = split_adapter(v, dtype)
+        return split, split.stride()
+    return v, _strides3(v)
+
+
 def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
                     lora_b: torch.Tensor, t: Optional[torch.Tensor], scale: float, dropout_p: float,
                     seed: Optional[torch.Tensor], bias_dtype: Optional[torch.dtype], need_x: bool,
@@ -254,20 +268,8 @@ def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
         num_b_tiles = _cdiv(N, cfg.block_c) if (need_b or need_bias) else 0
         halves = cfg.halves if cfg.halves is not None else x.dtype == torch.bfloat16
         halves = halves and x.dtype in (torch.float16, torch.bfloat16) and dy.dtype == x.dtype
-        # u, t: fp32 [M, r] -> [2, M, r] in x's dtype, once per call (small next to x and dy); the
-        # kernel takes the pointer of the first half (or of u / t) and the 3-D strides
-        if halves and need_a:
-            u_arg = split_adapter(u, x.dtype)
-            u_st = u_arg.stride()
-        else:
-            u_arg = u if need_a else dy
-            u_st = _strides3(u_arg)
-        if halves and need_b:
-            t_arg = split_adapter(t, x.dtype)
-            t_st = t_arg.stride()
-        else:
-            t_arg = t if need_b else dy
-            t_st = _strides3(t_arg)
+        u_arg, u_st = _rank_operand(u, need_a, halves, x.dtype, dy)
+        t_arg, t_st = _rank_operand(t, need_b, halves, x.dtype, dy)
         if num_a_tiles + num_b_tiles:
             lora_weight_grads_kernel[(num_a_tiles + num_b_tiles, split)](
                 x, u_arg, dy, t_arg, seed if dropout else dy,
