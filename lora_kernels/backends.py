@@ -72,6 +72,20 @@ def getenv(name: str) -> Optional[str]:
     return None if raw is None else environ.decodevalue(raw)
 
 
+_LAUNCHERS: dict = {}  # "triton.multi_lora" -> the module lora_kernels.triton.multi_lora
+
+
+def launcher(name: str):
+    """The launcher module ``lora_kernels.<name>`` (e.g. "triton.lora_linear", "cuda.merge"),
+    imported on first use -- so the torch backend never imports triton or the extension -- and a
+    dict hit after that: an import statement inside an op costs ~1.5 us per call (CPU machine).
+    Callers read the launcher off the module per call, so a monkeypatched launcher takes effect."""
+    mod = _LAUNCHERS.get(name)
+    if mod is None:
+        mod = _LAUNCHERS[name] = importlib.import_module(f"lora_kernels.{name}")
+    return mod
+
+
 def _interpreter_requested() -> bool:
     return getenv("TRITON_INTERPRET") == "1"
 

@@ -37,12 +37,16 @@ def test_bench_overhead_quick_runs_and_checks(tmp_path):
     assert rows["ours_torch_minus_reference_work_us"]["bound"] == 15.0
     assert all(rows[k]["measured"] is not None for k in (
         "ours_torch_minus_reference_work_us", "ours_auto_minus_reference_work_us",
-        "ours_multi_torch_minus_multi_reference_work_us", "ours_se_torch_minus_se_reference_work_us"))
-    # the Triton launch path's host work with its kernels stubbed: in the summary, the targets
-    # and the table, and every stub, SM count and backend-cache entry is undone afterwards
-    stubbed = {f"triton_host_{m}_us" for m in ("fwd_launcher", "eager_fwd", "bwd_launcher", "multi_eager",
-                                                  "se_eager")}
-    assert stubbed <= set(result["summary"]) and all(rows[k]["measured"] is not None for k in stubbed)
+        "ours_multi_torch_minus_multi_reference_work_us", "ours_shrink_torch_minus_shrink_reference_work_us",
+        "ours_expand_torch_minus_expand_reference_work_us"))
+    # the Triton launch path's host work with its kernels stubbed: in the summary (each method, its
+    # recorded floor and the difference), the targets (the difference) and the table, and every
+    # stub, SM count and backend-cache entry is undone afterwards
+    methods = ("fwd_launcher", "eager_fwd", "bwd_launcher", "multi_eager", "shrink_eager", "expand_eager")
+    assert {f"triton_host_{m}{s}_us" for m in methods for s in ("", "_floor", "_minus_floor")} <= set(result["summary"])
+    assert all(rows[f"triton_host_{m}_minus_floor_us"]["measured"] is not None for m in methods)
+    # the floor replays the call's work: the forward at decode launches the split-K shrink and the fused kernel
+    assert result["triton_host"]["work"]["fwd_launcher"] == "2 / 2"
     md = (tmp_path / path.name.replace(".json", ".md")).read_text()
     assert "kernels stubbed" in md and "EXCLUDES Triton's own launch cost" in md
     from bench.overhead import STUBBED_KERNELS, _NoLaunch

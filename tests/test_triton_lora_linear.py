@@ -205,3 +205,18 @@ def test_persistent_tma_variant(interpreter_device, M, N, K, r, bias):
     out = poison_(torch.empty(M, N, dtype=torch.float16))
     y, _ = lora_linear_fwd(*inp.args(), save_t=False, config=cfg, shrink=ShrinkConfig(16, 16, 16, 4, 2, 2), out=out)
     assert_close(y, inp.reference64(), torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows,cols,transposed", [(1, 16, False), (37, 5, True), (16, 300, False), (300, 130, True)])
+def test_split_adapter_kernel_matches_its_torch_formula_bitwise(interpreter_device, dtype, rows, cols, transposed):
+    """split_adapter's one launch (split_halves_kernel) gives the bits of its docstring's torch
+    formula: hi = a rounded to nearest even, lo = (a - hi) rounded, over odd and strided shapes
+    (several row and column tiles), every element written (the output is poisoned first)."""
+    from lora_kernels.triton import lora_linear as ll
+    a = torch.randn(cols, rows).t() if transposed else torch.randn(rows, cols)
+    a = a * 3 + 2.0 ** -9 * torch.randn_like(a)  # a lo half in every element
+    hi = a.to(dtype)
+    expected = torch.stack((hi, (a - hi.float()).to(dtype)))
+    got = ll.split_adapter(a, dtype, out=poison_(torch.empty(2, rows, cols, dtype=dtype)))
+    assert torch.equal(got.view(torch.int16), expected.view(torch.int16))

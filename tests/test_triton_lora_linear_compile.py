@@ -91,6 +91,13 @@ def _cases():
            dict(ws_ptr="*fp32", y_ptr="*bf16", M=128, N=4096, splits=3, stride_ws=128 * 4096, stride_wm=4096,
                 stride_wn=1, stride_ym=4096, stride_yn=1),
            dict(BLOCK_M=ll.REDUCE_BLOCK[0], BLOCK_N=ll.REDUCE_BLOCK[1]), 4, 1)
+    # fp32 u / t (cols = r) and A (cols = K) split into bf16 halves; rows is a per-call int (M)
+    for rows, cols in ((16384, 16), (1, 16), (128, 4096)):
+        block_cols = min(ll.SPLIT_MAX_BLOCK_COLS, ll.block_r_for(cols))
+        yield (f"split halves rows={rows} cols={cols}", ll.split_halves_kernel,
+               dict(src_ptr="*fp32", out_ptr="*bf16", rows=rows, cols=cols, stride_sr=cols, stride_sc=1,
+                    stride_oh=rows * cols, stride_or=cols, stride_oc=1),
+               dict(BLOCK_ROWS=ll.SPLIT_BLOCK_ELEMENTS // block_cols, BLOCK_COLS=block_cols), 4, 1)
     for M, R in ((16384, 16), (16384, 128), (16, 128)):
         wc = lb.weight_grad_config(M, 4096, 4096, R, 2, NUM_SMS)
         yield (f"bwd dA/dB M={M} r={R} dropout", lb.lora_weight_grads_kernel,
@@ -164,7 +171,7 @@ def test_k_loops_are_pipelined_and_never_wait_for_all(compiled, name):
         assert loop["async_wait_all"] == 0, f"{name}: {loop}"
         assert loop["mma_wait_all"] == 0, f"{name}: {loop}"
         assert loop["local_stores"] <= (1 if _masks_an_operand(name) else 0), f"{name}: {loop}"
-    if not name.startswith("splitk reduce"):
+    if not name.startswith(("splitk reduce", "split halves")):  # those two have no dot
         assert loops, f"{name}: no K loop with a dot found in the TTGIR"
 
 
@@ -196,6 +203,7 @@ def test_unspecialized_variants_stay_plain(compiled):
 
 def test_per_call_ints_compile_to_one_kernel(compiled):
     assert compiled["fwd M=4096 r=16 (decode tiles)"]["hash"] == compiled["fwd decode M=1 r=16"]["hash"]
+    assert compiled["split halves rows=1 cols=16"]["hash"] == compiled["split halves rows=16384 cols=16"]["hash"]
 
 
 if __name__ == "__main__":

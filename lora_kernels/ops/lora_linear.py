@@ -223,20 +223,6 @@ def _reference_forward(x2: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tenso
     return reference.lora_linear_forward(x2, weight, lora_a, lora_b, scale, bias, keep, dropout_p)
 
 
-_LAUNCH_MODULES: dict = {}
-
-
-def _launch_module(name: str):
-    """lora_kernels.<name>, imported on first use (no triton import for the torch backend) and then
-    a dict hit: an import statement inside the call costs ~1 us per call (CPU machine). Callers read
-    the launcher off the module per call, so a monkeypatched launcher still takes effect."""
-    mod = _LAUNCH_MODULES.get(name)
-    if mod is None:
-        import importlib
-        mod = _LAUNCH_MODULES[name] = importlib.import_module(f"lora_kernels.{name}")
-    return mod
-
-
 def _forward(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float,
              bias: Optional[Tensor], backend: str, save_t: bool, dropout_p: float,
              dropout_seed: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
@@ -245,13 +231,12 @@ def _forward(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: f
     flat = x.dim() == 2
     x2 = x if flat else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: K may be 0
     if backend == "triton":
-        y, t = _launch_module("triton.lora_linear").lora_linear_fwd(
+        y, t = backends.launcher("triton.lora_linear").lora_linear_fwd(
             x2, weight, lora_a, lora_b, scale, bias, save_t, dropout_p=dropout_p, seed=dropout_seed, want_t=save_t)
     elif backend == "cuda":
         if dropout_seed is not None:
             raise backends.BackendUnavailable(f"{OP}: {_input_reason(x, lora_a, True)('cuda')}")
-        from ..cuda.lora_linear import lora_linear_fwd as launch
-        y, t = launch(x2, weight, lora_a, lora_b, scale, bias, save_t)
+        y, t = backends.launcher("cuda.lora_linear").lora_linear_fwd(x2, weight, lora_a, lora_b, scale, bias, save_t)
     else:
         y, t = _reference_forward(x2, weight, lora_a, lora_b, scale, bias, dropout_p, dropout_seed)
         if not save_t:
@@ -319,7 +304,7 @@ def lora_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_
             _, t = reference.lora_linear_forward(x2, weight, lora_a, lora_b, scale, None,
                                                  _keep_mask(x2, dropout_p, dropout_seed), dropout_p)
     if backend == "triton":
-        dx, da, db, dbias = _launch_module("triton.lora_linear_backward").lora_linear_bwd(
+        dx, da, db, dbias = backends.launcher("triton.lora_linear_backward").lora_linear_bwd(
             dy2, x2, weight, lora_a, lora_b, t, scale, dropout_p, dropout_seed, bias_dtype, need_x, need_a, need_b, u=u)
         dx = dx if sm90_dx is None else sm90_dx
         return (dx.reshape(x.shape) if need_x or sm90_dx is not None else dx), da, db, dbias

@@ -171,12 +171,8 @@ def pack_adapters(a_list: List[Tensor], b_list: List[Tensor], s_list: List[float
 
 
 def _compiled_backend(backend: str):
-    if backend == "triton":
-        from ..triton import merge as launcher
-        return launcher
-    if backend == "cuda":
-        from ..cuda import merge as launcher
-        return launcher
+    if backend in ("triton", "cuda"):
+        return backends.launcher(f"{backend}.merge")
     raise AssertionError(f"no compiled merge backend {backend!r}")  # resolve() never returns it
 
 

@@ -408,6 +408,23 @@ def dropout_mask_kernel(seed_ptr, mask_ptr, M, K, dropout_threshold, stride_mm, 
     tl.store(ptrs, keep.to(tl.uint8), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
 
+@triton.jit(do_not_specialize=["rows"])  # rows: M for u and t (per call); cols: r or K (per layer)
+def split_halves_kernel(src_ptr, out_ptr, rows, cols, stride_sr, stride_sc, stride_oh, stride_or, stride_oc,
+                        BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """out[0] = hi = src rounded to out's dtype; out[1] = lo = (src - hi) rounded: split_adapter's
+    two halves of an fp32 src [rows, cols] (any strides), in one pass."""
+    offs_r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    offs_c = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    mask = (offs_r[:, None] < rows) & (offs_c[None, :] < cols)
+    v = tl.load(src_ptr + offs_r[:, None].to(tl.int64) * stride_sr + offs_c[None, :].to(tl.int64) * stride_sc,
+                mask=mask, other=0.0)
+    hi = v.to(out_ptr.dtype.element_ty)
+    lo = (v - hi.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    out = out_ptr + offs_r[:, None].to(tl.int64) * stride_or + offs_c[None, :].to(tl.int64) * stride_oc
+    tl.store(out, hi, mask=mask)
+    tl.store(out + stride_oh, lo, mask=mask)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launcher
 # ----------------------------------------------------------------------------------------------
@@ -617,12 +634,32 @@ def shrink_config(M: int, K: int, r: int, elem_bytes: int, num_sms: int) -> Shri
     return ShrinkConfig(block_m, block_k, block_r_for(r), warps, stages, split)
 
 
-def split_adapter(a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[2, *a.shape] in `dtype`: a = hi + lo with hi = a rounded to dtype and lo = (a - hi)
-    rounded, once per call (~16 mantissa bits of an fp32 adapter in two 16-bit tensor-core
-    operands; the kernels' A_HALVES)."""
-    hi = a.to(dtype)
-    return torch.stack((hi, (a - hi.to(a.dtype)).to(dtype)))
+# split_halves_kernel's tile: 4096 elements (16 KB of fp32 read per program), BLOCK_COLS the
+# padded width up to 128. Not measured (a pass over r x K or M x r, tiny next to the GEMMs).
+SPLIT_BLOCK_ELEMENTS = 4096
+SPLIT_MAX_BLOCK_COLS = 128
+
+
+def split_adapter(a: torch.Tensor, dtype: torch.dtype, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[2, *a.shape] in `dtype`: a = hi + lo, once per call (~16 mantissa bits of an fp32 adapter,
+    or of u / t, in two 16-bit tensor-core operands; the kernels' A_HALVES / HALVES). a: fp32
+    [rows, cols], any strides. In plain torch (bit for bit: both round to nearest even)::
+
+        hi = a.to(dtype); lo = (a - hi.float()).to(dtype); return torch.stack((hi, lo))
+
+    One launch of split_halves_kernel (those torch ops are five launches and two temporaries:
+    ~12 us of host time per split at M = 1, CPU machine). `out` (tests poison it): [2, rows, cols]
+    of `dtype` receiving the halves."""
+    rows, cols = a.shape
+    if out is None:
+        out = torch.empty((2, rows, cols), dtype=dtype, device=a.device)
+    if rows and cols:
+        block_cols = min(SPLIT_MAX_BLOCK_COLS, block_r_for(cols))
+        block_rows = SPLIT_BLOCK_ELEMENTS // block_cols
+        split_halves_kernel[(_cdiv(rows, block_rows), _cdiv(cols, block_cols))](
+            a, out, rows, cols, a.stride(0), a.stride(1), *out.stride(),
+            BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
+    return out
 
 
 def _adapter_operand(x: torch.Tensor, a: torch.Tensor):
@@ -667,7 +704,8 @@ def plan_forward(M: int, N: int, K: int, r: int, elem_bytes: int, num_sms: int, 
     sc = shrink or shrink_config(M, K, r, elem_bytes, num_sms)
     s_splits, s_per = k_split_plan(K, sc.block_k, sc.split_k)
     w_bytes = cfg.block_n * min(k_per_split, K) * elem_bytes
-    partial_bytes = (s_splits - 1) * cfg.block_m * cfg.block_r * 4
+    # rows past M are masked off, not read: at decode (M = 1 in a 16-row block) a partial is one row
+    partial_bytes = (s_splits - 1) * min(M, cfg.block_m) * cfg.block_r * 4
     t_reduce = s_splits > 1 and partial_bytes > T_PARTIALS_MAX_W_FRACTION * w_bytes
     return Plan(cfg, fused_grid, k_per_split, sc, (_cdiv(M, sc.block_m), s_splits), s_per, t_reduce)
 

@@ -821,10 +821,6 @@ def linear_config(M: int, N: int, K: int, R: int, L: int, elem_bytes: int, num_s
 # Launchers (validated inputs; the ops in lora_kernels/ops/multi_lora.py call these)
 # ----------------------------------------------------------------------------------------------
 
-def _ranks_arg(ranks: Optional[torch.Tensor], fallback: torch.Tensor) -> Tuple[torch.Tensor, bool]:
-    return (ranks, True) if ranks is not None else (fallback, False)
-
-
 # The widest rank tile a kernel holds whole: the shrink's rank chunk, and the expand's B tile
 # (loaded once per piece) up to this rank; past it the expand walks EXPAND_RANK_CHUNK-row
 # chunks. Compile facts for sm_90a (ptxas -v on a CPU, triton 3.8,
@@ -974,6 +970,48 @@ def _pad4(values: List[int]) -> List[int]:
     return list(values) + [0] * (MAX_SLICES - len(values))
 
 
+# The host-side decisions of one launch (configs, tiles, grid axes, the kernel's constexprs and
+# launch options), per launch key: a decode step repeats the same few keys hundreds of times, and
+# deriving them cost ~3-5 us per launch (issue 16 point 6; CPU machine). The keys hold what the
+# decisions read: shapes, dtypes, device type, SM count, which optional vectors are given, and an
+# explicit config (tests). Cleared when it grows past _LAUNCH_CACHE_MAX keys (a bound, not a
+# measured size: a model has a few dozen layer shapes) and by clear_launch_cache.
+_LAUNCHES: dict = {}
+_LAUNCH_CACHE_MAX = 4096
+
+
+def clear_launch_cache() -> None:
+    _LAUNCHES.clear()
+
+
+def _remember(key, rec):
+    if len(_LAUNCHES) >= _LAUNCH_CACHE_MAX:
+        _LAUNCHES.clear()
+    _LAUNCHES[key] = rec
+    return rec
+
+
+def _precision_per_call(x_dtype: torch.dtype, device: torch.device) -> bool:
+    """fp32 x on a GPU follows torch.backends.cuda.matmul.allow_tf32, read at each call."""
+    return device.type == "cuda" and x_dtype == torch.float32
+
+
+def _shrink_launch(key, M: int, K: int, R: int, x_dtype: torch.dtype, a_dtype: torch.dtype, device: torch.device,
+                   num_sms: int, has_scales: bool, has_ranks: bool, config: Optional[SegmentConfig],
+                   split_t4: bool):
+    """(work piece size, rank tiles, the kernel's keyword arguments: PRECISION left out when it is
+    read per call) of shrink_slices for `key`, remembered."""
+    split_a = a_dtype == torch.float32 and x_dtype != torch.float32
+    cfg = config or segment_config(M, K, R, x_dtype.itemsize, num_sms, split_a)
+    block_r = min(cfg.shrink_block_r, T4_SHRINK_MAX_BLOCK_R if split_t4 else RANK_CHUNK)
+    kw = dict(HAS_SCALES=has_scales, HAS_RANKS=has_ranks, SPLIT_A=split_a, BLOCK_M=cfg.item_m,
+              BLOCK_K=cfg.shrink_block_k, BLOCK_R=block_r, SPLIT_T4=split_t4, num_warps=cfg.num_warps,
+              num_stages=cfg.num_stages)
+    if not _precision_per_call(x_dtype, device):
+        kw["PRECISION"] = base_precision(x_dtype, device)
+    return _remember(key, (cfg.item_m, _cdiv(R, block_r), kw))
+
+
 def shrink_slices(x: torch.Tensor, a_stacks: List[torch.Tensor], index: AdapterIndex, scales: Optional[torch.Tensor],
                   scale: float, ranks: Optional[torch.Tensor], out: torch.Tensor,
                   config: Optional[SegmentConfig] = None, split_t4: bool = False) -> torch.Tensor:
@@ -984,28 +1022,44 @@ def shrink_slices(x: torch.Tensor, a_stacks: List[torch.Tensor], index: AdapterI
     written. split_t4: out is [S, M, 4 r_max] (or [M, 4 r_max]), t in _store_split4's (hi, hi, lo,
     lo) columns (multi_lora_linear's t4)."""
     M, K = x.shape
-    R = a_stacks[0].shape[1]
+    a0 = a_stacks[0]
+    R = a0.shape[1]
     if M == 0:
         return out
-    split_a = a_stacks[0].dtype == torch.float32 and x.dtype != torch.float32
-    cfg = config or segment_config(M, K, R, x.element_size(), _num_sms(x.device), split_a)
-    block_r = min(cfg.shrink_block_r, T4_SHRINK_MAX_BLOCK_R if split_t4 else RANK_CHUNK)
-    work = index.work(cfg.item_m)
-    precision = base_precision(x.dtype, x.device)
-    ranks_t, has_ranks = _ranks_arg(ranks, work)
-    scales_t = scales if scales is not None else work
-    for start, end in _slice_groups(a_stacks, lambda a: a.stride()):
+    dev, x_dtype = x.device, x.dtype
+    num_sms = _num_sms(dev)
+    has_scales, has_ranks = scales is not None, ranks is not None
+    key = ("shrink", M, K, R, x_dtype, a0.dtype, dev.type, num_sms, has_scales, has_ranks, config, split_t4)
+    rec = _LAUNCHES.get(key)
+    if rec is None:
+        rec = _shrink_launch(key, M, K, R, x_dtype, a0.dtype, dev, num_sms, has_scales, has_ranks, config, split_t4)
+    item_m, r_tiles, kw = rec
+    if "PRECISION" not in kw:
+        kw = dict(kw, PRECISION=base_precision(x_dtype, dev))
+    work = index.work(item_m)
+    ranks_t = ranks if has_ranks else work
+    scales_t = scales if has_scales else work
+    groups = ((0, 1),) if len(a_stacks) == 1 else _slice_groups(a_stacks, lambda a: a.stride())
+    for start, end in groups:
         group, t, t_strides = a_stacks[start:end], *_slices_of(out, start, end)
-        grid = (work.shape[0], _cdiv(R, block_r), end - start)
-        lora_shrink_kernel[grid](
+        lora_shrink_kernel[(work.shape[0], r_tiles, end - start)](
             x, *_pointers4(group), scales_t, ranks_t, work, index.sorted_tokens, t,
             K, R, float(scale),
-            x.stride(0), x.stride(1), *group[0].stride(), *t_strides,
-            HAS_SCALES=scales is not None, HAS_RANKS=has_ranks, SPLIT_A=split_a,
-            BLOCK_M=cfg.item_m, BLOCK_K=cfg.shrink_block_k, BLOCK_R=block_r, PRECISION=precision,
-            SPLIT_T4=split_t4, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+            x.stride(0), x.stride(1), *group[0].stride(), *t_strides, **kw)
     return out
+
+
+def _expand_launch(key, M: int, N: int, R: int, y_dtype: torch.dtype, lora_precision: str, num_sms: int,
+                   has_ranks: bool, config: Optional[SegmentConfig]):
+    """(work piece size, the kernel's keyword arguments) of expand_slices_ for `key` (N: the
+    widest slice), remembered."""
+    cfg = config or segment_config(M, N, R, y_dtype.itemsize, num_sms)
+    block_r, rank_chunked = expand_block_r(R)
+    kw = dict(HAS_RANKS=has_ranks, ITEM_M=cfg.expand_item_m, BLOCK_M=min(EXPAND_BLOCK_M, cfg.expand_item_m),
+              BLOCK_N=cfg.expand_block_n, BLOCK_R=block_r, RANK_CHUNKED=rank_chunked,
+              PRECISION=lora_precision, num_warps=cfg.expand_num_warps,
+              num_stages=EXPAND_NUM_STAGES)
+    return _remember(key, (cfg.expand_item_m, kw))
 
 
 def expand_slices_(y: torch.Tensor, t: torch.Tensor, b_stacks: List[torch.Tensor], index: AdapterIndex,
@@ -1017,29 +1071,34 @@ def expand_slices_(y: torch.Tensor, t: torch.Tensor, b_stacks: List[torch.Tensor
     fp32 ([M, r_max] for one slice), b_stacks S x [L, N_s, r_max] (one dtype; the N dimension's and rank's strides equal)."""
     M = y.shape[0]
     R = t.shape[-1]
-    widths = [b.shape[1] for b in b_stacks]
-    if M == 0 or max(widths) == 0:
+    b0 = b_stacks[0]
+    one = len(b_stacks) == 1
+    widths = [b0.shape[1]] if one else [b.shape[1] for b in b_stacks]
+    widest = widths[0] if one else max(widths)
+    if M == 0 or widest == 0:
         return y
-    cols = [offset + sum(widths[:i]) for i in range(len(b_stacks))]
-    cfg = config or segment_config(M, max(widths), R, y.element_size(), _num_sms(y.device))
-    work = index.work(cfg.expand_item_m)
-    lora_precision = lora_precision_for(b_stacks[0].dtype, y.device)
-    ranks_t, has_ranks = _ranks_arg(ranks, work)
-    block_r, rank_chunked = expand_block_r(R)
-    for start, end in _slice_groups(b_stacks, lambda b: b.stride()[1:]):
+    dev = y.device
+    num_sms = _num_sms(dev)
+    has_ranks = ranks is not None
+    lora_precision = lora_precision_for(b0.dtype, dev)  # read per call, not kept: tests patch it
+    key = ("expand", M, widest, R, y.dtype, lora_precision, num_sms, has_ranks, config)
+    rec = _LAUNCHES.get(key)
+    if rec is None:
+        rec = _expand_launch(key, M, widest, R, y.dtype, lora_precision, num_sms, has_ranks, config)
+    item_m, kw = rec
+    block_n = kw["BLOCK_N"]
+    work = index.work(item_m)
+    ranks_t = ranks if has_ranks else work
+    cols = [offset] if one else [offset + sum(widths[:i]) for i in range(len(b_stacks))]
+    groups = ((0, 1),) if one else _slice_groups(b_stacks, lambda b: b.stride()[1:])
+    for start, end in groups:
         group = b_stacks[start:end]
-        grid = (work.shape[0], _cdiv(max(widths[start:end]), cfg.expand_block_n), end - start)
         ts, ts_strides = _slices_of(t, start, end)
-        lora_expand_kernel[grid](
+        lora_expand_kernel[(work.shape[0], _cdiv(max(widths[start:end]), block_n), end - start)](
             y, ts, *_pointers4(group), ranks_t, work, index.sorted_tokens,
             R, *_pad4(widths[start:end]), *_pad4(cols[start:end]),
             *_pad4([b.stride(0) for b in group]),
-            y.stride(0), y.stride(1), *ts_strides, group[0].stride(1), group[0].stride(2),
-            HAS_RANKS=has_ranks,
-            ITEM_M=cfg.expand_item_m, BLOCK_M=min(EXPAND_BLOCK_M, cfg.expand_item_m), BLOCK_N=cfg.expand_block_n,
-            BLOCK_R=block_r, RANK_CHUNKED=rank_chunked, PRECISION=lora_precision,
-            num_warps=cfg.expand_num_warps, num_stages=EXPAND_NUM_STAGES,
-        )
+            y.stride(0), y.stride(1), *ts_strides, group[0].stride(1), group[0].stride(2), **kw)
     return y
 
 
@@ -1059,6 +1118,41 @@ def lora_expand_(y: torch.Tensor, t: torch.Tensor, lora_b_stack: torch.Tensor, i
     return expand_slices_(y, t.unsqueeze(0), [lora_b_stack], index, ranks, offset, config)
 
 
+class _LinearLaunch:
+    """The host-side decisions of one multi_lora_linear key (see _LAUNCHES)."""
+    __slots__ = ("cfg", "segment", "chunked", "split_t4", "t_width", "grid", "kw")
+
+    def __init__(self, M: int, N: int, K: int, R: int, L: int, x_dtype: torch.dtype, a_dtype: torch.dtype,
+                 b_dtype: torch.dtype, device: torch.device, lora_precision: str, num_sms: int, has_bias: bool,
+                 has_scales: bool, has_ranks: bool, config: Optional[LinearConfig]):
+        split_a = a_dtype == torch.float32 and x_dtype != torch.float32
+        cfg = config or linear_config(M, N, K, R, L, x_dtype.itemsize, num_sms, split_adapters=split_a)
+        tiles = cfg.tiles
+        chunked = block_r_for(R) > RANK_CHUNK
+        if not chunked and cfg.fused_shrink and tiles.block_r < block_r_for(R):
+            raise ValueError(f"multi_lora_linear: config block_r {tiles.block_r} < padded rank {block_r_for(R)}")
+        split_t4 = splits_t4(b_dtype, lora_precision, tiles.block_m)
+        self.cfg, self.split_t4 = cfg, split_t4
+        # the shrink's own default is linear_config's segment: passed on only when `config` overrides it
+        # (an explicit config in shrink_slices' launch key costs a dataclass hash per call)
+        self.segment = config.segment if config is not None else None
+        self.chunked = chunked or not cfg.fused_shrink  # t from the segmented shrink, read in chunks
+        self.t_width = 4 * R if split_t4 else R  # t4: t split for _rank_chunks_dot_t4
+        self.grid = (_cdiv(M, tiles.block_m) * _cdiv(_cdiv(N, tiles.block_n), tiles.tiles_per_program),)
+        kw = dict(HAS_BIAS=has_bias, HAS_RANKS=has_ranks, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+                  BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m, LORA_PRECISION=lora_precision,
+                  num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        if self.chunked:
+            kw.update(SPLIT_T4=split_t4, maxnreg=MAX_REGISTERS,
+                      BLOCK_R=t_chunk_for(R, b_dtype, tiles.block_m, tiles.block_n, tiles.num_warps, split_t4),
+                      num_warps=chunked_num_warps(tiles.num_warps, tiles.block_n, split_t4))
+        else:
+            kw.update(HAS_SCALES=has_scales, SPLIT_A=split_a, BLOCK_R=tiles.block_r)
+        if not _precision_per_call(x_dtype, device):
+            kw["BASE_PRECISION"] = base_precision(x_dtype, device)
+        self.kw = kw
+
+
 def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a_stack: torch.Tensor,
                       lora_b_stack: torch.Tensor, index: AdapterIndex, scales: Optional[torch.Tensor],
                       bias: Optional[torch.Tensor], ranks: Optional[torch.Tensor],
@@ -1075,54 +1169,42 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a_stack: torch
     M, K = x.shape
     N = weight.shape[0]
     L, R, _ = lora_a_stack.shape
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out
+    dev, x_dtype = x.device, x.dtype
+    y = torch.empty((M, N), dtype=x_dtype, device=dev) if out is None else out
     if M == 0 or N == 0:
         return y
-    split_a = lora_a_stack.dtype == torch.float32 and x.dtype != torch.float32
-    cfg = config or linear_config(M, N, K, R, L, x.element_size(), _num_sms(x.device), split_adapters=split_a)
-    tiles = cfg.tiles
-    chunked = block_r_for(R) > RANK_CHUNK
-    if not chunked and cfg.fused_shrink and tiles.block_r < block_r_for(R):
-        raise ValueError(f"multi_lora_linear: config block_r {tiles.block_r} < padded rank {block_r_for(R)}")
-    base_prec = base_precision(x.dtype, x.device)
-    lora_precision = lora_precision_for(lora_b_stack.dtype, x.device)
-    split_t4 = splits_t4(lora_b_stack.dtype, lora_precision, tiles.block_m)
-    t = None
-    if chunked or not cfg.fused_shrink:
+    num_sms = _num_sms(dev)
+    has_bias, has_scales, has_ranks = bias is not None, scales is not None, ranks is not None
+    b_dtype = lora_b_stack.dtype
+    # read per call, not kept in the record: tests patch lora_precision_for, bench/multi.py switches t4 off
+    lora_precision = lora_precision_for(b_dtype, dev)
+    key = ("linear", M, N, K, R, L, x_dtype, lora_a_stack.dtype, b_dtype, dev.type, lora_precision, SPLIT_T4_ENABLED,
+           num_sms, has_bias, has_scales, has_ranks, config)
+    rec = _LAUNCHES.get(key)
+    if rec is None:
+        rec = _remember(key, _LinearLaunch(M, N, K, R, L, x_dtype, lora_a_stack.dtype, b_dtype, dev, lora_precision,
+                                           num_sms, has_bias, has_scales, has_ranks, config))
+    kw = rec.kw if "BASE_PRECISION" in rec.kw else dict(rec.kw, BASE_PRECISION=base_precision(x_dtype, dev))
+    data = index.data
+    ranks_t = ranks if has_ranks else data
+    bias_arg = bias if has_bias else y
+    if rec.chunked:
         # rows past the index's work lists (a padded_to view) must read as zeros
         alloc = torch.zeros if index.capacity != M else torch.empty
-        width = 4 * R if split_t4 else R  # t4: t split for _rank_chunks_dot_t4
         t = shrink_slices(x, [lora_a_stack], index, scales, scale, ranks,
-                          alloc((M, width), dtype=torch.float32, device=x.device), cfg.segment,
-                          split_t4=split_t4)
-    ranks_t, has_ranks = _ranks_arg(ranks, index.data)
-    scales_t = scales if scales is not None else index.data
-    num_m_blocks = _cdiv(M, tiles.block_m)
-    num_runs = _cdiv(_cdiv(N, tiles.block_n), tiles.tiles_per_program)
-    bias_arg = bias if bias is not None else y
-    grid = (num_m_blocks * num_runs,)
-    common = dict(BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-                  GROUP_M=tiles.group_m,
-                  BASE_PRECISION=base_prec, LORA_PRECISION=lora_precision,
-                  num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    if t is not None:
-        multi_lora_linear_chunked_kernel[grid](
+                          alloc((M, rec.t_width), dtype=torch.float32, device=dev), rec.segment,
+                          split_t4=rec.split_t4)
+        multi_lora_linear_chunked_kernel[rec.grid](
             x, weight, bias_arg, lora_b_stack, ranks_t, t, y,
             index.sorted_tokens, index.sorted_adapter, index.slot_start,
-            M, N, K, R, L, tiles.tiles_per_program,
+            M, N, K, R, L, rec.cfg.tiles.tiles_per_program,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-            *lora_b_stack.stride(), t.stride(0), t.stride(1), y.stride(0), y.stride(1),
-            HAS_BIAS=bias is not None, HAS_RANKS=has_ranks, SPLIT_T4=split_t4,
-            BLOCK_R=t_chunk_for(R, lora_b_stack.dtype, tiles.block_m, tiles.block_n, tiles.num_warps, split_t4),
-            maxnreg=MAX_REGISTERS,
-            **dict(common, num_warps=chunked_num_warps(tiles.num_warps, tiles.block_n, split_t4)))
+            *lora_b_stack.stride(), t.stride(0), t.stride(1), y.stride(0), y.stride(1), **kw)
         return y
-    multi_lora_linear_kernel[grid](
-        x, weight, bias_arg, lora_a_stack, lora_b_stack, scales_t, ranks_t, y,
+    multi_lora_linear_kernel[rec.grid](
+        x, weight, bias_arg, lora_a_stack, lora_b_stack, scales if has_scales else data, ranks_t, y,
         index.sorted_tokens, index.sorted_adapter, index.slot_start,
-        M, N, K, R, L, tiles.tiles_per_program, float(scale),
+        M, N, K, R, L, rec.cfg.tiles.tiles_per_program, float(scale),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), *lora_a_stack.stride(),
-        *lora_b_stack.stride(), y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, HAS_SCALES=scales is not None, HAS_RANKS=has_ranks,
-        SPLIT_A=split_a, BLOCK_R=tiles.block_r, **common)
+        *lora_b_stack.stride(), y.stride(0), y.stride(1), **kw)
     return y
