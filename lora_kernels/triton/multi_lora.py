@@ -1000,7 +1000,7 @@ def _shrink_launch(key, M: int, K: int, R: int, x_dtype: torch.dtype, a_dtype: t
                    num_sms: int, has_scales: bool, has_ranks: bool, config: Optional[SegmentConfig],
                    split_t4: bool):
     """(work piece size, rank tiles, the kernel's keyword arguments: PRECISION left out when it is
-    read per call) of shrink_slices for `key`, remembered."""
+    read per call) of shrink_slices for `key`, remembered (key None: not remembered)."""
     split_a = a_dtype == torch.float32 and x_dtype != torch.float32
     cfg = config or segment_config(M, K, R, x_dtype.itemsize, num_sms, split_a)
     block_r = min(cfg.shrink_block_r, T4_SHRINK_MAX_BLOCK_R if split_t4 else RANK_CHUNK)
@@ -1009,7 +1009,8 @@ def _shrink_launch(key, M: int, K: int, R: int, x_dtype: torch.dtype, a_dtype: t
               num_stages=cfg.num_stages)
     if not _precision_per_call(x_dtype, device):
         kw["PRECISION"] = base_precision(x_dtype, device)
-    return _remember(key, (cfg.item_m, _cdiv(R, block_r), kw))
+    rec = (cfg.item_m, _cdiv(R, block_r), kw)
+    return rec if key is None else _remember(key, rec)
 
 
 def shrink_slices(x: torch.Tensor, a_stacks: List[torch.Tensor], index: AdapterIndex, scales: Optional[torch.Tensor],
@@ -1033,9 +1034,18 @@ def shrink_slices(x: torch.Tensor, a_stacks: List[torch.Tensor], index: AdapterI
     rec = _LAUNCHES.get(key)
     if rec is None:
         rec = _shrink_launch(key, M, K, R, x_dtype, a0.dtype, dev, num_sms, has_scales, has_ranks, config, split_t4)
+    return _launch_shrinks(rec, x, a_stacks, index, scales, scale, ranks, out)
+
+
+def _launch_shrinks(rec, x: torch.Tensor, a_stacks: List[torch.Tensor], index: AdapterIndex,
+                    scales: Optional[torch.Tensor], scale: float, ranks: Optional[torch.Tensor],
+                    out: torch.Tensor) -> torch.Tensor:
+    """shrink_slices' launches, given its launch record (_shrink_launch) for these inputs."""
+    K, R = x.shape[1], a_stacks[0].shape[1]
     item_m, r_tiles, kw = rec
     if "PRECISION" not in kw:
-        kw = dict(kw, PRECISION=base_precision(x_dtype, dev))
+        kw = dict(kw, PRECISION=base_precision(x.dtype, x.device))
+    has_scales, has_ranks = scales is not None, ranks is not None
     work = index.work(item_m)
     ranks_t = ranks if has_ranks else work
     scales_t = scales if has_scales else work
@@ -1120,7 +1130,7 @@ def lora_expand_(y: torch.Tensor, t: torch.Tensor, lora_b_stack: torch.Tensor, i
 
 class _LinearLaunch:
     """The host-side decisions of one multi_lora_linear key (see _LAUNCHES)."""
-    __slots__ = ("cfg", "segment", "chunked", "split_t4", "t_width", "grid", "kw")
+    __slots__ = ("cfg", "shrink", "chunked", "split_t4", "t_width", "grid", "kw")
 
     def __init__(self, M: int, N: int, K: int, R: int, L: int, x_dtype: torch.dtype, a_dtype: torch.dtype,
                  b_dtype: torch.dtype, device: torch.device, lora_precision: str, num_sms: int, has_bias: bool,
@@ -1133,9 +1143,6 @@ class _LinearLaunch:
             raise ValueError(f"multi_lora_linear: config block_r {tiles.block_r} < padded rank {block_r_for(R)}")
         split_t4 = splits_t4(b_dtype, lora_precision, tiles.block_m)
         self.cfg, self.split_t4 = cfg, split_t4
-        # the shrink's own default is linear_config's segment: passed on only when `config` overrides it
-        # (an explicit config in shrink_slices' launch key costs a dataclass hash per call)
-        self.segment = config.segment if config is not None else None
         self.chunked = chunked or not cfg.fused_shrink  # t from the segmented shrink, read in chunks
         self.t_width = 4 * R if split_t4 else R  # t4: t split for _rank_chunks_dot_t4
         self.grid = (_cdiv(M, tiles.block_m) * _cdiv(_cdiv(N, tiles.block_n), tiles.tiles_per_program),)
@@ -1151,6 +1158,9 @@ class _LinearLaunch:
         if not _precision_per_call(x_dtype, device):
             kw["BASE_PRECISION"] = base_precision(x_dtype, device)
         self.kw = kw
+        # the segmented shrink's launch record (shrink_slices' decisions, made here once)
+        self.shrink = _shrink_launch(None, M, K, R, x_dtype, a_dtype, device, num_sms, has_scales, has_ranks,
+                                     cfg.segment, split_t4) if self.chunked else None
 
 
 def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a_stack: torch.Tensor,
@@ -1191,9 +1201,8 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a_stack: torch
     if rec.chunked:
         # rows past the index's work lists (a padded_to view) must read as zeros
         alloc = torch.zeros if index.capacity != M else torch.empty
-        t = shrink_slices(x, [lora_a_stack], index, scales, scale, ranks,
-                          alloc((M, rec.t_width), dtype=torch.float32, device=dev), rec.segment,
-                          split_t4=rec.split_t4)
+        t = _launch_shrinks(rec.shrink, x, [lora_a_stack], index, scales, scale, ranks,
+                            alloc((M, rec.t_width), dtype=torch.float32, device=dev))
         multi_lora_linear_chunked_kernel[rec.grid](
             x, weight, bias_arg, lora_b_stack, ranks_t, t, y,
             index.sorted_tokens, index.sorted_adapter, index.slot_start,
