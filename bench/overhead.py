@@ -144,15 +144,14 @@ def multi_methods(x, weight, lora_a, lora_b, scale, backends) -> Dict[str, Calla
     t_buf, y_buf = torch.empty(1, r, dtype=torch.float32, device=x.device), torch.empty_like(y0)
     nograd = lambda fn: (lambda: _no_grad_call(fn))  # noqa: E731
     methods = {}
+    t_in = lora_kernels.lora_shrink(x, a_stack, index, scales, backend="torch")  # the expands' given t
     if x.device.type == "cpu":
         ids = index.token_adapter
-        t_ref = reference.lora_shrink(x, a_stack, ids, scales)
         methods["multi_reference_work"] = nograd(lambda: reference.multi_lora_linear(
             x, weight, a_stack, b_stack, ids, scales))
         methods["shrink_reference_work"] = nograd(lambda: reference.lora_shrink(x, a_stack, ids, scales))
         methods["expand_reference_work"] = nograd(lambda: reference.lora_expand_(
-            y_buf.copy_(y0), t_ref, b_stack, ids))
-    t_in = lora_kernels.lora_shrink(x, a_stack, index, scales, backend="torch")  # the expand's given t
+            y_buf.copy_(y0), t_in, b_stack, ids))
     for b in backends:
         methods[f"ours_multi_{b}"] = nograd(lambda b=b: lora_kernels.multi_lora_linear(
             x, weight, a_stack, b_stack, index, scales, backend=b))

@@ -813,17 +813,33 @@ class _Launch:
         self.shrink_kw = _shrink_kw(plan.shrink) if plan.shrink is not None else None
 
 
-# (M, C, D, R, x dtype, b dtype, device type, SMs, dropout, mask epilogue, config, shrink) -> _Launch
-# (the dtypes give plan_forward's elem_bytes and split_adapters). Cleared with the config
-# functions' caches when the tuned table changes (configs.set_table / reset / record into the
-# table in use: _clear_config_caches), and when it grows past _LAUNCH_CACHE_MAX keys (a bound,
-# not a measured size: a model has a few dozen layer shapes).
+# The launchers' decisions per launch key. Here (M, C, D, R, x dtype, b dtype, device type, SMs,
+# dropout, mask epilogue, config, shrink) -> _Launch (the dtypes give plan_forward's elem_bytes
+# and split_adapters); the multi-adapter launchers (multi_lora.py) keep theirs under keys that
+# begin with their kind ("shrink", "expand", "linear"). Cleared with the config functions' caches
+# when the tuned table changes (configs.set_table / reset / record into the table in use:
+# _clear_config_caches), and when it grows past _LAUNCH_CACHE_MAX keys (a bound, not a measured
+# size: a model has a few dozen layer shapes).
 _LAUNCHES: dict = {}
 _LAUNCH_CACHE_MAX = 4096
 
 
 def clear_launch_cache() -> None:
     _LAUNCHES.clear()
+
+
+def remember_launch(key, rec):
+    """_LAUNCHES[key] = rec (the cache emptied first when full); returns rec."""
+    if len(_LAUNCHES) >= _LAUNCH_CACHE_MAX:
+        _LAUNCHES.clear()
+    _LAUNCHES[key] = rec
+    return rec
+
+
+def base_precision_per_call(x_dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether base_precision must be read at each call, not kept in a launch record: fp32 x on a
+    GPU follows torch.backends.cuda.matmul.allow_tf32."""
+    return device.type == "cuda" and x_dtype == torch.float32
 
 
 def launch_decisions(M: int, C: int, D: int, R: int, x_dtype: torch.dtype, b_dtype: torch.dtype,
@@ -840,14 +856,10 @@ def launch_decisions(M: int, C: int, D: int, R: int, x_dtype: torch.dtype, b_dty
         return hit
     plan = plan_forward(M, C, D, R, elem_bytes, num_sms, dropout=dropout, mask_epilogue=mask_epilogue,
                         split_adapters=split_adapters, config=config, shrink=shrink)
-    per_call = device.type == "cuda" and x_dtype == torch.float32
+    per_call = base_precision_per_call(x_dtype, device)
     rec = _Launch(plan, M, C, R, None if per_call else base_precision(x_dtype, device),
                   lora_precision_for(b_dtype, device))
-    if cached:
-        if len(_LAUNCHES) >= _LAUNCH_CACHE_MAX:
-            _LAUNCHES.clear()
-        _LAUNCHES[key] = rec
-    return rec
+    return remember_launch(key, rec) if cached else rec
 
 
 def launch_fused(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,

@@ -70,8 +70,9 @@ import triton
 import triton.language as tl
 
 from ..serving import AdapterIndex
-from .lora_linear import (ForwardConfig, _cdiv, _grouped_tile, _load_tile, _lora_dot, _num_sms, _shrink_dot,
-                          _strides3, _tf32_split, _tile_candidates, base_precision, block_r_for, lora_precision_for)
+from .lora_linear import (_LAUNCHES, ForwardConfig, _cdiv, _grouped_tile, _load_tile, _lora_dot, _num_sms,
+                          _shrink_dot, _strides3, _tf32_split, _tile_candidates, base_precision,
+                          base_precision_per_call, block_r_for, lora_precision_for, remember_launch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -971,29 +972,11 @@ def _pad4(values: List[int]) -> List[int]:
 
 
 # The host-side decisions of one launch (configs, tiles, grid axes, the kernel's constexprs and
-# launch options), per launch key: a decode step repeats the same few keys hundreds of times, and
-# deriving them cost ~3-5 us per launch (issue 16 point 6; CPU machine). The keys hold what the
+# launch options), kept in lora_linear's launch cache (_LAUNCHES, remember_launch) per launch key:
+# a decode step repeats the same few keys hundreds of times, and deriving them cost ~3-5 us per
+# launch (issue 16 point 6; CPU machine). The keys begin with the launcher's kind and hold what the
 # decisions read: shapes, dtypes, device type, SM count, which optional vectors are given, and an
-# explicit config (tests). Cleared when it grows past _LAUNCH_CACHE_MAX keys (a bound, not a
-# measured size: a model has a few dozen layer shapes) and by clear_launch_cache.
-_LAUNCHES: dict = {}
-_LAUNCH_CACHE_MAX = 4096
-
-
-def clear_launch_cache() -> None:
-    _LAUNCHES.clear()
-
-
-def _remember(key, rec):
-    if len(_LAUNCHES) >= _LAUNCH_CACHE_MAX:
-        _LAUNCHES.clear()
-    _LAUNCHES[key] = rec
-    return rec
-
-
-def _precision_per_call(x_dtype: torch.dtype, device: torch.device) -> bool:
-    """fp32 x on a GPU follows torch.backends.cuda.matmul.allow_tf32, read at each call."""
-    return device.type == "cuda" and x_dtype == torch.float32
+# explicit config (tests).
 
 
 def _shrink_launch(key, M: int, K: int, R: int, x_dtype: torch.dtype, a_dtype: torch.dtype, device: torch.device,
@@ -1007,10 +990,10 @@ def _shrink_launch(key, M: int, K: int, R: int, x_dtype: torch.dtype, a_dtype: t
     kw = dict(HAS_SCALES=has_scales, HAS_RANKS=has_ranks, SPLIT_A=split_a, BLOCK_M=cfg.item_m,
               BLOCK_K=cfg.shrink_block_k, BLOCK_R=block_r, SPLIT_T4=split_t4, num_warps=cfg.num_warps,
               num_stages=cfg.num_stages)
-    if not _precision_per_call(x_dtype, device):
+    if not base_precision_per_call(x_dtype, device):
         kw["PRECISION"] = base_precision(x_dtype, device)
     rec = (cfg.item_m, _cdiv(R, block_r), kw)
-    return rec if key is None else _remember(key, rec)
+    return rec if key is None else remember_launch(key, rec)
 
 
 def shrink_slices(x: torch.Tensor, a_stacks: List[torch.Tensor], index: AdapterIndex, scales: Optional[torch.Tensor],
@@ -1069,7 +1052,7 @@ def _expand_launch(key, M: int, N: int, R: int, y_dtype: torch.dtype, lora_preci
               BLOCK_N=cfg.expand_block_n, BLOCK_R=block_r, RANK_CHUNKED=rank_chunked,
               PRECISION=lora_precision, num_warps=cfg.expand_num_warps,
               num_stages=EXPAND_NUM_STAGES)
-    return _remember(key, (cfg.expand_item_m, kw))
+    return remember_launch(key, (cfg.expand_item_m, kw))
 
 
 def expand_slices_(y: torch.Tensor, t: torch.Tensor, b_stacks: List[torch.Tensor], index: AdapterIndex,
@@ -1082,9 +1065,8 @@ def expand_slices_(y: torch.Tensor, t: torch.Tensor, b_stacks: List[torch.Tensor
     M = y.shape[0]
     R = t.shape[-1]
     b0 = b_stacks[0]
-    one = len(b_stacks) == 1
-    widths = [b0.shape[1]] if one else [b.shape[1] for b in b_stacks]
-    widest = widths[0] if one else max(widths)
+    widths = [b.shape[1] for b in b_stacks]
+    widest = max(widths)
     if M == 0 or widest == 0:
         return y
     dev = y.device
@@ -1099,8 +1081,8 @@ def expand_slices_(y: torch.Tensor, t: torch.Tensor, b_stacks: List[torch.Tensor
     block_n = kw["BLOCK_N"]
     work = index.work(item_m)
     ranks_t = ranks if has_ranks else work
-    cols = [offset] if one else [offset + sum(widths[:i]) for i in range(len(b_stacks))]
-    groups = ((0, 1),) if one else _slice_groups(b_stacks, lambda b: b.stride()[1:])
+    cols = [offset + sum(widths[:i]) for i in range(len(b_stacks))]
+    groups = ((0, 1),) if len(b_stacks) == 1 else _slice_groups(b_stacks, lambda b: b.stride()[1:])
     for start, end in groups:
         group = b_stacks[start:end]
         ts, ts_strides = _slices_of(t, start, end)
@@ -1155,7 +1137,7 @@ class _LinearLaunch:
                       num_warps=chunked_num_warps(tiles.num_warps, tiles.block_n, split_t4))
         else:
             kw.update(HAS_SCALES=has_scales, SPLIT_A=split_a, BLOCK_R=tiles.block_r)
-        if not _precision_per_call(x_dtype, device):
+        if not base_precision_per_call(x_dtype, device):
             kw["BASE_PRECISION"] = base_precision(x_dtype, device)
         self.kw = kw
         # the segmented shrink's launch record (shrink_slices' decisions, made here once)
@@ -1192,7 +1174,7 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a_stack: torch
            num_sms, has_bias, has_scales, has_ranks, config)
     rec = _LAUNCHES.get(key)
     if rec is None:
-        rec = _remember(key, _LinearLaunch(M, N, K, R, L, x_dtype, lora_a_stack.dtype, b_dtype, dev, lora_precision,
+        rec = remember_launch(key, _LinearLaunch(M, N, K, R, L, x_dtype, lora_a_stack.dtype, b_dtype, dev, lora_precision,
                                            num_sms, has_bias, has_scales, has_ranks, config))
     kw = rec.kw if "BASE_PRECISION" in rec.kw else dict(rec.kw, BASE_PRECISION=base_precision(x_dtype, dev))
     data = index.data
