@@ -261,6 +261,33 @@ def test_getenv_reads_what_os_environ_reads(monkeypatch):
     assert getenv(name) == "replaced"
 
 
+def test_choice_state_follows_both_variables_and_the_interpreter_fix(monkeypatch):
+    """backends.choice_state (the backend caches' key part read from the process) changes exactly
+    when LORA_KERNELS_BACKEND, TRITON_INTERPRET or -- under TRITON_INTERPRET -- the interpreter's
+    bfloat16 fix changes, also when os.environ is replaced by a plain mapping."""
+    from lora_kernels import backends
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(backends, "interpreter_bf16_fixed", lambda: True)
+    unset = backends.choice_state()
+    assert unset == backends.choice_state() and unset[2] is False  # the fix is not read unset
+    states = {unset}
+    for var, value in ((backends.ENV_VAR, "triton"), (backends.ENV_VAR, "torch"), ("TRITON_INTERPRET", "1"),
+                       ("TRITON_INTERPRET", "0")):
+        monkeypatch.setenv(var, value)
+        state = backends.choice_state()
+        assert state not in states and state == backends.choice_state()
+        states.add(state)
+        monkeypatch.delenv(var)
+        assert backends.choice_state() == unset
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    fixed = backends.choice_state()
+    monkeypatch.setattr(backends, "interpreter_bf16_fixed", lambda: False)
+    assert backends.choice_state() != fixed
+    monkeypatch.setattr(os, "environ", {"TRITON_INTERPRET": "1", backends.ENV_VAR: "torch"})
+    assert backends.choice_state() == ("torch", "1", False)
+
+
 def test_backend_cache_follows_the_environment(monkeypatch, interpreter_device):
     """choose_backend's memoised answer is re-derived when LORA_KERNELS_BACKEND changes."""
     inp = make_lora_inputs(4, 8, 8, 2)

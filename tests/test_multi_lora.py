@@ -75,8 +75,15 @@ def test_index_views_made_once_follow_update_and_data():
     for old, new, want in zip(before, after, (fresh.sorted_tokens, fresh.sorted_adapter, fresh.slot_start,
                                               fresh.work(16), fresh.work(64))):
         assert new is old and torch.equal(old, want)
+    for item_m in (0, 16, 64):  # the launchers' tuple: the same views, kept with them
+        launch = index.launch_views(item_m)
+        assert launch is index.launch_views(item_m)
+        assert launch[0] is (index.work(item_m) if item_m else None)
+        assert all(v is want for v, want in zip(launch[1:], after[:3]))
     index.data = index.data.clone().fill_(-7)
     assert (index.sorted_tokens == -7).all() and index.sorted_tokens is not before[0]
+    work, *segments = index.launch_views(16)  # re-made from the new data
+    assert all(v is not old and (v == -7).all() for v, old in zip([work, *segments], (before[3], *before[:3])))
 
 
 def test_index_sizes_depend_only_on_M_and_L():

@@ -128,3 +128,36 @@ def test_the_eager_forward_skips_the_empty_t(interpreter_device):
     assert t3.shape == (3, 5) and torch.equal(y3, y1)
     y4, t4 = torch.ops.lora_kernels.lora_linear_fwd(*inp.args(), "triton", False)
     assert t4.shape == (0, 5) and t4.dtype == torch.float32 and torch.equal(y4, y1)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_weight_grad_decisions_cached_equal_uncached_and_follow_the_config(x_dtype):
+    """The backward's weight-gradient launch record (lora_linear_backward.weight_grad_decisions):
+    served from the cache per key, equal to a fresh one, and derived from weight_grad_config as
+    the launcher's splits and grid are defined (rows split into block_m multiples, one program per
+    column tile of dA then of dB / dbias)."""
+    from lora_kernels.triton import lora_linear_backward as lb
+    ll.clear_launch_cache()
+    device = torch.device("cuda", 0)
+    for (M, N, K, r), need, num_sms in itertools.product(
+            [(1, 4096, 4096, 16), (17, 70, 80, 5), (4096, 4096, 14336, 64), (20000, 1024, 512, 128)],
+            [(True, True, True), (True, False, False), (False, True, False), (False, False, True)], (4, NUM_SMS)):
+        args = (M, N, K, r, x_dtype, x_dtype, device, num_sms, *need, False)
+        first = lb.weight_grad_decisions(*args)
+        assert lb.weight_grad_decisions(*args) is first
+        fresh = lb.weight_grad_decisions(*args, cached=False)
+        assert {k: getattr(fresh, k) for k in lb._GradLaunch.__slots__} == \
+            {k: getattr(first, k) for k in lb._GradLaunch.__slots__}
+        cfg = lb.weight_grad_config(M, N, K, r, x_dtype.itemsize, num_sms, need[0], need[1])
+        rows = first.rows_per_split
+        assert rows % cfg.block_m == 0 and first.split == -(-M // rows) <= max(1, cfg.split_m)
+        a_tiles = -(-K // cfg.block_c) if need[0] else 0
+        b_tiles = -(-N // cfg.block_c) if need[1] or need[2] else 0
+        assert first.num_a_tiles == a_tiles and first.grid == (a_tiles + b_tiles, first.split)
+        assert first.halves == (x_dtype == torch.bfloat16)
+        assert (first.split_launch is None) == (not first.halves)
+        assert first.kw["BLOCK_C"] == cfg.block_c and first.kw["HAS_DA"] == need[0]
+    cfg = lb.WeightGradConfig(16, 32, 16, 3, 4, 2, halves=False)
+    forced = lb.weight_grad_decisions(200, 70, 80, 5, torch.bfloat16, torch.bfloat16, device, 4, True, True, False,
+                                      False, cfg)
+    assert forced.halves is False and forced.kw["BLOCK_M"] == 16 and forced.split == 3

@@ -146,9 +146,7 @@ def choose_backend(x: Tensor, lora_a: Tensor, backend: str = "auto", dropout: bo
         return backend  # always runs; nothing to look up
     if torch.compiler.is_compiling() or type(backend) is not str:  # resolve() names a bad backend
         return backends.resolve(OP, backend, x.device, AUTO_PREFERENCE, _input_reason(x, lora_a, dropout))
-    key = (backend, x.device, x.dtype, lora_a.dtype, lora_a.shape[0], dropout,
-           backends.getenv(backends.ENV_VAR), backends.getenv("TRITON_INTERPRET"),
-           backends.interpreter_bf16_fixed())
+    key = (backend, x.device, x.dtype, lora_a.dtype, lora_a.shape[0], dropout, backends.choice_state())
     chosen = _BACKEND_CACHE.get(key)
     if chosen is None:
         chosen = backends.resolve(OP, backend, x.device, AUTO_PREFERENCE, _input_reason(x, lora_a, dropout))

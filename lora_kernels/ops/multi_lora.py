@@ -348,8 +348,7 @@ def choose_backend(op: str, device: torch.device, dtype: torch.dtype, r_max: int
         return backend
     if torch.compiler.is_compiling() or type(backend) is not str:  # resolve() names a bad backend
         return backends.resolve(op, backend, device, AUTO_PREFERENCE, _input_reason(dtype, r_max, t_dtype))
-    key = (op, backend, device, dtype, r_max, t_dtype, backends.getenv(backends.ENV_VAR),
-           backends.getenv("TRITON_INTERPRET"), backends.interpreter_bf16_fixed())
+    key = (op, backend, device, dtype, r_max, t_dtype, backends.choice_state())
     chosen = _BACKEND_CACHE.get(key)
     if chosen is None:
         chosen = backends.resolve(op, backend, device, AUTO_PREFERENCE, _input_reason(dtype, r_max, t_dtype))

@@ -640,7 +640,15 @@ SPLIT_BLOCK_ELEMENTS = 4096
 SPLIT_MAX_BLOCK_COLS = 128
 
 
-def split_adapter(a: torch.Tensor, dtype: torch.dtype, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def split_launch(rows: int, cols: int) -> Tuple[Tuple[int, int], dict]:
+    """(grid, constexprs) of split_halves_kernel over an [rows, cols] input."""
+    block_cols = min(SPLIT_MAX_BLOCK_COLS, block_r_for(cols))
+    block_rows = SPLIT_BLOCK_ELEMENTS // block_cols
+    return (_cdiv(rows, block_rows), _cdiv(cols, block_cols)), {"BLOCK_ROWS": block_rows, "BLOCK_COLS": block_cols}
+
+
+def split_adapter(a: torch.Tensor, dtype: torch.dtype, out: Optional[torch.Tensor] = None,
+                  launch: Optional[Tuple[Tuple[int, int], dict]] = None) -> torch.Tensor:
     """[2, *a.shape] in `dtype`: a = hi + lo, once per call (~16 mantissa bits of an fp32 adapter,
     or of u / t, in two 16-bit tensor-core operands; the kernels' A_HALVES / HALVES). a: fp32
     [rows, cols], any strides. In plain torch (bit for bit: both round to nearest even)::
@@ -649,25 +657,28 @@ def split_adapter(a: torch.Tensor, dtype: torch.dtype, out: Optional[torch.Tenso
 
     One launch of split_halves_kernel (those torch ops are five launches and two temporaries:
     ~12 us of host time per split at M = 1, CPU machine). `out` (tests poison it): [2, rows, cols]
-    of `dtype` receiving the halves."""
+    of `dtype` receiving the halves. `launch`: split_launch(rows, cols), when the caller keeps it
+    in a launch record."""
     rows, cols = a.shape
     if out is None:
         out = torch.empty((2, rows, cols), dtype=dtype, device=a.device)
     if rows and cols:
-        block_cols = min(SPLIT_MAX_BLOCK_COLS, block_r_for(cols))
-        block_rows = SPLIT_BLOCK_ELEMENTS // block_cols
-        split_halves_kernel[(_cdiv(rows, block_rows), _cdiv(cols, block_cols))](
-            a, out, rows, cols, a.stride(0), a.stride(1), *out.stride(),
-            BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
+        grid, kw = launch or split_launch(rows, cols)
+        split_halves_kernel[grid](a, out, rows, cols, *a.stride(), *out.stride(), **kw)
     return out
 
 
-def _adapter_operand(x: torch.Tensor, a: torch.Tensor):
-    """(tensor, stride between halves, A_HALVES) as the kernels take A."""
+def _adapter_operand(x: torch.Tensor, a: torch.Tensor, transposed: bool = False):
+    """(tensor, stride between halves, A_HALVES, its [R, D] strides) as the kernels take A: an fp32
+    A over 16-bit x split into halves [2, R, D] (the kernels take the first half's pointer, so no
+    view of it is made). `transposed`: `a` is A's transpose as stored ([D, R]; the backward's dx
+    passes lora_b itself), read through reversed strides -- no view made (~1 us each, CPU machine)."""
     if a.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16):
-        halves = split_adapter(a, x.dtype)
-        return halves[0], halves.stride(0), True
-    return a, 0, False
+        halves = split_adapter(a.t() if transposed else a, x.dtype)
+        st = halves.stride()
+        return halves, st[0], True, st[1:]
+    st = a.stride()
+    return a, 0, False, (st[1], st[0]) if transposed else st
 
 
 # t computed inside the fused kernel stays in registers next to the accumulator through the K loop
@@ -746,26 +757,28 @@ def _shrink_kw(config: ShrinkConfig) -> dict:
             "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
-def _launch_shrink_kernel(x, a_arg, stride_ah, a_halves, t, t_strides, grid, k_tiles, M, D, R, t_scale,
+def _launch_shrink_kernel(x, a_op, t, t_strides, grid, k_tiles, M, D, R, t_scale,
                           seed, dropout_threshold, config_kw: dict, precision: str) -> None:
     """lora_shrink_kernel over grid (row blocks, K splits) into t (strides `t_strides`, 3-D);
-    config_kw: _shrink_kw of its config."""
+    a_op: _adapter_operand's A; config_kw: _shrink_kw of its config."""
+    a_arg, stride_ah, a_halves, a_strides = a_op
     lora_shrink_kernel[grid](
         x, a_arg, t, seed if seed is not None else t,
         M, D, R, float(t_scale), dropout_threshold, k_tiles,
-        *x.stride(), stride_ah, *a_arg.stride(), *t_strides,
+        *x.stride(), stride_ah, *a_strides, *t_strides,
         DROPOUT=seed is not None, A_HALVES=a_halves, PRECISION=precision, **config_kw)
 
 
 def launch_shrink(x: torch.Tensor, a: torch.Tensor, t: torch.Tensor, *, t_scale: float = 1.0,
                   seed: Optional[torch.Tensor] = None, dropout_threshold: int = 0,
-                  config: Optional[ShrinkConfig] = None) -> int:
+                  config: Optional[ShrinkConfig] = None, transposed: bool = False) -> int:
     """t = t_scale * (x [* keep]) @ a.T in fp32. x [M, D], a [R, D]; any strides. t [M, R]: the
     K-split partials (when the config splits K) go to a workspace that one reduce launch sums into
     t in a fixed order; or t [splits, M, R]: the partials themselves (the fused kernel sums them
-    as it loads t). Returns the number of partials written to t."""
+    as it loads t). Returns the number of partials written to t. `transposed`: a is given as A's
+    transpose [D, R] (see _adapter_operand)."""
     M, D = x.shape
-    R = a.shape[0]
+    R = a.shape[1] if transposed else a.shape[0]
     if M == 0:
         return 1
     if config is None:
@@ -779,8 +792,7 @@ def launch_shrink(x: torch.Tensor, a: torch.Tensor, t: torch.Tensor, *, t_scale:
         out, t_strides = None, _strides3(t)
     else:
         out, t_strides = None, t.stride()
-    a_arg, stride_ah, a_halves = _adapter_operand(x, a)
-    _launch_shrink_kernel(x, a_arg, stride_ah, a_halves, t, t_strides, (_cdiv(M, config.block_m), splits),
+    _launch_shrink_kernel(x, _adapter_operand(x, a, transposed), t, t_strides, (_cdiv(M, config.block_m), splits),
                           k_per_split // config.block_k, M, D, R, t_scale, seed, dropout_threshold,
                           _shrink_kw(config), base_precision(x.dtype, x.device))
     if out is not None:
@@ -868,10 +880,12 @@ def launch_fused(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Ten
                  seed: Optional[torch.Tensor] = None, dropout_threshold: int = 0,
                  config: Optional[ForwardConfig] = None, shrink: Optional[ShrinkConfig] = None,
                  t_scale: float = 1.0, shrink_seed: Optional[torch.Tensor] = None,
-                 shrink_threshold: int = 0) -> None:
+                 shrink_threshold: int = 0, transposed: bool = False) -> None:
     """y = x @ w.T + bias + scale * t @ b.T [masked, if seed is given] with t = x @ a.T (stored
     into t if store_t) or read from t (load_t). x [M, D], w [C, D], a [R, D], b [C, R], y [M, C],
-    t [M, R] fp32; any strides (the backward passes transposed views).
+    t [M, R] fp32; any strides. `transposed`: w, a and b are given as their transposes as stored
+    (w [D, C], a [D, R], b [R, C]: the backward's dx passes weight, lora_b and lora_a themselves),
+    read through reversed strides -- no views made.
 
     When the plan says so (plan_forward), t is first computed by the split-K shrink
     (t_scale * drop(x) @ a.T with shrink_seed's mask: the forward's dropout), and the fused kernel
@@ -881,7 +895,7 @@ def launch_fused(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Ten
     fp32 workspace at most per K-split stage (the shrink's partials are summed in place into
     their split 0 when t is not stored); no tensor views (3-D strides are passed as ints)."""
     M, D = x.shape
-    C, R = w.shape[0], a.shape[0]
+    C, R = (w.shape[1], a.shape[1]) if transposed else (w.shape[0], a.shape[0])
     if M == 0 or C == 0:
         return
     dev = x.device
@@ -898,18 +912,18 @@ def launch_fused(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Ten
     t_strides = _strides3(t) if t is not None and load_t else None
     if plan.shrink is not None and not load_t:
         s_splits = plan.shrink_grid[1]
-        a_arg, stride_ah, a_halves = _adapter_operand(x, a)
+        a_op = _adapter_operand(x, a, transposed)
         shrink_args = (rec.shrink_k_tiles, M, D, R, t_scale, shrink_seed, shrink_threshold, rec.shrink_kw,
                        base_prec)
         if s_splits == 1:  # the shrink writes t itself
             t_src = t if store_t else torch.empty((M, R), dtype=torch.float32, device=dev)
             t_strides = _strides3(t_src)
-            _launch_shrink_kernel(x, a_arg, stride_ah, a_halves, t_src, t_strides, plan.shrink_grid, *shrink_args)
+            _launch_shrink_kernel(x, a_op, t_src, t_strides, plan.shrink_grid, *shrink_args)
             store_t = False  # t_src is t itself
         elif plan.t_reduce:  # partials, summed by one reduce launch into t (or into partial 0)
             ws = torch.empty((s_splits, M, R), dtype=torch.float32, device=dev)
             ws_strides = ws.stride()
-            _launch_shrink_kernel(x, a_arg, stride_ah, a_halves, ws, ws_strides, plan.shrink_grid, *shrink_args)
+            _launch_shrink_kernel(x, a_op, ws, ws_strides, plan.shrink_grid, *shrink_args)
             if store_t:
                 t_src, t_strides = t, _strides3(t)
                 _launch_reduce(ws, t, rec.t_reduce_grid, s_splits, M, R, ws_strides, t.stride())
@@ -920,7 +934,7 @@ def launch_fused(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Ten
         else:  # partials, summed by the fused kernel as it loads t
             t_src = torch.empty((s_splits, M, R), dtype=torch.float32, device=dev)
             t_strides = t_src.stride()
-            _launch_shrink_kernel(x, a_arg, stride_ah, a_halves, t_src, t_strides, plan.shrink_grid, *shrink_args)
+            _launch_shrink_kernel(x, a_op, t_src, t_strides, plan.shrink_grid, *shrink_args)
             t_splits = s_splits
         load_t = True
     splits = plan.fused_grid[1]
@@ -928,6 +942,9 @@ def launch_fused(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Ten
         raise ValueError("launch_fused: a K-split config needs t precomputed (precompute_t)")
     if cfg.persistent_tma and load_t and not store_t and splits == 1:
         from .lora_linear_tma import launch_tma, tma_layout
+        if transposed:  # the TMA launcher takes w and b as views (a large-M path: a view is cheap there)
+            w, b, transposed = w.t(), b.t(), False
+            a = a.t()
         w_kn = tma_layout(x, w, y)
         if w_kn is not None:
             t3 = t_src.unsqueeze(0) if t_src.dim() == 2 else t_src[:t_splits]
@@ -941,13 +958,15 @@ def launch_fused(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Ten
     else:
         out = torch.empty((splits, M, C), dtype=torch.float32, device=dev)
         out_strides = out.stride()
-    a_arg, stride_ah, a_halves = (a, 0, False) if load_t else _adapter_operand(x, a)
+    a_arg, stride_ah, a_halves, a_strides = _adapter_operand(x, a, transposed) if not load_t else (
+        a, 0, False, a.stride()[::-1] if transposed else a.stride())
+    w_strides, b_strides = (w.stride()[::-1], b.stride()[::-1]) if transposed else (w.stride(), b.stride())
     ts, ts_strides = (t_src, t_strides) if load_t else (out, out_strides)
     st, st_strides = (t, t.stride()) if store_t else (out, out_strides[1:])
     lora_linear_fwd_kernel[plan.fused_grid](
         x, w, a_arg, b, bias if bias is not None else y, out, ts, st, seed if seed is not None else y,
         M, C, D, R, float(scale), dropout_threshold, cfg.tiles_per_program, rec.k_tiles, t_splits,
-        *x.stride(), *w.stride(), stride_ah, *a_arg.stride(), *b.stride(), *out_strides, *ts_strides,
+        *x.stride(), *w_strides, stride_ah, *a_strides, *b_strides, *out_strides, *ts_strides,
         *st_strides,
         HAS_BIAS=bias is not None, STORE_T=store_t, LOAD_T=load_t, DROPOUT_OUT=seed is not None,
         A_HALVES=a_halves, BASE_PRECISION=base_prec, **rec.fused_kw)

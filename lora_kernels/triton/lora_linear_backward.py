@@ -27,8 +27,8 @@ import triton.language as tl
 
 from ..reference import dropout_threshold
 from .lora_linear import (ForwardConfig, ShrinkConfig, _a_operand, _cdiv, _fold_halves, _keep_mask, _load_tile,
-                          _num_sms, _philox_key, _strides3, block_r_for, launch_fused, launch_shrink, lora_precision_for,
-                          split_adapter)
+                          _LAUNCHES, _num_sms, _philox_key, _strides3, block_r_for, launch_fused, launch_shrink,
+                          lora_precision_for, remember_launch, split_adapter, split_launch)
 
 
 @triton.jit
@@ -181,17 +181,65 @@ def weight_grad_config(M: int, N: int, K: int, r: int, elem_bytes: int, num_sms:
     return WeightGradConfig(block_m, block_c, block_r_for(r), split, 4, 3)
 
 
-def _rank_operand(v: Optional[torch.Tensor], needed: bool, halves: bool, dtype: torch.dtype,
-                  unused: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int, int]]:
-    """(tensor, 3-D strides [half, rows, cols]) of u or t (fp32 [M, r]) for lora_weight_grads_kernel:
-    with `halves`, [2, M, r] in `dtype` (split_adapter, once per call: small next to x and dy), the
-    kernel taking the first half's pointer; else v itself; `unused` (a pointer never read) when
-    not needed."""
+class _GradLaunch:
+    """The host-side decisions of one lora_weight_grads_kernel launch key (issue 16 point 6: a
+    training step repeats a few keys per layer shape), computed once per key: the row splits, the
+    grid, and the kernel's constexprs and launch options."""
+    __slots__ = ("split", "rows_per_split", "grid", "num_a_tiles", "halves", "split_launch", "kw")
+
+    def __init__(self, M: int, N: int, K: int, r: int, x_dtype: torch.dtype, dy_dtype: torch.dtype,
+                 device: torch.device, num_sms: int, need_a: bool, need_b: bool, need_bias: bool, dropout: bool,
+                 config: Optional[WeightGradConfig]):
+        cfg = config or weight_grad_config(M, N, K, r, x_dtype.itemsize, num_sms, need_a, need_b)
+        split = max(1, min(cfg.split_m, _cdiv(M, cfg.block_m)))
+        self.rows_per_split = max(1, _cdiv(_cdiv(M, split), cfg.block_m)) * cfg.block_m
+        self.split = split = max(1, _cdiv(M, self.rows_per_split))
+        self.num_a_tiles = _cdiv(K, cfg.block_c) if need_a else 0
+        num_b_tiles = _cdiv(N, cfg.block_c) if (need_b or need_bias) else 0
+        self.grid = (self.num_a_tiles + num_b_tiles, split)
+        halves = cfg.halves if cfg.halves is not None else x_dtype == torch.bfloat16
+        self.halves = halves and x_dtype in (torch.float16, torch.bfloat16) and dy_dtype == x_dtype
+        # u and t [M, r] split into x-dtype halves (split_adapter's launch, decided here once)
+        self.split_launch = split_launch(M, r) if self.halves else None
+        self.kw = dict(HAS_DA=need_a, HAS_DB=need_b, HAS_DBIAS=need_bias, DROPOUT=dropout, HALVES=self.halves,
+                       BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, BLOCK_R=cfg.block_r,
+                       PRECISION=lora_precision_for(torch.float32, device),
+                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def weight_grad_decisions(M: int, N: int, K: int, r: int, x_dtype: torch.dtype, dy_dtype: torch.dtype,
+                          device: torch.device, num_sms: int, need_a: bool, need_b: bool, need_bias: bool,
+                          dropout: bool, config: Optional[WeightGradConfig] = None, cached: bool = True) -> _GradLaunch:
+    """The _GradLaunch of these inputs, kept in lora_linear's launch cache (_LAUNCHES: cleared with
+    it, bounded with it) unless `cached` is False (the tests compare both)."""
+    key = ("grads", M, N, K, r, x_dtype, dy_dtype, device.type, num_sms, need_a, need_b, need_bias, dropout, config)
+    hit = _LAUNCHES.get(key) if cached else None
+    if hit is not None:
+        return hit
+    rec = _GradLaunch(M, N, K, r, x_dtype, dy_dtype, device, num_sms, need_a, need_b, need_bias, dropout, config)
+    return remember_launch(key, rec) if cached else rec
+
+
+def _gradient_buffer(needed: bool, split: int, shape: Tuple[int, ...], dtype: torch.dtype, dy: torch.Tensor):
+    """(gradient or None, kernel buffer, its 3-D strides [split, rows, cols]) of one gradient: with
+    one split the gradient itself (the kernel's view of it: out.unsqueeze(0)), with several an
+    fp32 workspace of partials; an unneeded one passes dy as a pointer it never touches (strides
+    of an empty [1, 0, 0])."""
     if not needed:
-        return unused, _strides3(unused)
-    if halves:
-        split = split_adapter(v, dtype)
-        return split, split.stride()
+        return None, dy, (1, 1, 1)
+    if split == 1:
+        out = torch.empty(shape, dtype=dtype, device=dy.device)
+        st = out.stride()
+        return out, out, (shape[0] * st[0], *st) if len(st) == 2 else (shape[0] * st[0], st[0], 1)
+    buf = torch.empty((split, *shape), dtype=torch.float32, device=dy.device)
+    return None, buf, buf.stride() if len(shape) == 2 else (*buf.stride(), 1)
+
+
+def _rank_operand(v: torch.Tensor, rec: _GradLaunch, dtype: torch.dtype):
+    """(u or t as lora_weight_grads_kernel takes it, its 3-D strides [half, rows, cols])."""
+    if rec.halves:
+        halves = split_adapter(v, dtype, launch=rec.split_launch)
+        return halves, halves.stride()
     return v, _strides3(v)
 
 
@@ -207,7 +255,12 @@ def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
     tensor; dbias is needed iff bias_dtype is not None. Grads in x's / lora_a's / lora_b's /
     bias_dtype. The configs override the heuristics (tests reach every path at small sizes).
     `u`: dy @ lora_b fp32 [M, r] when the caller has it (the sm90 dx computes it; with need_x
-    False): the shrink that would recompute it is skipped."""
+    False): the shrink that would recompute it is skipped.
+
+    Host work per call (issue 16 point 6): the weight-gradient launch's decisions come from
+    weight_grad_decisions' cache; an empty [0] stands in only for a gradient that is not needed,
+    and neither transposes nor 3-D views (a split axis of one) are made: their strides are passed
+    (a view costs ~1-2 us, CPU machine)."""
     M, K = x.shape
     N, r = weight.shape[0], lora_a.shape[0]
     dev = x.device
@@ -215,77 +268,48 @@ def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
     dropout = seed is not None
     threshold = dropout_threshold(dropout_p) if dropout else 0
     keep_scale = 1.0 / (1.0 - dropout_p) if dropout else 1.0
-    # Host work per call (issue 16 point 6): an empty [0] stands in only for a gradient that is not
-    # needed, and 3-D views (a split axis of one) are passed as strides, not made (~2 us each).
     dx = da = db = dbias = None
-
-    def result():
-        empty = lambda dtype: torch.empty((0,), dtype=dtype, device=dev)  # noqa: E731
-        return (dx if dx is not None else empty(x.dtype), da if da is not None else empty(lora_a.dtype),
-                db if db is not None else empty(lora_b.dtype),
-                dbias if dbias is not None else empty(bias_dtype or x.dtype))
-
     u_given = u is not None and need_a and not need_x
     if not u_given:
         u = torch.empty((M if need_a else 0, r), dtype=torch.float32, device=dev)
     if need_x:
         dx = torch.empty((M, K), dtype=x.dtype, device=dev)
         if M and K:
-            launch_fused(dy, weight.t(), lora_b.t(), lora_a.t(), None, dx, u, scale=scale * keep_scale,
+            # the forward kernel over W, B, A in the other layout, read through reversed strides
+            launch_fused(dy, weight, lora_b, lora_a, None, dx, u, scale=scale * keep_scale,
                          store_t=need_a, seed=seed, dropout_threshold=threshold, config=dx_config,
-                         shrink=u_config)
+                         shrink=u_config, transposed=True)
     elif need_a and not u_given:
-        launch_shrink(dy, lora_b.t(), u, config=u_config)
+        launch_shrink(dy, lora_b, u, config=u_config, transposed=True)
 
-    if not (need_a or need_b or need_bias):
-        return result()
-    cfg = grad_config or weight_grad_config(M, N, K, r, x.element_size(), _num_sms(dev), need_a, need_b)
-    split = max(1, min(cfg.split_m, _cdiv(M, cfg.block_m)))
-    rows_per_split = max(1, _cdiv(_cdiv(M, split), cfg.block_m)) * cfg.block_m
-    split = max(1, _cdiv(M, rows_per_split))
-    # One split writes the gradients themselves (split stride 0); several write fp32 partials that
-    # torch sums in a fixed order below.
-    def buffer(needed, shape, dtype):
-        """(gradient or None, kernel buffer, its 3-D strides [split, rows, cols]); an unneeded one
-        passes dy as a pointer it never touches (strides of an empty [1, 0, 0])."""
-        if not needed:
-            return None, dy, (1, 1, 1)
-        if split == 1:  # the kernel's view: out.unsqueeze(0)
-            out = torch.empty(shape, dtype=dtype, device=dev)
-            st = out.stride()
-            return out, out, (shape[0] * st[0], *st) if len(st) == 2 else (shape[0] * st[0], st[0], 1)
-        buf = torch.empty((split, *shape), dtype=torch.float32, device=dev)
-        return None, buf, buf.stride() if len(shape) == 2 else (*buf.stride(), 1)
-    da_out, da_buf, da_st = buffer(need_a, (r, K), lora_a.dtype)
-    db_out, db_buf, db_st = buffer(need_b, (N, r), lora_b.dtype)
-    dbias_out, dbias_buf, dbias_st = buffer(need_bias, (N,), bias_dtype)
-    if M == 0:
-        for needed, buf in ((need_a, da_buf), (need_b, db_buf), (need_bias, dbias_buf)):
-            if needed:
-                buf.zero_()
-    else:
-        num_a_tiles = _cdiv(K, cfg.block_c) if need_a else 0
-        num_b_tiles = _cdiv(N, cfg.block_c) if (need_b or need_bias) else 0
-        halves = cfg.halves if cfg.halves is not None else x.dtype == torch.bfloat16
-        halves = halves and x.dtype in (torch.float16, torch.bfloat16) and dy.dtype == x.dtype
-        u_arg, u_st = _rank_operand(u, need_a, halves, x.dtype, dy)
-        t_arg, t_st = _rank_operand(t, need_b, halves, x.dtype, dy)
-        if num_a_tiles + num_b_tiles:
-            lora_weight_grads_kernel[(num_a_tiles + num_b_tiles, split)](
-                x, u_arg, dy, t_arg, seed if dropout else dy,
-                da_buf, db_buf, dbias_buf,
-                M, N, K, r, rows_per_split, num_a_tiles, threshold, scale * keep_scale, scale,
-                *x.stride(), *u_st, *dy.stride(), *t_st, *da_st, *db_st, dbias_st[0],
-                HAS_DA=need_a, HAS_DB=need_b, HAS_DBIAS=need_bias, DROPOUT=dropout, HALVES=halves,
-                BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, BLOCK_R=cfg.block_r,
-                PRECISION=lora_precision_for(torch.float32, dev),
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            )
-    finish = lambda out, buf, dtype: out if split == 1 else buf.sum(0).to(dtype)  # noqa: E731
-    if need_a:
-        da = finish(da_out, da_buf, lora_a.dtype)
-    if need_b:
-        db = finish(db_out, db_buf, lora_b.dtype)
-    if need_bias:
-        dbias = finish(dbias_out, dbias_buf, bias_dtype)
-    return result()
+    if need_a or need_b or need_bias:
+        rec = weight_grad_decisions(M, N, K, r, x.dtype, dy.dtype, dev, _num_sms(dev), need_a, need_b, need_bias,
+                                    dropout, grad_config)
+        split = rec.split
+        # one split writes the gradients themselves (split stride 0); several write fp32 partials
+        # that torch sums in a fixed order below
+        da, da_buf, da_st = _gradient_buffer(need_a, split, (r, K), lora_a.dtype, dy)
+        db, db_buf, db_st = _gradient_buffer(need_b, split, (N, r), lora_b.dtype, dy)
+        dbias, dbias_buf, dbias_st = _gradient_buffer(need_bias, split, (N,), bias_dtype, dy)
+        if M == 0:
+            for needed, buf in ((need_a, da_buf), (need_b, db_buf), (need_bias, dbias_buf)):
+                if needed:
+                    buf.zero_()
+        elif rec.grid[0]:
+            # u and t fp32 [M, r]; with halves split into two x-dtype halves each (split_adapter:
+            # [2, M, r], the kernel taking the first half's pointer); dy (never read) when unneeded
+            unused = (dy, _strides3(dy))
+            u_arg, u_st = _rank_operand(u, rec, x.dtype) if need_a else unused
+            t_arg, t_st = _rank_operand(t, rec, x.dtype) if need_b else unused
+            lora_weight_grads_kernel[rec.grid](
+                x, u_arg, dy, t_arg, seed if dropout else dy, da_buf, db_buf, dbias_buf,
+                M, N, K, r, rec.rows_per_split, rec.num_a_tiles, threshold, scale * keep_scale, scale,
+                *x.stride(), *u_st, *dy.stride(), *t_st, *da_st, *db_st, dbias_st[0], **rec.kw)
+        if split > 1:
+            da = da_buf.sum(0).to(lora_a.dtype) if need_a else None
+            db = db_buf.sum(0).to(lora_b.dtype) if need_b else None
+            dbias = dbias_buf.sum(0).to(bias_dtype) if need_bias else None
+    return (dx if dx is not None else torch.empty((0,), dtype=x.dtype, device=dev),
+            da if da is not None else torch.empty((0,), dtype=lora_a.dtype, device=dev),
+            db if db is not None else torch.empty((0,), dtype=lora_b.dtype, device=dev),
+            dbias if dbias is not None else torch.empty((0,), dtype=bias_dtype or x.dtype, device=dev))

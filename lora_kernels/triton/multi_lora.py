@@ -1029,30 +1029,42 @@ def _launch_shrinks(rec, x: torch.Tensor, a_stacks: List[torch.Tensor], index: A
     if "PRECISION" not in kw:
         kw = dict(kw, PRECISION=base_precision(x.dtype, x.device))
     has_scales, has_ranks = scales is not None, ranks is not None
-    work = index.work(item_m)
+    work, sorted_tokens, _, _ = index.launch_views(item_m)
     ranks_t = ranks if has_ranks else work
     scales_t = scales if has_scales else work
     groups = ((0, 1),) if len(a_stacks) == 1 else _slice_groups(a_stacks, lambda a: a.stride())
     for start, end in groups:
         group, t, t_strides = a_stacks[start:end], *_slices_of(out, start, end)
         lora_shrink_kernel[(work.shape[0], r_tiles, end - start)](
-            x, *_pointers4(group), scales_t, ranks_t, work, index.sorted_tokens, t,
+            x, *_pointers4(group), scales_t, ranks_t, work, sorted_tokens, t,
             K, R, float(scale),
             x.stride(0), x.stride(1), *group[0].stride(), *t_strides, **kw)
     return out
 
 
-def _expand_launch(key, M: int, N: int, R: int, y_dtype: torch.dtype, lora_precision: str, num_sms: int,
-                   has_ranks: bool, config: Optional[SegmentConfig]):
-    """(work piece size, the kernel's keyword arguments) of expand_slices_ for `key` (N: the
-    widest slice), remembered."""
-    cfg = config or segment_config(M, N, R, y_dtype.itemsize, num_sms)
+def _expand_launch(key, M: int, widths: Tuple[int, ...], strides: Tuple[Tuple[int, ...], ...], offset: int, R: int,
+                   y_dtype: torch.dtype, lora_precision: str, num_sms: int, has_ranks: bool,
+                   config: Optional[SegmentConfig]):
+    """(work piece size, the kernel's keyword arguments, the launches) of expand_slices_ for `key`,
+    remembered. One launch per group of slices (_slice_groups): (start, end, N tiles, the ints
+    before y's strides -- widths, first columns and B's slot strides, padded to MAX_SLICES --
+    and B's N and rank strides, after t's)."""
+    if max(widths) == 0:  # nothing to add: no launch
+        return remember_launch(key, (0, None, ()))
+    cfg = config or segment_config(M, max(widths), R, y_dtype.itemsize, num_sms)
     block_r, rank_chunked = expand_block_r(R)
     kw = dict(HAS_RANKS=has_ranks, ITEM_M=cfg.expand_item_m, BLOCK_M=min(EXPAND_BLOCK_M, cfg.expand_item_m),
               BLOCK_N=cfg.expand_block_n, BLOCK_R=block_r, RANK_CHUNKED=rank_chunked,
               PRECISION=lora_precision, num_warps=cfg.expand_num_warps,
               num_stages=EXPAND_NUM_STAGES)
-    return remember_launch(key, (cfg.expand_item_m, kw))
+    cols = [offset + sum(widths[:i]) for i in range(len(widths))]
+    launches = []
+    for start, end in _slice_groups(list(range(len(widths))), lambda s: strides[s][1:]):
+        group_widths = widths[start:end]
+        launches.append((start, end, _cdiv(max(group_widths), cfg.expand_block_n),
+                         (*_pad4(group_widths), *_pad4(cols[start:end]), *_pad4([st[0] for st in strides[start:end]])),
+                         strides[start][1:]))
+    return remember_launch(key, (cfg.expand_item_m, kw, tuple(launches)))
 
 
 def expand_slices_(y: torch.Tensor, t: torch.Tensor, b_stacks: List[torch.Tensor], index: AdapterIndex,
@@ -1061,36 +1073,34 @@ def expand_slices_(y: torch.Tensor, t: torch.Tensor, b_stacks: List[torch.Tensor
     """In place y[m, col_s + n] += B_s[i, n, :rank_i] @ t[s, m, :rank_i] for tokens with an
     adapter (see reference.lora_expand_), col_s = offset + N_0 + ... + N_{s-1}; all slices in one
     launch (grid axis 2, N tiles up to the widest slice). y [M, N_y] any strides, t [S, M, r_max]
-    fp32 ([M, r_max] for one slice), b_stacks S x [L, N_s, r_max] (one dtype; the N dimension's and rank's strides equal)."""
+    fp32 ([M, r_max] for one slice), b_stacks S x [L, N_s, r_max] (one dtype; the N dimension's and rank's strides equal).
+    The launch record's key holds the stacks' widths and strides, so a call derives no column or
+    group from them."""
     M = y.shape[0]
+    if M == 0:
+        return y
     R = t.shape[-1]
     b0 = b_stacks[0]
-    widths = [b.shape[1] for b in b_stacks]
-    widest = max(widths)
-    if M == 0 or widest == 0:
-        return y
+    widths = tuple([b.shape[1] for b in b_stacks])
+    strides = tuple([b.stride() for b in b_stacks])
     dev = y.device
     num_sms = _num_sms(dev)
     has_ranks = ranks is not None
     lora_precision = lora_precision_for(b0.dtype, dev)  # read per call, not kept: tests patch it
-    key = ("expand", M, widest, R, y.dtype, lora_precision, num_sms, has_ranks, config)
+    key = ("expand", M, widths, strides, offset, R, y.dtype, lora_precision, num_sms, has_ranks, config)
     rec = _LAUNCHES.get(key)
     if rec is None:
-        rec = _expand_launch(key, M, widest, R, y.dtype, lora_precision, num_sms, has_ranks, config)
-    item_m, kw = rec
-    block_n = kw["BLOCK_N"]
-    work = index.work(item_m)
+        rec = _expand_launch(key, M, widths, strides, offset, R, y.dtype, lora_precision, num_sms, has_ranks, config)
+    item_m, kw, launches = rec
+    if not launches:  # every slice is 0 wide
+        return y
+    work, sorted_tokens, _, _ = index.launch_views(item_m)
     ranks_t = ranks if has_ranks else work
-    cols = [offset + sum(widths[:i]) for i in range(len(b_stacks))]
-    groups = ((0, 1),) if len(b_stacks) == 1 else _slice_groups(b_stacks, lambda b: b.stride()[1:])
-    for start, end in groups:
-        group = b_stacks[start:end]
+    for start, end, n_tiles, slice_ints, b_strides in launches:
         ts, ts_strides = _slices_of(t, start, end)
-        lora_expand_kernel[(work.shape[0], _cdiv(max(widths[start:end]), block_n), end - start)](
-            y, ts, *_pointers4(group), ranks_t, work, index.sorted_tokens,
-            R, *_pad4(widths[start:end]), *_pad4(cols[start:end]),
-            *_pad4([b.stride(0) for b in group]),
-            y.stride(0), y.stride(1), *ts_strides, group[0].stride(1), group[0].stride(2), **kw)
+        lora_expand_kernel[(work.shape[0], n_tiles, end - start)](
+            y, ts, *_pointers4(b_stacks[start:end]), ranks_t, work, sorted_tokens,
+            R, *slice_ints, *y.stride(), *ts_strides, *b_strides, **kw)
     return y
 
 
@@ -1112,7 +1122,7 @@ def lora_expand_(y: torch.Tensor, t: torch.Tensor, lora_b_stack: torch.Tensor, i
 
 class _LinearLaunch:
     """The host-side decisions of one multi_lora_linear key (see _LAUNCHES)."""
-    __slots__ = ("cfg", "shrink", "chunked", "split_t4", "t_width", "grid", "kw")
+    __slots__ = ("cfg", "shrink", "chunked", "split_t4", "t_width", "grid", "tiles_per_program", "kw")
 
     def __init__(self, M: int, N: int, K: int, R: int, L: int, x_dtype: torch.dtype, a_dtype: torch.dtype,
                  b_dtype: torch.dtype, device: torch.device, lora_precision: str, num_sms: int, has_bias: bool,
@@ -1128,6 +1138,7 @@ class _LinearLaunch:
         self.chunked = chunked or not cfg.fused_shrink  # t from the segmented shrink, read in chunks
         self.t_width = 4 * R if split_t4 else R  # t4: t split for _rank_chunks_dot_t4
         self.grid = (_cdiv(M, tiles.block_m) * _cdiv(_cdiv(N, tiles.block_n), tiles.tiles_per_program),)
+        self.tiles_per_program = tiles.tiles_per_program
         kw = dict(HAS_BIAS=has_bias, HAS_RANKS=has_ranks, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
                   BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m, LORA_PRECISION=lora_precision,
                   num_warps=tiles.num_warps, num_stages=tiles.num_stages)
@@ -1180,6 +1191,7 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a_stack: torch
     data = index.data
     ranks_t = ranks if has_ranks else data
     bias_arg = bias if has_bias else y
+    _, sorted_tokens, sorted_adapter, slot_start = index.launch_views(rec.shrink[0] if rec.chunked else 0)
     if rec.chunked:
         # rows past the index's work lists (a padded_to view) must read as zeros
         alloc = torch.zeros if index.capacity != M else torch.empty
@@ -1187,15 +1199,11 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a_stack: torch
                             alloc((M, rec.t_width), dtype=torch.float32, device=dev))
         multi_lora_linear_chunked_kernel[rec.grid](
             x, weight, bias_arg, lora_b_stack, ranks_t, t, y,
-            index.sorted_tokens, index.sorted_adapter, index.slot_start,
-            M, N, K, R, L, rec.cfg.tiles.tiles_per_program,
-            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-            *lora_b_stack.stride(), t.stride(0), t.stride(1), y.stride(0), y.stride(1), **kw)
+            sorted_tokens, sorted_adapter, slot_start, M, N, K, R, L, rec.tiles_per_program,
+            *x.stride(), *weight.stride(), *lora_b_stack.stride(), *t.stride(), *y.stride(), **kw)
         return y
     multi_lora_linear_kernel[rec.grid](
         x, weight, bias_arg, lora_a_stack, lora_b_stack, scales if has_scales else data, ranks_t, y,
-        index.sorted_tokens, index.sorted_adapter, index.slot_start,
-        M, N, K, R, L, rec.cfg.tiles.tiles_per_program, float(scale),
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), *lora_a_stack.stride(),
-        *lora_b_stack.stride(), y.stride(0), y.stride(1), **kw)
+        sorted_tokens, sorted_adapter, slot_start, M, N, K, R, L, rec.tiles_per_program, float(scale),
+        *x.stride(), *weight.stride(), *lora_a_stack.stride(), *lora_b_stack.stride(), *y.stride(), **kw)
     return y
