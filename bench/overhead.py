@@ -271,7 +271,7 @@ TRITON_HOST_NOTE = (
     "decode step runs), no grad-mode switch per call. Methods: `alloc_ref` = one torch.empty of y "
     "[1, N] (a yardstick of the machine's load: the launcher allocates y and one fp32 workspace); "
     "`fwd_launcher` = "
-    "triton.lora_linear.lora_linear_fwd (plan, workspaces, arguments; 3 launches: shrink, t reduce, fused); "
+    "triton.lora_linear.lora_linear_fwd (plan, workspaces, arguments; at decode 2 launches: shrink, fused); "
     "`eager_fwd` = lora_kernels.lora_linear(..., backend='triton') under no_grad (validation, backend "
     "cache, the launcher); `bwd_launcher` = triton.lora_linear_backward.lora_linear_bwd (dx, dA, dB); "
     "`multi_eager` = multi_lora_linear(..., backend='triton'), `shrink_eager` = lora_shrink and `expand_eager` "

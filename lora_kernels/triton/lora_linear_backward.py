@@ -237,9 +237,9 @@ def _gradient_buffer(needed: bool, split: int, shape: Tuple[int, ...], dtype: to
 
 def _rank_operand(v: torch.Tensor, rec: _GradLaunch, dtype: torch.dtype):
     """(u or t as lora_weight_grads_kernel takes it, its 3-D strides [half, rows, cols])."""
-    if rec.halves:
-        halves = split_adapter(v, dtype, launch=rec.split_launch)
-        return halves, halves.stride()
+    if rec.halves:  # split_adapter's fresh contiguous [2, M, r]: its strides need no read
+        rows, cols = v.shape
+        return split_adapter(v, dtype, launch=rec.split_launch), (rows * cols, cols, 1)
     return v, _strides3(v)
 
 
@@ -283,8 +283,12 @@ def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
         launch_shrink(dy, lora_b, u, config=u_config, transposed=True)
 
     if need_a or need_b or need_bias:
-        rec = weight_grad_decisions(M, N, K, r, x.dtype, dy.dtype, dev, _num_sms(dev), need_a, need_b, need_bias,
-                                    dropout, grad_config)
+        num_sms = _num_sms(dev)
+        rec = _LAUNCHES.get(("grads", M, N, K, r, x.dtype, dy.dtype, dev.type, num_sms, need_a, need_b, need_bias,
+                             dropout, grad_config))
+        if rec is None:
+            rec = weight_grad_decisions(M, N, K, r, x.dtype, dy.dtype, dev, num_sms, need_a, need_b, need_bias,
+                                        dropout, grad_config)
         split = rec.split
         # one split writes the gradients themselves (split stride 0); several write fp32 partials
         # that torch sums in a fixed order below
@@ -298,9 +302,8 @@ def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
         elif rec.grid[0]:
             # u and t fp32 [M, r]; with halves split into two x-dtype halves each (split_adapter:
             # [2, M, r], the kernel taking the first half's pointer); dy (never read) when unneeded
-            unused = (dy, _strides3(dy))
-            u_arg, u_st = _rank_operand(u, rec, x.dtype) if need_a else unused
-            t_arg, t_st = _rank_operand(t, rec, x.dtype) if need_b else unused
+            u_arg, u_st = _rank_operand(u, rec, x.dtype) if need_a else (dy, _strides3(dy))
+            t_arg, t_st = _rank_operand(t, rec, x.dtype) if need_b else (dy, _strides3(dy))
             lora_weight_grads_kernel[rec.grid](
                 x, u_arg, dy, t_arg, seed if dropout else dy, da_buf, db_buf, dbias_buf,
                 M, N, K, r, rec.rows_per_split, rec.num_a_tiles, threshold, scale * keep_scale, scale,
