@@ -1038,7 +1038,7 @@ def _launch_shrinks(rec, x: torch.Tensor, a_stacks: List[torch.Tensor], index: A
         lora_shrink_kernel[(work.shape[0], r_tiles, end - start)](
             x, *_pointers4(group), scales_t, ranks_t, work, sorted_tokens, t,
             K, R, float(scale),
-            x.stride(0), x.stride(1), *group[0].stride(), *t_strides, **kw)
+            *x.stride(), *group[0].stride(), *t_strides, **kw)
     return out
 
 
