@@ -283,12 +283,8 @@ def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
         launch_shrink(dy, lora_b, u, config=u_config, transposed=True)
 
     if need_a or need_b or need_bias:
-        num_sms = _num_sms(dev)
-        rec = _LAUNCHES.get(("grads", M, N, K, r, x.dtype, dy.dtype, dev.type, num_sms, need_a, need_b, need_bias,
-                             dropout, grad_config))
-        if rec is None:
-            rec = weight_grad_decisions(M, N, K, r, x.dtype, dy.dtype, dev, num_sms, need_a, need_b, need_bias,
-                                        dropout, grad_config)
+        rec = weight_grad_decisions(M, N, K, r, x.dtype, dy.dtype, dev, _num_sms(dev), need_a, need_b, need_bias,
+                                    dropout, grad_config)
         split = rec.split
         # one split writes the gradients themselves (split stride 0); several write fp32 partials
         # that torch sums in a fixed order below
