@@ -154,10 +154,42 @@ def test_weight_grad_decisions_cached_equal_uncached_and_follow_the_config(x_dty
         a_tiles = -(-K // cfg.block_c) if need[0] else 0
         b_tiles = -(-N // cfg.block_c) if need[1] or need[2] else 0
         assert first.num_a_tiles == a_tiles and first.grid == (a_tiles + b_tiles, first.split)
-        assert first.halves == (x_dtype == torch.bfloat16)
+        # bf16 splits u and t into halves when a program walks more than one row step; the fp32
+        # path's loop (one step: nothing to pipeline) is exempt from the compile test's waits check
+        assert first.halves == (x_dtype == torch.bfloat16 and M > cfg.block_m)
+        assert first.halves or x_dtype != torch.bfloat16 or (first.split, first.rows_per_split) == (1, cfg.block_m)
         assert (first.split_launch is None) == (not first.halves)
         assert first.kw["BLOCK_C"] == cfg.block_c and first.kw["HAS_DA"] == need[0]
     cfg = lb.WeightGradConfig(16, 32, 16, 3, 4, 2, halves=False)
     forced = lb.weight_grad_decisions(200, 70, 80, 5, torch.bfloat16, torch.bfloat16, device, 4, True, True, False,
                                       False, cfg)
     assert forced.halves is False and forced.kw["BLOCK_M"] == 16 and forced.split == 3
+
+
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+def test_backward_decisions_hold_the_records_of_both_launches(x_dtype):
+    """lora_linear_bwd's one lookup (backward_decisions): served from the cache per key, and its
+    two records are the ones launch_decisions (the dx launch: dy as x, lora_a's dtype as b's, the
+    dropout mask on the output) and weight_grad_decisions give for the same inputs; an unneeded
+    launch (or dx over an empty M or K) has none."""
+    from lora_kernels.triton import lora_linear_backward as lb
+    ll.clear_launch_cache()
+    device = torch.device("cuda", 0)
+    for (M, N, K, r), (need_x, need_a, need_b, need_bias), dropout in itertools.product(
+            [(1, 4096, 4096, 16), (17, 70, 80, 5), (0, 70, 80, 5), (4096, 1024, 0, 64)],
+            [(True, True, True, False), (True, False, False, False), (False, True, False, True),
+             (False, False, False, False)], (False, True)):
+        args = (M, N, K, r, x_dtype, x_dtype, torch.float32, device, NUM_SMS, need_x, need_a, need_b, need_bias,
+                dropout)
+        rec = lb.backward_decisions(*args)
+        assert lb.backward_decisions(*args) is rec
+        if need_x and M and K:
+            assert rec.dx is ll.launch_decisions(M, K, N, r, x_dtype, torch.float32, device, NUM_SMS,
+                                                 mask_epilogue=dropout)
+        else:
+            assert rec.dx is None
+        if need_a or need_b or need_bias:
+            assert rec.grads is lb.weight_grad_decisions(M, N, K, r, x_dtype, x_dtype, device, NUM_SMS, need_a,
+                                                         need_b, need_bias, dropout)
+        else:
+            assert rec.grads is None

@@ -98,17 +98,21 @@ def _cases():
                dict(src_ptr="*fp32", out_ptr="*bf16", rows=rows, cols=cols, stride_sr=cols, stride_sc=1,
                     stride_oh=rows * cols, stride_or=cols, stride_oc=1),
                dict(BLOCK_ROWS=ll.SPLIT_BLOCK_ELEMENTS // block_cols, BLOCK_COLS=block_cols), 4, 1)
-    for M, R in ((16384, 16), (16384, 128), (16, 128)):
+    # bf16 x: u and t as bf16 halves when a program walks more than one row step, else fp32
+    # (lora_linear_backward._GradLaunch)
+    for M, R in ((16384, 16), (16384, 128), (16, 128), (1, 16)):
         wc = lb.weight_grad_config(M, 4096, 4096, R, 2, NUM_SMS)
-        yield (f"bwd dA/dB M={M} r={R} dropout", lb.lora_weight_grads_kernel,
-               dict(x_ptr="*bf16", u_ptr="*bf16", dy_ptr="*bf16", t_ptr="*bf16", seed_ptr="*i64", da_ptr="*fp32",
+        halves = M > wc.block_m
+        rank_ptr = "*bf16" if halves else "*fp32"
+        yield (f"bwd dA/dB M={M} r={R} dropout{'' if halves else ' fp32 u/t'}", lb.lora_weight_grads_kernel,
+               dict(x_ptr="*bf16", u_ptr=rank_ptr, dy_ptr="*bf16", t_ptr=rank_ptr, seed_ptr="*i64", da_ptr="*fp32",
                     db_ptr="*fp32", dbias_ptr="*fp32", M=M, N=4096, K=4096, R=R, rows_per_split=4096,
                     num_a_tiles=64, dropout_threshold=7, da_scale=2.0, db_scale=2.0, stride_xm=4096, stride_xk=1,
                     stride_uh=M * R, stride_um=R, stride_ur=1, stride_dym=4096, stride_dyn=1, stride_th=M * R,
                     stride_tm=R, stride_tr=1,
                     stride_das=R * 4096, stride_dar=4096, stride_dak=1, stride_dbs=4096 * R, stride_dbn=R,
                     stride_dbr=1, stride_dbias_s=4096),
-               dict(HAS_DA=True, HAS_DB=True, HAS_DBIAS=True, DROPOUT=True, HALVES=True, BLOCK_M=wc.block_m,
+               dict(HAS_DA=True, HAS_DB=True, HAS_DBIAS=True, DROPOUT=True, HALVES=halves, BLOCK_M=wc.block_m,
                     BLOCK_C=wc.block_c, BLOCK_R=wc.block_r, PRECISION="tf32x3"), wc.num_warps, wc.num_stages)
 
 
@@ -163,10 +167,17 @@ def _masks_an_operand(name):
     return "dropout" in name and not name.startswith(("fwd", "shrink of bwd"))
 
 
+def _one_row_step(name):
+    """dA/dB with fp32 u / t (bf16 x at M <= BLOCK_M): each program's row loop runs once, so there
+    is no next step to overlap; x is converted in registers (stored to shared memory) and the
+    tf32x3 dot may wait. The launcher takes that path only there (test_triton_launch_cache)."""
+    return name.startswith("bwd dA/dB") and name.endswith("fp32 u/t")
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_k_loops_are_pipelined_and_never_wait_for_all(compiled, name):
     loops = compiled[name]["k_loops"]
-    for loop in loops:
+    for loop in ([] if _one_row_step(name) else loops):
         assert loop["sync_loads_into_dot"] == 0, f"{name}: {loop}"
         assert loop["async_wait_all"] == 0, f"{name}: {loop}"
         assert loop["mma_wait_all"] == 0, f"{name}: {loop}"

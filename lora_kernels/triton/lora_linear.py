@@ -757,16 +757,21 @@ def _shrink_kw(config: ShrinkConfig) -> dict:
             "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
+def _shrink_flags_kw(config_kw: dict, dropout: bool, a_halves: bool, precision: str) -> dict:
+    """All of lora_shrink_kernel's constexprs and launch options: config_kw (_shrink_kw of its
+    config) with the per-call flags."""
+    return dict(config_kw, DROPOUT=dropout, A_HALVES=a_halves, PRECISION=precision)
+
+
 def _launch_shrink_kernel(x, a_op, t, t_strides, grid, k_tiles, M, D, R, t_scale,
-                          seed, dropout_threshold, config_kw: dict, precision: str) -> None:
+                          seed, dropout_threshold, kw: dict) -> None:
     """lora_shrink_kernel over grid (row blocks, K splits) into t (strides `t_strides`, 3-D);
-    a_op: _adapter_operand's A; config_kw: _shrink_kw of its config."""
-    a_arg, stride_ah, a_halves, a_strides = a_op
+    a_op: _adapter_operand's A; kw: _shrink_flags_kw of its config, seed and a_op."""
+    a_arg, stride_ah, _, a_strides = a_op
     lora_shrink_kernel[grid](
         x, a_arg, t, seed if seed is not None else t,
         M, D, R, float(t_scale), dropout_threshold, k_tiles,
-        *x.stride(), stride_ah, *a_strides, *t_strides,
-        DROPOUT=seed is not None, A_HALVES=a_halves, PRECISION=precision, **config_kw)
+        *x.stride(), stride_ah, *a_strides, *t_strides, **kw)
 
 
 def launch_shrink(x: torch.Tensor, a: torch.Tensor, t: torch.Tensor, *, t_scale: float = 1.0,
@@ -792,9 +797,11 @@ def launch_shrink(x: torch.Tensor, a: torch.Tensor, t: torch.Tensor, *, t_scale:
         out, t_strides = None, _strides3(t)
     else:
         out, t_strides = None, t.stride()
-    _launch_shrink_kernel(x, _adapter_operand(x, a, transposed), t, t_strides, (_cdiv(M, config.block_m), splits),
+    a_op = _adapter_operand(x, a, transposed)
+    _launch_shrink_kernel(x, a_op, t, t_strides, (_cdiv(M, config.block_m), splits),
                           k_per_split // config.block_k, M, D, R, t_scale, seed, dropout_threshold,
-                          _shrink_kw(config), base_precision(x.dtype, x.device))
+                          _shrink_flags_kw(_shrink_kw(config), seed is not None, a_op[2],
+                                           base_precision(x.dtype, x.device)))
     if out is not None:
         _reduce(t, out)
         return 1
@@ -806,7 +813,7 @@ class _Launch:
     strings derived from it), computed once per key: a decode step repeats the same few keys
     hundreds of times (issue 16 point 6)."""
     __slots__ = ("plan", "k_tiles", "shrink_k_tiles", "t_chunk", "t_reduce_grid", "out_reduce_grid",
-                 "base_prec", "lora_prec", "fused_kw", "shrink_kw")
+                 "base_prec", "lora_prec", "fused_kw", "shrink_kw", "by_flags")
 
     def __init__(self, plan: Plan, M: int, C: int, R: int, base_prec: Optional[str], lora_prec: str):
         cfg = plan.fused
@@ -823,6 +830,28 @@ class _Launch:
                          "BLOCK_R": cfg.block_r, "T_CHUNK": self.t_chunk, "GROUP_M": cfg.group_m,
                          "LORA_PRECISION": lora_prec, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
         self.shrink_kw = _shrink_kw(plan.shrink) if plan.shrink is not None else None
+        # flags -> a launch's whole kwargs (merged once: ~0.6 us per launch, CPU machine); the
+        # flags of one key are a handful of tuples (FUSED_FLAGS / _shrink_flags_kw)
+        self.by_flags = {}
+
+    def fused_kwargs(self, flags: tuple) -> dict:
+        """lora_linear_fwd_kernel's kwargs: fused_kw with the flags (FUSED_FLAGS' values)."""
+        kw = self.by_flags.get(flags)
+        if kw is None:
+            kw = self.by_flags[flags] = dict(self.fused_kw, **dict(zip(FUSED_FLAGS, flags)))
+        return kw
+
+    def shrink_kwargs(self, dropout: bool, a_halves: bool, precision: str) -> dict:
+        """lora_shrink_kernel's kwargs: shrink_kw with the flags (_shrink_flags_kw)."""
+        flags = ("shrink", dropout, a_halves, precision)
+        kw = self.by_flags.get(flags)
+        if kw is None:
+            kw = self.by_flags[flags] = _shrink_flags_kw(self.shrink_kw, dropout, a_halves, precision)
+        return kw
+
+
+# lora_linear_fwd_kernel's per-call constexprs, in the order of _Launch.fused_kwargs' flags
+FUSED_FLAGS = ("HAS_BIAS", "STORE_T", "LOAD_T", "DROPOUT_OUT", "A_HALVES", "BASE_PRECISION")
 
 
 # The launchers' decisions per launch key. Here (M, C, D, R, x dtype, b dtype, device type, SMs,
@@ -880,7 +909,7 @@ def launch_fused(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Ten
                  seed: Optional[torch.Tensor] = None, dropout_threshold: int = 0,
                  config: Optional[ForwardConfig] = None, shrink: Optional[ShrinkConfig] = None,
                  t_scale: float = 1.0, shrink_seed: Optional[torch.Tensor] = None,
-                 shrink_threshold: int = 0, transposed: bool = False) -> None:
+                 shrink_threshold: int = 0, transposed: bool = False, decisions: Optional[_Launch] = None) -> None:
     """y = x @ w.T + bias + scale * t @ b.T [masked, if seed is given] with t = x @ a.T (stored
     into t if store_t) or read from t (load_t). x [M, D], w [C, D], a [R, D], b [C, R], y [M, C],
     t [M, R] fp32; any strides. `transposed`: w, a and b are given as their transposes as stored
@@ -891,6 +920,9 @@ def launch_fused(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Ten
     (t_scale * drop(x) @ a.T with shrink_seed's mask: the forward's dropout), and the fused kernel
     reads it; with several K splits the kernel writes fp32 partials that one reduce launch sums.
 
+    `decisions`: launch_decisions' record of these arguments, when the caller keeps it (the
+    backward's record holds its dx launch's): the key is then not built again.
+
     Host work per call (issue 16 point 6): the decisions come from launch_decisions' cache; one
     fp32 workspace at most per K-split stage (the shrink's partials are summed in place into
     their split 0 when t is not stored); no tensor views (3-D strides are passed as ints)."""
@@ -899,12 +931,14 @@ def launch_fused(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Ten
     if M == 0 or C == 0:
         return
     dev = x.device
-    x_dtype, b_dtype, num_sms = x.dtype, b.dtype, _num_sms(dev)
     dropout, mask_epilogue = shrink_seed is not None, seed is not None
-    rec = _LAUNCHES.get((M, C, D, R, x_dtype, b_dtype, dev.type, num_sms, dropout, mask_epilogue, config, shrink))
+    rec = decisions
     if rec is None:
-        rec = launch_decisions(M, C, D, R, x_dtype, b_dtype, dev, num_sms, dropout=dropout,
-                               mask_epilogue=mask_epilogue, config=config, shrink=shrink)
+        x_dtype, b_dtype, num_sms = x.dtype, b.dtype, _num_sms(dev)
+        rec = _LAUNCHES.get((M, C, D, R, x_dtype, b_dtype, dev.type, num_sms, dropout, mask_epilogue, config, shrink))
+        if rec is None:
+            rec = launch_decisions(M, C, D, R, x_dtype, b_dtype, dev, num_sms, dropout=dropout,
+                                   mask_epilogue=mask_epilogue, config=config, shrink=shrink)
     plan = rec.plan
     cfg = plan.fused
     base_prec = rec.base_prec or base_precision(x.dtype, dev)
@@ -913,8 +947,8 @@ def launch_fused(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Ten
     if plan.shrink is not None and not load_t:
         s_splits = plan.shrink_grid[1]
         a_op = _adapter_operand(x, a, transposed)
-        shrink_args = (rec.shrink_k_tiles, M, D, R, t_scale, shrink_seed, shrink_threshold, rec.shrink_kw,
-                       base_prec)
+        shrink_args = (rec.shrink_k_tiles, M, D, R, t_scale, shrink_seed, shrink_threshold,
+                       rec.shrink_kwargs(dropout, a_op[2], base_prec))
         if s_splits == 1:  # the shrink writes t itself
             t_src = t if store_t else torch.empty((M, R), dtype=torch.float32, device=dev)
             t_strides = _strides3(t_src)
@@ -967,9 +1001,7 @@ def launch_fused(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Ten
         x, w, a_arg, b, bias if bias is not None else y, out, ts, st, seed if seed is not None else y,
         M, C, D, R, float(scale), dropout_threshold, cfg.tiles_per_program, rec.k_tiles, t_splits,
         *x.stride(), *w_strides, stride_ah, *a_strides, *b_strides, *out_strides, *ts_strides,
-        *st_strides,
-        HAS_BIAS=bias is not None, STORE_T=store_t, LOAD_T=load_t, DROPOUT_OUT=seed is not None,
-        A_HALVES=a_halves, BASE_PRECISION=base_prec, **rec.fused_kw)
+        *st_strides, **rec.fused_kwargs((bias is not None, store_t, load_t, mask_epilogue, a_halves, base_prec)))
     if splits > 1:
         _launch_reduce(out, y, rec.out_reduce_grid, splits, M, C, out_strides, y.stride())
 

@@ -27,8 +27,9 @@ import triton.language as tl
 
 from ..reference import dropout_threshold
 from .lora_linear import (ForwardConfig, ShrinkConfig, _a_operand, _cdiv, _fold_halves, _keep_mask, _load_tile,
-                          _LAUNCHES, _num_sms, _philox_key, _strides3, block_r_for, launch_fused, launch_shrink,
-                          lora_precision_for, remember_launch, split_adapter, split_launch)
+                          _Launch, _LAUNCHES, _num_sms, _philox_key, _strides3, block_r_for, launch_decisions,
+                          launch_fused, launch_shrink, lora_precision_for, remember_launch, split_adapter,
+                          split_launch)
 
 
 @triton.jit
@@ -197,7 +198,15 @@ class _GradLaunch:
         self.num_a_tiles = _cdiv(K, cfg.block_c) if need_a else 0
         num_b_tiles = _cdiv(N, cfg.block_c) if (need_b or need_bias) else 0
         self.grid = (self.num_a_tiles + num_b_tiles, split)
-        halves = cfg.halves if cfg.halves is not None else x_dtype == torch.bfloat16
+        # halves (bf16 x: u and t split into two bf16 halves, one native dot per row step) pay two
+        # split_halves launches and two [2, M, r] buffers to replace each row step's tf32x3 dot. At
+        # M <= BLOCK_M every program walks one row step, one tile's worth of MMAs: the fp32 path
+        # is taken there (two launches and allocations fewer: ~3 us of host time at M = 1 beyond
+        # the allocations and launches themselves, the overhead suite's backward row, CPU machine).
+        # Design reasoning, not measured on a GPU: the training suite's M = 1 and 16 rows will
+        # show it; a config's `halves` overrides it.
+        default = x_dtype == torch.bfloat16 and M > cfg.block_m
+        halves = cfg.halves if cfg.halves is not None else default
         self.halves = halves and x_dtype in (torch.float16, torch.bfloat16) and dy_dtype == x_dtype
         # u and t [M, r] split into x-dtype halves (split_adapter's launch, decided here once)
         self.split_launch = split_launch(M, r) if self.halves else None
@@ -220,27 +229,61 @@ def weight_grad_decisions(M: int, N: int, K: int, r: int, x_dtype: torch.dtype, 
     return remember_launch(key, rec) if cached else rec
 
 
-def _gradient_buffer(needed: bool, split: int, shape: Tuple[int, ...], dtype: torch.dtype, dy: torch.Tensor):
+class _BackwardLaunch:
+    """One backward key's records, found with one lookup per call (issue 16 point 6): `dx`, the dx
+    launch's _Launch (launch_decisions of launch_fused's arguments there; None without dx), and
+    `grads`, the weight-gradient launch's _GradLaunch (None without dA, dB and dbias)."""
+    __slots__ = ("dx", "grads")
+
+    def __init__(self, dx: Optional[_Launch], grads: Optional[_GradLaunch]):
+        self.dx, self.grads = dx, grads
+
+
+def backward_decisions(M: int, N: int, K: int, r: int, x_dtype: torch.dtype, dy_dtype: torch.dtype,
+                       adapter_dtype: torch.dtype, device: torch.device, num_sms: int, need_x: bool, need_a: bool,
+                       need_b: bool, need_bias: bool, dropout: bool, dx_config: Optional[ForwardConfig] = None,
+                       u_config: Optional[ShrinkConfig] = None,
+                       grad_config: Optional[WeightGradConfig] = None) -> _BackwardLaunch:
+    """The _BackwardLaunch of lora_linear_bwd's inputs, kept in lora_linear's launch cache; its two
+    records are the ones launch_decisions and weight_grad_decisions give for the same inputs."""
+    key = ("bwd", M, N, K, r, x_dtype, dy_dtype, adapter_dtype, device.type, num_sms, need_x, need_a, need_b,
+           need_bias, dropout, dx_config, u_config, grad_config)
+    hit = _LAUNCHES.get(key)
+    if hit is not None:
+        return hit
+    # dx: the forward kernel over (dy, W^T, B^T, A^T): x dtype dy's, b dtype lora_a's, the mask on
+    # its output (mask_epilogue), no dropout on its own input
+    dx = launch_decisions(M, K, N, r, dy_dtype, adapter_dtype, device, num_sms, dropout=False, mask_epilogue=dropout,
+                          config=dx_config, shrink=u_config) if need_x and M and K else None
+    grads = weight_grad_decisions(M, N, K, r, x_dtype, dy_dtype, device, num_sms, need_a, need_b, need_bias, dropout,
+                                  grad_config) if need_a or need_b or need_bias else None
+    return remember_launch(key, _BackwardLaunch(dx, grads))
+
+
+def _gradient_buffer(needed: bool, split: int, shape: Tuple[int, ...], dtype: torch.dtype, dy: torch.Tensor,
+                     device: torch.device):
     """(gradient or None, kernel buffer, its 3-D strides [split, rows, cols]) of one gradient: with
     one split the gradient itself (the kernel's view of it: out.unsqueeze(0)), with several an
     fp32 workspace of partials; an unneeded one passes dy as a pointer it never touches (strides
-    of an empty [1, 0, 0])."""
+    of an empty [1, 0, 0]). Both are fresh contiguous tensors, so the strides follow from the
+    shape (a 1-D [N] as an [N, 1]) and are not read back."""
     if not needed:
         return None, dy, (1, 1, 1)
+    rows, cols = shape if len(shape) == 2 else (shape[0], 1)
+    strides = (rows * cols, cols, 1)
     if split == 1:
-        out = torch.empty(shape, dtype=dtype, device=dy.device)
-        st = out.stride()
-        return out, out, (shape[0] * st[0], *st) if len(st) == 2 else (shape[0] * st[0], st[0], 1)
-    buf = torch.empty((split, *shape), dtype=torch.float32, device=dy.device)
-    return None, buf, buf.stride() if len(shape) == 2 else (*buf.stride(), 1)
+        out = torch.empty(shape, dtype=dtype, device=device)
+        return out, out, strides
+    return None, torch.empty((split, *shape), dtype=torch.float32, device=device), strides
 
 
-def _rank_operand(v: torch.Tensor, rec: _GradLaunch, dtype: torch.dtype):
-    """(u or t as lora_weight_grads_kernel takes it, its 3-D strides [half, rows, cols])."""
-    if rec.halves:  # split_adapter's fresh contiguous [2, M, r]: its strides need no read
-        rows, cols = v.shape
+def _rank_operand(v: torch.Tensor, rec: _GradLaunch, dtype: torch.dtype, fresh: bool = False):
+    """(u or t as lora_weight_grads_kernel takes it, its 3-D strides [half, rows, cols]). `fresh`:
+    v is the launcher's own contiguous u, whose strides need no read either."""
+    rows, cols = v.shape
+    if rec.halves:  # split_adapter's fresh contiguous [2, M, r]
         return split_adapter(v, dtype, launch=rec.split_launch), (rows * cols, cols, 1)
-    return v, _strides3(v)
+    return v, (rows * cols, cols, 1) if fresh else _strides3(v)
 
 
 def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
@@ -257,8 +300,8 @@ def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
     `u`: dy @ lora_b fp32 [M, r] when the caller has it (the sm90 dx computes it; with need_x
     False): the shrink that would recompute it is skipped.
 
-    Host work per call (issue 16 point 6): the weight-gradient launch's decisions come from
-    weight_grad_decisions' cache; an empty [0] stands in only for a gradient that is not needed,
+    Host work per call (issue 16 point 6): both launches' decisions come from one lookup
+    (backward_decisions); an empty [0] stands in only for a gradient that is not needed,
     and neither transposes nor 3-D views (a split axis of one) are made: their strides are passed
     (a view costs ~1-2 us, CPU machine)."""
     M, K = x.shape
@@ -270,6 +313,8 @@ def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
     keep_scale = 1.0 / (1.0 - dropout_p) if dropout else 1.0
     dx = da = db = dbias = None
     u_given = u is not None and need_a and not need_x
+    records = backward_decisions(M, N, K, r, x.dtype, dy.dtype, lora_a.dtype, dev, _num_sms(dev), need_x, need_a,
+                                 need_b, need_bias, dropout, dx_config, u_config, grad_config)
     if not u_given:
         u = torch.empty((M if need_a else 0, r), dtype=torch.float32, device=dev)
     if need_x:
@@ -278,19 +323,18 @@ def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
             # the forward kernel over W, B, A in the other layout, read through reversed strides
             launch_fused(dy, weight, lora_b, lora_a, None, dx, u, scale=scale * keep_scale,
                          store_t=need_a, seed=seed, dropout_threshold=threshold, config=dx_config,
-                         shrink=u_config, transposed=True)
+                         shrink=u_config, transposed=True, decisions=records.dx)
     elif need_a and not u_given:
         launch_shrink(dy, lora_b, u, config=u_config, transposed=True)
 
     if need_a or need_b or need_bias:
-        rec = weight_grad_decisions(M, N, K, r, x.dtype, dy.dtype, dev, _num_sms(dev), need_a, need_b, need_bias,
-                                    dropout, grad_config)
+        rec = records.grads
         split = rec.split
         # one split writes the gradients themselves (split stride 0); several write fp32 partials
         # that torch sums in a fixed order below
-        da, da_buf, da_st = _gradient_buffer(need_a, split, (r, K), lora_a.dtype, dy)
-        db, db_buf, db_st = _gradient_buffer(need_b, split, (N, r), lora_b.dtype, dy)
-        dbias, dbias_buf, dbias_st = _gradient_buffer(need_bias, split, (N,), bias_dtype, dy)
+        da, da_buf, da_st = _gradient_buffer(need_a, split, (r, K), lora_a.dtype, dy, dev)
+        db, db_buf, db_st = _gradient_buffer(need_b, split, (N, r), lora_b.dtype, dy, dev)
+        dbias, dbias_buf, dbias_st = _gradient_buffer(need_bias, split, (N,), bias_dtype, dy, dev)
         if M == 0:
             for needed, buf in ((need_a, da_buf), (need_b, db_buf), (need_bias, dbias_buf)):
                 if needed:
@@ -298,7 +342,7 @@ def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
         elif rec.grid[0]:
             # u and t fp32 [M, r]; with halves split into two x-dtype halves each (split_adapter:
             # [2, M, r], the kernel taking the first half's pointer); dy (never read) when unneeded
-            u_arg, u_st = _rank_operand(u, rec, x.dtype) if need_a else (dy, _strides3(dy))
+            u_arg, u_st = _rank_operand(u, rec, x.dtype, not u_given) if need_a else (dy, _strides3(dy))
             t_arg, t_st = _rank_operand(t, rec, x.dtype) if need_b else (dy, _strides3(dy))
             lora_weight_grads_kernel[rec.grid](
                 x, u_arg, dy, t_arg, seed if dropout else dy, da_buf, db_buf, dbias_buf,
