@@ -98,11 +98,11 @@ def _cases():
                dict(src_ptr="*fp32", out_ptr="*bf16", rows=rows, cols=cols, stride_sr=cols, stride_sc=1,
                     stride_oh=rows * cols, stride_or=cols, stride_oc=1),
                dict(BLOCK_ROWS=ll.SPLIT_BLOCK_ELEMENTS // block_cols, BLOCK_COLS=block_cols), 4, 1)
-    # bf16 x: u and t as bf16 halves when a program walks more than one row step, else fp32
-    # (lora_linear_backward._GradLaunch)
-    for M, R in ((16384, 16), (16384, 128), (16, 128), (1, 16)):
+    # bf16 x: u and t as bf16 halves, but fp32 when a program walks one row step at a padded rank
+    # up to FP32_ONE_STEP_MAX_BLOCK_R (lora_linear_backward._GradLaunch)
+    for M, R in ((16384, 16), (16384, 128), (16, 128), (1, 16), (16, 64)):
         wc = lb.weight_grad_config(M, 4096, 4096, R, 2, NUM_SMS)
-        halves = M > wc.block_m
+        halves = M > wc.block_m or wc.block_r > lb.FP32_ONE_STEP_MAX_BLOCK_R
         rank_ptr = "*bf16" if halves else "*fp32"
         yield (f"bwd dA/dB M={M} r={R} dropout{'' if halves else ' fp32 u/t'}", lb.lora_weight_grads_kernel,
                dict(x_ptr="*bf16", u_ptr=rank_ptr, dy_ptr="*bf16", t_ptr=rank_ptr, seed_ptr="*i64", da_ptr="*fp32",

@@ -182,6 +182,12 @@ def weight_grad_config(M: int, N: int, K: int, r: int, elem_bytes: int, num_sms:
     return WeightGradConfig(block_m, block_c, block_r_for(r), split, 4, 3)
 
 
+# The fp32 u / t path converts x in registers beside an fp32 [BLOCK_R, BLOCK_C] accumulator: at
+# padded rank 128 it spills 484 B (ptxas -v, sm_90a, triton 3.6, M = 16, BLOCK_C 32 or 64), at 64
+# and below 0 B (190-229 registers); so bf16 x takes it only up to rank 64 (_GradLaunch).
+FP32_ONE_STEP_MAX_BLOCK_R = 64
+
+
 class _GradLaunch:
     """The host-side decisions of one lora_weight_grads_kernel launch key (issue 16 point 6: a
     training step repeats a few keys per layer shape), computed once per key: the row splits, the
@@ -201,11 +207,12 @@ class _GradLaunch:
         # halves (bf16 x: u and t split into two bf16 halves, one native dot per row step) pay two
         # split_halves launches and two [2, M, r] buffers to replace each row step's tf32x3 dot. At
         # M <= BLOCK_M every program walks one row step, one tile's worth of MMAs: the fp32 path
-        # is taken there (two launches and allocations fewer: ~3 us of host time at M = 1 beyond
-        # the allocations and launches themselves, the overhead suite's backward row, CPU machine).
-        # Design reasoning, not measured on a GPU: the training suite's M = 1 and 16 rows will
-        # show it; a config's `halves` overrides it.
-        default = x_dtype == torch.bfloat16 and M > cfg.block_m
+        # is taken there up to FP32_ONE_STEP_MAX_BLOCK_R (two launches and allocations fewer:
+        # ~3 us of host time at M = 1 beyond the allocations and launches themselves, the overhead
+        # suite's backward row, CPU machine). Design reasoning, not measured on a GPU: the
+        # training suite's M = 1 and 16 rows will show it; a config's `halves` overrides it.
+        one_step_fp32 = M <= cfg.block_m and cfg.block_r <= FP32_ONE_STEP_MAX_BLOCK_R
+        default = x_dtype == torch.bfloat16 and not one_step_fp32
         halves = cfg.halves if cfg.halves is not None else default
         self.halves = halves and x_dtype in (torch.float16, torch.bfloat16) and dy_dtype == x_dtype
         # u and t [M, r] split into x-dtype halves (split_adapter's launch, decided here once)
