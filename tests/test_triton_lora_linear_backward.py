@@ -198,23 +198,54 @@ def test_dx_with_k_split_and_precomputed_u(interpreter_device, p, adapter_dtype)
     _check(grads, _reference(inp, dy, p)[2:], torch.float16, ("dx", "dA", "dB", "dbias"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("split", [1, 3])
 @pytest.mark.parametrize("need", [("a", "b", "bias"), ("a",), ("b",)])
-def test_weight_grads_from_16_bit_halves(interpreter_device, p, split, need):
-    """dA/dB with u and t split once per call into 16-bit halves (the bf16 default on GPUs, forced
-    here for fp16): one native dot per row step on x / dy as loaded. The halves keep ~16 bits of
-    u and t, inside the 16-bit dtype's gradient tolerance."""
-    from lora_kernels.triton.lora_linear_backward import WeightGradConfig
-    inp = make_lora_inputs(70, 45, 52, 7, torch.float16)
-    dy = rand(70, 45, dtype=torch.float16)
+def test_weight_grads_from_16_bit_halves(interpreter_device, dtype, p, split, need):
+    """dA/dB with u and t split once per call into bf16 halves (the 16-bit default on GPUs once a
+    program walks several row steps, forced here at 16-row steps): for bf16 one native dot per
+    row step on x / dy as loaded; for fp16 (SPLIT_X) x / dy split exactly into bf16 hi + lo in
+    registers -- two dots into two accumulators, or with dropout one dot over the hi / lo columns
+    side by side. The halves keep ~16 bits of u and t, inside the 16-bit dtype's tolerance."""
+    from lora_kernels.triton import lora_linear_backward as lb
+    inp = make_lora_inputs(70, 45, 52, 7, dtype)
+    dy = rand(70, 45, dtype=dtype)
     _, t = _forward(inp, p)
-    cfg = WeightGradConfig(block_m=16, block_c=16, block_r=16, split_m=split, num_warps=4, num_stages=2, halves=True)
+    cfg = lb.WeightGradConfig(block_m=16, block_c=16, block_r=16, split_m=split, num_warps=4, num_stages=2,
+                              halves=True)
+    rec = lb.weight_grad_decisions(70, 45, 52, 7, dtype, dtype, interpreter_device, lb._num_sms(interpreter_device),
+                                   "a" in need, "b" in need, "bias" in need, p > 0, cfg, cached=False)
+    assert rec.halves and rec.kw["SPLIT_X"] == (dtype == torch.float16)  # the path named above runs
     got = _backward(inp, dy, t, p, need, grad_config=cfg)
     ref = _reference(inp, dy, p)[2:]
     for key, name, g, r in zip(("x", "a", "b", "bias"), ("dx", "dA", "dB", "dbias"), got, ref):
         if key in need:
-            assert_close(g, r, torch.float16, what=name)
+            assert_close(g, r, dtype, what=name)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_fp16_split_x_keeps_16_bits(interpreter_device, p):
+    """SPLIT_X loses nothing of fp16 x and dy (bf16 hi + lo holds them exactly) and ~16 bits of u
+    and t (their bf16 halves): with fp32 adapters (fp32 gradients, no fp16 rounding of the
+    output) dA and dB stay within 2^-14 of |u|^T |drop(x)| and |dy|^T |t|, float64 -- 32x inside
+    what a lost lo half of x or dy (2^-9) would leave, which fp16's tolerance alone would not see."""
+    from lora_kernels.triton import lora_linear_backward as lb
+    M, N, K, r = 70, 45, 52, 7
+    inp = make_lora_inputs(M, N, K, r, torch.float16, adapter_dtype=torch.float32)
+    dy = rand(M, N, dtype=torch.float16)
+    _, t = _forward(inp, p)
+    cfg = lb.WeightGradConfig(block_m=16, block_c=16, block_r=16, split_m=1, num_warps=4, num_stages=2, halves=True)
+    _, da, db, _ = _backward(inp, dy, t, p, ("a", "b"), grad_config=cfg)
+    keep = reference.dropout_keep_mask(SEED, M, K, p).double() / (1 - p) if p else 1.0
+    xd, dy64, t64 = inp.x.double() * keep, dy.double(), t.double()
+    u64 = dy64 @ inp.lora_b.double()
+    da_ref, db_ref = inp.scale * u64.t() @ xd, inp.scale * dy64.t() @ t64
+    da_mag = inp.scale * (dy64.abs() @ inp.lora_b.double().abs()).t() @ xd.abs()
+    db_mag = inp.scale * dy64.t().abs() @ t64.abs()
+    assert da.dtype == db.dtype == torch.float32
+    assert ((da.double() - da_ref).abs() <= 2 ** -14 * da_mag).all()
+    assert ((db.double() - db_ref).abs() <= 2 ** -14 * db_mag).all()
 
 
 @pytest.mark.parametrize("p", [0.0, 0.4])

@@ -98,22 +98,28 @@ def _cases():
                dict(src_ptr="*fp32", out_ptr="*bf16", rows=rows, cols=cols, stride_sr=cols, stride_sc=1,
                     stride_oh=rows * cols, stride_or=cols, stride_oc=1),
                dict(BLOCK_ROWS=ll.SPLIT_BLOCK_ELEMENTS // block_cols, BLOCK_COLS=block_cols), 4, 1)
-    # bf16 x: u and t as bf16 halves, but fp32 when a program walks one row step at a padded rank
-    # up to FP32_ONE_STEP_MAX_BLOCK_R (lora_linear_backward._GradLaunch)
-    for M, R in ((16384, 16), (16384, 128), (16, 128), (1, 16), (16, 64)):
-        wc = lb.weight_grad_config(M, 4096, 4096, R, 2, NUM_SMS)
+    # 16-bit x: u and t as bf16 halves, but fp32 when a program walks one row step at a padded
+    # rank up to FP32_ONE_STEP_MAX_BLOCK_R (lora_linear_backward._GradLaunch); fp16 x and dy split
+    # into bf16 hi + lo in registers (SPLIT_X: with dropout one dot over both, without two)
+    for x_ty, M, R, dropout in (("bf16", 16384, 16, True), ("bf16", 16384, 128, True), ("bf16", 16, 128, True),
+                                ("bf16", 1, 16, True), ("bf16", 16, 64, True), ("fp16", 16384, 16, True),
+                                ("fp16", 16384, 128, True), ("fp16", 16384, 64, False), ("fp16", 16384, 128, False)):
+        split_x = x_ty == "fp16"
+        wc = lb.weight_grad_config(M, 4096, 4096, R, 2, NUM_SMS, split_x=split_x)
         halves = M > wc.block_m or wc.block_r > lb.FP32_ONE_STEP_MAX_BLOCK_R
         rank_ptr = "*bf16" if halves else "*fp32"
-        yield (f"bwd dA/dB M={M} r={R} dropout{'' if halves else ' fp32 u/t'}", lb.lora_weight_grads_kernel,
-               dict(x_ptr="*bf16", u_ptr=rank_ptr, dy_ptr="*bf16", t_ptr=rank_ptr, seed_ptr="*i64", da_ptr="*fp32",
-                    db_ptr="*fp32", dbias_ptr="*fp32", M=M, N=4096, K=4096, R=R, rows_per_split=4096,
+        name = f"bwd dA/dB{' fp16' if split_x else ''} M={M} r={R}{' dropout' if dropout else ''}"
+        yield (name + ("" if halves else " fp32 u/t"), lb.lora_weight_grads_kernel,
+               dict(x_ptr=f"*{x_ty}", u_ptr=rank_ptr, dy_ptr=f"*{x_ty}", t_ptr=rank_ptr, seed_ptr="*i64",
+                    da_ptr="*fp32", db_ptr="*fp32", dbias_ptr="*fp32", M=M, N=4096, K=4096, R=R, rows_per_split=4096,
                     num_a_tiles=64, dropout_threshold=7, da_scale=2.0, db_scale=2.0, stride_xm=4096, stride_xk=1,
                     stride_uh=M * R, stride_um=R, stride_ur=1, stride_dym=4096, stride_dyn=1, stride_th=M * R,
                     stride_tm=R, stride_tr=1,
                     stride_das=R * 4096, stride_dar=4096, stride_dak=1, stride_dbs=4096 * R, stride_dbn=R,
                     stride_dbr=1, stride_dbias_s=4096),
-               dict(HAS_DA=True, HAS_DB=True, HAS_DBIAS=True, DROPOUT=True, HALVES=halves, BLOCK_M=wc.block_m,
-                    BLOCK_C=wc.block_c, BLOCK_R=wc.block_r, PRECISION="tf32x3"), wc.num_warps, wc.num_stages)
+               dict(HAS_DA=True, HAS_DB=True, HAS_DBIAS=True, DROPOUT=dropout, HALVES=halves, SPLIT_X=split_x and halves,
+                    BLOCK_M=wc.block_m, BLOCK_C=wc.block_c, BLOCK_R=wc.block_r, PRECISION="tf32x3"),
+               wc.num_warps, wc.num_stages)
 
 
 def _tma_case(name, M, N, K, R, *, w_kn=False, warp_specialize=False, dropout_out=False):

@@ -25,11 +25,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backends import interpreter_bf16_fixed
 from ..reference import dropout_threshold
 from .lora_linear import (ForwardConfig, ShrinkConfig, _a_operand, _cdiv, _fold_halves, _keep_mask, _load_tile,
                           _Launch, _LAUNCHES, _num_sms, _philox_key, _strides3, block_r_for, launch_decisions,
                           launch_fused, launch_shrink, lora_precision_for, remember_launch, split_adapter,
                           split_launch)
+from .multi_lora import _split16_dot
 
 
 @triton.jit
@@ -41,20 +43,25 @@ def _store_tile(ptr, value, offs_rows, offs_cols, n_rows, n_cols, stride_rows, s
 @triton.jit
 def _da_tile(x_ptr, u_ptr, seed_ptr, da_ptr, col_start, m_begin, m_end, K, R, dropout_threshold, da_scale,
              stride_xm, stride_xk, stride_uh, stride_um, stride_ur, stride_dar, stride_dak,
-             DROPOUT: tl.constexpr, HALVES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-             BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+             DROPOUT: tl.constexpr, HALVES: tl.constexpr, SPLIT_X: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
     """da[:, cols] = da_scale * sum_m u[m, :]^T (x[m, cols] [* keep])  over rows [m_begin, m_end).
 
-    HALVES (16-bit x): u arrives split once per call into two x-dtype halves (split_adapter) and
-    the product runs as dA^T = x^T @ [u_hi | u_lo] on the 16-bit x as loaded -- one native dot
-    per row step, operands copied straight to shared memory. Otherwise x and u in fp32 at
-    PRECISION (x converted in registers: fp16 x, whose range cannot hold every u, and fp32 x)."""
+    HALVES (16-bit x): u arrives split once per call into two bf16 halves (split_adapter) and
+    the product runs as dA^T = x^T @ [u_hi | u_lo]: for bf16 x one native dot per row step on x as
+    loaded, operands copied straight to shared memory; for fp16 x (SPLIT_X) x^T splits exactly
+    into bf16 hi + lo in registers (fp16's 11 significant bits in 8 + 8, its range inside bf16's)
+    and two bf16 dots take it as the register operand, each into its own accumulator (_split16_dot:
+    fp16 halves of u could overflow). Otherwise x and u in fp32 at PRECISION (x converted in
+    registers: fp32 x, and one-row-step calls)."""
     offs_c = col_start + tl.arange(0, BLOCK_C)
     offs_r = tl.arange(0, BLOCK_R)
     if DROPOUT:
         k0, k1 = _philox_key(seed_ptr)
     if HALVES:
         acc = tl.zeros((BLOCK_C, 2 * BLOCK_R), dtype=tl.float32)
+        if SPLIT_X:
+            acc_lo = tl.zeros((BLOCK_C, 2 * BLOCK_R), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     for m0 in range(m_begin, m_end, BLOCK_M):
@@ -64,8 +71,20 @@ def _da_tile(x_ptr, u_ptr, seed_ptr, da_ptr, col_start, m_begin, m_end, K, R, dr
             if DROPOUT:
                 keep = _keep_mask(k0, k1, offs_m, col_start, dropout_threshold, BLOCK_M, BLOCK_C)
                 x_t = tl.where(tl.trans(keep), x_t, tl.zeros_like(x_t))
-            u2 = _a_operand(u_ptr, offs_m, m_end, R, stride_uh, stride_ur, stride_um, BLOCK_R, True)
-            acc = tl.dot(x_t, u2, acc)
+            if SPLIT_X and DROPOUT:
+                x32 = x_t.to(tl.float32)
+                hi = x32.to(tl.bfloat16)
+                lo = (x32 - hi.to(tl.float32)).to(tl.bfloat16)
+                x2 = tl.reshape(tl.join(hi, lo), (BLOCK_C, 2 * BLOCK_M))
+                offs_m2 = m0 + tl.arange(0, 2 * BLOCK_M) // 2
+                u2 = _a_operand(u_ptr, offs_m2, m_end, R, stride_uh, stride_ur, stride_um, BLOCK_R, True)
+                acc = tl.dot(x2, u2, acc)
+            else:
+                u2 = _a_operand(u_ptr, offs_m, m_end, R, stride_uh, stride_ur, stride_um, BLOCK_R, True)
+                if SPLIT_X:
+                    acc, acc_lo = _split16_dot(x_t.to(tl.float32), u2, acc, acc_lo)
+                else:
+                    acc = tl.dot(x_t, u2, acc)
         else:
             u_t = _load_tile(u_ptr, offs_r, offs_m, R, m_end, stride_ur, stride_um)  # u^T tile [BR, BM]
             x = _load_tile(x_ptr, offs_m, offs_c, m_end, K, stride_xm, stride_xk).to(tl.float32)
@@ -73,6 +92,8 @@ def _da_tile(x_ptr, u_ptr, seed_ptr, da_ptr, col_start, m_begin, m_end, K, R, dr
                 x = tl.where(_keep_mask(k0, k1, offs_m, col_start, dropout_threshold, BLOCK_M, BLOCK_C), x, 0.0)
             acc = tl.dot(u_t, x, acc, input_precision=PRECISION)
     if HALVES:
+        if SPLIT_X:
+            acc += acc_lo
         _store_tile(da_ptr, _fold_halves(acc, BLOCK_C, BLOCK_R, True) * da_scale, offs_c, offs_r, K, R,
                     stride_dak, stride_dar)
     else:
@@ -82,13 +103,16 @@ def _da_tile(x_ptr, u_ptr, seed_ptr, da_ptr, col_start, m_begin, m_end, K, R, dr
 @triton.jit
 def _db_tile(dy_ptr, t_ptr, db_ptr, dbias_ptr, col_start, m_begin, m_end, N, R, db_scale,
              stride_dym, stride_dyn, stride_th, stride_tm, stride_tr, stride_dbn, stride_dbr,
-             HAS_DB: tl.constexpr, HAS_DBIAS: tl.constexpr, HALVES: tl.constexpr, BLOCK_M: tl.constexpr,
-             BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+             HAS_DB: tl.constexpr, HAS_DBIAS: tl.constexpr, HALVES: tl.constexpr, SPLIT_X: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
     """db[cols, :] = db_scale * sum_m dy[m, cols]^T t[m, :];  dbias[cols] = sum_m dy[m, cols].
-    HALVES: t split once per call into two dy-dtype halves, one native dot on dy as loaded."""
+    HALVES: t split once per call into two bf16 halves, one native dot on bf16 dy as loaded, or
+    (SPLIT_X, fp16 dy) two on dy's exact bf16 hi + lo (as _da_tile)."""
     offs_c = col_start + tl.arange(0, BLOCK_C)
     offs_r = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_C, BLOCK_R * (2 if HALVES else 1)), dtype=tl.float32)
+    if SPLIT_X:
+        acc_lo = tl.zeros((BLOCK_C, 2 * BLOCK_R), dtype=tl.float32)
     bias_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for m0 in range(m_begin, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -96,13 +120,18 @@ def _db_tile(dy_ptr, t_ptr, db_ptr, dbias_ptr, col_start, m_begin, m_end, N, R, 
         if HAS_DB:
             if HALVES:
                 t2 = _a_operand(t_ptr, offs_m, m_end, R, stride_th, stride_tr, stride_tm, BLOCK_R, True)
-                acc = tl.dot(dy_t, t2, acc)
+                if SPLIT_X:
+                    acc, acc_lo = _split16_dot(dy_t.to(tl.float32), t2, acc, acc_lo)
+                else:
+                    acc = tl.dot(dy_t, t2, acc)
             else:
                 t = _load_tile(t_ptr, offs_m, offs_r, m_end, R, stride_tm, stride_tr)  # [BM, BR]
                 acc = tl.dot(dy_t.to(tl.float32), t, acc, input_precision=PRECISION)
         if HAS_DBIAS:
             bias_acc += tl.sum(dy_t.to(tl.float32), axis=1)
     if HAS_DB:
+        if SPLIT_X:
+            acc += acc_lo
         _store_tile(db_ptr, _fold_halves(acc, BLOCK_C, BLOCK_R, HALVES) * db_scale, offs_c, offs_r, N, R,
                     stride_dbn, stride_dbr)
     if HAS_DBIAS:
@@ -116,7 +145,7 @@ def lora_weight_grads_kernel(
     stride_xm, stride_xk, stride_uh, stride_um, stride_ur, stride_dym, stride_dyn, stride_th, stride_tm,
     stride_tr, stride_das, stride_dar, stride_dak, stride_dbs, stride_dbn, stride_dbr, stride_dbias_s,
     HAS_DA: tl.constexpr, HAS_DB: tl.constexpr, HAS_DBIAS: tl.constexpr, DROPOUT: tl.constexpr,
-    HALVES: tl.constexpr,
+    HALVES: tl.constexpr, SPLIT_X: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Program (c, s): column tile c of dA (c < num_a_tiles) or else of dB/dbias, over the rows
@@ -131,17 +160,17 @@ def lora_weight_grads_kernel(
         if pid < num_a_tiles:
             _da_tile(x_ptr, u_ptr, seed_ptr, da_ptr + split * stride_das, pid * BLOCK_C, m_begin, m_end,
                      K, R, dropout_threshold, da_scale, stride_xm, stride_xk, stride_uh, stride_um, stride_ur,
-                     stride_dar, stride_dak, DROPOUT, HALVES, BLOCK_M, BLOCK_C, BLOCK_R, PRECISION)
+                     stride_dar, stride_dak, DROPOUT, HALVES, SPLIT_X, BLOCK_M, BLOCK_C, BLOCK_R, PRECISION)
         else:
             _db_tile(dy_ptr, t_ptr, db_ptr + split * stride_dbs, dbias_ptr + split * stride_dbias_s,
                      db_col_start, m_begin, m_end, N, R, db_scale, stride_dym, stride_dyn, stride_th,
-                     stride_tm, stride_tr, stride_dbn, stride_dbr, HAS_DB, HAS_DBIAS, HALVES, BLOCK_M,
-                     BLOCK_C, BLOCK_R, PRECISION)
+                     stride_tm, stride_tr, stride_dbn, stride_dbr, HAS_DB, HAS_DBIAS, HALVES, SPLIT_X,
+                     BLOCK_M, BLOCK_C, BLOCK_R, PRECISION)
     else:
         _db_tile(dy_ptr, t_ptr, db_ptr + split * stride_dbs, dbias_ptr + split * stride_dbias_s,
                  db_col_start, m_begin, m_end, N, R, db_scale, stride_dym, stride_dyn, stride_th,
-                 stride_tm, stride_tr, stride_dbn, stride_dbr, HAS_DB, HAS_DBIAS, HALVES, BLOCK_M,
-                 BLOCK_C, BLOCK_R, PRECISION)
+                 stride_tm, stride_tr, stride_dbn, stride_dbr, HAS_DB, HAS_DBIAS, HALVES, SPLIT_X,
+                 BLOCK_M, BLOCK_C, BLOCK_R, PRECISION)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,12 +185,12 @@ class WeightGradConfig:
     split_m: int
     num_warps: int
     num_stages: int
-    halves: Optional[bool] = None  # u and t as 16-bit halves (None: for bf16 inputs; see _da_tile)
+    halves: Optional[bool] = None  # u and t as bf16 halves (None: as _GradLaunch decides; see _da_tile)
 
 
 @functools.lru_cache(maxsize=4096)  # pure function of ints and bools, called on every backward
 def weight_grad_config(M: int, N: int, K: int, r: int, elem_bytes: int, num_sms: int,
-                       has_da: bool = True, has_db: bool = True) -> WeightGradConfig:
+                       has_da: bool = True, has_db: bool = True, split_x: bool = False) -> WeightGradConfig:
     """Tiles for ``lora_weight_grads_kernel`` (design reasoning; not yet measured on a GPU: the
     tuner measures).
 
@@ -171,20 +200,30 @@ def weight_grad_config(M: int, N: int, K: int, r: int, elem_bytes: int, num_sms:
     one x/dy tile at 8 KB. SPLIT_M: enough programs for two per SM, but never fewer than 512 rows
     per split, so the fp32 partials (SPLIT_M * (r*K + N*r) * 4 bytes) stay small next to x and dy.
     When that still leaves fewer programs than SMs (few rows: nothing to split), BLOCK_C halves
-    to 32, doubling the column tiles, so that the launch fills one wave."""
+    to 32, doubling the column tiles, so that the launch fills one wave. `split_x` (fp16 x and
+    dy, SPLIT_X): the column tiles SPLIT_X_BLOCK_C allows at this rank."""
     block_m = 32 if elem_bytes >= 4 else 64
     max_split = max(1, M // 512)
-    for block_c in (64, 32):
+    block_r = block_r_for(r)
+    for block_c in SPLIT_X_BLOCK_C[block_r] if split_x else (64, 32):
         tiles = (_cdiv(K, block_c) if has_da else 0) + _cdiv(N, block_c)
         split = max(1, min(_cdiv(2 * num_sms, max(tiles, 1)), max_split))
         if tiles * split >= num_sms:
             break
-    return WeightGradConfig(block_m, block_c, block_r_for(r), split, 4, 3)
+    return WeightGradConfig(block_m, block_c, block_r, split, 4, 3)
+
+
+# SPLIT_X's BLOCK_C candidates (weight_grad_config's order) per padded rank: the x / dy tile's
+# bf16 hi and lo sit in registers beside one fp32 [BLOCK_C, 2 BLOCK_R] accumulator (two without
+# dropout). ptxas -v, sm_90a, BLOCK_M 64, 4 warps, dropout on and off, triton 3.6 and 3.8: spill-free
+# at 64 and 32 up to rank 32; at rank 64, 64 (232-244 registers) and 16, while 32 spilled 24 B with
+# dropout (3.8); at rank 128 only 16 (143-168 registers; 32 spilled 64-112 B, 64 2-4 KB).
+SPLIT_X_BLOCK_C = {16: (64, 32), 32: (64, 32), 64: (64, 16), 128: (16,)}
 
 
 # The fp32 u / t path converts x in registers beside an fp32 [BLOCK_R, BLOCK_C] accumulator: at
 # padded rank 128 it spills 484 B (ptxas -v, sm_90a, triton 3.6, M = 16, BLOCK_C 32 or 64), at 64
-# and below 0 B (190-229 registers); so bf16 x takes it only up to rank 64 (_GradLaunch).
+# and below 0 B (190-229 registers); so 16-bit x takes it only up to rank 64 (_GradLaunch).
 FP32_ONE_STEP_MAX_BLOCK_R = 64
 
 
@@ -198,13 +237,8 @@ class _GradLaunch:
                  device: torch.device, num_sms: int, need_a: bool, need_b: bool, need_bias: bool, dropout: bool,
                  config: Optional[WeightGradConfig]):
         cfg = config or weight_grad_config(M, N, K, r, x_dtype.itemsize, num_sms, need_a, need_b)
-        split = max(1, min(cfg.split_m, _cdiv(M, cfg.block_m)))
-        self.rows_per_split = max(1, _cdiv(_cdiv(M, split), cfg.block_m)) * cfg.block_m
-        self.split = split = max(1, _cdiv(M, self.rows_per_split))
-        self.num_a_tiles = _cdiv(K, cfg.block_c) if need_a else 0
-        num_b_tiles = _cdiv(N, cfg.block_c) if (need_b or need_bias) else 0
-        self.grid = (self.num_a_tiles + num_b_tiles, split)
-        # halves (bf16 x: u and t split into two bf16 halves, one native dot per row step) pay two
+        # halves (16-bit x: u and t split into two bf16 halves, one or two native dots per row
+        # step on x and dy as loaded; fp16's exactly in registers: SPLIT_X, _da_tile) pay two
         # split_halves launches and two [2, M, r] buffers to replace each row step's tf32x3 dot. At
         # M <= BLOCK_M every program walks one row step, one tile's worth of MMAs: the fp32 path
         # is taken there up to FP32_ONE_STEP_MAX_BLOCK_R (two launches and allocations fewer:
@@ -212,12 +246,24 @@ class _GradLaunch:
         # suite's backward row, CPU machine). Design reasoning, not measured on a GPU: the
         # training suite's M = 1 and 16 rows will show it; a config's `halves` overrides it.
         one_step_fp32 = M <= cfg.block_m and cfg.block_r <= FP32_ONE_STEP_MAX_BLOCK_R
-        default = x_dtype == torch.bfloat16 and not one_step_fp32
-        halves = cfg.halves if cfg.halves is not None else default
-        self.halves = halves and x_dtype in (torch.float16, torch.bfloat16) and dy_dtype == x_dtype
-        # u and t [M, r] split into x-dtype halves (split_adapter's launch, decided here once)
+        halves = cfg.halves if cfg.halves is not None else not one_step_fp32
+        # fp16 x needs bf16 dots (SPLIT_X), which the unfixed interpreter computes wrongly (backends)
+        bf16_dots = device.type == "cuda" or x_dtype == torch.bfloat16 or interpreter_bf16_fixed()
+        self.halves = (halves and x_dtype in (torch.float16, torch.bfloat16) and dy_dtype == x_dtype
+                       and bf16_dots)
+        split_x = self.halves and x_dtype == torch.float16
+        if split_x and config is None:  # the same rows and rank, SPLIT_X's column tiles
+            cfg = weight_grad_config(M, N, K, r, x_dtype.itemsize, num_sms, need_a, need_b, split_x=True)
+        split = max(1, min(cfg.split_m, _cdiv(M, cfg.block_m)))
+        self.rows_per_split = max(1, _cdiv(_cdiv(M, split), cfg.block_m)) * cfg.block_m
+        self.split = split = max(1, _cdiv(M, self.rows_per_split))
+        self.num_a_tiles = _cdiv(K, cfg.block_c) if need_a else 0
+        num_b_tiles = _cdiv(N, cfg.block_c) if (need_b or need_bias) else 0
+        self.grid = (self.num_a_tiles + num_b_tiles, split)
+        # u and t [M, r] split into bf16 halves (split_adapter's launch, decided here once)
         self.split_launch = split_launch(M, r) if self.halves else None
         self.kw = dict(HAS_DA=need_a, HAS_DB=need_b, HAS_DBIAS=need_bias, DROPOUT=dropout, HALVES=self.halves,
+                       SPLIT_X=split_x,
                        BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, BLOCK_R=cfg.block_r,
                        PRECISION=lora_precision_for(torch.float32, device),
                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -284,12 +330,12 @@ def _gradient_buffer(needed: bool, split: int, shape: Tuple[int, ...], dtype: to
     return None, torch.empty((split, *shape), dtype=torch.float32, device=device), strides
 
 
-def _rank_operand(v: torch.Tensor, rec: _GradLaunch, dtype: torch.dtype, fresh: bool = False):
+def _rank_operand(v: torch.Tensor, rec: _GradLaunch, fresh: bool = False):
     """(u or t as lora_weight_grads_kernel takes it, its 3-D strides [half, rows, cols]). `fresh`:
     v is the launcher's own contiguous u, whose strides need no read either."""
     rows, cols = v.shape
     if rec.halves:  # split_adapter's fresh contiguous [2, M, r]
-        return split_adapter(v, dtype, launch=rec.split_launch), (rows * cols, cols, 1)
+        return split_adapter(v, torch.bfloat16, launch=rec.split_launch), (rows * cols, cols, 1)
     return v, (rows * cols, cols, 1) if fresh else _strides3(v)
 
 
@@ -347,10 +393,10 @@ def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
                 if needed:
                     buf.zero_()
         elif rec.grid[0]:
-            # u and t fp32 [M, r]; with halves split into two x-dtype halves each (split_adapter:
+            # u and t fp32 [M, r]; with halves split into two bf16 halves each (split_adapter:
             # [2, M, r], the kernel taking the first half's pointer); dy (never read) when unneeded
-            u_arg, u_st = _rank_operand(u, rec, x.dtype, not u_given) if need_a else (dy, _strides3(dy))
-            t_arg, t_st = _rank_operand(t, rec, x.dtype) if need_b else (dy, _strides3(dy))
+            u_arg, u_st = _rank_operand(u, rec, not u_given) if need_a else (dy, _strides3(dy))
+            t_arg, t_st = _rank_operand(t, rec) if need_b else (dy, _strides3(dy))
             lora_weight_grads_kernel[rec.grid](
                 x, u_arg, dy, t_arg, seed if dropout else dy, da_buf, db_buf, dbias_buf,
                 M, N, K, r, rec.rows_per_split, rec.num_a_tiles, threshold, scale * keep_scale, scale,
