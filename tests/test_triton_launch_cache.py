@@ -197,3 +197,15 @@ def test_backward_decisions_hold_the_records_of_both_launches(x_dtype):
                                                          need_b, need_bias, dropout)
         else:
             assert rec.grads is None
+
+
+def test_fp16_weight_grads_keep_fp32_u_t_where_bf16_dots_are_wrong(monkeypatch):
+    """SPLIT_X runs bf16 dots: under an interpreter whose bfloat16 dot is not fixed (CPU tensors),
+    fp16 x keeps the fp32 u / t path; on a GPU, or once fixed, it splits."""
+    from lora_kernels.triton import lora_linear_backward as lb
+    args = (4096, 256, 256, 16, torch.float16, torch.float16)
+    flags = (True, True, False, False)
+    for fixed, device, split in ((False, "cpu", False), (True, "cpu", True), (False, "cuda", True)):
+        monkeypatch.setattr(lb, "interpreter_bf16_fixed", lambda fixed=fixed: fixed)
+        rec = lb.weight_grad_decisions(*args, torch.device(device), NUM_SMS, *flags, cached=False)
+        assert rec.halves == split and rec.kw["SPLIT_X"] == split, (fixed, device)
