@@ -52,8 +52,10 @@ def _da_tile(x_ptr, u_ptr, seed_ptr, da_ptr, col_start, m_begin, m_end, K, R, dr
     loaded, operands copied straight to shared memory; for fp16 x (SPLIT_X) x^T splits exactly
     into bf16 hi + lo in registers (fp16's 11 significant bits in 8 + 8, its range inside bf16's)
     and two bf16 dots take it as the register operand, each into its own accumulator (_split16_dot:
-    fp16 halves of u could overflow). Otherwise x and u in fp32 at PRECISION (x converted in
-    registers: fp32 x, and one-row-step calls)."""
+    fp16 halves of u could overflow); with DROPOUT, whose masked tile reaches the dot through
+    shared memory, hi and lo sit side by side as one [BC, 2 BM] operand against u's rows read twice
+    (one store and one dot per step: two stores otherwise; TTGIR, sm_90a). Otherwise x and u in
+    fp32 at PRECISION (x converted in registers: fp32 x, and one-row-step calls)."""
     offs_c = col_start + tl.arange(0, BLOCK_C)
     offs_r = tl.arange(0, BLOCK_R)
     if DROPOUT:

@@ -1033,7 +1033,7 @@ def _launch_shrinks(rec, x: torch.Tensor, a_stacks: List[torch.Tensor], index: A
     ranks_t = ranks if has_ranks else work
     scales_t = scales if has_scales else work
     if len(a_stacks) == 1:  # the usual call (one stack, one group): no slicing, no _pointers4 list
-        a0 = a_stacks[0]
+        a0 = a_stacks[0]  # all MAX_SLICES (4) stack pointers, as _pointers4 pads them
         t_strides = _strides3(out) if out.dim() == 2 else out.stride()
         lora_shrink_kernel[(work.shape[0], r_tiles, 1)](
             x, a0, a0, a0, a0, scales_t, ranks_t, work, sorted_tokens, out,
