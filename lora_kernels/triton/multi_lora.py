@@ -1032,14 +1032,8 @@ def _launch_shrinks(rec, x: torch.Tensor, a_stacks: List[torch.Tensor], index: A
     work, sorted_tokens, _, _ = index.launch_views(item_m)
     ranks_t = ranks if has_ranks else work
     scales_t = scales if has_scales else work
-    if len(a_stacks) == 1:  # the usual call (one stack, one group): no slicing, no _pointers4 list
-        a0 = a_stacks[0]  # all MAX_SLICES (4) stack pointers, as _pointers4 pads them
-        t_strides = _strides3(out) if out.dim() == 2 else out.stride()
-        lora_shrink_kernel[(work.shape[0], r_tiles, 1)](
-            x, a0, a0, a0, a0, scales_t, ranks_t, work, sorted_tokens, out,
-            K, R, float(scale), *x.stride(), *a0.stride(), *t_strides, **kw)
-        return out
-    for start, end in _slice_groups(a_stacks, lambda a: a.stride()):
+    groups = ((0, 1),) if len(a_stacks) == 1 else _slice_groups(a_stacks, lambda a: a.stride())
+    for start, end in groups:
         group, t, t_strides = a_stacks[start:end], *_slices_of(out, start, end)
         lora_shrink_kernel[(work.shape[0], r_tiles, end - start)](
             x, *_pointers4(group), scales_t, ranks_t, work, sorted_tokens, t,
