@@ -19,7 +19,7 @@ timed under CUDA graphs on a GPU (DESIGN.md section 7; GPU_BASELINES.md's multi-
 * ``ours_index``: building the AdapterIndex (reported in the case, outside the table).
 * ``ours_linear_triton_fp32ab`` / ``ours_linear_triton_fp32ab_untransposed`` (GPU, 16-bit x):
   ``multi_lora_linear`` with the same adapters in fp32, with and without the t4 epilogue
-  (triton/multi_lora.py SPLIT_T4_ENABLED): the pair that should decide that switch.
+  (triton/multi_lora.py SPLIT_T_ENABLED): the pair that should decide that switch.
 * ``ours_linear_cuda_mma`` (Hopper only): ``multi_lora_linear`` on the mma.sync kernel, where
   ``ours_linear_cuda`` takes the sm90 tail GEMM with a per-slot tail when its tail is at most
   K / 8 columns (lora_kernels/cuda/multi_lora_sm90.py): the pair is what measures that threshold
@@ -132,13 +132,13 @@ def _mma_sync_linear(x, weight, lora_a, lora_b, index, scales, ranks):
 
 def _untransposed_fp32_b_linear(x, weight, lora_a, lora_b, index, scales, ranks):
     """backend="triton" multi_lora_linear with fp32 adapters and the t4 epilogue switched off
-    (triton/multi_lora.py SPLIT_T4_ENABLED; captured once under CUDA graphs)."""
+    (triton/multi_lora.py SPLIT_T_ENABLED; captured once under CUDA graphs)."""
     from lora_kernels.triton import multi_lora
-    multi_lora.SPLIT_T4_ENABLED = False
+    multi_lora.SPLIT_T_ENABLED = False
     try:
         return lora_kernels.multi_lora_linear(x, weight, lora_a, lora_b, index, scales, None, ranks, backend="triton")
     finally:
-        multi_lora.SPLIT_T4_ENABLED = True
+        multi_lora.SPLIT_T_ENABLED = True
 
 
 def run_case(layer, r, L, M, dist, dtype, device, backends, rep_ms) -> Dict:
@@ -199,7 +199,7 @@ def run_case(layer, r, L, M, dist, dtype, device, backends, rep_ms) -> Dict:
 
     if "triton" in backends and device.type == "cuda" and dtype != torch.float32:
         # fp32 adapters (PEFT's default) over 16-bit x: the t4 epilogue (fp32 B on wgmma tiles) and the
-        # untransposed tf32x3 one it replaced -- the pair that should decide SPLIT_T4_ENABLED. The
+        # untransposed tf32x3 one it replaced -- the pair that should decide SPLIT_T_ENABLED. The
         # adapters hold the same values as the 16-bit ones, so the expectation is the same.
         a32, b32 = lora_a.float(), lora_b.float()
         methods["ours_linear_triton_fp32ab"] = lambda: lora_kernels.multi_lora_linear(

@@ -1,6 +1,7 @@
 """The single-adapter Triton kernels compile for sm_90a (H100/H200) on this CPU-only machine at
 the launch plans of the benchmark suite's regimes (decode, mid M with K split, prefill; ranks 16
-to 128; 16-bit and fp32 adapters; the backward's dx, u and dA/dB; dropout), and for each:
+to 128; 16-bit and fp32 adapters; the backward's dx, u and dA/dB; dropout; bf16 x, and fp16 x
+at a sample of them), and for each:
 
 * it fits in a block's shared memory and ptxas -v reports no spill at all;
 * every K loop holding a tensor-core dot is software-pipelined: its loads are asynchronous copies
@@ -20,9 +21,10 @@ NUM_SMS = 132
 
 
 def _fwd_case(name, M, N, K, R, *, store_t=False, dropout_out=False, fp32_adapters=False, bias=False,
-              dropout=False, force_fused_t=False, m_args=None):
+              dropout=False, force_fused_t=False, m_args=None, x_ty="bf16"):
     """The fused launch of plan_forward(M, N, K, R) (and, separately, its shrink); `m_args`: the M
-    the compiled kernel is specialised for, when it differs from the M the plan is for."""
+    the compiled kernel is specialised for, when it differs from the M the plan is for; `x_ty`:
+    x's (and W's, y's, the 16-bit adapters') type."""
     from dataclasses import replace
     from lora_kernels.triton import lora_linear as ll
     plan = ll.plan_forward(M, N, K, R, 2, NUM_SMS, dropout=dropout, mask_epilogue=dropout_out,
@@ -32,10 +34,11 @@ def _fwd_case(name, M, N, K, R, *, store_t=False, dropout_out=False, fp32_adapte
         cfg = replace(cfg, split_k=1, precompute_t=False)
         plan = ll.plan_forward(M, N, K, R, 2, NUM_SMS, config=cfg, split_adapters=fp32_adapters)
     load_t = plan.shrink is not None
-    adapter = "*bf16"  # fp32 adapters reach the kernels as two bf16 halves (A_HALVES) or via t
-    b_ptr = "*fp32" if fp32_adapters else "*bf16"
-    y_ptr = "*fp32" if plan.fused_grid[1] > 1 else "*bf16"
-    args = dict(x_ptr="*bf16", w_ptr="*bf16", a_ptr=adapter, b_ptr=b_ptr, bias_ptr="*bf16", y_ptr=y_ptr,
+    x_ptr = "*" + x_ty
+    adapter = x_ptr  # fp32 adapters reach the kernels as two x-dtype halves (A_HALVES) or via t
+    b_ptr = "*fp32" if fp32_adapters else x_ptr
+    y_ptr = "*fp32" if plan.fused_grid[1] > 1 else x_ptr
+    args = dict(x_ptr=x_ptr, w_ptr=x_ptr, a_ptr=adapter, b_ptr=b_ptr, bias_ptr=x_ptr, y_ptr=y_ptr,
                 t_ptr="*fp32", t_store_ptr="*fp32", seed_ptr="*i64", M=m_args or M, N=N, K=K, R=R, scale=2.0,
                 dropout_threshold=7, tiles_per_program=cfg.tiles_per_program,
                 k_tiles_per_split=plan.k_per_split // cfg.block_k, t_splits=1 if plan.t_reduce else 3,
@@ -49,15 +52,15 @@ def _fwd_case(name, M, N, K, R, *, store_t=False, dropout_out=False, fp32_adapte
                       LORA_PRECISION="tf32x3" if fp32_adapters else "tf32x2")
     yield f"fwd {name}", ll.lora_linear_fwd_kernel, args, constexprs, cfg.num_warps, cfg.num_stages
     if load_t and m_args is None:
-        yield _shrink_case(f"shrink of {name}", M, K, R, plan.shrink, dropout, fp32_adapters)
+        yield _shrink_case(f"shrink of {name}", M, K, R, plan.shrink, dropout, fp32_adapters, x_ty)
 
 
-def _shrink_case(name, M, K, R, sc, dropout, fp32_adapters):
+def _shrink_case(name, M, K, R, sc, dropout, fp32_adapters, x_ty="bf16"):
     from lora_kernels.triton import lora_linear as ll
     from lora_kernels.triton.lora_linear import k_split_plan
     per = k_split_plan(K, sc.block_k, sc.split_k)[1]
     return (name, ll.lora_shrink_kernel,
-            dict(x_ptr="*bf16", a_ptr="*bf16", t_ptr="*fp32", seed_ptr="*i64", M=M, K=K, R=R, t_scale=2.0,
+            dict(x_ptr="*" + x_ty, a_ptr="*" + x_ty, t_ptr="*fp32", seed_ptr="*i64", M=M, K=K, R=R, t_scale=2.0,
                  dropout_threshold=7, k_tiles_per_split=per // sc.block_k, stride_xm=K, stride_xk=1,
                  stride_ah=R * K, stride_ar=K, stride_ak=1, stride_ts=M * R, stride_tm=R, stride_tr=1),
             dict(DROPOUT=dropout, A_HALVES=fp32_adapters, BLOCK_M=sc.block_m, BLOCK_K=sc.block_k,
@@ -83,6 +86,14 @@ def _cases():
     yield from _fwd_case("bwd dx M=4096 r=16 dropout", 4096, 4096, 4096, 16, store_t=True, dropout_out=True)
     yield from _fwd_case("bwd dx M=4096 r=128 dropout fp32 adapters", 4096, 4096, 4096, 128, store_t=True,
                          dropout_out=True, fp32_adapters=True)
+    # fp16 x, W and adapters: fp32 adapters split into fp16 halves, fp16 B in the tf32x2 epilogue
+    yield from _fwd_case("decode M=1 r=16 fp16", 1, 4096, 4096, 16, bias=True, x_ty="fp16")
+    yield from _fwd_case("M=128 r=16 (K split) fp16", 128, 4096, 4096, 16, bias=True, x_ty="fp16")
+    yield from _fwd_case("M=4096 r=16 fp16", 4096, 4096, 4096, 16, bias=True, x_ty="fp16")
+    yield from _fwd_case("M=4096 r=128 store_t fp16", 4096, 4096, 4096, 128, store_t=True, x_ty="fp16")
+    yield from _fwd_case("M=4096 r=16 fp32 adapters fp16", 4096, 4096, 4096, 16, fp32_adapters=True, x_ty="fp16")
+    yield from _fwd_case("bwd dx M=4096 r=16 dropout fp16", 4096, 4096, 4096, 16, store_t=True, dropout_out=True,
+                         x_ty="fp16")
     # the same tiles at M = 1 and M = 4096 must be the same compiled kernel (checked below)
     yield from _fwd_case("M=4096 r=16 (decode tiles)", 1, 4096, 4096, 16, bias=True, m_args=4096)
     yield _shrink_case("shrink u M=16384 r=128", 16384, 4096, 128, ll.shrink_config(16384, 4096, 128, 2, NUM_SMS),

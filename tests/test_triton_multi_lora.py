@@ -350,16 +350,47 @@ def test_wgmma_chunk_epilogue_fp32_b_takes_t_split(interpreter_device, monkeypat
     of it; B's lo dropped gave 1.4e-4) is far over the fp32 bound (at most twice the plain-torch
     error, >= 5e-7); bf16 x checks the path's layout and masks at a 16-bit x. Ranks 32, 13, 30
     and 5 (not multiples of the 4-entry chunk) end the chunks mid-way; the stacks past each rank
-    are NaN; 70 rows: two 64-row blocks, one partial. "untransposed": SPLIT_T4_ENABLED off (what
+    are NaN; 70 rows: two 64-row blocks, one partial. "untransposed": SPLIT_T_ENABLED off (what
     bench/multi.py times beside it), the tf32x3 epilogue on the same tiles."""
     ml = _ml()
     monkeypatch.setattr(ml, "lora_precision_for", lambda dt, dev: "tf32x3" if dt == torch.float32 else "tf32x2")
-    monkeypatch.setattr(ml, "SPLIT_T4_ENABLED", t4)
-    assert ml.splits_t4(torch.float32, "tf32x3", 64) == t4
+    monkeypatch.setattr(ml, "SPLIT_T_ENABLED", t4)
+    assert ml.t_split_for(torch.float32, "tf32x3", 64) == (4 if t4 else 1)
     inp = make_multi_inputs(70, 40, 48, 4, 32, x_dtype, adapter_dtype=torch.float32, dist="zipf",
                             ranks=[32, 13, 30, 5], seed=5)
     inp = replace(inp, weight=inp.weight * 1e-3)
     check_linear(inp, lin(64, 32, fused=False))
+
+
+def test_wgmma_chunk_epilogue_fp16_b_takes_t_split(interpreter_device, monkeypatch):
+    """The GPU path of the chunked epilogue on wgmma tiles (BLOCK_M >= 64) with fp16 B: the
+    shrink stores t split (t2: t_hi's columns, then t_lo's) and the epilogue's transposed dots
+    take B itself at both (_rank_chunks_dot_split), forced here by the GPU's precision choice
+    (the interpreter's tf32 dots are fp32-exact, so this checks the algebra and the layout). A
+    cancelling case as the bf16 one's: A's columns 2j and 2j+1 equal up to 2^-6 of their size and
+    B's opposite, so the adapter term is t's small differences: t_hi alone (t_lo's columns
+    stored as zeros) gave 2.0e-2, 10x the fp16 tolerance, where the path gives 2.2e-4. Ranks 32,
+    16, 30 and 6 (even: every column has its partner): whole 8-entry chunks, then a chunk to the
+    rank (30, 6: its exact mask); the stacks past each rank are NaN; 70 rows: two 64-row blocks,
+    one partial."""
+    ml = _ml()
+    monkeypatch.setattr(ml, "lora_precision_for", lambda dt, dev: "tf32x3" if dt == torch.float32 else "tf32x2")
+    assert ml.t_split_for(torch.float16, "tf32x2", 64) == 2
+    inp = make_multi_inputs(70, 40, 48, 4, 32, torch.float16, dist="zipf", ranks=[32, 16, 30, 6], bias=False,
+                            poison_padding=False, seed=7)
+    a, b = inp.lora_a.double(), inp.lora_b.double()
+    a[:, 1::2] = a[:, 0::2] * (1 + 2.0 ** -6 * torch.randn(a[:, 0::2].shape, dtype=torch.float64))
+    b[:, :, 1::2] = -b[:, :, 0::2]
+    inp = replace(inp, lora_a=a.to(torch.float16), lora_b=b.to(torch.float16), weight=inp.weight * 1e-3)
+    keep = reference.rank_keep(inp.ranks, 4, 32, "cpu")
+    inp.lora_a.masked_fill_(~keep[:, :, None], float("nan"))
+    inp.lora_b.masked_fill_(~keep[:, None, :], float("nan"))
+    check_linear(inp, lin(64, 32, fused=False), torch_out=False)
+    # the launch record this call made (key: kind, M, N, K, R, L, dtypes of x, A, B, device type,
+    # lora precision, ...; triton/multi_lora.py multi_lora_linear)
+    records = [rec for key, rec in ml._LAUNCHES.items()
+               if key[:6] == ("linear", 70, 40, 48, 32, 4) and key[8] == torch.float16 and key[10] == "tf32x2"]
+    assert records and all(rec.t_split == 2 and rec.t_width == 64 for rec in records)
 
 
 def test_segment_and_linear_heuristics():
@@ -387,15 +418,18 @@ def test_segment_and_linear_heuristics():
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
     assert ml.t_chunk_for(8, bf16, 64, 64, 4) == 16 and ml.t_chunk_for(512, bf16, 64, 64, 4) == ml.T_CHUNK
     assert ml.t_chunk_for(512, fp32, 64, 64, 4) == ml.T_CHUNK_FP32_B   # mma.sync / interpreter
-    # fp32 B on GPU wgmma tiles: t split (_rank_chunks_dot_t4), 8 warps from BLOCK_N 128 on
-    assert ml.splits_t4(fp32, "tf32x3", 64) and not ml.splits_t4(fp32, "tf32x3", 16)
-    assert not ml.splits_t4(bf16, "tf32x2", 64) and not ml.splits_t4(fp32, "ieee", 64)
-    assert ml.t_chunk_for(512, fp32, 64, 64, 4, split_t4=True) == ml.T_CHUNK_T4
-    assert ml.chunked_num_warps(4, 128, True) == 8 and ml.chunked_num_warps(4, 64, True) == 4
-    assert ml.chunked_num_warps(4, 128, False) == 4
+    # fp32 B (t4) and fp16 B (t2) on GPU wgmma tiles: t split (_rank_chunks_dot_split), a dot of
+    # K = 16 per chunk, 8 warps from BLOCK_N 128 on; bf16 B keeps t whole (_split16_dot)
+    assert ml.t_split_for(fp32, "tf32x3", 64) == 4 and ml.t_split_for(fp32, "tf32x3", 16) == 1
+    assert ml.t_split_for(fp16, "tf32x2", 64) == 2 and ml.t_split_for(fp16, "tf32x2", 16) == 1
+    assert ml.t_split_for(bf16, "tf32x2", 64) == 1 and ml.t_split_for(fp32, "ieee", 64) == 1
+    assert ml.t_split_for(fp16, "ieee", 64) == 1
+    assert ml.t_chunk_for(512, fp32, 64, 64, 4, t_split=4) == 4 and ml.t_chunk_for(512, fp16, 64, 64, 4, t_split=2) == 8
+    assert ml.chunked_num_warps(4, 128, 4) == 8 and ml.chunked_num_warps(4, 64, 4) == 4
+    assert ml.chunked_num_warps(4, 128, 2) == 8 and ml.chunked_num_warps(4, 128, 1) == 4
     # bf16 B on wgmma tiles with 64 accumulator registers per thread: _split16_dot's second one
     assert ml.t_chunk_for(512, bf16, 128, 128, 8) == ml.T_CHUNK_SPLIT16_WIDE
     assert ml.t_chunk_for(512, bf16, 64, 128, 4) == ml.T_CHUNK_SPLIT16_WIDE
-    assert ml.t_chunk_for(512, fp16, 128, 128, 8) == ml.T_CHUNK   # fp16 keeps tf32x2
+    assert ml.t_chunk_for(512, fp16, 128, 128, 8) == ml.T_CHUNK   # t whole: tf32x2
     assert ml.t_chunk_for(512, bf16, 16, 128, 4) == ml.T_CHUNK    # mma.sync tiles: tf32x2
     assert ml.expand_block_r(128) == (128, False) and ml.expand_block_r(512) == (ml.EXPAND_RANK_CHUNK, True)

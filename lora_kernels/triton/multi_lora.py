@@ -38,8 +38,8 @@ length <= T)". Consequences, by design:
 * The shrink intermediate t stays fp32 end to end; ``t @ B`` keeps it fp32-accurate on tensor
   cores ("tf32x2" for 16-bit B, tf32x3 for fp32 B: see ``_lora_dot``), but for the chunked
   epilogue on wgmma tiles with bf16 B: t as bf16 hi + lo halves, ~16 bits (``_split16_dot``).
-  There with fp32 B the shrink stores t split into tf32 hi/lo columns (t4, 4x t's bytes) and
-  the epilogue's dots are transposed (``_rank_chunks_dot_t4``).
+  There with fp32 B the shrink stores t split into tf32 hi/lo columns (t4, 4x t's bytes; with
+  fp16 B t2, 2x) and the epilogue's dots are transposed (``_rank_chunks_dot_split``).
 * The fused kernel's rows are the sorted token order, so a row block touches one adapter
   (prefill) or a few (decode): t is computed in the base GEMM's K loop when the block holds one
   segment, by one masked K loop per segment otherwise, or beforehand by the segmented shrink
@@ -169,8 +169,8 @@ def _split16_dot(t, b, acc, acc_lo):
     dot; TTGIR, sm_90a, triton 3.8). The two products go to separate accumulators: chained into
     one, the second dot waited for the first (warp_group_dot_wait {pendings = 0} in every
     iteration; same compile). Not for fp16 b: fp16 halves overflow where |t| > 65504 and t_lo
-    keeps no bits in fp16's subnormal range, so fp16 keeps tf32x2. (fp32 b on wgmma tiles:
-    _rank_chunks_dot_t4.)"""
+    keeps no bits in fp16's subnormal range, so fp16 b on wgmma tiles takes t split in tf32
+    instead, as does fp32 b (_rank_chunks_dot_split)."""
     t_hi = t.to(tl.bfloat16)
     t_lo = (t - t_hi.to(tl.float32)).to(tl.bfloat16)
     acc = tl.dot(t_hi, b, acc)
@@ -179,48 +179,84 @@ def _split16_dot(t, b, acc, acc_lo):
 
 
 @triton.jit
-def _rank_chunks_dot_t4(acc_t, t4_ptr, b_ptr, tok, rows_ok, offs_n, rank, N,
-                        stride_tm, stride_tr, stride_br, stride_bn, BLOCK_R: tl.constexpr):
-    """acc_t [BN, BM] += (t[tok, :rank] @ B[:, :rank].T)^T for an fp32 B (B [N, rank] at b_ptr), with t
-    given as _store_split4's t4 [rows, 4 r_max] (hi, hi, lo, lo): "tf32x3" on wgmma tiles.
+def _rank_chunks_dot_split(acc_t, ts_ptr, b_ptr, tok, rows_ok, offs_n, rank, N, R,
+                           stride_tm, stride_tr, stride_br, stride_bn, BLOCK_R: tl.constexpr,
+                           T_SPLIT: tl.constexpr):
+    """acc_t [BN, BM] += (t[tok, :rank] @ B[:, :rank].T)^T with t given split by the shrink
+    (_store_split: ts_ptr [rows, T_SPLIT R], R = r_max) and B [N, rank] at b_ptr, on wgmma tiles:
+    T_SPLIT = 4 ("tf32x3", fp32 B; t4) or 2 ("tf32x2", fp16 B; t2).
 
-    Transposed, so that B is the dot's register operand and t4 the shared-memory one, as its
-    cp.async copy left it: each chunk is one tf32 dot of K = 4 BLOCK_R, x [BN, 4 BLOCK_R] @
-    t4^T [4 BLOCK_R, BM], where x holds B's tf32 hi and lo (_tf32_split, lo rounded to tf32 again)
-    at the columns that meet t's hi, lo, hi, lo: x t4^T sums b_hi t_hi + b_lo t_hi + b_hi t_lo +
-    b_lo t_lo, every operand exact in tf32, so the error is fp32 accumulation plus ~2^-22 |t||b|
-    (tl.dot's tf32x3 keeps the first three). x's even and odd columns are two loads of B, each
-    masked to its columns (every rank entry appears at four columns: a 4-byte copy each), and x
-    their elementwise hi + lo: a selection by a column-index select (tl.where) or a concatenation
-    of B's halves made the compiler store x to shared memory in every iteration, and a K over 16
-    split the dot and stored too; three separate dots into one accumulator waited for each other
-    (warp_group_dot_wait {pendings = 0}; TTGIR, sm_90a, triton 3.8, a model of this loop). The
-    untransposed products (tl.dot's tf32x3 or _epilogue_dot's) needed B's halves in shared memory:
-    two stores and three waits per iteration. Costs, not measured on a GPU: t4 is 4x t's bytes
-    (written once by the shrink, read per N tile), and the dot's K is 4 r where tf32x3 issued
-    3 r. One loop to the rank, masked there: B's copies are 4 bytes wide anyway (each entry at
-    four columns), and t4's mask steps by 4 columns (16 bytes)."""
-    offs_j = tl.arange(0, 4 * BLOCK_R)
+    Transposed, so that B is the dot's register operand and the split t the shared-memory one,
+    as its cp.async copy left it: each chunk is one tf32 dot of K = T_SPLIT BLOCK_R,
+    x [BN, T_SPLIT BLOCK_R] @ ts^T [T_SPLIT BLOCK_R, BM], x holding B at the columns that meet
+    t's halves.
+
+    * T_SPLIT = 4: x holds B's tf32 hi and lo (_tf32_split, lo rounded to tf32 again) at the
+      columns that meet t's hi, lo, hi, lo: x t4^T sums b_hi t_hi + b_lo t_hi + b_hi t_lo +
+      b_lo t_lo, every operand exact in tf32, so the error is fp32 accumulation plus ~2^-22
+      |t||b| (tl.dot's tf32x3 keeps the first three). x's even and odd columns are two loads of
+      B, each masked to its columns (every rank entry appears at four columns: a 4-byte copy
+      each), and x their elementwise hi + lo: a selection by a column-index select (tl.where) or
+      a concatenation of B's halves made the compiler store x to shared memory in every
+      iteration, and a K over 16 split the dot and stored too; three separate dots into one
+      accumulator waited for each other (warp_group_dot_wait {pendings = 0}; TTGIR, sm_90a,
+      triton 3.8, a model of this loop). The untransposed products (tl.dot's tf32x3 or
+      _epilogue_dot's) needed B's halves in shared memory: two stores and three waits per
+      iteration. Costs, not measured on a GPU: t4 is 4x t's bytes (written once by the shrink,
+      read per N tile), and the dot's K is 4 r where tf32x3 issued 3 r.
+    * T_SPLIT = 2: an fp16 B is exact in tf32, so x is B itself (converted to fp32 in registers)
+      at the columns that meet t_hi and again at those that meet t_lo: x t2^T sums b t_hi +
+      b t_lo, the error of _lora_dot's tf32x2 (t keeps ~21 bits, b exact). t2 holds t_hi in its
+      first R columns and t_lo in the next R, so each chunk's [hi | lo] columns are two runs and
+      x is one load of B's chunk, read twice along its contiguous rank: 16-byte copies the
+      pipeline makes asynchronous. (Each entry at two neighbouring columns, as t4 does it, is a
+      2-byte copy for a 16-bit B: on the transposed mma.sync tiles (BLOCK_N < 64) the compiler
+      then loaded B synchronously and stored it to shared memory in every iteration; TTGIR,
+      sm_90a, triton 3.8.) The untransposed tf32x2 (_epilogue_dot) needed B converted to fp32
+      in shared memory: one store and two waits per rank chunk (same compile); fp16 halves of t
+      instead (B read as stored) would overflow past 65504. Costs, not measured: t2 is 2x t's
+      bytes; the dot's K is 2 r, as tf32x2's two dots.
+
+    One loop to the rank, masked there."""
+    offs_j = tl.arange(0, T_SPLIT * BLOCK_R)
     odd = (offs_j % 2 == 1)[None, :]
     n_ok = (offs_n < N)[:, None]
-    for r0 in range(0, rank, BLOCK_R):
-        acc_t = _t4_chunk_dot(acc_t, t4_ptr, b_ptr, tok, rows_ok, offs_n, offs_j, odd, n_ok, r0, rank,
-                              stride_tm, stride_tr, stride_br, stride_bn)
+    if T_SPLIT == 4:
+        for r0 in range(0, rank, BLOCK_R):
+            acc_t = _split_chunk_dot(acc_t, ts_ptr, b_ptr, tok, rows_ok, offs_n, offs_j, odd, n_ok, r0, rank, R,
+                                     stride_tm, stride_tr, stride_br, stride_bn, BLOCK_R, T_SPLIT)
+    else:
+        rank8 = rank // 8 * 8
+        for r0 in range(0, rank8, BLOCK_R):
+            acc_t = _split_chunk_dot(acc_t, ts_ptr, b_ptr, tok, rows_ok, offs_n, offs_j, odd, n_ok, r0, rank8, R,
+                                     stride_tm, stride_tr, stride_br, stride_bn, BLOCK_R, T_SPLIT)
+        if rank8 < rank:
+            acc_t = _split_chunk_dot(acc_t, ts_ptr, b_ptr, tok, rows_ok, offs_n, offs_j, odd, n_ok, rank8, rank, R,
+                                     stride_tm, stride_tr, stride_br, stride_bn, BLOCK_R, T_SPLIT)
     return acc_t
 
 
 @triton.jit
-def _t4_chunk_dot(acc_t, t4_ptr, b_ptr, tok, rows_ok, offs_n, offs_j, odd, n_ok, r0, bound,
-                  stride_tm, stride_tr, stride_br, stride_bn):
-    """One rank chunk [r0, r0 + len(offs_j) / 4) of _rank_chunks_dot_t4, entries past `bound` zero."""
-    t4 = _gather_rows(t4_ptr, tok, rows_ok, 4 * r0 + offs_j, 4 * bound, stride_tm, stride_tr)
-    rr = r0 + offs_j // 4
+def _split_chunk_dot(acc_t, ts_ptr, b_ptr, tok, rows_ok, offs_n, offs_j, odd, n_ok, r0, bound, R,
+                     stride_tm, stride_tr, stride_br, stride_bn, BLOCK_R: tl.constexpr, T_SPLIT: tl.constexpr):
+    """One rank chunk [r0, r0 + BLOCK_R) of _rank_chunks_dot_split, entries past `bound` zero."""
+    if T_SPLIT == 4:
+        ts = _gather_rows(ts_ptr, tok, rows_ok, 4 * r0 + offs_j, 4 * bound, stride_tm, stride_tr)
+        rr = r0 + offs_j // 4
+    else:
+        rr = r0 + offs_j % BLOCK_R
+        cols = (offs_j // BLOCK_R) * R + rr  # t_hi's columns, then t_lo's
+        t_ptrs = ts_ptr + tok[:, None].to(tl.int64) * stride_tm + cols[None, :].to(tl.int64) * stride_tr
+        ts = tl.load(t_ptrs, mask=rows_ok[:, None] & (rr[None, :] < bound), other=0.0)
     ptrs = b_ptr + offs_n[:, None].to(tl.int64) * stride_bn + rr[None, :].to(tl.int64) * stride_br
     ok = n_ok & (rr[None, :] < bound)
-    b_even = tl.load(ptrs, mask=ok & ~odd, other=0.0)
-    b_odd = tl.load(ptrs, mask=ok & odd, other=0.0)
-    x = _tf32_split(b_even)[0] + _tf32_split(_tf32_split(b_odd)[1])[0]
-    return tl.dot(x, tl.trans(t4), acc_t, input_precision="tf32")
+    if T_SPLIT == 4:
+        b_even = tl.load(ptrs, mask=ok & ~odd, other=0.0)
+        b_odd = tl.load(ptrs, mask=ok & odd, other=0.0)
+        x = _tf32_split(b_even)[0] + _tf32_split(_tf32_split(b_odd)[1])[0]
+    else:
+        x = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+    return tl.dot(x, tl.trans(ts), acc_t, input_precision="tf32")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,11 +286,11 @@ def lora_shrink_kernel(
     stride_xm, stride_xk, stride_al, stride_ar, stride_ak, stride_ts, stride_tm, stride_tr,
     HAS_SCALES: tl.constexpr, HAS_RANKS: tl.constexpr, SPLIT_A: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
-    SPLIT_T4: tl.constexpr = False,
+    T_SPLIT: tl.constexpr = 1,
 ):
     """t[s, tok, r0:r0+BLOCK_R] for the tokens of one work-list piece, one rank chunk and one
-    slice s (stack a_ptr_s; the slices of a launch share the stacks' strides). SPLIT_T4: t is
-    stored as _store_split4's [.., 4 r_max] (hi, hi, lo, lo) columns instead."""
+    slice s (stack a_ptr_s; the slices of a launch share the stacks' strides). T_SPLIT 2 or 4:
+    t is stored split instead, _store_split's [.., T_SPLIT r_max] columns (t2 / t4)."""
     slot, start, length = _work_item(work_ptr, tl.program_id(0))
     r0 = tl.program_id(1) * BLOCK_R
     s = tl.program_id(2)
@@ -297,28 +333,33 @@ def lora_shrink_kernel(
                     t = _shrink_dot(x, a, t, SPLIT_A, PRECISION)
             # where, not a product: a non-finite x must not turn the zero columns into NaN
             t = tl.where(offs_r[None, :] < rank, t * _scale_of(scales_ptr, slot, scale, HAS_SCALES), 0.0)
-        if SPLIT_T4:
-            _store_split4(t_ptr + s.to(tl.int64) * stride_ts, t, tok, row_ok, r0, R, stride_tm, stride_tr)
+        if T_SPLIT > 1:
+            _store_split(t_ptr + s.to(tl.int64) * stride_ts, t, tok, row_ok, r0, R, stride_tm, stride_tr, T_SPLIT)
         else:
             _store_rows(t_ptr + s.to(tl.int64) * stride_ts, t, tok, row_ok, offs_r, R, stride_tm, stride_tr)
 
 
 @triton.jit
-def _store_split4(ptr, t, rows, row_ok, r0, R, stride_rows, stride_cols):
-    """Rows `rows` of the [.., 4 R] split t4 for t = columns r0.. of t: columns 4r, 4r+1 =
-    t_hi[:, r] and 4r+2, 4r+3 = t_lo[:, r], t_hi = tf32(t) and t_lo = tf32(t - t_hi)
-    (_tf32_split), both exact tf32 operands; t = t_hi + t_lo up to 2^-22 |t|. The operand
-    _rank_chunks_dot_t4 reads as the shared-memory side of its dot."""
+def _store_split(ptr, t, rows, row_ok, r0, R, stride_rows, stride_cols, T_SPLIT: tl.constexpr):
+    """Rows `rows` of the [.., T_SPLIT R] split t for t = columns r0.. of t, t_hi = tf32(t) and
+    t_lo = tf32(t - t_hi) (_tf32_split), both exact tf32 operands, t = t_hi + t_lo up to
+    2^-22 |t|: T_SPLIT = 4 (t4) puts t_hi at columns 4r, 4r+1 and t_lo at 4r+2, 4r+3, T_SPLIT = 2
+    (t2) t_hi at column r and t_lo at R + r. The operand _rank_chunks_dot_split reads as the
+    shared-memory side of its dot."""
     t_hi, t_lo = _tf32_split(t)
     t_lo = _tf32_split(t_lo)[0]
     offs_r = r0 + tl.arange(0, t.shape[1])
     base = ptr + rows[:, None].to(tl.int64) * stride_rows
-    cols = 4 * offs_r[None, :].to(tl.int64)
+    cols = T_SPLIT * offs_r[None, :].to(tl.int64)
     mask = row_ok[:, None] & (offs_r[None, :] < R)
-    tl.store(base + cols * stride_cols, t_hi, mask=mask)
-    tl.store(base + (cols + 1) * stride_cols, t_hi, mask=mask)
-    tl.store(base + (cols + 2) * stride_cols, t_lo, mask=mask)
-    tl.store(base + (cols + 3) * stride_cols, t_lo, mask=mask)
+    if T_SPLIT == 4:
+        tl.store(base + cols * stride_cols, t_hi, mask=mask)
+        tl.store(base + (cols + 1) * stride_cols, t_hi, mask=mask)
+        tl.store(base + (cols + 2) * stride_cols, t_lo, mask=mask)
+        tl.store(base + (cols + 3) * stride_cols, t_lo, mask=mask)
+    else:
+        tl.store(base + offs_r[None, :].to(tl.int64) * stride_cols, t_hi, mask=mask)
+        tl.store(base + (R + offs_r[None, :].to(tl.int64)) * stride_cols, t_lo, mask=mask)
 
 
 @triton.jit
@@ -605,12 +646,12 @@ def _segments_expand_store_chunked(acc, t_ptr, b_ptr, bias_ptr, ranks_ptr, sorte
                                    stride_tm, stride_tr, stride_bl, stride_bn, stride_br, stride_ym, stride_yn,
                                    HAS_BIAS: tl.constexpr, HAS_RANKS: tl.constexpr, BLOCK_M: tl.constexpr,
                                    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, LORA_PRECISION: tl.constexpr,
-                                   SPLIT_T4: tl.constexpr):
+                                   T_SPLIT: tl.constexpr):
     """_segments_expand_store with t [rows, rank] read from memory (the segmented shrink's
     output) in BLOCK_R chunks: one rank-chunk dot per segment and chunk, then the single
-    rounding store. SPLIT_T4: t_ptr is the split t4 (_store_split4) and the products are
-    _rank_chunks_dot_t4's, summed transposed over the row block's segments and added to acc once."""
-    acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # SPLIT_T4's (not used otherwise)
+    rounding store. T_SPLIT 2 or 4: t_ptr is the split t (_store_split) and the products are
+    _rank_chunks_dot_split's, summed transposed over the row block's segments and added to acc once."""
+    acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # T_SPLIT's (not used otherwise)
     p = p0
     while p < p_end:
         slot, seg_end = _segment_bounds(sorted_slot_ptr, slot_start_ptr, p, p_end, L)
@@ -618,15 +659,15 @@ def _segments_expand_store_chunked(acc, t_ptr, b_ptr, bias_ptr, ranks_ptr, sorte
         if rank > 0:
             in_seg = row_ok & (offs_p >= p) & (offs_p < seg_end)
             b_base = b_ptr + slot.to(tl.int64) * stride_bl
-            if SPLIT_T4:
-                acc_t = _rank_chunks_dot_t4(acc_t, t_ptr, b_base, tok, in_seg, offs_n, rank, N,
-                                            stride_tm, stride_tr, stride_br, stride_bn, BLOCK_R)
+            if T_SPLIT > 1:
+                acc_t = _rank_chunks_dot_split(acc_t, t_ptr, b_base, tok, in_seg, offs_n, rank, N, R,
+                                               stride_tm, stride_tr, stride_br, stride_bn, BLOCK_R, T_SPLIT)
             else:
                 acc = _rank_chunks_dot(acc, t_ptr, b_base, tok, in_seg, offs_r, offs_n, rank, N,
                                        stride_tm, stride_tr, stride_br, stride_bn, BLOCK_R, LORA_PRECISION,
                                        BLOCK_M < 64, BLOCK_M >= 64)
         p = seg_end
-    if SPLIT_T4:
+    if T_SPLIT > 1:
         acc += tl.trans(acc_t)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
@@ -644,15 +685,16 @@ def multi_lora_linear_chunked_kernel(
     HAS_BIAS: tl.constexpr, HAS_RANKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
-    BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr, SPLIT_T4: tl.constexpr = False,
+    BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr, T_SPLIT: tl.constexpr = 1,
 ):
     """multi_lora_linear_kernel with t [M, r_max] fp32 from the segmented shrink, left in memory:
     each N tile's epilogue streams it in BLOCK_R-wide rank chunks (T_CHUNK;
     _segments_expand_store_chunked), so no rank-wide tile is ever held in registers. Taken for
     every rank where the launch config does not fuse the shrink (ranks past
     FUSED_SHRINK_MAX_BLOCK_R, fp32 adapters, blocks expected to hold many adapters). Same grid
-    and row order as the fused kernel. SPLIT_T4 (fp32 B, "tf32x3", wgmma tiles: splits_t4): t
-    is given as the shrink's split t4 [M, 4 r_max] and BLOCK_R is _rank_chunks_dot_t4's chunk."""
+    and row order as the fused kernel. T_SPLIT 2 or 4 (fp16 / fp32 B on wgmma tiles: t_split_for):
+    t is given as the shrink's split t [M, T_SPLIT r_max] and BLOCK_R is _rank_chunks_dot_split's
+    chunk."""
     num_m_blocks = tl.cdiv(M, BLOCK_M)
     num_n_tiles = tl.cdiv(N, BLOCK_N)
     num_n_runs = tl.cdiv(num_n_tiles, tiles_per_program)
@@ -672,7 +714,7 @@ def multi_lora_linear_chunked_kernel(
         _segments_expand_store_chunked(acc, t_ptr, b_ptr, bias_ptr, ranks_ptr, sorted_slot_ptr, slot_start_ptr,
                                        y_ptr, tok, row_ok, offs_p, offs_n, offs_r, p0, p_end, N, R, L,
                                        stride_tm, stride_tr, stride_bl, stride_bn, stride_br, stride_ym, stride_yn,
-                                       HAS_BIAS, HAS_RANKS, BLOCK_M, BLOCK_N, BLOCK_R, LORA_PRECISION, SPLIT_T4)
+                                       HAS_BIAS, HAS_RANKS, BLOCK_M, BLOCK_N, BLOCK_R, LORA_PRECISION, T_SPLIT)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -716,9 +758,11 @@ def segment_config(M: int, K: int, R: int, elem_bytes: int, num_sms: int,
       MMA padding is harmless here: a 16-row piece at K = 4096, BLOCK_R = 16 issues 1M MACs while
       it streams 128 KB of A -- ~0.3 us of one SM's tensor cores against >= 1 us of its share of
       DRAM bandwidth.
-    * Shrink BLOCK_K: 256 (16-bit) / 128 (fp32) for 16-row pieces: each A tile is then 8 KB, and
-      4 stages keep ~32 KB of loads in flight per program (Little's law for one SM at ~1 us
-      latency); 64 for 64-row pieces (x tile 8 KB, A tile up to 16 KB), 32 when an fp32 A is split
+    * Shrink BLOCK_K: 256 (16-bit) / 128 (fp32 x, or an fp32 A split in the loop) for 16-row
+      pieces: each A tile is then 8 KB, and 4 stages keep ~32 KB of loads in flight per program
+      (Little's law for one SM at ~1 us latency). (An fp32 A at 256 spilled 36-56 B per thread
+      over fp16 x, at 255 registers: its fp32 tile and both halves; ptxas -v, sm_90a, triton
+      3.8.) 64 for 64-row pieces (x tile 8 KB, A tile up to 16 KB), 32 when an fp32 A is split
       in the loop (`split_adapters`: its fp32 tile and both 16-bit halves sit in registers;
       ptxas -v, sm_90a, triton 3.8: 8 B spilled per thread at rank 128 with 64, none with 32 --
       measured before the split shrink computed t^T; not re-measured since).
@@ -732,7 +776,7 @@ def segment_config(M: int, K: int, R: int, elem_bytes: int, num_sms: int,
     expand_warps = EXPAND_WIDE_NUM_WARPS if block_r_for(R) == RANK_CHUNK else 4
     if _cdiv(M, 64) >= PREFILL_PIECES_PER_SM * num_sms:
         return SegmentConfig(64, 32 if fp32 or split_adapters else 64, block_r_for(R), 128, 4, 4, 64, expand_warps)
-    return SegmentConfig(16, 128 if fp32 else 256, 16, 128, 4, 4, 64, expand_warps)
+    return SegmentConfig(16, 128 if fp32 or split_adapters else 256, 16, 128, 4, 4, 64, expand_warps)
 
 
 # Fused kernel: where t comes from. In the kernel, each program computes t for its row block once
@@ -829,8 +873,8 @@ def linear_config(M: int, N: int, K: int, R: int, L: int, elem_bytes: int, num_s
 # fp32 A: t^T in two accumulators), the whole-rank expand at 128 184-255 (8 warps), neither
 # spills. Not measured on a GPU: bench/multi.py is where the chunk widths get measured.
 RANK_CHUNK = 128
-# The shrink's rank chunk when it stores t split (SPLIT_T4, _store_split4): at 128 the split and
-# its four stores beside the 64 x 128 t (fp32 A split on wgmma tiles, 255 registers already)
+# The shrink's rank chunk when it stores t split (T_SPLIT, _store_split): at 128 the split and
+# t4's four stores beside the 64 x 128 t (fp32 A split on wgmma tiles, 255 registers already)
 # spilled 148 B per thread (ptxas -v, sm_90a, triton 3.8; as one joined store 640 B); at 64 none
 # (172 registers). The cost: x read once per 64 ranks at padded rank 128. Not measured on a GPU.
 T4_SHRINK_MAX_BLOCK_R = 64
@@ -843,48 +887,56 @@ T4_SHRINK_MAX_BLOCK_R = 64
 # A bf16 B on wgmma tiles (BLOCK_M >= 64) adds _split16_dot's second accumulator: with 64 or more
 # accumulator registers per thread (128x128 at 8 warps, 64x128 at 4) 32 columns used all 255
 # registers and spilled 4 B at 128x128 (one tile per program); 16 spill nothing (same compile).
-# fp32 B on wgmma tiles with "tf32x3" (splits_t4: _rank_chunks_dot_t4) takes T_CHUNK_T4 rank
-# entries per chunk, a dot of K = 4 * T_CHUNK_T4 = 16: with K = 32 the compiler split the dot in
-# two and stored its register operand to shared memory in every iteration (TTGIR, sm_90a, triton
-# 3.8, a model of the loop). T_CHUNK_FP32_B is fp32 B's chunk elsewhere (mma.sync tiles).
+# t split on wgmma tiles (t_split_for: _rank_chunks_dot_split) takes T_SPLIT_DOT_K / T_SPLIT rank
+# entries per chunk, a dot of K = T_SPLIT_DOT_K: with fp32 B (t4) and K = 32 the compiler split
+# the dot in two and stored its register operand to shared memory in every iteration (TTGIR,
+# sm_90a, triton 3.8, a model of the loop). T_CHUNK_FP32_B is fp32 B's chunk elsewhere (mma.sync
+# tiles).
 T_CHUNK = 32
 T_CHUNK_FP32_B = 16
-T_CHUNK_T4 = 4
+T_SPLIT_DOT_K = 16
 T_CHUNK_SPLIT16_WIDE = 16
 SPLIT16_WIDE_ACC_REGS = 64
 
 
-# The t4 path on (splits_t4). Chosen for its compile facts (no store, no wait; see
-# _rank_chunks_dot_t4), not by a measurement yet: bench/multi.py's ours_linear_triton_fp32ab_untransposed
-# switches it off to time the untransposed tf32x3 epilogue beside it (ours_linear_triton_fp32ab).
-SPLIT_T4_ENABLED = True
+# The split-t paths on (t_split_for). Chosen for their compile facts (no store, no wait; see
+# _rank_chunks_dot_split), not by a measurement yet: bench/multi.py's
+# ours_linear_triton_fp32ab_untransposed switches them off to time the untransposed tf32x3
+# epilogue beside t4 (ours_linear_triton_fp32ab).
+SPLIT_T_ENABLED = True
 
 
-def splits_t4(b_dtype: torch.dtype, lora_precision: str, block_m: int) -> bool:
-    """Whether multi_lora_linear_chunked_kernel takes t split (SPLIT_T4: _rank_chunks_dot_t4):
-    fp32 B with "tf32x3" (GPUs) on wgmma tiles (BLOCK_M >= 64), unless SPLIT_T4_ENABLED is off."""
-    return SPLIT_T4_ENABLED and b_dtype == torch.float32 and lora_precision == "tf32x3" and block_m >= 64
+def t_split_for(b_dtype: torch.dtype, lora_precision: str, block_m: int) -> int:
+    """T_SPLIT of multi_lora_linear_chunked_kernel and its shrink: t's columns per rank entry
+    (_store_split, _rank_chunks_dot_split). On wgmma tiles (BLOCK_M >= 64) with the GPUs'
+    precisions, unless SPLIT_T_ENABLED is off: 4 (t4) for fp32 B with "tf32x3", 2 (t2) for fp16 B
+    with "tf32x2". Otherwise 1: t as computed (bf16 B on wgmma tiles: _split16_dot)."""
+    if not SPLIT_T_ENABLED or block_m < 64:
+        return 1
+    if b_dtype == torch.float32 and lora_precision == "tf32x3":
+        return 4
+    return 2 if b_dtype == torch.float16 and lora_precision == "tf32x2" else 1
 
 
-# Warps of splits_t4's launches with BLOCK_N >= T4_WIDE_BLOCK_N: each thread holds two [BLOCK_N,
-# 4 T_CHUNK_T4] B loads, their split and the transposed accumulator beside acc; at 64x128 with 4
+# Warps of t4 launches with BLOCK_N >= T4_WIDE_BLOCK_N: each thread holds two [BLOCK_N,
+# 4 chunk] B loads, their split and the transposed accumulator beside acc; at 64x128 with 4
 # warps that spilled 264 B per thread, with 8 none (239 registers; ptxas -v, sm_90a, triton 3.8).
 # 128x128 already has 8. Not measured on a GPU.
 T4_WIDE_BLOCK_N = 128
 T4_WIDE_NUM_WARPS = 8
 
 
-def chunked_num_warps(num_warps: int, block_n: int, split_t4: bool) -> int:
+def chunked_num_warps(num_warps: int, block_n: int, t_split: int) -> int:
     """Warps of a multi_lora_linear_chunked_kernel launch on tiles of `num_warps` (see T4_WIDE_NUM_WARPS)."""
-    return max(num_warps, T4_WIDE_NUM_WARPS) if split_t4 and block_n >= T4_WIDE_BLOCK_N else num_warps
+    return max(num_warps, T4_WIDE_NUM_WARPS) if t_split > 1 and block_n >= T4_WIDE_BLOCK_N else num_warps
 
 
 def t_chunk_for(R: int, b_dtype: torch.dtype, block_m: int, block_n: int, num_warps: int,
-                split_t4: bool = False) -> int:
+                t_split: int = 1) -> int:
     """The chunked epilogue's rank chunk for stacks of rank R (padded), B's dtype and the tile
-    (split_t4: splits_t4's path)."""
-    if split_t4:
-        return T_CHUNK_T4
+    (t_split: t_split_for's)."""
+    if t_split > 1:
+        return T_SPLIT_DOT_K // t_split
     if b_dtype == torch.float32:
         chunk = T_CHUNK_FP32_B
     elif (b_dtype == torch.bfloat16 and block_m >= 64
@@ -981,14 +1033,14 @@ def _pad4(values: List[int]) -> List[int]:
 
 def _shrink_launch(key, M: int, K: int, R: int, x_dtype: torch.dtype, a_dtype: torch.dtype, device: torch.device,
                    num_sms: int, has_scales: bool, has_ranks: bool, config: Optional[SegmentConfig],
-                   split_t4: bool):
+                   t_split: int):
     """(work piece size, rank tiles, the kernel's keyword arguments: PRECISION left out when it is
     read per call) of shrink_slices for `key`, remembered (key None: not remembered)."""
     split_a = a_dtype == torch.float32 and x_dtype != torch.float32
     cfg = config or segment_config(M, K, R, x_dtype.itemsize, num_sms, split_a)
-    block_r = min(cfg.shrink_block_r, T4_SHRINK_MAX_BLOCK_R if split_t4 else RANK_CHUNK)
+    block_r = min(cfg.shrink_block_r, T4_SHRINK_MAX_BLOCK_R if t_split > 1 else RANK_CHUNK)
     kw = dict(HAS_SCALES=has_scales, HAS_RANKS=has_ranks, SPLIT_A=split_a, BLOCK_M=cfg.item_m,
-              BLOCK_K=cfg.shrink_block_k, BLOCK_R=block_r, SPLIT_T4=split_t4, num_warps=cfg.num_warps,
+              BLOCK_K=cfg.shrink_block_k, BLOCK_R=block_r, T_SPLIT=t_split, num_warps=cfg.num_warps,
               num_stages=cfg.num_stages)
     if not base_precision_per_call(x_dtype, device):
         kw["PRECISION"] = base_precision(x_dtype, device)
@@ -998,13 +1050,13 @@ def _shrink_launch(key, M: int, K: int, R: int, x_dtype: torch.dtype, a_dtype: t
 
 def shrink_slices(x: torch.Tensor, a_stacks: List[torch.Tensor], index: AdapterIndex, scales: Optional[torch.Tensor],
                   scale: float, ranks: Optional[torch.Tensor], out: torch.Tensor,
-                  config: Optional[SegmentConfig] = None, split_t4: bool = False) -> torch.Tensor:
+                  config: Optional[SegmentConfig] = None, t_split: int = 1) -> torch.Tensor:
     """out[s] = shrink of x with a_stacks[s] (see reference.lora_shrink), all slices in one launch
     (grid axis 2). x [M, K], a_stacks S x [L, r_max, K] (one dtype and shape), scales [L] fp32 or
     None (then the float `scale` for every slot), ranks [L] int | None, out [S, M, r_max] fp32
     (any strides; [M, r_max] for one slice). Every element of out[:, rows covered by the index] is
-    written. split_t4: out is [S, M, 4 r_max] (or [M, 4 r_max]), t in _store_split4's (hi, hi, lo,
-    lo) columns (multi_lora_linear's t4)."""
+    written. t_split 2 or 4: out is [S, M, t_split r_max] (or [M, t_split r_max]), t in
+    _store_split's columns (multi_lora_linear's t2 / t4)."""
     M, K = x.shape
     a0 = a_stacks[0]
     R = a0.shape[1]
@@ -1013,10 +1065,10 @@ def shrink_slices(x: torch.Tensor, a_stacks: List[torch.Tensor], index: AdapterI
     dev, x_dtype = x.device, x.dtype
     num_sms = _num_sms(dev)
     has_scales, has_ranks = scales is not None, ranks is not None
-    key = ("shrink", M, K, R, x_dtype, a0.dtype, dev.type, num_sms, has_scales, has_ranks, config, split_t4)
+    key = ("shrink", M, K, R, x_dtype, a0.dtype, dev.type, num_sms, has_scales, has_ranks, config, t_split)
     rec = _LAUNCHES.get(key)
     if rec is None:
-        rec = _shrink_launch(key, M, K, R, x_dtype, a0.dtype, dev, num_sms, has_scales, has_ranks, config, split_t4)
+        rec = _shrink_launch(key, M, K, R, x_dtype, a0.dtype, dev, num_sms, has_scales, has_ranks, config, t_split)
     return _launch_shrinks(rec, x, a_stacks, index, scales, scale, ranks, out)
 
 
@@ -1122,7 +1174,7 @@ def lora_expand_(y: torch.Tensor, t: torch.Tensor, lora_b_stack: torch.Tensor, i
 
 class _LinearLaunch:
     """The host-side decisions of one multi_lora_linear key (see _LAUNCHES)."""
-    __slots__ = ("cfg", "shrink", "chunked", "split_t4", "t_width", "grid", "tiles_per_program", "kw")
+    __slots__ = ("cfg", "shrink", "chunked", "t_split", "t_width", "grid", "tiles_per_program", "kw")
 
     def __init__(self, M: int, N: int, K: int, R: int, L: int, x_dtype: torch.dtype, a_dtype: torch.dtype,
                  b_dtype: torch.dtype, device: torch.device, lora_precision: str, num_sms: int, has_bias: bool,
@@ -1133,19 +1185,19 @@ class _LinearLaunch:
         chunked = block_r_for(R) > RANK_CHUNK
         if not chunked and cfg.fused_shrink and tiles.block_r < block_r_for(R):
             raise ValueError(f"multi_lora_linear: config block_r {tiles.block_r} < padded rank {block_r_for(R)}")
-        split_t4 = splits_t4(b_dtype, lora_precision, tiles.block_m)
-        self.cfg, self.split_t4 = cfg, split_t4
+        t_split = t_split_for(b_dtype, lora_precision, tiles.block_m)
+        self.cfg, self.t_split = cfg, t_split
         self.chunked = chunked or not cfg.fused_shrink  # t from the segmented shrink, read in chunks
-        self.t_width = 4 * R if split_t4 else R  # t4: t split for _rank_chunks_dot_t4
+        self.t_width = t_split * R  # t2 / t4: t split for _rank_chunks_dot_split
         self.grid = (_cdiv(M, tiles.block_m) * _cdiv(_cdiv(N, tiles.block_n), tiles.tiles_per_program),)
         self.tiles_per_program = tiles.tiles_per_program
         kw = dict(HAS_BIAS=has_bias, HAS_RANKS=has_ranks, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
                   BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m, LORA_PRECISION=lora_precision,
                   num_warps=tiles.num_warps, num_stages=tiles.num_stages)
         if self.chunked:
-            kw.update(SPLIT_T4=split_t4, maxnreg=MAX_REGISTERS,
-                      BLOCK_R=t_chunk_for(R, b_dtype, tiles.block_m, tiles.block_n, tiles.num_warps, split_t4),
-                      num_warps=chunked_num_warps(tiles.num_warps, tiles.block_n, split_t4))
+            kw.update(T_SPLIT=t_split, maxnreg=MAX_REGISTERS,
+                      BLOCK_R=t_chunk_for(R, b_dtype, tiles.block_m, tiles.block_n, tiles.num_warps, t_split),
+                      num_warps=chunked_num_warps(tiles.num_warps, tiles.block_n, t_split))
         else:
             kw.update(HAS_SCALES=has_scales, SPLIT_A=split_a, BLOCK_R=tiles.block_r)
         if not base_precision_per_call(x_dtype, device):
@@ -1153,7 +1205,7 @@ class _LinearLaunch:
         self.kw = kw
         # the segmented shrink's launch record (shrink_slices' decisions, made here once)
         self.shrink = _shrink_launch(None, M, K, R, x_dtype, a_dtype, device, num_sms, has_scales, has_ranks,
-                                     cfg.segment, split_t4) if self.chunked else None
+                                     cfg.segment, t_split) if self.chunked else None
 
 
 def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a_stack: torch.Tensor,
@@ -1168,7 +1220,7 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a_stack: torch
     `config` overrides the heuristic (tests use it to reach both the fused-shrink and the
     precomputed-t paths at small sizes). Without the fused shrink (always at r_max > RANK_CHUNK)
     the segmented shrink runs first and the chunked-epilogue kernel reads its t (fp32 B on GPU
-    wgmma tiles: t split, an [M, 4 r_max] fp32 buffer; splits_t4)."""
+    wgmma tiles: t split, an [M, 4 r_max] fp32 buffer, and with fp16 B [M, 2 r_max]; t_split_for)."""
     M, K = x.shape
     N = weight.shape[0]
     L, R, _ = lora_a_stack.shape
@@ -1179,9 +1231,9 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a_stack: torch
     num_sms = _num_sms(dev)
     has_bias, has_scales, has_ranks = bias is not None, scales is not None, ranks is not None
     b_dtype = lora_b_stack.dtype
-    # read per call, not kept in the record: tests patch lora_precision_for, bench/multi.py switches t4 off
+    # read per call, not kept in the record: tests patch lora_precision_for, bench/multi.py switches the split off
     lora_precision = lora_precision_for(b_dtype, dev)
-    key = ("linear", M, N, K, R, L, x_dtype, lora_a_stack.dtype, b_dtype, dev.type, lora_precision, SPLIT_T4_ENABLED,
+    key = ("linear", M, N, K, R, L, x_dtype, lora_a_stack.dtype, b_dtype, dev.type, lora_precision, SPLIT_T_ENABLED,
            num_sms, has_bias, has_scales, has_ranks, config)
     rec = _LAUNCHES.get(key)
     if rec is None:
