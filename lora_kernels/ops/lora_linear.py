@@ -34,43 +34,51 @@ TRITON_MAX_RANK = 128  # t [BLOCK_M, r] lives in registers beside the accumulato
 AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what autocast may cast (not fp64)
 
 
-def _fast_valid(x, weight, lora_a, lora_b, bias) -> bool:
-    """True only for inputs that ``_validate_all`` accepts: the common call -- tensors, x of a float
-    dtype with >= 1 dimension, weight [N, K] in x's dtype, lora_a [r >= 1, K] and lora_b [N, r]
-    both in x's dtype or both float32, bias None or [N] in x's dtype or float32, all on x's device
-    -- tested in one pass without building a message (~2 us less per call than the full checks,
-    CPU machine). False decides nothing: the full checks then accept or raise.
+def _fast_valid(x, weight, lora_a, lora_b, bias) -> Optional[tuple]:
+    """Only for inputs that ``_validate_all`` accepts, the backend cache's facts read on the way
+    (_facts: x's device and dtype, lora_a's dtype, the rank r): the common call -- tensors, x of a
+    float dtype with >= 1 dimension, weight [N, K] in x's dtype, lora_a [r >= 1, K] and lora_b
+    [N, r] both in x's dtype or both float32, bias None or [N] in x's dtype or float32, all on x's
+    device -- tested in one pass without building a message (~2 us less per call than the full
+    checks, CPU machine). None decides nothing: the full checks then accept or raise.
     tests/test_lora_linear_op.py checks "accepted here => accepted there" over a grid of inputs."""
     if not (isinstance(x, Tensor) and isinstance(weight, Tensor) and isinstance(lora_a, Tensor)
             and isinstance(lora_b, Tensor)):
-        return False
+        return None
     dtype, a_dtype = x.dtype, lora_a.dtype
     if (dtype not in _FLOAT_DTYPE_SET or weight.dtype != dtype or lora_b.dtype != a_dtype
             or not (a_dtype == dtype or a_dtype == torch.float32)):
-        return False
+        return None
     try:  # unpacking checks the rank: ValueError for a weight / adapter that is not 2-D
         N, k_w = weight.shape
         r, k_a = lora_a.shape
         n_b, r_b = lora_b.shape
         K = x.shape[-1]  # IndexError for a 0-d x
     except (ValueError, IndexError):
-        return False
+        return None
     if not (k_w == K and k_a == K and r >= 1 and n_b == N and r_b == r):
-        return False
+        return None
     device = x.device
     if not (weight.device == device and lora_a.device == device and lora_b.device == device):
-        return False
-    if bias is None:
-        return True
-    return (isinstance(bias, Tensor) and (bias.dtype == dtype or bias.dtype == torch.float32)
-            and bias.shape == (N,) and bias.device == device)
+        return None
+    if bias is None or (isinstance(bias, Tensor) and (bias.dtype == dtype or bias.dtype == torch.float32)
+                        and bias.shape == (N,) and bias.device == device):
+        return device, dtype, a_dtype, r
+    return None
 
 
-def _validate(x, weight, lora_a, lora_b, scale, bias) -> float:
-    """The checked scale (a float); raises naming the argument for any bad input."""
-    if type(scale) is float and scale - scale == 0.0 and _fast_valid(x, weight, lora_a, lora_b, bias):
-        return scale  # what check_scale returns for a finite float
-    return _validate_all(x, weight, lora_a, lora_b, scale, bias)
+def _facts(x: Tensor, lora_a: Tensor) -> tuple:
+    """What the backend rule reads from the tensors: (x's device, x's dtype, lora_a's dtype, r)."""
+    return x.device, x.dtype, lora_a.dtype, lora_a.shape[0]
+
+
+def _validate(x, weight, lora_a, lora_b, scale, bias) -> Tuple[float, tuple]:
+    """(The checked scale (a float), _facts(x, lora_a)); raises naming the argument for any bad input."""
+    if type(scale) is float and scale - scale == 0.0:
+        facts = _fast_valid(x, weight, lora_a, lora_b, bias)
+        if facts is not None:
+            return scale, facts  # what check_scale returns for a finite float
+    return _validate_all(x, weight, lora_a, lora_b, scale, bias), _facts(x, lora_a)
 
 
 def _validate_all(x, weight, lora_a, lora_b, scale, bias) -> float:
@@ -142,11 +150,17 @@ def choose_backend(x: Tensor, lora_a: Tensor, backend: str = "auto", dropout: bo
     whether the interpreter's bfloat16 dot is fixed),
     so a decode step does not re-derive it hundreds of times. A backend whose reasons read
     anything else must add it to the key."""
+    return _choose(x, lora_a, backend, dropout, _facts(x, lora_a), torch.compiler.is_compiling())
+
+
+def _choose(x: Tensor, lora_a: Tensor, backend: str, dropout: bool, facts: tuple, compiling: bool) -> str:
+    """choose_backend, given _facts(x, lora_a) and torch.compiler.is_compiling() (lora_linear has
+    both already)."""
     if backend == "torch":
         return backend  # always runs; nothing to look up
-    if torch.compiler.is_compiling() or type(backend) is not str:  # resolve() names a bad backend
+    if compiling or type(backend) is not str:  # resolve() names a bad backend
         return backends.resolve(OP, backend, x.device, AUTO_PREFERENCE, _input_reason(x, lora_a, dropout))
-    key = (backend, x.device, x.dtype, lora_a.dtype, lora_a.shape[0], dropout, backends.choice_state())
+    key = (backend, *facts, dropout, backends.choice_state())
     chosen = _BACKEND_CACHE.get(key)
     if chosen is None:
         chosen = backends.resolve(OP, backend, x.device, AUTO_PREFERENCE, _input_reason(x, lora_a, dropout))
@@ -513,11 +527,12 @@ class _LoRALinearTransformFunction(torch.autograd.Function):
 _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
 
 
-def _eager_fast_path(x, weight, lora_a, lora_b, bias) -> bool:
+def _eager_fast_path(x, weight, lora_a, lora_b, bias, compiling: bool) -> bool:
     """True when calling the implementations directly is indistinguishable from calling the op:
-    eager mode, no dispatch modes or functorch transforms, plain tensors on a real device, and no
-    profiler running (so that a trace shows the op by its name)."""
-    if torch.compiler.is_compiling() or torch.autograd._profiler_enabled():
+    eager mode (`compiling`: torch.compiler.is_compiling()), no dispatch modes or functorch
+    transforms, plain tensors on a real device, and no profiler running (so that a trace shows the
+    op by its name)."""
+    if compiling or torch.autograd._profiler_enabled():
         return False
     if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
         return False
@@ -532,11 +547,11 @@ def _eager_fast_path(x, weight, lora_a, lora_b, bias) -> bool:
 # Autocast
 # ---------------------------------------------------------------------------------------------
 
-def _autocast_dtype(x) -> Optional[torch.dtype]:
-    """The autocast dtype active for x's device, or None."""
+def _autocast_dtype(x, compiling: bool) -> Optional[torch.dtype]:
+    """The autocast dtype active for x's device, or None (`compiling`: torch.compiler.is_compiling())."""
     if not isinstance(x, Tensor):
         return None
-    if not torch.compiler.is_compiling() and not torch._C._is_any_autocast_enabled():
+    if not compiling and not torch._C._is_any_autocast_enabled():
         return None  # the common eager case, in ~0.1 us
     device_type = x.device.type
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
@@ -592,19 +607,20 @@ def lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale
     Returns: y [..., N] in x's dtype. Differentiable in x, lora_a, lora_b, bias (and weight when
     it requires grad); each gradient in its tensor's dtype.
     """
-    autocast = _autocast_dtype(x)
+    compiling = torch.compiler.is_compiling()  # read once: ~0.1 us per read (CPU machine)
+    autocast = _autocast_dtype(x, compiling)
     if autocast is not None:
         x, weight, lora_a, lora_b, bias = _autocast_inputs(autocast, x, weight, lora_a, lora_b, bias)
-    scale = _validate(x, weight, lora_a, lora_b, scale, bias)
+    scale, facts = _validate(x, weight, lora_a, lora_b, scale, bias)
     dropout_p = check_probability(OP, "dropout_p", dropout_p)
     if not training:
         dropout_p = 0.0
-    chosen = choose_backend(x, lora_a, backend, dropout_p > 0.0)
+    chosen = _choose(x, lora_a, backend, dropout_p > 0.0, facts, compiling)
     seed = draw_dropout_seed(x.device) if dropout_p > 0.0 else None
     grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_a.requires_grad
                                         or lora_b.requires_grad or (bias is not None and bias.requires_grad))
     save_t = grad and lora_b.requires_grad
-    if _eager_fast_path(x, weight, lora_a, lora_b, bias):
+    if _eager_fast_path(x, weight, lora_a, lora_b, bias, compiling):
         if _forward_ad._current_level >= 0:  # inside forward_ad.dual_level(): the formula with a jvp
             return _LoRALinearTransformFunction.apply(x, weight, lora_a, lora_b, scale, bias, chosen,
                                                       dropout_p, seed)
@@ -612,8 +628,7 @@ def lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale
             return _LoRALinearFunction.apply(x, weight, lora_a, lora_b, scale, bias, chosen, save_t,
                                              dropout_p, seed)
         return _forward(x, weight, lora_a, lora_b, scale, bias, chosen, False, dropout_p, seed)[0]
-    if not torch.compiler.is_compiling() and (torch._C._are_functorch_transforms_active()
-                                              or _forward_ad._current_level >= 0):
+    if not compiling and (torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0):
         return _LoRALinearTransformFunction.apply(x, weight, lora_a, lora_b, scale, bias, chosen, dropout_p, seed)
     return torch.ops.lora_kernels.lora_linear_fwd(x, weight, lora_a, lora_b, scale, bias, chosen, save_t,
                                                   dropout_p, seed)[0]
