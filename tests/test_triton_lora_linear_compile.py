@@ -21,18 +21,20 @@ NUM_SMS = 132
 
 
 def _fwd_case(name, M, N, K, R, *, store_t=False, dropout_out=False, fp32_adapters=False, bias=False,
-              dropout=False, force_fused_t=False, m_args=None, x_ty="bf16"):
+              dropout=False, force_fused_t=False, m_args=None, x_ty="bf16", base_prec="tf32"):
     """The fused launch of plan_forward(M, N, K, R) (and, separately, its shrink); `m_args`: the M
     the compiled kernel is specialised for, when it differs from the M the plan is for; `x_ty`:
-    x's (and W's, y's, the 16-bit adapters') type."""
+    x's (and W's, y's, the adapters') type; `base_prec`: the base GEMM's (fp32 x: "ieee" unless
+    torch allows tf32)."""
     from dataclasses import replace
     from lora_kernels.triton import lora_linear as ll
-    plan = ll.plan_forward(M, N, K, R, 2, NUM_SMS, dropout=dropout, mask_epilogue=dropout_out,
+    elem = 4 if x_ty == "fp32" else 2
+    plan = ll.plan_forward(M, N, K, R, elem, NUM_SMS, dropout=dropout, mask_epilogue=dropout_out,
                            split_adapters=fp32_adapters)
     cfg = plan.fused
     if force_fused_t:  # t computed in the fused kernel (a config the tuner may pick)
         cfg = replace(cfg, split_k=1, precompute_t=False)
-        plan = ll.plan_forward(M, N, K, R, 2, NUM_SMS, config=cfg, split_adapters=fp32_adapters)
+        plan = ll.plan_forward(M, N, K, R, elem, NUM_SMS, config=cfg, split_adapters=fp32_adapters)
     load_t = plan.shrink is not None
     x_ptr = "*" + x_ty
     adapter = x_ptr  # fp32 adapters reach the kernels as two x-dtype halves (A_HALVES) or via t
@@ -48,14 +50,14 @@ def _fwd_case(name, M, N, K, R, *, store_t=False, dropout_out=False, fp32_adapte
     constexprs = dict(HAS_BIAS=bias, STORE_T=store_t and (not load_t or not plan.t_reduce), LOAD_T=load_t,
                       DROPOUT_OUT=dropout_out, A_HALVES=fp32_adapters and not load_t,
                       BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_r,
-                      T_CHUNK=ll.t_chunk(cfg.block_r), GROUP_M=cfg.group_m, BASE_PRECISION="tf32",
-                      LORA_PRECISION="tf32x3" if fp32_adapters else "tf32x2")
+                      T_CHUNK=ll.t_chunk(cfg.block_r), GROUP_M=cfg.group_m, BASE_PRECISION=base_prec,
+                      LORA_PRECISION="tf32x3" if fp32_adapters or x_ty == "fp32" else "tf32x2")
     yield f"fwd {name}", ll.lora_linear_fwd_kernel, args, constexprs, cfg.num_warps, cfg.num_stages
     if load_t and m_args is None:
-        yield _shrink_case(f"shrink of {name}", M, K, R, plan.shrink, dropout, fp32_adapters, x_ty)
+        yield _shrink_case(f"shrink of {name}", M, K, R, plan.shrink, dropout, fp32_adapters, x_ty, base_prec)
 
 
-def _shrink_case(name, M, K, R, sc, dropout, fp32_adapters, x_ty="bf16"):
+def _shrink_case(name, M, K, R, sc, dropout, fp32_adapters, x_ty="bf16", base_prec="tf32"):
     from lora_kernels.triton import lora_linear as ll
     from lora_kernels.triton.lora_linear import k_split_plan
     per = k_split_plan(K, sc.block_k, sc.split_k)[1]
@@ -64,7 +66,7 @@ def _shrink_case(name, M, K, R, sc, dropout, fp32_adapters, x_ty="bf16"):
                  dropout_threshold=7, k_tiles_per_split=per // sc.block_k, stride_xm=K, stride_xk=1,
                  stride_ah=R * K, stride_ar=K, stride_ak=1, stride_ts=M * R, stride_tm=R, stride_tr=1),
             dict(DROPOUT=dropout, A_HALVES=fp32_adapters, BLOCK_M=sc.block_m, BLOCK_K=sc.block_k,
-                 BLOCK_R=sc.block_r, PRECISION="tf32"), sc.num_warps, sc.num_stages)
+                 BLOCK_R=sc.block_r, PRECISION=base_prec), sc.num_warps, sc.num_stages)
 
 
 def _cases():
@@ -94,6 +96,18 @@ def _cases():
     yield from _fwd_case("M=4096 r=16 fp32 adapters fp16", 4096, 4096, 4096, 16, fp32_adapters=True, x_ty="fp16")
     yield from _fwd_case("bwd dx M=4096 r=16 dropout fp16", 4096, 4096, 4096, 16, store_t=True, dropout_out=True,
                          x_ty="fp16")
+    # fp32 x (fp32 adapters): tf32 where torch allows it, else "ieee" (torch's default)
+    for prec in ("tf32", "ieee"):
+        yield from _fwd_case(f"decode M=1 r=16 fp32 {prec}", 1, 4096, 4096, 16, bias=True, x_ty="fp32",
+                             base_prec=prec)
+        yield from _fwd_case(f"M=4096 r=16 fp32 {prec}", 4096, 4096, 4096, 16, bias=True, x_ty="fp32",
+                             base_prec=prec)
+    yield from _fwd_case("M=128 r=16 (K split) fp32", 128, 4096, 4096, 16, x_ty="fp32")
+    yield from _fwd_case("M=1024 r=64 fp32", 1024, 4096, 4096, 64, x_ty="fp32")
+    yield from _fwd_case("M=4096 r=128 store_t fp32", 4096, 4096, 4096, 128, store_t=True, x_ty="fp32")
+    yield from _fwd_case("M=4096 r=16 dropout fp32", 4096, 4096, 4096, 16, dropout=True, store_t=True, x_ty="fp32")
+    yield from _fwd_case("bwd dx M=4096 r=128 dropout fp32", 4096, 4096, 4096, 128, store_t=True, dropout_out=True,
+                         x_ty="fp32")
     # the same tiles at M = 1 and M = 4096 must be the same compiled kernel (checked below)
     yield from _fwd_case("M=4096 r=16 (decode tiles)", 1, 4096, 4096, 16, bias=True, m_args=4096)
     yield _shrink_case("shrink u M=16384 r=128", 16384, 4096, 128, ll.shrink_config(16384, 4096, 128, 2, NUM_SMS),

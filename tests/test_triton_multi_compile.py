@@ -2,7 +2,7 @@
 configuration their launchers choose for the benchmark suite (shared/DESIGN.md section 7: every
 layer of bench/suites.py, the multi-slice layers' widest slice, every token count of both suites,
 L in {8, 128}, ranks 8 to 512; bf16 x with bf16 and fp32 adapters, fp16 x with fp16 and fp32
-adapters), and for each:
+adapters, fp32 x and adapters), and for each:
 
 * it fits in the shared memory a block may use there;
 * ptxas -v reports no spill at all;
@@ -26,8 +26,9 @@ SUITE_RANKS = (8, 16, 32, 64, 128, 256, 512)  # the suite's, the sweep's, 32 (co
 # the suite's largest M: these batch sizes reach that launch too.
 BEYOND_SUITE_TOKENS = (65536,)
 # (x, W and y's dtype, the adapters'): fp32 is PEFT's default adapters. fp16 takes its own paths
-# where 16-bit halves are made (an fp32 A split into x's dtype) and in the chunked epilogue (t2).
-DTYPES = (("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16"), ("fp16", "fp32"))
+# where 16-bit halves are made (an fp32 A split into x's dtype) and in the chunked epilogue (t2);
+# fp32 x its own tiles (4-byte elements).
+DTYPES = (("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16"), ("fp16", "fp32"), ("fp32", "fp32"))
 _TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -56,32 +57,35 @@ def launch_configs():
     variant; the runtime ints are the suite's largest layer)."""
     configs = {}
     for (K, N, M, R, L), (xdt, adt) in itertools.product(_suite(), DTYPES):
-        configs.update({f"{name}{' x=fp16' if xdt == 'fp16' else ''}": value
-                        for name, value in _launches(K, N, M, R, L, adt).items()})
+        configs.update({f"{name}{'' if xdt == 'bf16' else f' x={xdt}'}": value
+                        for name, value in _launches(K, N, M, R, L, xdt, adt).items()})
     return configs
 
 
-def _launches(K, N, M, R, L, adt):
-    """The launches of one suite case with adapters of dtype `adt` (names as launch_configs')."""
+def _launches(K, N, M, R, L, xdt, adt):
+    """The launches of one suite case with x of dtype `xdt` and adapters of dtype `adt` (names as
+    launch_configs', without the x dtype)."""
     from lora_kernels.triton import multi_lora as ml
     from lora_kernels.triton.lora_linear import block_r_for
     out = {}
     fp32 = adt == "fp32"
+    elem = 4 if xdt == "fp32" else 2
+    split_a = fp32 and xdt != "fp32"  # an fp32 A over 16-bit x, split into x's dtype
     lora_prec = "tf32x3" if fp32 else "tf32x2"
     b_dtype = _TORCH_DTYPES[adt]
-    cfg = ml.linear_config(M, N, K, R, L, 2, NUM_SMS, split_adapters=fp32)
+    cfg = ml.linear_config(M, N, K, R, L, elem, NUM_SMS, split_adapters=split_a)
     t_given = block_r_for(R) > ml.RANK_CHUNK or not cfg.fused_shrink  # as ml.multi_lora_linear
     segs = [cfg.segment] if t_given else []
-    segs.append(ml.segment_config(M, K, R, 2, NUM_SMS, fp32))  # lora_shrink / shrink_slices alone
+    segs.append(ml.segment_config(M, K, R, elem, NUM_SMS, split_a))  # lora_shrink / shrink_slices alone
     # the chunked kernel's shrink stores t split (t2 / t4) where that kernel takes it so
     split = ml.t_split_for(b_dtype, lora_prec, cfg.tiles.block_m) if t_given else 1
     for sc, t_split in zip(segs, (split, 1)):
         block_r = min(sc.shrink_block_r, ml.T4_SHRINK_MAX_BLOCK_R if t_split > 1 else ml.RANK_CHUNK)
-        c = dict(HAS_SCALES=True, HAS_RANKS=True, SPLIT_A=fp32, BLOCK_M=sc.item_m, BLOCK_K=sc.shrink_block_k,
+        c = dict(HAS_SCALES=True, HAS_RANKS=True, SPLIT_A=split_a, BLOCK_M=sc.item_m, BLOCK_K=sc.shrink_block_k,
                  BLOCK_R=block_r, PRECISION="tf32", T_SPLIT=t_split)
         out[f"shrink BM={sc.item_m} BK={sc.shrink_block_k} BR={block_r} w{sc.num_warps} s{sc.num_stages}"
             f"{f' t{t_split}' if t_split > 1 else ''} A={adt}"] = (ml.lora_shrink_kernel, c, sc.num_warps, sc.num_stages)
-    ec = ml.segment_config(M, N, R, 2, NUM_SMS)  # expand_slices_: y's element size
+    ec = ml.segment_config(M, N, R, elem, NUM_SMS)  # expand_slices_: y's element size
     block_r, rank_chunked = ml.expand_block_r(R)
     c = dict(HAS_RANKS=True, ITEM_M=ec.expand_item_m, BLOCK_M=min(ml.EXPAND_BLOCK_M, ec.expand_item_m),
              BLOCK_N=ec.expand_block_n, BLOCK_R=block_r, RANK_CHUNKED=rank_chunked, PRECISION=lora_prec)
@@ -107,7 +111,7 @@ def _launches(K, N, M, R, L, adt):
     else:
         name = f"linear fused-shrink {tiles} BR={t.block_r} adapters={adt}"
         out[name] = (ml.multi_lora_linear_kernel,
-                     dict(HAS_BIAS=True, HAS_SCALES=True, HAS_RANKS=True, SPLIT_A=fp32, BLOCK_R=t.block_r,
+                     dict(HAS_BIAS=True, HAS_SCALES=True, HAS_RANKS=True, SPLIT_A=split_a, BLOCK_R=t.block_r,
                           **common),
                      t.num_warps, t.num_stages)
     return out
@@ -149,7 +153,7 @@ PER_CALL_KERNELS = ("linear t-given", "linear fused-shrink")  # multi_lora_linea
 
 def _dtypes_of(name):
     """(x dtype, adapter dtype) of a launch_configs name."""
-    xdt = "fp16" if name.endswith("x=fp16") else "bf16"
+    xdt = name.rsplit("x=", 1)[1] if " x=" in name else "bf16"
     return xdt, "fp32" if "fp32" in name else xdt
 
 
@@ -183,7 +187,7 @@ def test_k_loops_are_pipelined_and_never_wait_for_all(compiled, name):
     """Every innermost loop with a tensor-core dot (K loops, the expand's row loop, rank-chunk
     loops): no synchronous load into a dot operand, no wait for all copies or all MMAs, no
     register -> shared-memory store (tests/aot.py k_loop_report). No exemption: the chunked
-    epilogue on wgmma tiles with fp32 B takes t split (multi_lora._rank_chunks_dot_t4)."""
+    epilogue on wgmma tiles with fp32 or fp16 B takes t split (multi_lora._rank_chunks_dot_split)."""
     loops = compiled[name]["k_loops"]
     assert loops, f"{name}: no K loop with a dot found in the TTGIR"
     for loop in loops:

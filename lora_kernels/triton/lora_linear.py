@@ -527,14 +527,21 @@ def _tile_candidates(M: int, block_r: int, fp32: bool, narrow: bool):
       accumulator next to the LoRA epilogue (16-20 B per thread at rank 16 with the tf32 split of
       t, KBs at rank >= 64 or with the Philox words of the dropout epilogue;
       tests/test_triton_lora_linear_compile.py). It stays a tuner candidate (bench/tune.py).
+    * fp32 x (`fp32`): BLOCK_K halves (the same bytes per tile), and no 128-column tile: with fp32
+      operands 128x128 (8 warps) and 64x128 (4 warps) spilled 8-204 B per thread next to the LoRA
+      epilogue (ptxas -v, sm_90a, triton 3.8: M = 4096 at r = 16 and 128, M = 1024 at r = 64,
+      dropout, the dx epilogue), and 64x64 with 4 warps 8 B in the dx epilogue at r = 128 with
+      dropout. 128x64 and 64x64 with 8 warps spill nothing there
+      (tests/test_triton_lora_linear_compile.py).
     * `narrow` is kept for the tuner's candidate grid (it no longer changes these defaults)."""
     bk = 64 if fp32 else 128
     if M <= 16:
         return [(16, bn, bk, 4, 4) for bn in (64, 32, 16)]
-    bk = 32 if fp32 else 64
+    if fp32:
+        return [(64, 64, 32, 8, 4)] if M <= 64 else [(128, 64, 32, 8, 3), (64, 64, 32, 8, 4)]
     if M <= 64:
-        return [(64, 128, bk, 4, 4), (64, 64, bk, 4, 4)]
-    return [(128, 128, bk, 8, 3), (64, 128, bk, 4, 4), (64, 64, bk, 4, 4)]
+        return [(64, 128, 64, 4, 4), (64, 64, 64, 4, 4)]
+    return [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)]
 
 
 @functools.lru_cache(maxsize=4096)  # pure function of ints, called on every launch
