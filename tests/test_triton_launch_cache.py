@@ -148,20 +148,22 @@ def test_weight_grad_decisions_cached_equal_uncached_and_follow_the_config(x_dty
         fresh = lb.weight_grad_decisions(*args, cached=False)
         assert {k: getattr(fresh, k) for k in lb._GradLaunch.__slots__} == \
             {k: getattr(first, k) for k in lb._GradLaunch.__slots__}
-        split_x = first.kw["SPLIT_X"]  # fp16 halves: x / dy split in registers, their own column tiles
-        assert split_x == (first.halves and x_dtype == torch.float16)
+        # fp16 and fp32 halves: x / dy split in registers, their own column tiles
+        split_x = first.kw["SPLIT_X"]
+        assert split_x == (first.halves and x_dtype in (torch.float16, torch.float32))
         cfg = lb.weight_grad_config(M, N, K, r, x_dtype.itemsize, num_sms, need[0], need[1], split_x=split_x)
         rows = first.rows_per_split
         assert rows % cfg.block_m == 0 and first.split == -(-M // rows) <= max(1, cfg.split_m)
         a_tiles = -(-K // cfg.block_c) if need[0] else 0
         b_tiles = -(-N // cfg.block_c) if need[1] or need[2] else 0
         assert first.num_a_tiles == a_tiles and first.grid == (a_tiles + b_tiles, first.split)
-        # 16-bit x splits u and t into halves unless a program walks one row step at a rank the
-        # fp32 path holds without spilling; that loop (one step: nothing to pipeline) is exempt
-        # from the compile test's waits check
+        # on a GPU every x splits u and t into halves (bf16; tf32 for fp32 x) unless a program
+        # walks one row step at a rank the fp32 path holds without spilling; that loop (one step:
+        # nothing to pipeline) is exempt from the compile test's waits check
         one_step = M <= cfg.block_m and cfg.block_r <= lb.FP32_ONE_STEP_MAX_BLOCK_R
-        assert first.halves == (x_dtype != torch.float32 and not one_step)
-        assert first.halves or x_dtype == torch.float32 or (first.split, first.rows_per_split) == (1, cfg.block_m)
+        assert first.halves == (not one_step)
+        assert first.halves or (first.split, first.rows_per_split) == (1, cfg.block_m)
+        assert first.halves_dtype == (torch.float32 if x_dtype == torch.float32 else torch.bfloat16)
         assert (first.split_launch is None) == (not first.halves)
         assert first.kw["BLOCK_C"] == cfg.block_c and first.kw["HAS_DA"] == need[0]
     cfg = lb.WeightGradConfig(16, 32, 16, 3, 4, 2, halves=False)

@@ -248,6 +248,40 @@ def test_fp16_split_x_keeps_16_bits(interpreter_device, p):
     assert ((db.double() - db_ref).abs() <= 2 ** -14 * db_mag).all()
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("split", [1, 3])
+def test_fp32_weight_grads_take_tf32_halves_on_gpus(interpreter_device, monkeypatch, p, split):
+    """fp32 x's GPU path for dA and dB (forced here by the GPU's precision choice, "tf32x3"): u
+    and t split once per call into tf32 halves (split_adapter into fp32), x and dy into tf32 hi +
+    lo in registers (_split_x), two tf32 dots per row step into two accumulators, or with dropout
+    one over the hi / lo columns side by side. The interpreter's tf32 dots are fp32-exact, so this
+    checks the algebra: every operand is exact in tf32, so dA and dB stay within 2^-19 of
+    |u|^T |drop(x)| and |dy|^T |t| (float64), where a lost lo half of x, dy, u or t leaves ~2^-11."""
+    from lora_kernels.triton import lora_linear as ll, lora_linear_backward as lb
+    monkeypatch.setattr(lb, "lora_precision_for", lambda dt, dev: "tf32x3" if dt == torch.float32 else "tf32x2")
+    ll.clear_launch_cache()  # the records hold the precision the launcher read
+    try:
+        M, N, K, r = 70, 45, 52, 7
+        inp = make_lora_inputs(M, N, K, r, torch.float32)
+        dy = rand(M, N)
+        _, t = _forward(inp, p)
+        cfg = lb.WeightGradConfig(block_m=16, block_c=16, block_r=16, split_m=split, num_warps=4, num_stages=2,
+                                  halves=True)
+        rec = lb.weight_grad_decisions(M, N, K, r, torch.float32, torch.float32, interpreter_device,
+                                       lb._num_sms(interpreter_device), True, True, False, p > 0, cfg, cached=False)
+        assert rec.halves and rec.halves_dtype == torch.float32 and rec.kw["SPLIT_X"]
+        _, da, db, _ = _backward(inp, dy, t, p, ("a", "b"), grad_config=cfg)
+    finally:
+        ll.clear_launch_cache()
+    keep = reference.dropout_keep_mask(SEED, M, K, p).double() / (1 - p) if p else 1.0
+    xd, dy64, t64, b64 = inp.x.double() * keep, dy.double(), t.double(), inp.lora_b.double()
+    da_ref, db_ref = inp.scale * (dy64 @ b64).t() @ xd, inp.scale * dy64.t() @ t64
+    da_mag = inp.scale * (dy64.abs() @ b64.abs()).t() @ xd.abs()
+    db_mag = inp.scale * dy64.t().abs() @ t64.abs()
+    assert ((da.double() - da_ref).abs() <= 2 ** -19 * da_mag).all()
+    assert ((db.double() - db_ref).abs() <= 2 ** -19 * db_mag).all()
+
+
 @pytest.mark.parametrize("p", [0.0, 0.4])
 def test_dx_through_the_persistent_tma_variant(interpreter_device, p):
     """dx with W^T read through a [K, N] descriptor (W_KN) and the dropout epilogue."""

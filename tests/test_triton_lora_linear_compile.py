@@ -125,15 +125,18 @@ def _cases():
                dict(BLOCK_ROWS=ll.SPLIT_BLOCK_ELEMENTS // block_cols, BLOCK_COLS=block_cols), 4, 1)
     # 16-bit x: u and t as bf16 halves, but fp32 when a program walks one row step at a padded
     # rank up to FP32_ONE_STEP_MAX_BLOCK_R (lora_linear_backward._GradLaunch); fp16 x and dy split
-    # into bf16 hi + lo in registers (SPLIT_X: with dropout one dot over both, without two)
+    # into bf16 hi + lo in registers (SPLIT_X: with dropout one dot over both, without two); fp32 x
+    # and dy into tf32 hi + lo, against u and t in tf32 halves
     for x_ty, M, R, dropout in (("bf16", 16384, 16, True), ("bf16", 16384, 128, True), ("bf16", 16, 128, True),
                                 ("bf16", 1, 16, True), ("bf16", 16, 64, True), ("fp16", 16384, 16, True),
-                                ("fp16", 16384, 128, True), ("fp16", 16384, 64, False), ("fp16", 16384, 128, False)):
-        split_x = x_ty == "fp16"
-        wc = lb.weight_grad_config(M, 4096, 4096, R, 2, NUM_SMS, split_x=split_x)
+                                ("fp16", 16384, 128, True), ("fp16", 16384, 64, False), ("fp16", 16384, 128, False),
+                                ("fp32", 16384, 16, True), ("fp32", 16384, 128, True), ("fp32", 16384, 64, False),
+                                ("fp32", 16384, 128, False)):
+        split_x = x_ty in ("fp16", "fp32")
+        wc = lb.weight_grad_config(M, 4096, 4096, R, 4 if x_ty == "fp32" else 2, NUM_SMS, split_x=split_x)
         halves = M > wc.block_m or wc.block_r > lb.FP32_ONE_STEP_MAX_BLOCK_R
-        rank_ptr = "*bf16" if halves else "*fp32"
-        name = f"bwd dA/dB{' fp16' if split_x else ''} M={M} r={R}{' dropout' if dropout else ''}"
+        rank_ptr = "*bf16" if halves and x_ty != "fp32" else "*fp32"
+        name = f"bwd dA/dB{f' {x_ty}' if split_x else ''} M={M} r={R}{' dropout' if dropout else ''}"
         yield (name + ("" if halves else " fp32 u/t"), lb.lora_weight_grads_kernel,
                dict(x_ptr=f"*{x_ty}", u_ptr=rank_ptr, dy_ptr=f"*{x_ty}", t_ptr=rank_ptr, seed_ptr="*i64",
                     da_ptr="*fp32", db_ptr="*fp32", dbias_ptr="*fp32", M=M, N=4096, K=4096, R=R, rows_per_split=4096,

@@ -412,14 +412,19 @@ def dropout_mask_kernel(seed_ptr, mask_ptr, M, K, dropout_threshold, stride_mm, 
 def split_halves_kernel(src_ptr, out_ptr, rows, cols, stride_sr, stride_sc, stride_oh, stride_or, stride_oc,
                         BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
     """out[0] = hi = src rounded to out's dtype; out[1] = lo = (src - hi) rounded: split_adapter's
-    two halves of an fp32 src [rows, cols] (any strides), in one pass."""
+    two halves of an fp32 src [rows, cols] (any strides), in one pass. An fp32 out holds tf32
+    halves (_tf32_split, lo rounded to tf32 again): both exact tf32 operands."""
     offs_r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     offs_c = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     mask = (offs_r[:, None] < rows) & (offs_c[None, :] < cols)
     v = tl.load(src_ptr + offs_r[:, None].to(tl.int64) * stride_sr + offs_c[None, :].to(tl.int64) * stride_sc,
                 mask=mask, other=0.0)
-    hi = v.to(out_ptr.dtype.element_ty)
-    lo = (v - hi.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    if out_ptr.dtype.element_ty == tl.float32:
+        hi, lo = _tf32_split(v)
+        lo = _tf32_split(lo)[0]
+    else:
+        hi = v.to(out_ptr.dtype.element_ty)
+        lo = (v - hi.to(tl.float32)).to(out_ptr.dtype.element_ty)
     out = out_ptr + offs_r[:, None].to(tl.int64) * stride_or + offs_c[None, :].to(tl.int64) * stride_oc
     tl.store(out, hi, mask=mask)
     tl.store(out + stride_oh, lo, mask=mask)
@@ -661,6 +666,10 @@ def split_adapter(a: torch.Tensor, dtype: torch.dtype, out: Optional[torch.Tenso
     [rows, cols], any strides. In plain torch (bit for bit: both round to nearest even)::
 
         hi = a.to(dtype); lo = (a - hi.float()).to(dtype); return torch.stack((hi, lo))
+
+    With dtype float32 the halves are tf32 (fp32 x's HALVES: ~22 bits in two exact tf32
+    operands): hi = a rounded to 10 mantissa bits (ties away from zero, _tf32_split), lo = a - hi
+    rounded the same way.
 
     One launch of split_halves_kernel (those torch ops are five launches and two temporaries:
     ~12 us of host time per split at M = 1, CPU machine). `out` (tests poison it): [2, rows, cols]

@@ -28,7 +28,8 @@ import triton.language as tl
 from ..backends import interpreter_bf16_fixed
 from ..reference import dropout_threshold
 from .lora_linear import (ForwardConfig, ShrinkConfig, _a_operand, _cdiv, _fold_halves, _keep_mask, _load_tile,
-                          _Launch, _LAUNCHES, _num_sms, _philox_key, _strides3, block_r_for, launch_decisions,
+                          _Launch, _LAUNCHES, _num_sms, _philox_key, _strides3, _tf32_split, block_r_for,
+                          launch_decisions,
                           launch_fused, launch_shrink, lora_precision_for, remember_launch, split_adapter,
                           split_launch)
 from .multi_lora import _split16_dot
@@ -38,6 +39,45 @@ from .multi_lora import _split16_dot
 def _store_tile(ptr, value, offs_rows, offs_cols, n_rows, n_cols, stride_rows, stride_cols):
     ptrs = ptr + offs_rows[:, None].to(tl.int64) * stride_rows + offs_cols[None, :].to(tl.int64) * stride_cols
     tl.store(ptrs, value.to(ptr.dtype.element_ty), mask=(offs_rows[:, None] < n_rows) & (offs_cols[None, :] < n_cols))
+
+
+@triton.jit
+def _split_x(v, TF32: tl.constexpr):
+    """(hi, lo) with v = hi + lo for SPLIT_X's fp32 v (x or dy as loaded, converted): bf16 hi and
+    lo, exact for fp16 values (11 significant bits in 8 + 8, fp16's range inside bf16's), or with
+    TF32 (fp32 x) tf32 hi and lo (_tf32_split, lo rounded to tf32 again: both exact tf32
+    operands, v = hi + lo up to 2^-22 |v|)."""
+    if TF32:
+        hi, lo = _tf32_split(v)
+        lo = _tf32_split(lo)[0]
+    else:
+        hi = v.to(tl.bfloat16)
+        lo = (v - hi.to(tl.float32)).to(tl.bfloat16)
+    return hi, lo
+
+
+@triton.jit
+def _halves_dot(a, b, acc, TF32: tl.constexpr):
+    """acc += a @ b on halves: native bf16, or tf32 (TF32: fp32 operands exact in tf32)."""
+    if TF32:
+        acc = tl.dot(a, b, acc, input_precision="tf32")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _split_x_dot(v, b, acc, acc_lo, TF32: tl.constexpr):
+    """(acc + hi @ b, acc_lo + lo @ b) for v = hi + lo (_split_x) and b one operand of halves:
+    _split16_dot's two accumulators (a dot chained onto the other's result waited for it), with
+    the split v as the register operand (wgmma tiles), b as its copy left it."""
+    if TF32:
+        hi, lo = _split_x(v, True)
+        acc = tl.dot(hi, b, acc, input_precision="tf32")
+        acc_lo = tl.dot(lo, b, acc_lo, input_precision="tf32")
+    else:
+        acc, acc_lo = _split16_dot(v, b, acc, acc_lo)
+    return acc, acc_lo
 
 
 @triton.jit
@@ -54,8 +94,14 @@ def _da_tile(x_ptr, u_ptr, seed_ptr, da_ptr, col_start, m_begin, m_end, K, R, dr
     and two bf16 dots take it as the register operand, each into its own accumulator (_split16_dot:
     fp16 halves of u could overflow); with DROPOUT, whose masked tile reaches the dot through
     shared memory, hi and lo sit side by side as one [BC, 2 BM] operand against u's rows read twice
-    (one store and one dot per step: two stores otherwise; TTGIR, sm_90a). Otherwise x and u in
-    fp32 at PRECISION (x converted in registers: fp32 x, and one-row-step calls)."""
+    (one store and one dot per step: two stores otherwise; TTGIR, sm_90a). fp32 x on GPUs (HALVES
+    and SPLIT_X with an fp32 x_ptr): the same with tf32 halves of u (split_adapter into fp32) and
+    of x (_split_x), tf32 dots: the four products x_hi u_hi + x_hi u_lo + x_lo u_hi + x_lo u_lo,
+    every operand exact in tf32 (tl.dot's tf32x3 drops the last and split both operands in the
+    loop: x's halves stored to shared memory and the loop waiting for its MMAs). Otherwise x and u
+    in fp32 at PRECISION (x converted in registers: the interpreter's fp32 x, and one-row-step
+    calls)."""
+    TF32: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
     offs_c = col_start + tl.arange(0, BLOCK_C)
     offs_r = tl.arange(0, BLOCK_R)
     if DROPOUT:
@@ -74,17 +120,15 @@ def _da_tile(x_ptr, u_ptr, seed_ptr, da_ptr, col_start, m_begin, m_end, K, R, dr
                 keep = _keep_mask(k0, k1, offs_m, col_start, dropout_threshold, BLOCK_M, BLOCK_C)
                 x_t = tl.where(tl.trans(keep), x_t, tl.zeros_like(x_t))
             if SPLIT_X and DROPOUT:
-                x32 = x_t.to(tl.float32)
-                hi = x32.to(tl.bfloat16)
-                lo = (x32 - hi.to(tl.float32)).to(tl.bfloat16)
+                hi, lo = _split_x(x_t.to(tl.float32), TF32)
                 x2 = tl.reshape(tl.join(hi, lo), (BLOCK_C, 2 * BLOCK_M))
                 offs_m2 = m0 + tl.arange(0, 2 * BLOCK_M) // 2
                 u2 = _a_operand(u_ptr, offs_m2, m_end, R, stride_uh, stride_ur, stride_um, BLOCK_R, True)
-                acc = tl.dot(x2, u2, acc)
+                acc = _halves_dot(x2, u2, acc, TF32)
             else:
                 u2 = _a_operand(u_ptr, offs_m, m_end, R, stride_uh, stride_ur, stride_um, BLOCK_R, True)
                 if SPLIT_X:
-                    acc, acc_lo = _split16_dot(x_t.to(tl.float32), u2, acc, acc_lo)
+                    acc, acc_lo = _split_x_dot(x_t.to(tl.float32), u2, acc, acc_lo, TF32)
                 else:
                     acc = tl.dot(x_t, u2, acc)
         else:
@@ -109,7 +153,9 @@ def _db_tile(dy_ptr, t_ptr, db_ptr, dbias_ptr, col_start, m_begin, m_end, N, R, 
              BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
     """db[cols, :] = db_scale * sum_m dy[m, cols]^T t[m, :];  dbias[cols] = sum_m dy[m, cols].
     HALVES: t split once per call into two bf16 halves, one native dot on bf16 dy as loaded, or
-    (SPLIT_X, fp16 dy) two on dy's exact bf16 hi + lo (as _da_tile)."""
+    (SPLIT_X, fp16 dy) two on dy's exact bf16 hi + lo (as _da_tile), or (SPLIT_X, fp32 dy) two
+    tf32 dots on dy's tf32 hi + lo against t's tf32 halves."""
+    TF32: tl.constexpr = dy_ptr.dtype.element_ty == tl.float32
     offs_c = col_start + tl.arange(0, BLOCK_C)
     offs_r = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_C, BLOCK_R * (2 if HALVES else 1)), dtype=tl.float32)
@@ -123,7 +169,7 @@ def _db_tile(dy_ptr, t_ptr, db_ptr, dbias_ptr, col_start, m_begin, m_end, N, R, 
             if HALVES:
                 t2 = _a_operand(t_ptr, offs_m, m_end, R, stride_th, stride_tr, stride_tm, BLOCK_R, True)
                 if SPLIT_X:
-                    acc, acc_lo = _split16_dot(dy_t.to(tl.float32), t2, acc, acc_lo)
+                    acc, acc_lo = _split_x_dot(dy_t.to(tl.float32), t2, acc, acc_lo, TF32)
                 else:
                     acc = tl.dot(dy_t, t2, acc)
             else:
@@ -202,8 +248,8 @@ def weight_grad_config(M: int, N: int, K: int, r: int, elem_bytes: int, num_sms:
     one x/dy tile at 8 KB. SPLIT_M: enough programs for two per SM, but never fewer than 512 rows
     per split, so the fp32 partials (SPLIT_M * (r*K + N*r) * 4 bytes) stay small next to x and dy.
     When that still leaves fewer programs than SMs (few rows: nothing to split), BLOCK_C halves
-    to 32, doubling the column tiles, so that the launch fills one wave. `split_x` (fp16 x and
-    dy, SPLIT_X): the column tiles SPLIT_X_BLOCK_C allows at this rank."""
+    to 32, doubling the column tiles, so that the launch fills one wave. `split_x` (fp16 or fp32
+    x and dy, SPLIT_X): the column tiles SPLIT_X_BLOCK_C allows at this rank."""
     block_m = 32 if elem_bytes >= 4 else 64
     max_split = max(1, M // 512)
     block_r = block_r_for(r)
@@ -219,7 +265,9 @@ def weight_grad_config(M: int, N: int, K: int, r: int, elem_bytes: int, num_sms:
 # bf16 hi and lo sit in registers beside one fp32 [BLOCK_C, 2 BLOCK_R] accumulator (two without
 # dropout). ptxas -v, sm_90a, BLOCK_M 64, 4 warps, dropout on and off, triton 3.6 and 3.8: spill-free
 # at 64 and 32 up to rank 32; at rank 64, 64 (232-244 registers) and 16, while 32 spilled 24 B with
-# dropout (3.8); at rank 128 only 16 (143-168 registers; 32 spilled 64-112 B, 64 2-4 KB).
+# dropout (3.8); at rank 128 only 16 (143-168 registers; 32 spilled 64-112 B, 64 2-4 KB). fp32 x
+# (tf32 hi and lo, BLOCK_M 32; triton 3.8): spill-free at every one of these, 95-244 registers
+# (rank 128 at 64 spilled 2-4 KB there too).
 SPLIT_X_BLOCK_C = {16: (64, 32), 32: (64, 32), 64: (64, 16), 128: (16,)}
 
 
@@ -233,14 +281,15 @@ class _GradLaunch:
     """The host-side decisions of one lora_weight_grads_kernel launch key (issue 16 point 6: a
     training step repeats a few keys per layer shape), computed once per key: the row splits, the
     grid, and the kernel's constexprs and launch options."""
-    __slots__ = ("split", "rows_per_split", "grid", "num_a_tiles", "halves", "split_launch", "kw")
+    __slots__ = ("split", "rows_per_split", "grid", "num_a_tiles", "halves", "halves_dtype", "split_launch", "kw")
 
     def __init__(self, M: int, N: int, K: int, r: int, x_dtype: torch.dtype, dy_dtype: torch.dtype,
                  device: torch.device, num_sms: int, need_a: bool, need_b: bool, need_bias: bool, dropout: bool,
                  config: Optional[WeightGradConfig]):
         cfg = config or weight_grad_config(M, N, K, r, x_dtype.itemsize, num_sms, need_a, need_b)
         # halves (16-bit x: u and t split into two bf16 halves, one or two native dots per row
-        # step on x and dy as loaded; fp16's exactly in registers: SPLIT_X, _da_tile) pay two
+        # step on x and dy as loaded; fp16's exactly in registers: SPLIT_X, _da_tile; fp32 x on
+        # GPUs: tf32 halves, x and dy split in registers, tf32 dots) pay two
         # split_halves launches and two [2, M, r] buffers to replace each row step's tf32x3 dot. At
         # M <= BLOCK_M every program walks one row step, one tile's worth of MMAs: the fp32 path
         # is taken there up to FP32_ONE_STEP_MAX_BLOCK_R (two launches and allocations fewer:
@@ -249,11 +298,16 @@ class _GradLaunch:
         # training suite's M = 1 and 16 rows will show it; a config's `halves` overrides it.
         one_step_fp32 = M <= cfg.block_m and cfg.block_r <= FP32_ONE_STEP_MAX_BLOCK_R
         halves = cfg.halves if cfg.halves is not None else not one_step_fp32
+        precision = lora_precision_for(torch.float32, device)
         # fp16 x needs bf16 dots (SPLIT_X), which the unfixed interpreter computes wrongly (backends)
         bf16_dots = device.type == "cuda" or x_dtype == torch.bfloat16 or interpreter_bf16_fixed()
-        self.halves = (halves and x_dtype in (torch.float16, torch.bfloat16) and dy_dtype == x_dtype
-                       and bf16_dots)
-        split_x = self.halves and x_dtype == torch.float16
+        sixteen = x_dtype in (torch.float16, torch.bfloat16) and bf16_dots
+        # fp32 x on GPUs (tf32x3): tf32 halves of u and t, x and dy split in registers (_da_tile);
+        # the interpreter's exact fp32 dots keep the fp32 path
+        tf32 = x_dtype == torch.float32 and precision == "tf32x3"
+        self.halves = halves and dy_dtype == x_dtype and (sixteen or tf32)
+        self.halves_dtype = torch.float32 if tf32 else torch.bfloat16
+        split_x = self.halves and x_dtype in (torch.float16, torch.float32)
         if split_x and config is None:  # the same rows and rank, SPLIT_X's column tiles
             cfg = weight_grad_config(M, N, K, r, x_dtype.itemsize, num_sms, need_a, need_b, split_x=True)
         split = max(1, min(cfg.split_m, _cdiv(M, cfg.block_m)))
@@ -262,12 +316,12 @@ class _GradLaunch:
         self.num_a_tiles = _cdiv(K, cfg.block_c) if need_a else 0
         num_b_tiles = _cdiv(N, cfg.block_c) if (need_b or need_bias) else 0
         self.grid = (self.num_a_tiles + num_b_tiles, split)
-        # u and t [M, r] split into bf16 halves (split_adapter's launch, decided here once)
+        # u and t [M, r] split into halves (split_adapter's launch, decided here once)
         self.split_launch = split_launch(M, r) if self.halves else None
         self.kw = dict(HAS_DA=need_a, HAS_DB=need_b, HAS_DBIAS=need_bias, DROPOUT=dropout, HALVES=self.halves,
                        SPLIT_X=split_x,
                        BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, BLOCK_R=cfg.block_r,
-                       PRECISION=lora_precision_for(torch.float32, device),
+                       PRECISION=precision,
                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -337,7 +391,7 @@ def _rank_operand(v: torch.Tensor, rec: _GradLaunch, fresh: bool = False):
     v is the launcher's own contiguous u, whose strides need no read either."""
     rows, cols = v.shape
     if rec.halves:  # split_adapter's fresh contiguous [2, M, r]
-        return split_adapter(v, torch.bfloat16, launch=rec.split_launch), (rows * cols, cols, 1)
+        return split_adapter(v, rec.halves_dtype, launch=rec.split_launch), (rows * cols, cols, 1)
     return v, (rows * cols, cols, 1) if fresh else _strides3(v)
 
 
