@@ -34,8 +34,9 @@ def report(what: str, out: torch.Tensor, ref: torch.Tensor, dtype) -> bool:
 
 
 def lora_linear_cases():
+    # fp32 at M = 150: the weight gradients' tf32 halves (lora_linear_backward._GradLaunch)
     for M, N, K, r, dtype, p in [(1, 72, 136, 16, torch.bfloat16, 0.0), (37, 130, 70, 5, torch.float16, 0.0),
-                                 (150, 96, 64, 64, torch.bfloat16, 0.3)]:
+                                 (150, 96, 64, 64, torch.bfloat16, 0.3), (150, 72, 136, 16, torch.float32, 0.0)]:
         x, w, a, b, bias = (rnd(M, K, dtype=dtype), rnd(N, K, dtype=dtype), rnd(r, K, dtype=dtype),
                             rnd(N, r, dtype=dtype), rnd(N, dtype=dtype))
         xg, ag, bg = (t.cuda().requires_grad_(True) for t in (x, a, b))
@@ -90,6 +91,29 @@ def multi_cases():
     base = torch.nn.functional.linear(g(x), g(w))
     lora_kernels.lora_expand_(base, t, g(b), index, g(ranks), backend="triton")
     yield report(f"lora_shrink + lora_expand_ M={M} L={L} mixed ranks", base, ref, dtype)
+    yield from chunked_split_t_cases()
+
+
+def chunked_split_t_cases():
+    """multi_lora_linear's chunked epilogue on 64-row tiles with t split by the shrink: fp16 B
+    (t2) and fp32 B (t4), forced by a config (triton/multi_lora.py t_split_for)."""
+    from lora_kernels.triton import multi_lora as ml
+    from lora_kernels.triton.lora_linear import ForwardConfig
+    M, N, K, L, r_max = 150, 72, 136, 5, 32
+    ids = torch.tensor([(i * 7) % (L + 1) - 1 for i in range(M)], dtype=torch.int32)
+    ranks = torch.tensor([32, 1, 13, 30, 6], dtype=torch.int32)
+    x, w = rnd(M, K, dtype=torch.float16), rnd(N, K, dtype=torch.float16)
+    scales = torch.rand(L, generator=GEN) + 0.5
+    index = lora_kernels.AdapterIndex.from_token_adapters(ids.cuda(), L)
+    cfg = ml.LinearConfig(ForwardConfig(64, 32, 32, 32, 1, 1, 4, 2), False, ml.SegmentConfig(16, 32, 16, 32, 4, 2))
+    for adapter_dtype, split in ((torch.float16, 2), (torch.float32, 4)):
+        a, b = rnd(L, r_max, K, dtype=adapter_dtype), rnd(L, N, r_max, dtype=adapter_dtype)
+        ref = reference.multi_lora_linear(x.double(), w.double(), a.double(), b.double(), ids.long(),
+                                          scales.double(), None, ranks)
+        assert ml.t_split_for(adapter_dtype, ml.lora_precision_for(adapter_dtype, torch.device("cuda")), 64) == split
+        y = ml.multi_lora_linear(x.cuda(), w.cuda(), a.cuda(), b.cuda(), index, scales.cuda(), None, ranks.cuda(), cfg)
+        yield report(f"multi_lora_linear chunked t{split} M={M} L={L} {str(adapter_dtype)[6:]} adapters", y, ref,
+                     torch.float16)
 
 
 def main() -> int:
