@@ -344,7 +344,7 @@ def test_wgmma_chunk_epilogue_splits_t_into_bf16_halves(interpreter_device, monk
 def test_wgmma_chunk_epilogue_fp32_b_takes_t_split(interpreter_device, monkeypatch, x_dtype, t4):
     """The GPU path of the chunked epilogue on wgmma tiles (BLOCK_M >= 64) with fp32 B: the
     shrink stores t split (t4: hi, hi, lo, lo columns) and the epilogue's transposed dots take B's
-    hi and lo from two masked loads (_rank_chunks_dot_t4), forced here by the GPU's precision
+    hi and lo from two masked loads (_rank_chunks_dot_split), forced here by the GPU's precision
     choice. The interpreter's tf32 dots are fp32-exact, so this checks the algebra: the adapter
     term dominates y (W scaled by 1e-3), so with fp32 x a dropped hi/lo half of B or t (~2^-11
     of it; B's lo dropped gave 1.4e-4) is far over the fp32 bound (at most twice the plain-torch
