@@ -108,6 +108,14 @@ def _tf32_split(t):
 
 
 @triton.jit
+def _tf32_halves(t):
+    """(hi, lo), both exact tf32 operands, with t = hi + lo up to 2^-22 |t|: _tf32_split's hi, and
+    its lo rounded to tf32 again."""
+    hi, lo = _tf32_split(t)
+    return hi, _tf32_split(lo)[0]
+
+
+@triton.jit
 def _lora_dot(t, b, acc, LORA_PRECISION: tl.constexpr):
     """acc += t @ b with t fp32 [BM, BR] kept fp32-accurate, b [BR, BN] in the adapter dtype.
 
@@ -413,15 +421,14 @@ def split_halves_kernel(src_ptr, out_ptr, rows, cols, stride_sr, stride_sc, stri
                         BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
     """out[0] = hi = src rounded to out's dtype; out[1] = lo = (src - hi) rounded: split_adapter's
     two halves of an fp32 src [rows, cols] (any strides), in one pass. An fp32 out holds tf32
-    halves (_tf32_split, lo rounded to tf32 again): both exact tf32 operands."""
+    halves (_tf32_halves): both exact tf32 operands."""
     offs_r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     offs_c = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     mask = (offs_r[:, None] < rows) & (offs_c[None, :] < cols)
     v = tl.load(src_ptr + offs_r[:, None].to(tl.int64) * stride_sr + offs_c[None, :].to(tl.int64) * stride_sc,
                 mask=mask, other=0.0)
     if out_ptr.dtype.element_ty == tl.float32:
-        hi, lo = _tf32_split(v)
-        lo = _tf32_split(lo)[0]
+        hi, lo = _tf32_halves(v)
     else:
         hi = v.to(out_ptr.dtype.element_ty)
         lo = (v - hi.to(tl.float32)).to(out_ptr.dtype.element_ty)

@@ -28,10 +28,9 @@ import triton.language as tl
 from ..backends import interpreter_bf16_fixed
 from ..reference import dropout_threshold
 from .lora_linear import (ForwardConfig, ShrinkConfig, _a_operand, _cdiv, _fold_halves, _keep_mask, _load_tile,
-                          _Launch, _LAUNCHES, _num_sms, _philox_key, _strides3, _tf32_split, block_r_for,
-                          launch_decisions,
-                          launch_fused, launch_shrink, lora_precision_for, remember_launch, split_adapter,
-                          split_launch)
+                          _Launch, _LAUNCHES, _num_sms, _philox_key, _strides3, _tf32_halves, block_r_for,
+                          launch_decisions, launch_fused, launch_shrink, lora_precision_for, remember_launch,
+                          split_adapter, split_launch)
 from .multi_lora import _split16_dot
 
 
@@ -45,11 +44,10 @@ def _store_tile(ptr, value, offs_rows, offs_cols, n_rows, n_cols, stride_rows, s
 def _split_x(v, TF32: tl.constexpr):
     """(hi, lo) with v = hi + lo for SPLIT_X's fp32 v (x or dy as loaded, converted): bf16 hi and
     lo, exact for fp16 values (11 significant bits in 8 + 8, fp16's range inside bf16's), or with
-    TF32 (fp32 x) tf32 hi and lo (_tf32_split, lo rounded to tf32 again: both exact tf32
-    operands, v = hi + lo up to 2^-22 |v|)."""
+    TF32 (fp32 x) tf32 hi and lo (_tf32_halves: both exact tf32 operands, v = hi + lo up to
+    2^-22 |v|)."""
     if TF32:
-        hi, lo = _tf32_split(v)
-        lo = _tf32_split(lo)[0]
+        hi, lo = _tf32_halves(v)
     else:
         hi = v.to(tl.bfloat16)
         lo = (v - hi.to(tl.float32)).to(tl.bfloat16)
@@ -73,8 +71,7 @@ def _split_x_dot(v, b, acc, acc_lo, TF32: tl.constexpr):
     the split v as the register operand (wgmma tiles), b as its copy left it."""
     if TF32:
         hi, lo = _split_x(v, True)
-        acc = tl.dot(hi, b, acc, input_precision="tf32")
-        acc_lo = tl.dot(lo, b, acc_lo, input_precision="tf32")
+        acc, acc_lo = _halves_dot(hi, b, acc, True), _halves_dot(lo, b, acc_lo, True)
     else:
         acc, acc_lo = _split16_dot(v, b, acc, acc_lo)
     return acc, acc_lo
@@ -233,7 +230,7 @@ class WeightGradConfig:
     split_m: int
     num_warps: int
     num_stages: int
-    halves: Optional[bool] = None  # u and t as bf16 halves (None: as _GradLaunch decides; see _da_tile)
+    halves: Optional[bool] = None  # u and t as halves, bf16 or tf32 (None: as _GradLaunch decides; see _da_tile)
 
 
 @functools.lru_cache(maxsize=4096)  # pure function of ints and bools, called on every backward
@@ -449,7 +446,7 @@ def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
                 if needed:
                     buf.zero_()
         elif rec.grid[0]:
-            # u and t fp32 [M, r]; with halves split into two bf16 halves each (split_adapter:
+            # u and t fp32 [M, r]; with halves split into two halves each, bf16 or tf32 (split_adapter:
             # [2, M, r], the kernel taking the first half's pointer); dy (never read) when unneeded
             u_arg, u_st = _rank_operand(u, rec, not u_given) if need_a else (dy, _strides3(dy))
             t_arg, t_st = _rank_operand(t, rec) if need_b else (dy, _strides3(dy))

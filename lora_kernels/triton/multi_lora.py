@@ -71,7 +71,7 @@ import triton.language as tl
 
 from ..serving import AdapterIndex
 from .lora_linear import (_LAUNCHES, ForwardConfig, _cdiv, _grouped_tile, _load_tile, _lora_dot, _num_sms,
-                          _shrink_dot, _strides3, _tf32_split, _tile_candidates, base_precision,
+                          _shrink_dot, _strides3, _tf32_halves, _tf32_split, _tile_candidates, base_precision,
                           base_precision_per_call, block_r_for, lora_precision_for, remember_launch)
 
 
@@ -253,7 +253,7 @@ def _split_chunk_dot(acc_t, ts_ptr, b_ptr, tok, rows_ok, offs_n, offs_j, odd, n_
     if T_SPLIT == 4:
         b_even = tl.load(ptrs, mask=ok & ~odd, other=0.0)
         b_odd = tl.load(ptrs, mask=ok & odd, other=0.0)
-        x = _tf32_split(b_even)[0] + _tf32_split(_tf32_split(b_odd)[1])[0]
+        x = _tf32_split(b_even)[0] + _tf32_halves(b_odd)[1]
     else:
         x = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
     return tl.dot(x, tl.trans(ts), acc_t, input_precision="tf32")
@@ -342,12 +342,11 @@ def lora_shrink_kernel(
 @triton.jit
 def _store_split(ptr, t, rows, row_ok, r0, R, stride_rows, stride_cols, T_SPLIT: tl.constexpr):
     """Rows `rows` of the [.., T_SPLIT R] split t for t = columns r0.. of t, t_hi = tf32(t) and
-    t_lo = tf32(t - t_hi) (_tf32_split), both exact tf32 operands, t = t_hi + t_lo up to
+    t_lo = tf32(t - t_hi) (_tf32_halves), both exact tf32 operands, t = t_hi + t_lo up to
     2^-22 |t|: T_SPLIT = 4 (t4) puts t_hi at columns 4r, 4r+1 and t_lo at 4r+2, 4r+3, T_SPLIT = 2
     (t2) t_hi at column r and t_lo at R + r. The operand _rank_chunks_dot_split reads as the
     shared-memory side of its dot."""
-    t_hi, t_lo = _tf32_split(t)
-    t_lo = _tf32_split(t_lo)[0]
+    t_hi, t_lo = _tf32_halves(t)
     offs_r = r0 + tl.arange(0, t.shape[1])
     base = ptr + rows[:, None].to(tl.int64) * stride_rows
     cols = T_SPLIT * offs_r[None, :].to(tl.int64)
