@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from ..reference import dropout_threshold
+from . import launch_templates as templates
 
 
 @triton.jit
@@ -667,7 +668,7 @@ def split_launch(rows: int, cols: int) -> Tuple[Tuple[int, int], dict]:
 
 
 def split_adapter(a: torch.Tensor, dtype: torch.dtype, out: Optional[torch.Tensor] = None,
-                  launch: Optional[Tuple[Tuple[int, int], dict]] = None) -> torch.Tensor:
+                  launch: Optional[Tuple[Tuple[int, int], dict]] = None, transposed: bool = False) -> torch.Tensor:
     """[2, *a.shape] in `dtype`: a = hi + lo, once per call (~16 mantissa bits of an fp32 adapter,
     or of u / t, in two 16-bit tensor-core operands; the kernels' A_HALVES / HALVES). a: fp32
     [rows, cols], any strides. In plain torch (bit for bit: both round to nearest even)::
@@ -681,13 +682,16 @@ def split_adapter(a: torch.Tensor, dtype: torch.dtype, out: Optional[torch.Tenso
     One launch of split_halves_kernel (those torch ops are five launches and two temporaries:
     ~12 us of host time per split at M = 1, CPU machine). `out` (tests poison it): [2, rows, cols]
     of `dtype` receiving the halves. `launch`: split_launch(rows, cols), when the caller keeps it
-    in a launch record."""
+    in a launch record. `transposed`: the halves of a.T, read through reversed strides (no view)."""
     rows, cols = a.shape
+    stride_r, stride_c = a.stride()
+    if transposed:
+        rows, cols, stride_r, stride_c = cols, rows, stride_c, stride_r
     if out is None:
-        out = torch.empty((2, rows, cols), dtype=dtype, device=a.device)
+        out = templates.empty((2, rows, cols), dtype, a.device)
     if rows and cols:
         grid, kw = launch or split_launch(rows, cols)
-        split_halves_kernel[grid](a, out, rows, cols, *a.stride(), *out.stride(), **kw)
+        templates.launch(split_halves_kernel, grid, (a, out, rows, cols, stride_r, stride_c, *out.stride()), kw)
     return out
 
 
@@ -697,7 +701,7 @@ def _adapter_operand(x: torch.Tensor, a: torch.Tensor, transposed: bool = False)
     view of it is made). `transposed`: `a` is A's transpose as stored ([D, R]; the backward's dx
     passes lora_b itself), read through reversed strides -- no view made (~1 us each, CPU machine)."""
     if a.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16):
-        halves = split_adapter(a.t() if transposed else a, x.dtype)
+        halves = split_adapter(a, x.dtype, transposed=transposed)
         st = halves.stride()
         return halves, st[0], True, st[1:]
     st = a.stride()
@@ -758,7 +762,7 @@ def _launch_reduce(ws, out, grid, S, M, N, ws_strides, out_strides) -> None:
     """out = sum_s ws[s] in a fixed order (splitk_reduce_kernel): ws [S, M, N] fp32 with
     `ws_strides`, out [M, N] with `out_strides`. out may be ws[0] itself (the strides of that
     view, the pointer of ws): each program reads all partials of its tile before it stores it."""
-    splitk_reduce_kernel[grid](ws, out, M, N, S, *ws_strides, *out_strides, **_REDUCE_KW)
+    templates.launch(splitk_reduce_kernel, grid, (ws, out, M, N, S, *ws_strides, *out_strides), _REDUCE_KW)
 
 
 def _reduce(ws: torch.Tensor, out: torch.Tensor) -> None:
@@ -791,10 +795,10 @@ def _launch_shrink_kernel(x, a_op, t, t_strides, grid, k_tiles, M, D, R, t_scale
     """lora_shrink_kernel over grid (row blocks, K splits) into t (strides `t_strides`, 3-D);
     a_op: _adapter_operand's A; kw: _shrink_flags_kw of its config, seed and a_op."""
     a_arg, stride_ah, _, a_strides = a_op
-    lora_shrink_kernel[grid](
+    templates.launch(lora_shrink_kernel, grid, (
         x, a_arg, t, seed if seed is not None else t,
         M, D, R, float(t_scale), dropout_threshold, k_tiles,
-        *x.stride(), stride_ah, *a_strides, *t_strides, **kw)
+        *x.stride(), stride_ah, *a_strides, *t_strides), kw)
 
 
 def launch_shrink(x: torch.Tensor, a: torch.Tensor, t: torch.Tensor, *, t_scale: float = 1.0,
@@ -814,13 +818,15 @@ def launch_shrink(x: torch.Tensor, a: torch.Tensor, t: torch.Tensor, *, t_scale:
     splits, k_per_split = k_split_plan(D, config.block_k, config.split_k)
     if t.dim() == 2 and splits > 1:
         out = t
-        t = torch.empty((splits, M, R), dtype=torch.float32, device=x.device)
+        t = templates.empty((splits, M, R), torch.float32, x.device)
         t_strides = t.stride()
     elif t.dim() == 2:
         out, t_strides = None, _strides3(t)
     else:
         out, t_strides = None, t.stride()
     a_op = _adapter_operand(x, a, transposed)
+    if base_precision_per_call(x.dtype, x.device):
+        templates.not_replayable()  # fp32 x on a GPU: the precision follows a global flag
     _launch_shrink_kernel(x, a_op, t, t_strides, (_cdiv(M, config.block_m), splits),
                           k_per_split // config.block_k, M, D, R, t_scale, seed, dropout_threshold,
                           _shrink_flags_kw(_shrink_kw(config), seed is not None, a_op[2],
@@ -964,7 +970,10 @@ def launch_fused(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Ten
                                    mask_epilogue=mask_epilogue, config=config, shrink=shrink)
     plan = rec.plan
     cfg = plan.fused
-    base_prec = rec.base_prec or base_precision(x.dtype, dev)
+    base_prec = rec.base_prec
+    if base_prec is None:  # fp32 x on a GPU: the precision follows a global flag
+        base_prec = base_precision(x.dtype, dev)
+        templates.not_replayable()
     t_src, t_splits = t, 1
     t_strides = _strides3(t) if t is not None and load_t else None
     if plan.shrink is not None and not load_t:
@@ -973,12 +982,12 @@ def launch_fused(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Ten
         shrink_args = (rec.shrink_k_tiles, M, D, R, t_scale, shrink_seed, shrink_threshold,
                        rec.shrink_kwargs(dropout, a_op[2], base_prec))
         if s_splits == 1:  # the shrink writes t itself
-            t_src = t if store_t else torch.empty((M, R), dtype=torch.float32, device=dev)
+            t_src = t if store_t else templates.empty((M, R), torch.float32, dev)
             t_strides = _strides3(t_src)
             _launch_shrink_kernel(x, a_op, t_src, t_strides, plan.shrink_grid, *shrink_args)
             store_t = False  # t_src is t itself
         elif plan.t_reduce:  # partials, summed by one reduce launch into t (or into partial 0)
-            ws = torch.empty((s_splits, M, R), dtype=torch.float32, device=dev)
+            ws = templates.empty((s_splits, M, R), torch.float32, dev)
             ws_strides = ws.stride()
             _launch_shrink_kernel(x, a_op, ws, ws_strides, plan.shrink_grid, *shrink_args)
             if store_t:
@@ -989,7 +998,7 @@ def launch_fused(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Ten
                 t_src, t_strides = ws, ws_strides  # t = ws[0]: the kernel reads one split
                 _launch_reduce(ws, ws, rec.t_reduce_grid, s_splits, M, R, ws_strides, ws_strides[1:])
         else:  # partials, summed by the fused kernel as it loads t
-            t_src = torch.empty((s_splits, M, R), dtype=torch.float32, device=dev)
+            t_src = templates.empty((s_splits, M, R), torch.float32, dev)
             t_strides = t_src.stride()
             _launch_shrink_kernel(x, a_op, t_src, t_strides, plan.shrink_grid, *shrink_args)
             t_splits = s_splits
@@ -999,6 +1008,7 @@ def launch_fused(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Ten
         raise ValueError("launch_fused: a K-split config needs t precomputed (precompute_t)")
     if cfg.persistent_tma and load_t and not store_t and splits == 1:
         from .lora_linear_tma import launch_tma, tma_layout
+        templates.not_replayable()  # views, and a choice read off the data pointers' alignment
         if transposed:  # the TMA launcher takes w and b as views (a large-M path: a view is cheap there)
             w, b, transposed = w.t(), b.t(), False
             a = a.t()
@@ -1013,18 +1023,18 @@ def launch_fused(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Ten
     if splits == 1:
         out, out_strides = y, _strides3(y)
     else:
-        out = torch.empty((splits, M, C), dtype=torch.float32, device=dev)
+        out = templates.empty((splits, M, C), torch.float32, dev)
         out_strides = out.stride()
     a_arg, stride_ah, a_halves, a_strides = _adapter_operand(x, a, transposed) if not load_t else (
         a, 0, False, a.stride()[::-1] if transposed else a.stride())
     w_strides, b_strides = (w.stride()[::-1], b.stride()[::-1]) if transposed else (w.stride(), b.stride())
     ts, ts_strides = (t_src, t_strides) if load_t else (out, out_strides)
     st, st_strides = (t, t.stride()) if store_t else (out, out_strides[1:])
-    lora_linear_fwd_kernel[plan.fused_grid](
+    templates.launch(lora_linear_fwd_kernel, plan.fused_grid, (
         x, w, a_arg, b, bias if bias is not None else y, out, ts, st, seed if seed is not None else y,
         M, C, D, R, float(scale), dropout_threshold, cfg.tiles_per_program, rec.k_tiles, t_splits,
         *x.stride(), *w_strides, stride_ah, *a_strides, *b_strides, *out_strides, *ts_strides,
-        *st_strides, **rec.fused_kwargs((bias is not None, store_t, load_t, mask_epilogue, a_halves, base_prec)))
+        *st_strides), rec.fused_kwargs((bias is not None, store_t, load_t, mask_epilogue, a_halves, base_prec)))
     if splits > 1:
         _launch_reduce(out, y, rec.out_reduce_grid, splits, M, C, out_strides, y.stride())
 
@@ -1050,25 +1060,51 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
                     want_t: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Launch the fused forward on validated inputs.
 
-    x [M, K] (any strides), weight [N, K], lora_a [r, K], lora_b [N, r], bias [N] | None.
-    Returns (y [M, N] in x.dtype, t [M, r] fp32 = drop(x) @ lora_a.T if save_t else an empty
-    [0, r]), where drop(x) = x * keep / (1 - dropout_p) with keep drawn from `seed` (int64 [1] on
-    x's device; None = no dropout). `out` / `t_out` (tests poison them) receive y and t when given;
-    `config` / `shrink` override the heuristics (tests use them to reach every code path at small
-    sizes). Dropout always computes t in the shrink first (each mask bit drawn once).
-    `want_t` False (with save_t False and no t_out): t comes back as None instead of an empty
-    tensor (the eager path drops it: one allocation less per call)."""
+    x [M, K] (any strides), weight [N, K] in x's dtype, lora_a [r, K], lora_b [N, r] in lora_a's
+    dtype, bias [N] | None. Returns (y [M, N] in x.dtype, t [M, r] fp32 = drop(x) @ lora_a.T if
+    save_t else an empty [0, r]), where drop(x) = x * keep / (1 - dropout_p) with keep drawn from
+    `seed` (int64 [1] on x's device; None = no dropout). `out` / `t_out` (tests poison them)
+    receive y and t when given; `config` / `shrink` override the heuristics (tests use them to
+    reach every code path at small sizes). Dropout always computes t in the shrink first (each
+    mask bit drawn once). `want_t` False (with save_t False and no t_out): t comes back as None
+    instead of an empty tensor (the eager path drops it: one allocation less per call).
+
+    Host work per call (issue 16 point 6): a call whose signature was seen replays that call's
+    launch template (launch_templates.py): the key below is everything _forward_launches decides
+    from -- the tensors' shapes, strides, dtypes and device, the scalars and flags (weight's dtype
+    and lora_b's shape follow from the validation)."""
+    if out is not None or t_out is not None or not templates.ENABLED:
+        return _forward_launches(x, weight, lora_a, lora_b, scale, bias, save_t, config, out, t_out, dropout_p,
+                                 seed, shrink, want_t)
+    key = ("fwd template", x.shape, x.stride(), weight.shape, weight.stride(), lora_a.shape, lora_a.stride(),
+           lora_b.stride(), x.dtype, lora_a.dtype, x.device, bias is None, scale, save_t, want_t, dropout_p,
+           seed is None, config, shrink)
+    inputs = (x, weight, lora_a, lora_b, bias, seed)
+    tpl = _LAUNCHES.get(key)
+    if tpl is not None:
+        return tpl.replay(inputs)
+    result, tpl = templates.record(inputs, _forward_launches, x, weight, lora_a, lora_b, scale, bias,
+                                          save_t, config, out, t_out, dropout_p, seed, shrink, want_t)
+    if tpl is not None:
+        remember_launch(key, tpl)
+    return result
+
+
+def _forward_launches(x, weight, lora_a, lora_b, scale, bias, save_t, config, out, t_out, dropout_p, seed, shrink,
+                      want_t) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """lora_linear_fwd's allocations and launches (what its templates record)."""
     M, K = x.shape
     N, r = weight.shape[0], lora_a.shape[0]
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out
+    y = templates.empty((M, N), x.dtype, x.device) if out is None else out
     if t_out is not None:
         t = t_out
     elif save_t or want_t:
-        t = torch.empty((M if save_t else 0, r), dtype=torch.float32, device=x.device)
+        t = templates.empty((M if save_t else 0, r), torch.float32, x.device)
     else:
         t = None
     if M == 0 or N == 0:
         if save_t:
+            templates.not_replayable()
             t.zero_()
         return y, t
     dropout = seed is not None

@@ -27,6 +27,7 @@ import triton.language as tl
 
 from ..backends import interpreter_bf16_fixed
 from ..reference import dropout_threshold
+from . import launch_templates as templates
 from .lora_linear import (ForwardConfig, ShrinkConfig, _a_operand, _cdiv, _fold_halves, _keep_mask, _load_tile,
                           _Launch, _LAUNCHES, _num_sms, _philox_key, _strides3, _tf32_halves, block_r_for,
                           launch_decisions, launch_fused, launch_shrink, lora_precision_for, remember_launch,
@@ -378,9 +379,9 @@ def _gradient_buffer(needed: bool, split: int, shape: Tuple[int, ...], dtype: to
     rows, cols = shape if len(shape) == 2 else (shape[0], 1)
     strides = (rows * cols, cols, 1)
     if split == 1:
-        out = torch.empty(shape, dtype=dtype, device=device)
+        out = templates.empty(shape, dtype, device)
         return out, out, strides
-    return None, torch.empty((split, *shape), dtype=torch.float32, device=device), strides
+    return None, templates.empty((split, *shape), torch.float32, device), strides
 
 
 def _rank_operand(v: torch.Tensor, rec: _GradLaunch, fresh: bool = False):
@@ -406,10 +407,34 @@ def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
     `u`: dy @ lora_b fp32 [M, r] when the caller has it (the sm90 dx computes it; with need_x
     False): the shrink that would recompute it is skipped.
 
-    Host work per call (issue 16 point 6): both launches' decisions come from one lookup
-    (backward_decisions); an empty [0] stands in only for a gradient that is not needed,
-    and neither transposes nor 3-D views (a split axis of one) are made: their strides are passed
-    (a view costs ~1-2 us, CPU machine)."""
+    Host work per call (issue 16 point 6): a call whose signature was seen replays that call's
+    launch template (launch_templates.py; the key: everything _backward_launches decides from --
+    the tensors' shapes, strides, dtypes and device, the scalars, flags and configs; dy's shape,
+    weight's dtype and lora_b's shape follow from the validation). Recording one, both launches'
+    decisions come from one lookup (backward_decisions); an empty [0] stands in only for a
+    gradient that is not needed, and neither transposes nor 3-D views (a split axis of one) are
+    made: their strides are passed (a view costs ~1-2 us, CPU machine)."""
+    args = (dy, x, weight, lora_a, lora_b, t, scale, dropout_p, seed, bias_dtype, need_x, need_a, need_b,
+            dx_config, u_config, grad_config, u)
+    if not templates.ENABLED:
+        return _backward_launches(*args)
+    key = ("bwd template", dy.stride(), x.shape, x.stride(), weight.shape, weight.stride(), lora_a.shape,
+           lora_a.stride(), lora_b.stride(), None if t is None else t.stride(), None if u is None else u.stride(),
+           dy.dtype, x.dtype, lora_a.dtype, x.device, scale, dropout_p, seed is None, bias_dtype, need_x, need_a,
+           need_b, dx_config, u_config, grad_config)
+    inputs = (dy, x, weight, lora_a, lora_b, t, seed, u)
+    tpl = _LAUNCHES.get(key)
+    if tpl is not None:
+        return tpl.replay(inputs)
+    result, tpl = templates.record(inputs, _backward_launches, *args)
+    if tpl is not None:
+        remember_launch(key, tpl)
+    return result
+
+
+def _backward_launches(dy, x, weight, lora_a, lora_b, t, scale, dropout_p, seed, bias_dtype, need_x, need_a, need_b,
+                       dx_config, u_config, grad_config, u):
+    """lora_linear_bwd's allocations and launches (what its templates record)."""
     M, K = x.shape
     N, r = weight.shape[0], lora_a.shape[0]
     dev = x.device
@@ -422,9 +447,9 @@ def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
     records = backward_decisions(M, N, K, r, x.dtype, dy.dtype, lora_a.dtype, dev, _num_sms(dev), need_x, need_a,
                                  need_b, need_bias, dropout, dx_config, u_config, grad_config)
     if not u_given:
-        u = torch.empty((M if need_a else 0, r), dtype=torch.float32, device=dev)
+        u = templates.empty((M if need_a else 0, r), torch.float32, dev)
     if need_x:
-        dx = torch.empty((M, K), dtype=x.dtype, device=dev)
+        dx = templates.empty((M, K), x.dtype, dev)
         if M and K:
             # the forward kernel over W, B, A in the other layout, read through reversed strides
             launch_fused(dy, weight, lora_b, lora_a, None, dx, u, scale=scale * keep_scale,
@@ -442,6 +467,7 @@ def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
         db, db_buf, db_st = _gradient_buffer(need_b, split, (N, r), lora_b.dtype, dy, dev)
         dbias, dbias_buf, dbias_st = _gradient_buffer(need_bias, split, (N,), bias_dtype, dy, dev)
         if M == 0:
+            templates.not_replayable()
             for needed, buf in ((need_a, da_buf), (need_b, db_buf), (need_bias, dbias_buf)):
                 if needed:
                     buf.zero_()
@@ -450,15 +476,16 @@ def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
             # [2, M, r], the kernel taking the first half's pointer); dy (never read) when unneeded
             u_arg, u_st = _rank_operand(u, rec, not u_given) if need_a else (dy, _strides3(dy))
             t_arg, t_st = _rank_operand(t, rec) if need_b else (dy, _strides3(dy))
-            lora_weight_grads_kernel[rec.grid](
+            templates.launch(lora_weight_grads_kernel, rec.grid, (
                 x, u_arg, dy, t_arg, seed if dropout else dy, da_buf, db_buf, dbias_buf,
                 M, N, K, r, rec.rows_per_split, rec.num_a_tiles, threshold, scale * keep_scale, scale,
-                *x.stride(), *u_st, *dy.stride(), *t_st, *da_st, *db_st, dbias_st[0], **rec.kw)
+                *x.stride(), *u_st, *dy.stride(), *t_st, *da_st, *db_st, dbias_st[0]), rec.kw)
         if split > 1:
+            templates.not_replayable()
             da = da_buf.sum(0).to(lora_a.dtype) if need_a else None
             db = db_buf.sum(0).to(lora_b.dtype) if need_b else None
             dbias = dbias_buf.sum(0).to(bias_dtype) if need_bias else None
-    return (dx if dx is not None else torch.empty((0,), dtype=x.dtype, device=dev),
-            da if da is not None else torch.empty((0,), dtype=lora_a.dtype, device=dev),
-            db if db is not None else torch.empty((0,), dtype=lora_b.dtype, device=dev),
-            dbias if dbias is not None else torch.empty((0,), dtype=bias_dtype or x.dtype, device=dev))
+    return (dx if dx is not None else templates.empty((0,), x.dtype, dev),
+            da if da is not None else templates.empty((0,), lora_a.dtype, dev),
+            db if db is not None else templates.empty((0,), lora_b.dtype, dev),
+            dbias if dbias is not None else templates.empty((0,), bias_dtype or x.dtype, dev))

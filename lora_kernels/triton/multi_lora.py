@@ -70,6 +70,7 @@ import triton
 import triton.language as tl
 
 from ..serving import AdapterIndex
+from . import launch_templates as templates
 from .lora_linear import (_LAUNCHES, ForwardConfig, _cdiv, _grouped_tile, _load_tile, _lora_dot, _num_sms,
                           _shrink_dot, _strides3, _tf32_halves, _tf32_split, _tile_candidates, base_precision,
                           base_precision_per_call, block_r_for, lora_precision_for, remember_launch)
@@ -1014,6 +1015,7 @@ def _slices_of(t: torch.Tensor, start: int, end: int) -> Tuple[torch.Tensor, Tup
         return t, _strides3(t)
     if start == 0 and end == t.shape[0]:
         return t, t.stride()
+    templates.not_replayable()  # a view of t
     part = t[start:end]
     return part, part.stride()
 
@@ -1047,6 +1049,38 @@ def _shrink_launch(key, M: int, K: int, R: int, x_dtype: torch.dtype, a_dtype: t
     return rec if key is None else remember_launch(key, rec)
 
 
+# Launch templates (launch_templates.py) of the three entry points the ops call (shrink_slices,
+# expand_slices_, multi_lora_linear): a decode step calls each with the same signature in every
+# layer of a shape. A key holds everything the launcher decides from: the tensors' shapes,
+# strides, dtypes and device, which optional tensors are given, the scalars and configs, the
+# index's layout (capacity and slots: the work lists' sizes, the grids) and, as the launch records
+# do, the precision read per call (and multi_lora_linear's SPLIT_T_ENABLED). A template's meta
+# is the work-list size (item_m) whose views a replay passes. Empty calls (M = 0) launch nothing
+# and skip them.
+
+
+def _index_inputs(index: AdapterIndex, item_m: int) -> tuple:
+    """index.data, then index.launch_views(item_m): the index tensors a launch may take."""
+    return (index.data, *index.launch_views(item_m))
+
+
+def _stacks_signature(stacks: List[torch.Tensor]) -> tuple:
+    """The stacks' shapes and strides (what the launches read of them; one dtype)."""
+    if len(stacks) == 1:
+        return stacks[0].shape, stacks[0].stride()
+    return tuple([(s.shape, s.stride()) for s in stacks])
+
+
+def _record(key, inputs: tuple, index: AdapterIndex, item_m: int, launches, *args):
+    """launches(*args) recorded, whose inputs are `inputs` then _index_inputs(index, item_m); its
+    template remembered under key (meta: item_m). Returns the result's first tensor."""
+    result, tpl = templates.record((*inputs, *_index_inputs(index, item_m)), launches, *args)
+    if tpl is not None:
+        tpl.meta = item_m
+        remember_launch(key, tpl)
+    return result[0]
+
+
 def shrink_slices(x: torch.Tensor, a_stacks: List[torch.Tensor], index: AdapterIndex, scales: Optional[torch.Tensor],
                   scale: float, ranks: Optional[torch.Tensor], out: torch.Tensor,
                   config: Optional[SegmentConfig] = None, t_split: int = 1) -> torch.Tensor:
@@ -1056,19 +1090,41 @@ def shrink_slices(x: torch.Tensor, a_stacks: List[torch.Tensor], index: AdapterI
     (any strides; [M, r_max] for one slice). Every element of out[:, rows covered by the index] is
     written. t_split 2 or 4: out is [S, M, t_split r_max] (or [M, t_split r_max]), t in
     _store_split's columns (multi_lora_linear's t2 / t4)."""
-    M, K = x.shape
+    if not templates.ENABLED or x.shape[0] == 0:
+        return _shrink_slices_launches(x, a_stacks, index, scales, scale, ranks, out, config, t_split)[0]
     a0 = a_stacks[0]
-    R = a0.shape[1]
-    if M == 0:
-        return out
+    key = ("shrink template", x.shape, x.stride(), _stacks_signature(a_stacks), x.dtype, a0.dtype, x.device,
+           scales is None, ranks is None, out.shape, out.stride(), scale, config, t_split, index.capacity,
+           index.num_adapters)
+    inputs = (x, scales, ranks, out, *a_stacks)
+    tpl = _LAUNCHES.get(key)
+    if tpl is not None:
+        return tpl.replay((*inputs, index.data, *index.launch_views(tpl.meta)))[0]
+    item_m = _shrink_record(x, a0, scales is not None, ranks is not None, config, t_split)[0]
+    return _record(key, inputs, index, item_m, _shrink_slices_launches, x, a_stacks, index, scales, scale, ranks,
+                   out, config, t_split)
+
+
+def _shrink_slices_launches(x, a_stacks, index, scales, scale, ranks, out, config, t_split) -> tuple:
+    """shrink_slices' launches, as (out,) (what its templates record)."""
+    if x.shape[0] == 0:
+        return out,
+    rec = _shrink_record(x, a_stacks[0], scales is not None, ranks is not None, config, t_split)
+    return _launch_shrinks(rec, x, a_stacks, index, scales, scale, ranks, out),
+
+
+def _shrink_record(x: torch.Tensor, a0: torch.Tensor, has_scales: bool, has_ranks: bool,
+                   config: Optional[SegmentConfig], t_split: int):
+    """shrink_slices' launch record (_shrink_launch) for x [M, K] and stacks like a0, from the cache."""
+    M, K = x.shape
     dev, x_dtype = x.device, x.dtype
     num_sms = _num_sms(dev)
-    has_scales, has_ranks = scales is not None, ranks is not None
-    key = ("shrink", M, K, R, x_dtype, a0.dtype, dev.type, num_sms, has_scales, has_ranks, config, t_split)
+    key = ("shrink", M, K, a0.shape[1], x_dtype, a0.dtype, dev.type, num_sms, has_scales, has_ranks, config, t_split)
     rec = _LAUNCHES.get(key)
     if rec is None:
-        rec = _shrink_launch(key, M, K, R, x_dtype, a0.dtype, dev, num_sms, has_scales, has_ranks, config, t_split)
-    return _launch_shrinks(rec, x, a_stacks, index, scales, scale, ranks, out)
+        rec = _shrink_launch(key, M, K, a0.shape[1], x_dtype, a0.dtype, dev, num_sms, has_scales, has_ranks, config,
+                             t_split)
+    return rec
 
 
 def _launch_shrinks(rec, x: torch.Tensor, a_stacks: List[torch.Tensor], index: AdapterIndex,
@@ -1077,8 +1133,9 @@ def _launch_shrinks(rec, x: torch.Tensor, a_stacks: List[torch.Tensor], index: A
     """shrink_slices' launches, given its launch record (_shrink_launch) for these inputs."""
     K, R = x.shape[1], a_stacks[0].shape[1]
     item_m, r_tiles, kw = rec
-    if "PRECISION" not in kw:
+    if "PRECISION" not in kw:  # fp32 x on a GPU: the precision follows a global flag
         kw = dict(kw, PRECISION=base_precision(x.dtype, x.device))
+        templates.not_replayable()
     has_scales, has_ranks = scales is not None, ranks is not None
     work, sorted_tokens, _, _ = index.launch_views(item_m)
     ranks_t = ranks if has_ranks else work
@@ -1086,10 +1143,10 @@ def _launch_shrinks(rec, x: torch.Tensor, a_stacks: List[torch.Tensor], index: A
     groups = ((0, 1),) if len(a_stacks) == 1 else _slice_groups(a_stacks, lambda a: a.stride())
     for start, end in groups:
         group, t, t_strides = a_stacks[start:end], *_slices_of(out, start, end)
-        lora_shrink_kernel[(work.shape[0], r_tiles, end - start)](
+        templates.launch(lora_shrink_kernel, (work.shape[0], r_tiles, end - start), (
             x, *_pointers4(group), scales_t, ranks_t, work, sorted_tokens, t,
             K, R, float(scale),
-            *x.stride(), *group[0].stride(), *t_strides, **kw)
+            *x.stride(), *group[0].stride(), *t_strides), kw)
     return out
 
 
@@ -1127,31 +1184,60 @@ def expand_slices_(y: torch.Tensor, t: torch.Tensor, b_stacks: List[torch.Tensor
     fp32 ([M, r_max] for one slice), b_stacks S x [L, N_s, r_max] (one dtype; the N dimension's and rank's strides equal).
     The launch record's key holds the stacks' widths and strides, so a call derives no column or
     group from them."""
-    M = y.shape[0]
-    if M == 0:
-        return y
-    R = t.shape[-1]
+    if not templates.ENABLED or y.shape[0] == 0:
+        return _expand_slices_launches(y, t, b_stacks, index, ranks, offset, config)[0]
     b0 = b_stacks[0]
+    key = ("expand template", y.shape, y.stride(), t.shape, t.stride(), _stacks_signature(b_stacks), y.dtype,
+           b0.dtype, lora_precision_for(b0.dtype, y.device), y.device, ranks is None, offset, config,
+           index.capacity, index.num_adapters)
+    inputs = (y, t, ranks, *b_stacks)
+    tpl = _LAUNCHES.get(key)
+    if tpl is not None:
+        return tpl.replay((*inputs, index.data, *index.launch_views(tpl.meta)))[0]
+    item_m = _expand_record(y, t, b_stacks, ranks is not None, offset, config)[0]
+    return _record(key, inputs, index, item_m, _expand_slices_launches, y, t, b_stacks, index, ranks, offset, config)
+
+
+def _expand_slices_launches(y, t, b_stacks, index, ranks, offset, config) -> tuple:
+    """expand_slices_' launches, as (y,) (what its templates record)."""
+    if y.shape[0] == 0:
+        return y,
+    rec = _expand_record(y, t, b_stacks, ranks is not None, offset, config)
+    return _launch_expands(rec, y, t, b_stacks, index, ranks),
+
+
+def _expand_record(y: torch.Tensor, t: torch.Tensor, b_stacks: List[torch.Tensor], has_ranks: bool, offset: int,
+                   config: Optional[SegmentConfig]):
+    """expand_slices_' launch record (_expand_launch) for these tensors, from the cache."""
+    R = t.shape[-1]
     widths = tuple([b.shape[1] for b in b_stacks])
     strides = tuple([b.stride() for b in b_stacks])
     dev = y.device
     num_sms = _num_sms(dev)
-    has_ranks = ranks is not None
-    lora_precision = lora_precision_for(b0.dtype, dev)  # read per call, not kept: tests patch it
-    key = ("expand", M, widths, strides, offset, R, y.dtype, lora_precision, num_sms, has_ranks, config)
+    lora_precision = lora_precision_for(b_stacks[0].dtype, dev)  # read per call, not kept: tests patch it
+    key = ("expand", y.shape[0], widths, strides, offset, R, y.dtype, lora_precision, num_sms, has_ranks, config)
     rec = _LAUNCHES.get(key)
     if rec is None:
-        rec = _expand_launch(key, M, widths, strides, offset, R, y.dtype, lora_precision, num_sms, has_ranks, config)
+        rec = _expand_launch(key, y.shape[0], widths, strides, offset, R, y.dtype, lora_precision, num_sms, has_ranks,
+                             config)
+    return rec
+
+
+def _launch_expands(rec, y: torch.Tensor, t: torch.Tensor, b_stacks: List[torch.Tensor], index: AdapterIndex,
+                    ranks: Optional[torch.Tensor]) -> torch.Tensor:
+    """expand_slices_' launches, given its launch record (_expand_launch) for these inputs."""
     item_m, kw, launches = rec
     if not launches:  # every slice is 0 wide
         return y
+    R = t.shape[-1]
+    has_ranks = ranks is not None
     work, sorted_tokens, _, _ = index.launch_views(item_m)
     ranks_t = ranks if has_ranks else work
     for start, end, n_tiles, slice_ints, b_strides in launches:
         ts, ts_strides = _slices_of(t, start, end)
-        lora_expand_kernel[(work.shape[0], n_tiles, end - start)](
+        templates.launch(lora_expand_kernel, (work.shape[0], n_tiles, end - start), (
             y, ts, *_pointers4(b_stacks[start:end]), ranks_t, work, sorted_tokens,
-            R, *slice_ints, *y.stride(), *ts_strides, *b_strides, **kw)
+            R, *slice_ints, *y.stride(), *ts_strides, *b_strides), kw)
     return y
 
 
@@ -1161,14 +1247,13 @@ def lora_shrink(x: torch.Tensor, lora_a_stack: torch.Tensor, index: AdapterIndex
     """One stack: t [M, r_max] fp32 (shrink_slices with S = 1; `out` any strides)."""
     M, R = x.shape[0], lora_a_stack.shape[1]
     t = torch.empty((M, R), dtype=torch.float32, device=x.device) if out is None else out
-    shrink_slices(x, [lora_a_stack], index, scales, scale, ranks, t.unsqueeze(0), config)
-    return t
+    return shrink_slices(x, [lora_a_stack], index, scales, scale, ranks, t, config)
 
 
 def lora_expand_(y: torch.Tensor, t: torch.Tensor, lora_b_stack: torch.Tensor, index: AdapterIndex,
                  ranks: Optional[torch.Tensor], config: Optional[SegmentConfig] = None, offset: int = 0) -> torch.Tensor:
     """One stack: y [M, N] += per-token t [M, r_max] @ B^T (expand_slices_ with S = 1)."""
-    return expand_slices_(y, t.unsqueeze(0), [lora_b_stack], index, ranks, offset, config)
+    return expand_slices_(y, t, [lora_b_stack], index, ranks, offset, config)
 
 
 class _LinearLaunch:
@@ -1220,41 +1305,79 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a_stack: torch
     precomputed-t paths at small sizes). Without the fused shrink (always at r_max > RANK_CHUNK)
     the segmented shrink runs first and the chunked-epilogue kernel reads its t (fp32 B on GPU
     wgmma tiles: t split, an [M, 4 r_max] fp32 buffer, and with fp16 B [M, 2 r_max]; t_split_for)."""
+    if not templates.ENABLED or x.shape[0] == 0 or weight.shape[0] == 0:
+        return _linear_launches(x, weight, lora_a_stack, lora_b_stack, index, scales, bias, ranks, config, out,
+                                scale)[0]
+    lora_precision = lora_precision_for(lora_b_stack.dtype, x.device)
+    key = ("linear template", x.shape, x.stride(), weight.shape, weight.stride(), lora_a_stack.shape,
+           lora_a_stack.stride(), lora_b_stack.stride(), x.dtype, lora_a_stack.dtype, lora_b_stack.dtype, x.device,
+           lora_precision, SPLIT_T_ENABLED, bias is None, scales is None, ranks is None,
+           None if out is None else out.stride(), scale, config, index.capacity, index.num_adapters)
+    inputs = (x, weight, lora_a_stack, lora_b_stack, scales, bias, ranks, out)
+    tpl = _LAUNCHES.get(key)
+    if tpl is not None:
+        return tpl.replay((*inputs, index.data, *index.launch_views(tpl.meta)))[0]
+    item_m = _linear_item_m(_linear_record(x, weight, lora_a_stack, lora_b_stack, scales, bias, ranks, config,
+                                           lora_precision))
+    return _record(key, inputs, index, item_m, _linear_launches, x, weight, lora_a_stack, lora_b_stack, index, scales,
+                   bias, ranks, config, out, scale)
+
+
+def _linear_record(x, weight, lora_a_stack, lora_b_stack, scales, bias, ranks, config, lora_precision) -> "_LinearLaunch":
+    """multi_lora_linear's launch record for these inputs, from the cache."""
     M, K = x.shape
     N = weight.shape[0]
     L, R, _ = lora_a_stack.shape
-    dev, x_dtype = x.device, x.dtype
-    y = torch.empty((M, N), dtype=x_dtype, device=dev) if out is None else out
-    if M == 0 or N == 0:
-        return y
+    dev, x_dtype, b_dtype = x.device, x.dtype, lora_b_stack.dtype
     num_sms = _num_sms(dev)
     has_bias, has_scales, has_ranks = bias is not None, scales is not None, ranks is not None
-    b_dtype = lora_b_stack.dtype
-    # read per call, not kept in the record: tests patch lora_precision_for, bench/multi.py switches the split off
-    lora_precision = lora_precision_for(b_dtype, dev)
     key = ("linear", M, N, K, R, L, x_dtype, lora_a_stack.dtype, b_dtype, dev.type, lora_precision, SPLIT_T_ENABLED,
            num_sms, has_bias, has_scales, has_ranks, config)
     rec = _LAUNCHES.get(key)
     if rec is None:
-        rec = remember_launch(key, _LinearLaunch(M, N, K, R, L, x_dtype, lora_a_stack.dtype, b_dtype, dev, lora_precision,
-                                           num_sms, has_bias, has_scales, has_ranks, config))
-    kw = rec.kw if "BASE_PRECISION" in rec.kw else dict(rec.kw, BASE_PRECISION=base_precision(x_dtype, dev))
+        rec = remember_launch(key, _LinearLaunch(M, N, K, R, L, x_dtype, lora_a_stack.dtype, b_dtype, dev,
+                                                 lora_precision, num_sms, has_bias, has_scales, has_ranks, config))
+    return rec
+
+
+def _linear_item_m(rec: "_LinearLaunch") -> int:
+    """The work-list size whose index views the launch takes (0: none, the fused-shrink kernel)."""
+    return rec.shrink[0] if rec.chunked else 0
+
+
+def _linear_launches(x, weight, lora_a_stack, lora_b_stack, index, scales, bias, ranks, config, out, scale) -> tuple:
+    """multi_lora_linear's allocations and launches, as (y,) (what its templates record)."""
+    M, K = x.shape
+    N = weight.shape[0]
+    L, R, _ = lora_a_stack.shape
+    dev, x_dtype = x.device, x.dtype
+    y = templates.empty((M, N), x_dtype, dev) if out is None else out
+    if M == 0 or N == 0:
+        return y,
+    has_bias, has_scales, has_ranks = bias is not None, scales is not None, ranks is not None
+    # read per call, not kept in the record: tests patch lora_precision_for, bench/multi.py switches the split off
+    lora_precision = lora_precision_for(lora_b_stack.dtype, dev)
+    rec = _linear_record(x, weight, lora_a_stack, lora_b_stack, scales, bias, ranks, config, lora_precision)
+    kw = rec.kw
+    if "BASE_PRECISION" not in kw:  # fp32 x on a GPU: the precision follows a global flag
+        kw = dict(kw, BASE_PRECISION=base_precision(x_dtype, dev))
+        templates.not_replayable()
     data = index.data
     ranks_t = ranks if has_ranks else data
     bias_arg = bias if has_bias else y
-    _, sorted_tokens, sorted_adapter, slot_start = index.launch_views(rec.shrink[0] if rec.chunked else 0)
+    _, sorted_tokens, sorted_adapter, slot_start = index.launch_views(_linear_item_m(rec))
     if rec.chunked:
         # rows past the index's work lists (a padded_to view) must read as zeros
-        alloc = torch.zeros if index.capacity != M else torch.empty
+        alloc = templates.zeros if index.capacity != M else templates.empty
         t = _launch_shrinks(rec.shrink, x, [lora_a_stack], index, scales, scale, ranks,
-                            alloc((M, rec.t_width), dtype=torch.float32, device=dev))
-        multi_lora_linear_chunked_kernel[rec.grid](
+                            alloc((M, rec.t_width), torch.float32, dev))
+        templates.launch(multi_lora_linear_chunked_kernel, rec.grid, (
             x, weight, bias_arg, lora_b_stack, ranks_t, t, y,
             sorted_tokens, sorted_adapter, slot_start, M, N, K, R, L, rec.tiles_per_program,
-            *x.stride(), *weight.stride(), *lora_b_stack.stride(), *t.stride(), *y.stride(), **kw)
-        return y
-    multi_lora_linear_kernel[rec.grid](
+            *x.stride(), *weight.stride(), *lora_b_stack.stride(), *t.stride(), *y.stride()), kw)
+        return y,
+    templates.launch(multi_lora_linear_kernel, rec.grid, (
         x, weight, bias_arg, lora_a_stack, lora_b_stack, scales if has_scales else data, ranks_t, y,
         sorted_tokens, sorted_adapter, slot_start, M, N, K, R, L, rec.tiles_per_program, float(scale),
-        *x.stride(), *weight.stride(), *lora_a_stack.stride(), *lora_b_stack.stride(), *y.stride(), **kw)
-    return y
+        *x.stride(), *weight.stride(), *lora_a_stack.stride(), *lora_b_stack.stride(), *y.stride()), kw)
+    return y,
