@@ -41,6 +41,18 @@ def lin(block_m, r_max, fused, tiles=1, group_m=1, block_n=32, block_k=16):
     return ml.LinearConfig(tiles_cfg, fused, seg(16, r_max))
 
 
+@pytest.fixture
+def gpu_precision(monkeypatch):
+    """The launchers choose the GPU's lora precisions (tf32x3 for fp32 B, tf32x2 for 16-bit) for
+    the test; the launch cache, whose templates and records hold what was chosen, is emptied
+    before and after (launch_templates.py)."""
+    from lora_kernels.triton import lora_linear as ll
+    monkeypatch.setattr(_ml(), "lora_precision_for", lambda dt, dev: "tf32x3" if dt == torch.float32 else "tf32x2")
+    ll.clear_launch_cache()
+    yield
+    ll.clear_launch_cache()
+
+
 def _bits(t):
     return t.view(torch.int32 if t.element_size() == 4 else torch.int16)
 
@@ -318,14 +330,13 @@ def test_epilogue_dot_products_sum_to_t_at_b(interpreter_device, precision, b_dt
     assert ((out.double() - ref).abs() / mag).max() < 2.0 ** -20
 
 
-def test_wgmma_chunk_epilogue_splits_t_into_bf16_halves(interpreter_device, monkeypatch):
+def test_wgmma_chunk_epilogue_splits_t_into_bf16_halves(interpreter_device, gpu_precision):
     """The GPU path of the chunked epilogue on wgmma tiles (BLOCK_M >= 64) with bf16 B: t as
     bf16 hi + lo halves against B itself (_split16_dot), forced here by the GPU's precision
     choice. A cancelling case: columns 2j and 2j+1 of each A are equal up to 2^-6 of their size
     and B's are opposite, so the adapter term is t's small differences. t rounded to bf16 alone
     (t_lo dropped) is 13x over the bf16 tolerance here (1.3e-1); hi + lo keeps ~16 bits and passes."""
     ml = _ml()
-    monkeypatch.setattr(ml, "lora_precision_for", lambda dt, dev: "tf32x3" if dt == torch.float32 else "tf32x2")
     inp = make_multi_inputs(70, 40, 48, 3, 32, torch.bfloat16, dist="zipf", ranks=[32, 16, 30], bias=False,
                             poison_padding=False, seed=3)
     a, b = inp.lora_a.double(), inp.lora_b.double()
@@ -341,7 +352,7 @@ def test_wgmma_chunk_epilogue_splits_t_into_bf16_halves(interpreter_device, monk
 
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("t4", [True, False], ids=["t4", "untransposed"])
-def test_wgmma_chunk_epilogue_fp32_b_takes_t_split(interpreter_device, monkeypatch, x_dtype, t4):
+def test_wgmma_chunk_epilogue_fp32_b_takes_t_split(interpreter_device, monkeypatch, x_dtype, t4, gpu_precision):
     """The GPU path of the chunked epilogue on wgmma tiles (BLOCK_M >= 64) with fp32 B: the
     shrink stores t split (t4: hi, hi, lo, lo columns) and the epilogue's transposed dots take B's
     hi and lo from two masked loads (_rank_chunks_dot_split), forced here by the GPU's precision
@@ -353,7 +364,6 @@ def test_wgmma_chunk_epilogue_fp32_b_takes_t_split(interpreter_device, monkeypat
     are NaN; 70 rows: two 64-row blocks, one partial. "untransposed": SPLIT_T_ENABLED off (what
     bench/multi.py times beside it), the tf32x3 epilogue on the same tiles."""
     ml = _ml()
-    monkeypatch.setattr(ml, "lora_precision_for", lambda dt, dev: "tf32x3" if dt == torch.float32 else "tf32x2")
     monkeypatch.setattr(ml, "SPLIT_T_ENABLED", t4)
     assert ml.t_split_for(torch.float32, "tf32x3", 64) == (4 if t4 else 1)
     inp = make_multi_inputs(70, 40, 48, 4, 32, x_dtype, adapter_dtype=torch.float32, dist="zipf",
@@ -362,7 +372,7 @@ def test_wgmma_chunk_epilogue_fp32_b_takes_t_split(interpreter_device, monkeypat
     check_linear(inp, lin(64, 32, fused=False))
 
 
-def test_wgmma_chunk_epilogue_fp16_b_takes_t_split(interpreter_device, monkeypatch):
+def test_wgmma_chunk_epilogue_fp16_b_takes_t_split(interpreter_device, gpu_precision):
     """The GPU path of the chunked epilogue on wgmma tiles (BLOCK_M >= 64) with fp16 B: the
     shrink stores t split (t2: t_hi's columns, then t_lo's) and the epilogue's transposed dots
     take B itself at both (_rank_chunks_dot_split), forced here by the GPU's precision choice
@@ -374,7 +384,6 @@ def test_wgmma_chunk_epilogue_fp16_b_takes_t_split(interpreter_device, monkeypat
     rank (30, 6: its exact mask); the stacks past each rank are NaN; 70 rows: two 64-row blocks,
     one partial."""
     ml = _ml()
-    monkeypatch.setattr(ml, "lora_precision_for", lambda dt, dev: "tf32x3" if dt == torch.float32 else "tf32x2")
     assert ml.t_split_for(torch.float16, "tf32x2", 64) == 2
     inp = make_multi_inputs(70, 40, 48, 4, 32, torch.float16, dist="zipf", ranks=[32, 16, 30, 6], bias=False,
                             poison_padding=False, seed=7)

@@ -1053,10 +1053,11 @@ def _shrink_launch(key, M: int, K: int, R: int, x_dtype: torch.dtype, a_dtype: t
 # expand_slices_, multi_lora_linear): a decode step calls each with the same signature in every
 # layer of a shape. A key holds everything the launcher decides from: the tensors' shapes,
 # strides, dtypes and device, which optional tensors are given, the scalars and configs, the
-# index's layout (capacity and slots: the work lists' sizes, the grids) and, as the launch records
-# do, the precision read per call (and multi_lora_linear's SPLIT_T_ENABLED). A template's meta
-# is the work-list size (item_m) whose views a replay passes. Empty calls (M = 0) launch nothing
-# and skip them.
+# index's layout (capacity and slots: the work lists' sizes, the grids) and multi_lora_linear's
+# SPLIT_T_ENABLED (bench/multi.py switches it). Not the lora precision, a function of the
+# adapters' dtype and the device type: tests that patch lora_precision_for clear the launch cache
+# (the launch records, read on a miss, still key on it). A template's meta is the work-list size
+# (item_m) whose views a replay passes. Empty calls (M = 0) launch nothing and skip them.
 
 
 def _index_inputs(index: AdapterIndex, item_m: int) -> tuple:
@@ -1188,7 +1189,7 @@ def expand_slices_(y: torch.Tensor, t: torch.Tensor, b_stacks: List[torch.Tensor
         return _expand_slices_launches(y, t, b_stacks, index, ranks, offset, config)[0]
     b0 = b_stacks[0]
     key = ("expand template", y.shape, y.stride(), t.shape, t.stride(), _stacks_signature(b_stacks), y.dtype,
-           b0.dtype, lora_precision_for(b0.dtype, y.device), y.device, ranks is None, offset, config,
+           b0.dtype, y.device, ranks is None, offset, config,
            index.capacity, index.num_adapters)
     inputs = (y, t, ranks, *b_stacks)
     tpl = _LAUNCHES.get(key)
@@ -1308,17 +1309,16 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a_stack: torch
     if not templates.ENABLED or x.shape[0] == 0 or weight.shape[0] == 0:
         return _linear_launches(x, weight, lora_a_stack, lora_b_stack, index, scales, bias, ranks, config, out,
                                 scale)[0]
-    lora_precision = lora_precision_for(lora_b_stack.dtype, x.device)
     key = ("linear template", x.shape, x.stride(), weight.shape, weight.stride(), lora_a_stack.shape,
            lora_a_stack.stride(), lora_b_stack.stride(), x.dtype, lora_a_stack.dtype, lora_b_stack.dtype, x.device,
-           lora_precision, SPLIT_T_ENABLED, bias is None, scales is None, ranks is None,
+           SPLIT_T_ENABLED, bias is None, scales is None, ranks is None,
            None if out is None else out.stride(), scale, config, index.capacity, index.num_adapters)
     inputs = (x, weight, lora_a_stack, lora_b_stack, scales, bias, ranks, out)
     tpl = _LAUNCHES.get(key)
     if tpl is not None:
         return tpl.replay((*inputs, index.data, *index.launch_views(tpl.meta)))[0]
     item_m = _linear_item_m(_linear_record(x, weight, lora_a_stack, lora_b_stack, scales, bias, ranks, config,
-                                           lora_precision))
+                                           lora_precision_for(lora_b_stack.dtype, x.device)))
     return _record(key, inputs, index, item_m, _linear_launches, x, weight, lora_a_stack, lora_b_stack, index, scales,
                    bias, ranks, config, out, scale)
 
