@@ -263,20 +263,25 @@ def check_count(op: str, name: str, value, minimum: int = 1) -> int:
     return value
 
 
-def check_values(op: str, ok: torch.Tensor, message: str) -> None:
+def check_values(op: str, ok: torch.Tensor, message: str, **values) -> None:
     """Every element of the bool tensor `ok` is True, checked without a host sync.
 
-    CPU tensors are checked at once (ValueError "op: message"). Device tensors get
-    ``torch._assert_async``: no synchronisation, safe inside a captured CUDA graph; a failure
-    surfaces as a device-side assert at the next synchronisation. The caller must still make the
-    kernels safe for bad values (clamp or mask), since the assert is only a report."""
+    CPU tensors are checked at once (ValueError "op: message", message.format(**values)). Device
+    tensors get ``torch._assert_async``: no synchronisation, safe inside a captured CUDA graph; a
+    failure surfaces as a device-side assert at the next synchronisation. The caller must still
+    make the kernels safe for bad values (clamp or mask), since the assert is only a report.
+    Under torch.compile the values may be symbolic (dynamic=True makes ints such as an index's
+    num_adapters symbols), which a compiled assert's message cannot hold: each {name} then reads
+    as its name."""
     if ok.numel() == 0:
         return
-    if ok.device.type == "cpu" and not torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if ok.device.type == "cpu" and not compiling:
         if not bool(ok.all()):
-            fail(op, message)
+            fail(op, message.format(**values))
         return
-    torch._assert_async(ok.all(), f"{op}: {message}")
+    text = message.format(**({k: k for k in values} if compiling else values))
+    torch._assert_async(ok.all(), f"{op}: {text}")
 
 
 def check_index(op: str, index, num_tokens: int) -> None:
@@ -330,6 +335,6 @@ def check_ranks(op: str, ranks: Optional[torch.Tensor], num_adapters: int, r_max
     if not compiling and _already_checked(ranks, r_max):
         return
     check_values(op, (ranks >= 0) & (ranks <= r_max),
-                 f"ranks must lie in [0, r_max = {r_max}] (r_max from the adapter stacks)")
+                 "ranks must lie in [0, r_max = {r_max}] (r_max from the adapter stacks)", r_max=r_max)
     if not compiling:
         _remember_checked(ranks, r_max)

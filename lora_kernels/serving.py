@@ -278,7 +278,7 @@ class AdapterIndex:
     def _build(self, op: str, ids: torch.Tensor) -> "AdapterIndex":
         M, L, C = ids.shape[0], self.num_adapters, self.capacity
         valid = (ids >= -1) & (ids < L)
-        check_values(op, valid, f"token_adapter values must lie in [-1, {L - 1}] (num_adapters={L})")
+        check_values(op, valid, "token_adapter values must lie in [-1, {last}] (num_adapters={L})", last=L - 1, L=L)
         device = ids.device
         key_live = torch.where(valid & (ids >= 0), ids, L).to(torch.int64)  # invalid -> no adapter
         key = torch.nn.functional.pad(key_live, (0, C - M), value=L)  # padding tokens: no adapter
