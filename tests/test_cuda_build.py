@@ -157,6 +157,8 @@ def test_install_built_the_extension_when_it_could():
     status = cuda.install_status()
     if not status:
         pytest.skip("this checkout was not installed with pip (no lora_kernels/_build_status.json)")
+    if status.get("torch") != torch.__version__:  # e.g. the versions lane running this checkout under torch 2.11
+        pytest.skip(f"the install record is torch {status.get('torch')}'s, this process runs torch {torch.__version__}")
     if status["cuda_extension"] == "compiled":
         assert cuda.aot_library() is not None, f"setup.py compiled the extension ({status}) but lora_kernels._C is missing"
     else:
