@@ -336,7 +336,6 @@ def test_wgmma_chunk_epilogue_splits_t_into_bf16_halves(interpreter_device, gpu_
     choice. A cancelling case: columns 2j and 2j+1 of each A are equal up to 2^-6 of their size
     and B's are opposite, so the adapter term is t's small differences. t rounded to bf16 alone
     (t_lo dropped) is 13x over the bf16 tolerance here (1.3e-1); hi + lo keeps ~16 bits and passes."""
-    ml = _ml()
     inp = make_multi_inputs(70, 40, 48, 3, 32, torch.bfloat16, dist="zipf", ranks=[32, 16, 30], bias=False,
                             poison_padding=False, seed=3)
     a, b = inp.lora_a.double(), inp.lora_b.double()

@@ -115,19 +115,18 @@ class Template:
 
 def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """torch.empty(shape, dtype=dtype, device=device), noted by a recording in progress."""
-    out = torch.empty(shape, dtype=dtype, device=device)
-    rec = _STATE.recording
-    if rec is not None:
-        rec.allocs.append((False, out))
-    return out
+    return _noted(torch.empty(shape, dtype=dtype, device=device), False)
 
 
 def zeros(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """torch.zeros(shape, dtype=dtype, device=device), noted by a recording in progress."""
-    out = torch.zeros(shape, dtype=dtype, device=device)
+    return _noted(torch.zeros(shape, dtype=dtype, device=device), True)
+
+
+def _noted(out: torch.Tensor, zeroed: bool) -> torch.Tensor:
     rec = _STATE.recording
     if rec is not None:
-        rec.allocs.append((True, out))
+        rec.allocs.append((zeroed, out))
     return out
 
 
