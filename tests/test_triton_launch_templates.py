@@ -91,11 +91,7 @@ def _three_calls(make, call, template_kind, replayable=True):
     for enabled in (False, True, True):
         templates.ENABLED = enabled
         try:
-            inputs = make()
-            LOG.clear()
-            ZEROED.clear()
-            result = _as_tuple(call(*inputs))
-            out.append(_roles(inputs, list(LOG), result))
+            out.append(_described_call(make, call))
         finally:
             templates.ENABLED = True
     kept = [k for k, v in ll._LAUNCHES.items() if isinstance(v, templates.Template) and k[0] == template_kind]
@@ -116,20 +112,21 @@ def _neighbours(variants):
     templates.ENABLED = False
     try:
         for name, (make, call) in variants.items():
-            inputs = make()
-            LOG.clear()
-            ZEROED.clear()
-            result = _as_tuple(call(*inputs))
-            want[name] = _roles(inputs, list(LOG), result)
+            want[name] = _described_call(make, call)
     finally:
         templates.ENABLED = True
     for _ in range(2):
         for name, (make, call) in variants.items():
-            inputs = make()
-            LOG.clear()
-            ZEROED.clear()
-            result = _as_tuple(call(*inputs))
-            assert _roles(inputs, list(LOG), result) == want[name], name
+            assert _described_call(make, call) == want[name], name
+
+
+def _described_call(make, call):
+    """_roles of one call(*make()) on fresh tensors: its launches and its result."""
+    inputs = make()
+    LOG.clear()
+    ZEROED.clear()
+    result = _as_tuple(call(*inputs))
+    return _roles(inputs, list(LOG), result)
 
 
 def _as_tuple(result):
